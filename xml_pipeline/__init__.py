@@ -1,0 +1,81 @@
+"""xml_pipeline: an asyncio stream pump routing typed XML messages to handlers.
+
+Users import what they need from here::
+
+    from xml_pipeline import HandlerMetadata, HandlerResponse, Huh, Payload
+"""
+
+from __future__ import annotations
+
+from .backends import Backend, DeadLetter, HistoryLimits, Slot, open_backend
+from .config import BootMessage, Listener, Organism, PumpSettings, load_organism
+from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, parse_envelope
+from .exceptions import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    DepthExceeded,
+    EnvelopeError,
+    HandlerFailed,
+    HandlerTimeout,
+    InvalidReturn,
+    MalformedMessage,
+    MessageError,
+    MessageTooLarge,
+    NoRoute,
+    PayloadInvalid,
+    PeerDenied,
+    XmlPipelineError,
+)
+from .frame import Frame
+from .handler import HandlerMetadata, HandlerResponse
+from .parser import ParseLimits
+from .payload import CORE_NAMESPACE, Huh, Payload, codec_for
+from .pump import ListenerStatistics, PumpStatistics, Reply, StreamPump
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CORE_NAMESPACE",
+    "ENVELOPE_NAMESPACE",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "BootMessage",
+    "ConfigError",
+    "DeadLetter",
+    "DepthExceeded",
+    "Envelope",
+    "EnvelopeError",
+    "Frame",
+    "HandlerFailed",
+    "HandlerMetadata",
+    "HandlerResponse",
+    "HandlerTimeout",
+    "HistoryLimits",
+    "Huh",
+    "InvalidReturn",
+    "Listener",
+    "ListenerStatistics",
+    "MalformedMessage",
+    "MessageError",
+    "MessageTooLarge",
+    "NoRoute",
+    "Organism",
+    "ParseLimits",
+    "PayloadInvalid",
+    "Payload",
+    "PeerDenied",
+    "PumpSettings",
+    "PumpStatistics",
+    "Reply",
+    "Slot",
+    "StreamPump",
+    "XmlPipelineError",
+    "__version__",
+    "build_envelope",
+    "codec_for",
+    "load_organism",
+    "open_backend",
+    "parse_envelope",
+]

@@ -1,0 +1,55 @@
+"""History, registry and dead-letter backends, chosen by URL.
+
+``memory://`` (the default) keeps everything in this process. Backend modules are
+imported only when their scheme is asked for.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ..exceptions import BackendUnavailable
+from .base import (
+    Backend,
+    DeadLetter,
+    HistoryLimits,
+    Slot,
+    dead_letter_from_bytes,
+    dead_letter_to_bytes,
+    slot_from_bytes,
+    slot_to_bytes,
+)
+
+__all__ = [
+    "SCHEMES",
+    "Backend",
+    "DeadLetter",
+    "HistoryLimits",
+    "Slot",
+    "dead_letter_from_bytes",
+    "dead_letter_to_bytes",
+    "open_backend",
+    "slot_from_bytes",
+    "slot_to_bytes",
+]
+
+SCHEMES = ("memory",)
+
+
+def open_backend(url: str, limits: HistoryLimits | None = None) -> Backend:
+    """Create the backend a URL names.
+
+    Args:
+        url: ``memory://``.
+        limits: trimming and eviction bounds.
+
+    Raises:
+        BackendUnavailable: the scheme is unknown or its backend cannot be loaded.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from .memory import MemoryBackend
+
+        return MemoryBackend(limits)
+    valid = ", ".join(f"{s}://" for s in SCHEMES)
+    raise BackendUnavailable(f"unknown backend URL {url!r}: the schemes available are {valid}")

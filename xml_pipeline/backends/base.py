@@ -1,0 +1,290 @@
+"""The backend contract: history (context slots), the thread registry, dead letters.
+
+Every backend implements :class:`Backend`. The method names are those of the
+original ``ManagerBackend`` (``buffer_*``, ``registry_*``), as coroutines, plus
+``registry_setdefault`` (atomic get-or-create of a frame), the dead-letter
+methods and ``aclose``.
+
+Records cross the backend boundary as plain, immutable values (:class:`Slot`,
+:class:`DeadLetter`). A backend that stores bytes uses :func:`slot_to_bytes` /
+:func:`slot_from_bytes`, a documented JSON format: nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "Backend",
+    "DeadLetter",
+    "HistoryLimits",
+    "Slot",
+    "dead_letter_from_bytes",
+    "dead_letter_to_bytes",
+    "slot_from_bytes",
+    "slot_to_bytes",
+]
+
+Direction = Literal["in", "out"]
+
+
+class Slot(NamedTuple):
+    """One entry of a frame's history.
+
+    Attributes:
+        index: position in the frame's history, counting trimmed slots (assigned
+            by the backend; pass 0 to ``buffer_append``).
+        direction: ``"in"`` (delivered on the frame) or ``"out"`` (emitted by its handler).
+        sender: who sent the message (a listener name or an external label).
+        to: the addressee (a listener name, an external label, or None for a broadcast).
+        payload: the payload's routing key ``{namespace}local``.
+        message_id: the message's id; ``(message_id, direction)`` is unique per frame.
+        timestamp: seconds since the epoch.
+        xml: the payload element, serialized.
+    """
+
+    index: int
+    direction: Direction
+    sender: str
+    to: str | None
+    payload: str
+    message_id: str
+    timestamp: float
+    xml: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be handled, kept with the reason.
+
+    Attributes:
+        id: the dead letter's own id (assigned by the backend when empty).
+        timestamp: seconds since the epoch.
+        code: the ``Huh`` code (``malformed``, ``handler-error``, ...).
+        reason: a human-readable explanation.
+        listener: the listener concerned, if any.
+        thread_id: the frame concerned, if any.
+        message_id: the message's id, if it got one.
+        data: the original bytes, capped.
+    """
+
+    id: str
+    timestamp: float
+    code: str
+    reason: str
+    listener: str | None
+    thread_id: str | None
+    message_id: str | None
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLimits:
+    """Bounds on what a backend keeps.
+
+    Attributes:
+        max_slots_per_thread: oldest slots are trimmed past this (and counted).
+        max_threads: least recently used frames are evicted past this.
+        ttl_s: idle time after which a shared backend may expire a frame (Redis).
+        max_dead_letters: oldest dead letters are dropped past this (and counted).
+        dead_letter_bytes: how much of the original input a dead letter keeps.
+    """
+
+    max_slots_per_thread: int = 10_000
+    max_threads: int = 100_000
+    ttl_s: float = 86_400.0
+    max_dead_letters: int = 10_000
+    dead_letter_bytes: int = 64 * 1024
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Async storage for frame histories, the thread registry and dead letters.
+
+    A frame (thread) is named by an opaque UUID; the registry maps it to its
+    *chain*, an opaque string the pump builds (a JSON list of hops), in both
+    directions. All methods are coroutines and safe to call concurrently.
+    """
+
+    # -- history ---------------------------------------------------------------
+
+    async def buffer_append(self, thread_id: str, slot: Slot) -> int:
+        """Append ``slot`` to the frame's history and return its index.
+
+        Idempotent: if a slot with the same ``(message_id, direction)`` is already
+        in this frame's history, nothing is appended and its index is returned.
+        Trims the oldest slots past ``max_slots_per_thread``.
+        """
+        ...
+
+    async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
+        """Every kept slot of the frame, oldest first (``[]`` for an unknown frame)."""
+        ...
+
+    async def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
+        """The slot at ``index`` (as returned by append), or None if absent or trimmed."""
+        ...
+
+    async def buffer_thread_len(self, thread_id: str) -> int:
+        """Number of kept slots of the frame."""
+        ...
+
+    async def buffer_thread_exists(self, thread_id: str) -> bool:
+        """Whether the frame has a history."""
+        ...
+
+    async def buffer_delete_thread(self, thread_id: str) -> bool:
+        """Delete the frame's history; True if it existed."""
+        ...
+
+    async def buffer_list_threads(self) -> list[str]:
+        """The ids of every frame that has a history."""
+        ...
+
+    async def buffer_clear(self) -> None:
+        """Delete every history."""
+        ...
+
+    # -- registry --------------------------------------------------------------
+
+    async def registry_set(self, chain: str, uuid: str) -> None:
+        """Map ``chain`` to ``uuid`` and back, replacing an older mapping."""
+        ...
+
+    async def registry_setdefault(self, chain: str, uuid: str) -> str:
+        """Map ``chain`` to ``uuid`` unless it is mapped already; return the winner.
+
+        Atomic: two callers racing on one chain get the same uuid.
+        """
+        ...
+
+    async def registry_get_uuid(self, chain: str) -> str | None:
+        """The uuid of a chain, or None."""
+        ...
+
+    async def registry_get_chain(self, uuid: str) -> str | None:
+        """The chain of a uuid, or None."""
+        ...
+
+    async def registry_delete(self, uuid: str) -> bool:
+        """Delete the mapping of ``uuid``; True if it existed."""
+        ...
+
+    async def registry_list_all(self) -> dict[str, str]:
+        """Every mapping, uuid → chain."""
+        ...
+
+    async def registry_clear(self) -> None:
+        """Delete every mapping."""
+        ...
+
+    # -- dead letters ----------------------------------------------------------
+
+    async def deadletter_add(self, letter: DeadLetter) -> str:
+        """Store a dead letter and return its id (``letter.id``, or a new one if empty)."""
+        ...
+
+    async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first, at most ``limit``."""
+        ...
+
+    async def deadletter_delete(self, letter_id: str) -> bool:
+        """Delete one dead letter; True if it existed."""
+        ...
+
+    async def deadletter_purge(self) -> int:
+        """Delete every dead letter; return how many there were."""
+        ...
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def info(self) -> dict[str, int]:
+        """Counters: ``buffer_threads``, ``registry_entries``, ``dead_letters``, ..."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Alias of :meth:`aclose`, the original name."""
+        ...
+
+
+# -- the documented byte format --------------------------------------------------
+#
+# A slot is one JSON object (UTF-8):
+#   {"i": index, "d": "in"|"out", "f": sender, "t": to-or-null, "p": payload qname,
+#    "m": message id, "ts": timestamp, "x": base64 of the payload XML}
+# A dead letter is one JSON object:
+#   {"id", "ts", "code", "reason", "listener", "thread", "message", "data": base64}
+
+
+def slot_to_bytes(slot: Slot) -> bytes:
+    """Serialize a slot to the documented JSON format."""
+    return json.dumps(
+        {
+            "i": slot.index,
+            "d": slot.direction,
+            "f": slot.sender,
+            "t": slot.to,
+            "p": slot.payload,
+            "m": slot.message_id,
+            "ts": slot.timestamp,
+            "x": base64.b64encode(slot.xml).decode("ascii"),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def slot_from_bytes(data: bytes) -> Slot:
+    """Parse a slot from the documented JSON format. Raises ValueError."""
+    obj: dict[str, Any] = json.loads(data)
+    direction = obj["d"]
+    if direction not in ("in", "out"):
+        raise ValueError(f"bad slot direction {direction!r}")
+    return Slot(
+        int(obj["i"]),
+        direction,
+        str(obj["f"]),
+        None if obj["t"] is None else str(obj["t"]),
+        str(obj["p"]),
+        str(obj["m"]),
+        float(obj["ts"]),
+        base64.b64decode(obj["x"]),
+    )
+
+
+def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
+    """Serialize a dead letter to the documented JSON format."""
+    return json.dumps(
+        {
+            "id": letter.id,
+            "ts": letter.timestamp,
+            "code": letter.code,
+            "reason": letter.reason,
+            "listener": letter.listener,
+            "thread": letter.thread_id,
+            "message": letter.message_id,
+            "data": base64.b64encode(letter.data).decode("ascii"),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def dead_letter_from_bytes(data: bytes) -> DeadLetter:
+    """Parse a dead letter from the documented JSON format. Raises ValueError."""
+    obj: dict[str, Any] = json.loads(data)
+    return DeadLetter(
+        id=str(obj["id"]),
+        timestamp=float(obj["ts"]),
+        code=str(obj["code"]),
+        reason=str(obj["reason"]),
+        listener=obj.get("listener"),
+        thread_id=obj.get("thread"),
+        message_id=obj.get("message"),
+        data=base64.b64decode(obj["data"]),
+    )

@@ -1,0 +1,384 @@
+"""Organism configuration: strict YAML models and their resolution into an Organism.
+
+:func:`load_organism` reads one YAML file, validates it against frozen pydantic
+models (unknown keys are errors), imports every handler and payload class (the
+YAML file's folder is put on ``sys.path``) and returns an :class:`Organism`.
+Every problem becomes one :class:`ConfigError` line naming the file, the key and,
+where known, the line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .backends.base import HistoryLimits
+from .exceptions import ConfigError
+from .handler import Handler
+from .parser import ParseLimits
+from .payload import Huh, codec_for
+
+__all__ = [
+    "BootMessage",
+    "Listener",
+    "Organism",
+    "OrganismConfig",
+    "PumpSettings",
+    "import_object",
+    "load_organism",
+]
+
+
+# -- the YAML schema ---------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _OrganismSection(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+
+
+class _HistorySection(_Strict):
+    max_slots_per_thread: int = Field(10_000, ge=1)
+    max_threads: int = Field(100_000, ge=1)
+    ttl_s: float = Field(86_400.0, gt=0)
+    max_dead_letters: int = Field(10_000, ge=1)
+
+
+class _PumpSection(_Strict):
+    queue_size: int = Field(1024, ge=1)
+    max_depth: int = Field(32, ge=1)
+    drain_timeout_s: float = Field(10.0, ge=0)
+    max_message_bytes: int = Field(1024 * 1024, ge=64)
+    max_xml_depth: int = Field(64, ge=2)
+    max_elements: int = Field(10_000, ge=2)
+    max_attributes: int = Field(10_000, ge=0)
+    sync_threads: int = Field(32, ge=1)
+
+
+class _ListenerSection(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    payload: str | list[str]
+    handler: str = Field(min_length=1)
+    description: str = ""
+    peers: list[str] | None = None
+    concurrency: int = Field(16, ge=1, le=100_000)
+    timeout_s: float | None = Field(None, gt=0)
+    cpu_bound: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_printable(cls, value: str) -> str:
+        if value != value.strip() or not value.isprintable():
+            raise ValueError("a listener name must be printable, without surrounding spaces")
+        return value
+
+
+class _BootSection(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    to: str | None = None
+    sender: str = Field("boot", alias="from", min_length=1)
+    payload: str = Field(min_length=1)
+
+
+class OrganismConfig(_Strict):
+    """The whole organism YAML file, validated but not yet imported."""
+
+    organism: _OrganismSection
+    backend: str = "memory://"
+    history: _HistorySection = _HistorySection()
+    pump: _PumpSection = _PumpSection()
+    listeners: list[_ListenerSection] = Field(min_length=1)
+    boot: list[_BootSection] = []
+
+
+# -- the resolved organism -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A named handler and the payload classes it accepts.
+
+    Attributes:
+        name: unique in the organism; may contain dots.
+        payloads: accepted payload classes (routing is by their qualified names).
+        handler: sync or async callable ``(payload, meta)``.
+        description: free text shown by ``check``.
+        peers: listeners this one may forward to; None means any.
+        concurrency: messages handled at once (different frames only).
+        timeout_s: per-message handler time limit; None means none.
+    """
+
+    name: str
+    payloads: tuple[type[BaseModel], ...]
+    handler: Handler
+    description: str = ""
+    peers: frozenset[str] | None = None
+    concurrency: int = 16
+    timeout_s: float | None = None
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a listener needs a name")
+        if not self.payloads:
+            raise ConfigError(f"listener {self.name!r} accepts no payload class")
+        if not callable(self.handler):
+            raise ConfigError(f"listener {self.name!r}: handler is not callable")
+        seen: dict[str, type[BaseModel]] = {}
+        for cls in self.payloads:
+            qname = codec_for(cls).qname
+            if qname in seen:
+                raise ConfigError(
+                    f"listener {self.name!r}: {seen[qname].__name__} and {cls.__name__} "
+                    f"both map to {qname}"
+                )
+            seen[qname] = cls
+        call = getattr(self.handler, "__call__", None)  # noqa: B004 - async __call__ objects
+        is_async = inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
+        object.__setattr__(self, "is_async", is_async)
+
+    @property
+    def accepts_huh(self) -> bool:
+        """Whether this listener receives ``Huh`` error payloads."""
+        return Huh in self.payloads
+
+
+@dataclass(frozen=True, slots=True)
+class BootMessage:
+    """A message injected when the organism starts (a bare payload, wrapped by the pump)."""
+
+    payload: bytes
+    to: str | None = None
+    sender: str = "boot"
+
+
+@dataclass(frozen=True, slots=True)
+class PumpSettings:
+    """Pump knobs (the ``pump`` section)."""
+
+    queue_size: int = 1024
+    max_depth: int = 32
+    drain_timeout_s: float = 10.0
+    limits: ParseLimits = ParseLimits()
+    sync_threads: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Organism:
+    """A resolved organism: what :class:`~xml_pipeline.StreamPump` runs."""
+
+    name: str
+    listeners: tuple[Listener, ...]
+    backend: str = "memory://"
+    history: HistoryLimits = HistoryLimits()
+    settings: PumpSettings = PumpSettings()
+    boot: tuple[BootMessage, ...] = ()
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        names = [listener.name for listener in self.listeners]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"duplicate listener name(s): {', '.join(dupes)}")
+        known = set(names)
+        for listener in self.listeners:
+            for peer in sorted(listener.peers or ()):
+                if peer not in known:
+                    raise ConfigError(f"listener {listener.name!r}: unknown peer {peer!r}")
+        for boot in self.boot:
+            if boot.to is not None and boot.to not in known:
+                raise ConfigError(f"boot message to unknown listener {boot.to!r}")
+
+    def listener(self, name: str) -> Listener:
+        """The listener called ``name``. Raises KeyError."""
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+
+# -- loading -------------------------------------------------------------------------
+
+
+def import_object(spec: str) -> Any:
+    """Import ``module:attr`` (or a dotted path ``package.module.attr``).
+
+    Raises:
+        ImportError, AttributeError: with the reason.
+    """
+    if ":" in spec:
+        module_name, _, attr_path = spec.partition(":")
+    else:
+        module_name, _, attr_path = spec.rpartition(".")
+    if not module_name or not attr_path:
+        raise ImportError(f"{spec!r} is not of the form module:attr")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
+    line = None if node is None else node.start_mark.line + 1
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == key:
+                    node = v
+                    line = k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                return line
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _where(path: Path, loc: Sequence[int | str], root: yaml.Node | None) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    line = _line_of(root, loc)
+    return f"{path}: {key or '(top level)'}" + (f" (line {line})" if line else "")
+
+
+def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [p for p in err.get("loc", ()) if not (isinstance(p, str) and p in ("str", "list[str]"))]
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    more = exc.error_count() - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return ConfigError(f"{_where(path, loc, root)}: {msg}{suffix}")
+
+
+def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
+    """Load, validate and import an organism YAML file.
+
+    Args:
+        path: the YAML file.
+        backend: a backend URL overriding the file's ``backend``.
+
+    Raises:
+        ConfigError: one line naming the file, the key and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        config = OrganismConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(path, root, exc) from exc
+
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+    def resolve(loc: Sequence[int | str], spec: str) -> Any:
+        try:
+            return import_object(spec)
+        except Exception as exc:  # any import-time failure of user code
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise ConfigError(f"{_where(path, loc, root)}: cannot import {spec!r}: {reason}") from exc
+
+    listeners = []
+    for i, section in enumerate(config.listeners):
+        if section.cpu_bound:
+            raise ConfigError(
+                f"{_where(path, ['listeners', i, 'cpu_bound'], root)}: "
+                "cpu_bound listeners are not supported by this version"
+            )
+        specs = [section.payload] if isinstance(section.payload, str) else section.payload
+        classes = []
+        for j, spec in enumerate(specs):
+            loc: list[int | str] = ["listeners", i, "payload"]
+            if isinstance(section.payload, list):
+                loc.append(j)
+            cls = resolve(loc, spec)
+            if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+                raise ConfigError(f"{_where(path, loc, root)}: {spec!r} is not a pydantic model class")
+            try:
+                codec_for(cls)
+            except ConfigError as exc:
+                raise ConfigError(f"{_where(path, loc, root)}: {exc}") from exc
+            classes.append(cls)
+        handler = resolve(["listeners", i, "handler"], section.handler)
+        try:
+            listeners.append(
+                Listener(
+                    name=section.name,
+                    payloads=tuple(classes),
+                    handler=handler,
+                    description=section.description,
+                    peers=None if section.peers is None else frozenset(section.peers),
+                    concurrency=section.concurrency,
+                    timeout_s=section.timeout_s,
+                )
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{_where(path, ['listeners', i], root)}: {exc}") from exc
+
+    p = config.pump
+    h = config.history
+    try:
+        return Organism(
+            name=config.organism.name,
+            listeners=tuple(listeners),
+            backend=backend or config.backend,
+            history=HistoryLimits(
+                max_slots_per_thread=h.max_slots_per_thread,
+                max_threads=h.max_threads,
+                ttl_s=h.ttl_s,
+                max_dead_letters=h.max_dead_letters,
+            ),
+            settings=PumpSettings(
+                queue_size=p.queue_size,
+                max_depth=p.max_depth,
+                drain_timeout_s=p.drain_timeout_s,
+                limits=ParseLimits(
+                    max_bytes=p.max_message_bytes,
+                    max_depth=p.max_xml_depth,
+                    max_elements=p.max_elements,
+                    max_attributes=max(p.max_attributes, 1),
+                ),
+                sync_threads=p.sync_threads,
+            ),
+            boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
+            path=path,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,159 @@
+"""The message envelope: parse it from outside bytes, build it with lxml.
+
+::
+
+    <message xmlns="https://xml-pipeline.org/ns/envelope/v1">
+      <meta>
+        <from>console</from>   required
+        <to>greeter</to>       optional: one listener; absent = every listener accepting the payload
+        <thread>…</thread>     optional at ingress
+        <id>…</id>             optional at ingress; the pump assigns one
+      </meta>
+      <Greeting xmlns="https://example.org/hello">…</Greeting>   exactly one payload
+    </message>
+
+Envelopes are only ever built with lxml, never by string formatting, so the text
+of ``from``, ``to`` and ``thread`` round-trips exactly whatever characters it holds.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from lxml import etree
+
+from .exceptions import EnvelopeError
+from .parser import DEFAULT_LIMITS, ParseLimits, parse_bytes
+
+__all__ = ["ENVELOPE_NAMESPACE", "Envelope", "build_envelope", "parse_envelope", "parse_payload"]
+
+ENVELOPE_NAMESPACE = "https://xml-pipeline.org/ns/envelope/v1"
+MAX_META_CHARS = 1024
+
+_NS = "{" + ENVELOPE_NAMESPACE + "}"
+_MESSAGE = _NS + "message"
+_META = _NS + "meta"
+_FIELDS = {_NS + "from": "from", _NS + "to": "to", _NS + "thread": "thread", _NS + "id": "id"}
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed envelope. ``payload`` is the payload's root element."""
+
+    sender: str
+    to: str | None
+    thread: str | None
+    id: str | None
+    payload: etree._Element
+
+    @property
+    def qname(self) -> str:
+        """The payload's routing key, ``{namespace}local``."""
+        return str(self.payload.tag)
+
+
+def _blank(text: str | None) -> bool:
+    return text is None or not text.strip()
+
+
+def parse_envelope(data: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> Envelope:
+    """Parse and check one envelope from outside.
+
+    Raises:
+        MalformedMessage, MessageTooLarge: from the hardened parser.
+        EnvelopeError: well-formed XML that is not a valid envelope.
+    """
+    root = parse_bytes(data, limits)
+    return envelope_from_element(root)
+
+
+def envelope_from_element(root: etree._Element) -> Envelope:
+    """Check an already parsed ``<message>`` element. Raises EnvelopeError."""
+    if root.tag != _MESSAGE:
+        raise EnvelopeError(f"the root element must be {{{ENVELOPE_NAMESPACE}}}message, not {root.tag!r}")
+    if root.attrib:
+        raise EnvelopeError("<message> takes no attributes")
+    if not _blank(root.text):
+        raise EnvelopeError("text directly inside <message> is not allowed")
+    children = list(root)
+    if not children or children[0].tag != _META:
+        raise EnvelopeError("<message> must start with <meta>")
+    if len(children) != 2:
+        raise EnvelopeError(
+            f"<message> must hold <meta> and exactly one payload element (found {len(children) - 1})"
+        )
+    meta, payload = children
+    if str(payload.tag).startswith(_NS):
+        raise EnvelopeError(f"the payload cannot be in the envelope namespace ({payload.tag!r})")
+    if not (_blank(meta.tail) and _blank(payload.tail) and _blank(meta.text)) or meta.attrib:
+        raise EnvelopeError("stray text or attributes in the envelope")
+    values: dict[str, str] = {}
+    for field in meta:
+        name = _FIELDS.get(field.tag)  # type: ignore[call-overload]
+        if name is None:
+            raise EnvelopeError(f"unknown element in <meta>: {field.tag!r}")
+        if name in values:
+            raise EnvelopeError(f"<{name}> given more than once")
+        if len(field) or field.attrib:
+            raise EnvelopeError(f"<{name}> must hold text only")
+        if not _blank(field.tail):
+            raise EnvelopeError("stray text in <meta>")
+        text = field.text or ""
+        if len(text) > MAX_META_CHARS:
+            raise EnvelopeError(f"<{name}> is longer than {MAX_META_CHARS} characters")
+        values[name] = text
+    sender = values.get("from")
+    if not sender:
+        raise EnvelopeError("<meta> must have a non-empty <from>")
+    return Envelope(
+        sender=sender,
+        to=values.get("to") or None,
+        thread=values.get("thread") or None,
+        id=values.get("id") or None,
+        payload=payload,
+    )
+
+
+def parse_payload(data: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> etree._Element:
+    """Parse a bare payload element from outside (to be wrapped by the pump).
+
+    A full ``<message>`` is refused here: the caller decides which form it expects.
+
+    Raises:
+        MalformedMessage, MessageTooLarge: from the hardened parser.
+        EnvelopeError: the document is an envelope, not a bare payload.
+    """
+    root = parse_bytes(data, limits)
+    if str(root.tag).startswith(_NS):
+        raise EnvelopeError("expected a bare payload element, got an envelope element")
+    return root
+
+
+def build_envelope(
+    *,
+    sender: str,
+    payload: etree._Element,
+    to: str | None = None,
+    thread: str | None = None,
+    id: str | None = None,  # noqa: A002 - the wire name
+) -> bytes:
+    """Serialize an envelope.
+
+    Raises:
+        ValueError: a text value holds characters XML cannot carry (NUL, most
+            control characters, lone surrogates).
+    """
+    message = etree.Element(_MESSAGE, nsmap={None: ENVELOPE_NAMESPACE})
+    meta = etree.SubElement(message, _META)
+    etree.SubElement(meta, _NS + "from").text = sender
+    if to is not None:
+        etree.SubElement(meta, _NS + "to").text = to
+    if thread is not None:
+        etree.SubElement(meta, _NS + "thread").text = thread
+    if id is not None:
+        etree.SubElement(meta, _NS + "id").text = id
+    if payload.getparent() is not None:
+        payload = copy.deepcopy(payload)
+    message.append(payload)
+    return etree.tostring(message)

@@ -1,0 +1,134 @@
+"""The exception tree of xml_pipeline.
+
+Every error the package raises on purpose derives from :class:`XmlPipelineError`.
+Errors about one message carry the ``code`` that its ``Huh`` reply uses::
+
+    XmlPipelineError
+    ├── ConfigError (ValueError)              bad organism YAML, handler not importable
+    ├── BackendError
+    │   └── BackendUnavailable                the backend cannot be reached
+    └── MessageError                          one message was rejected; .code names why
+        ├── MalformedMessage        malformed   not well-formed XML, DTD, entities, XInclude
+        ├── MessageTooLarge         too-large   over the byte, depth, element or attribute limit
+        ├── EnvelopeError           envelope    well-formed XML, but not a valid envelope
+        ├── NoRoute                 no-route    nobody accepts the payload (or ``to`` names nobody)
+        ├── PayloadInvalid          validation  the payload failed its class's validation
+        ├── PeerDenied              peer-denied a forward to a listener outside ``peers``
+        ├── DepthExceeded           depth-exceeded  a forward went deeper than ``max_depth``
+        ├── HandlerFailed           handler-error   the handler raised
+        ├── InvalidReturn           invalid-return  the handler returned something unusable
+        └── HandlerTimeout          timeout         the handler ran past ``timeout_s``
+
+Foreign exceptions (lxml, pydantic, yaml) are translated at the boundary and
+chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "DepthExceeded",
+    "EnvelopeError",
+    "HandlerFailed",
+    "HandlerTimeout",
+    "InvalidReturn",
+    "MalformedMessage",
+    "MessageError",
+    "MessageTooLarge",
+    "NoRoute",
+    "PayloadInvalid",
+    "PeerDenied",
+    "XmlPipelineError",
+]
+
+
+class XmlPipelineError(Exception):
+    """Root of every exception raised by xml_pipeline."""
+
+
+class ConfigError(XmlPipelineError, ValueError):
+    """The organism configuration is invalid or names something that cannot be imported.
+
+    The message is one line naming the file, the key and, where known, the line.
+    """
+
+
+class BackendError(XmlPipelineError):
+    """A history/registry backend failed."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot be reached (bad URL scheme, server down, wrong credentials)."""
+
+
+class MessageError(XmlPipelineError):
+    """One message was rejected. ``code`` is the machine-readable ``Huh`` code."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, listener: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message
+        self.listener = listener
+
+
+class MalformedMessage(MessageError):
+    """Not well-formed XML, or XML using a forbidden feature (DTD, entities, XInclude)."""
+
+    code = "malformed"
+
+
+class MessageTooLarge(MessageError):
+    """Over a parse limit: bytes, nesting depth, element count or attribute count."""
+
+    code = "too-large"
+
+
+class EnvelopeError(MessageError):
+    """Well-formed XML that is not a valid ``<message>`` envelope."""
+
+    code = "envelope"
+
+
+class NoRoute(MessageError):
+    """No listener accepts the payload, or ``<to>`` names no listener accepting it."""
+
+    code = "no-route"
+
+
+class PayloadInvalid(MessageError):
+    """The payload does not validate against the listener's payload class."""
+
+    code = "validation"
+
+
+class PeerDenied(MessageError):
+    """A listener forwarded to a listener that is not among its ``peers``."""
+
+    code = "peer-denied"
+
+
+class DepthExceeded(MessageError):
+    """A forward would go deeper than the pump's ``max_depth``."""
+
+    code = "depth-exceeded"
+
+
+class HandlerFailed(MessageError):
+    """The handler raised an exception."""
+
+    code = "handler-error"
+
+
+class InvalidReturn(MessageError):
+    """The handler returned something other than HandlerResponse, a list of them, or None."""
+
+    code = "invalid-return"
+
+
+class HandlerTimeout(MessageError):
+    """The handler did not finish within its listener's ``timeout_s``."""
+
+    code = "timeout"

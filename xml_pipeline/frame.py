@@ -1,0 +1,138 @@
+"""Frames (threads): one call frame of a conversation, named by an opaque UUID.
+
+A frame's *chain* is ``[origin, conversation, hop1, hop2, ...]``: the external
+sender's label, the conversation id (the uuid of its root frame) and the listener
+names from the root to the frame's own listener. It is stored as a JSON list, so
+listener names may hold dots or any other character.
+
+* ingress opens a root frame per conversation: chain ``[origin, root_uuid]``;
+* a delivery from frame F to listener L happens on ``child(F, L)``, created on
+  first use and reused afterwards;
+* a response from F goes to ``parent(F)``, owned by its last hop (or, for the
+  root, by the external sender).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as _uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .backends.base import Backend
+
+__all__ = ["Frame", "FrameRegistry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One call frame.
+
+    Attributes:
+        uuid: the frame's id, the only thing handlers see.
+        origin: the external sender's label (never a routing target).
+        root: the conversation id (the root frame's uuid).
+        hops: listener names from the root to this frame's listener.
+    """
+
+    uuid: str
+    origin: str
+    root: str
+    hops: tuple[str, ...]
+
+    @property
+    def depth(self) -> int:
+        """Number of hops below the root (the root is 0)."""
+        return len(self.hops)
+
+    @property
+    def listener(self) -> str | None:
+        """The listener that owns this frame; None for a root (owned by the external sender)."""
+        return self.hops[-1] if self.hops else None
+
+    @property
+    def chain(self) -> str:
+        """The registry key of this frame."""
+        return _encode(self.origin, self.root, self.hops)
+
+
+def _encode(origin: str, root: str, hops: tuple[str, ...]) -> str:
+    return json.dumps([origin, root, *hops], ensure_ascii=False, separators=(",", ":"))
+
+
+def _decode(uuid: str, chain: str) -> Frame | None:
+    try:
+        parts = json.loads(chain)
+    except ValueError:
+        return None
+    if not (isinstance(parts, list) and len(parts) >= 2 and all(isinstance(p, str) for p in parts)):
+        return None
+    return Frame(uuid, parts[0], parts[1], tuple(parts[2:]))
+
+
+class FrameRegistry:
+    """Creates and resolves frames through a backend's registry.
+
+    Frames never change once created, so resolved frames are cached (bounded).
+    """
+
+    def __init__(self, backend: Backend, *, cache_size: int = 65_536) -> None:
+        self._backend = backend
+        self._cache_size = cache_size
+        self._by_uuid: OrderedDict[str, Frame] = OrderedDict()
+        self._children: OrderedDict[tuple[str, str], Frame] = OrderedDict()
+
+    def _remember(self, frame: Frame) -> Frame:
+        cache = self._by_uuid
+        cache[frame.uuid] = frame
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return frame
+
+    async def new_root(self, origin: str) -> Frame:
+        """Open a root frame for a new conversation from ``origin``."""
+        uuid = str(_uuid.uuid4())
+        frame = Frame(uuid, origin, uuid, ())
+        await self._backend.registry_set(frame.chain, uuid)
+        return self._remember(frame)
+
+    async def resolve(self, uuid: str) -> Frame | None:
+        """The frame a uuid names, or None if unknown."""
+        frame = self._by_uuid.get(uuid)
+        if frame is not None:
+            return frame
+        chain = await self._backend.registry_get_chain(uuid)
+        if chain is None:
+            return None
+        frame = _decode(uuid, chain)
+        return self._remember(frame) if frame is not None else None
+
+    async def child(self, frame: Frame, listener: str) -> Frame:
+        """The frame on which ``frame`` calls ``listener`` (created on first use)."""
+        key = (frame.uuid, listener)
+        found = self._children.get(key)
+        if found is not None:
+            return found
+        hops = (*frame.hops, listener)
+        chain = _encode(frame.origin, frame.root, hops)
+        uuid = await self._backend.registry_setdefault(chain, str(_uuid.uuid4()))
+        child = Frame(uuid, frame.origin, frame.root, hops)
+        self._children[key] = child
+        if len(self._children) > self._cache_size:
+            self._children.popitem(last=False)
+        return self._remember(child)
+
+    async def parent(self, frame: Frame) -> Frame:
+        """The caller's frame. The root's parent is the root itself."""
+        if not frame.hops:
+            return frame
+        hops = frame.hops[:-1]
+        if not hops:
+            root = self._by_uuid.get(frame.root)
+            if root is None:
+                root = self._remember(Frame(frame.root, frame.origin, frame.root, ()))
+            return root
+        chain = _encode(frame.origin, frame.root, hops)
+        uuid = await self._backend.registry_setdefault(chain, str(_uuid.uuid4()))
+        cached = self._by_uuid.get(uuid)
+        return cached if cached is not None else self._remember(Frame(uuid, frame.origin, frame.root, hops))

@@ -1,0 +1,89 @@
+"""What handlers receive and return.
+
+::
+
+    async def handle(payload: Greeting, meta: HandlerMetadata) -> HandlerResponse | None:
+        return HandlerResponse(Shout(text=payload.name), to="shouter")   # forward
+        return HandlerResponse.respond(Reply(text="hi"))                 # answer the caller
+        return [HandlerResponse(...), HandlerResponse(...)]             # several
+        return None                                                       # end the branch
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from .backends.base import Slot
+
+__all__ = ["Handler", "HandlerMetadata", "HandlerResponse"]
+
+Handler = Callable[[Any, "HandlerMetadata"], Any]
+"""A handler: ``(payload, meta) -> HandlerResponse | list[HandlerResponse] | None``, sync or async."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerResponse:
+    """A message a handler emits. The pump sets its sender and thread.
+
+    ``HandlerResponse(payload, to="name")`` forwards to one listener;
+    ``HandlerResponse(payload)`` forwards to every listener accepting the payload;
+    ``HandlerResponse.respond(payload)`` answers the caller.
+    """
+
+    payload: BaseModel
+    to: str | None = None
+    is_response: bool = False
+
+    @classmethod
+    def respond(cls, payload: BaseModel) -> HandlerResponse:
+        """Answer whoever called this frame (a listener, or the external sender)."""
+        return cls(payload, None, True)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerMetadata:
+    """What a handler knows about the message it is handling.
+
+    Attributes:
+        thread_id: the frame's opaque id.
+        from_id: the sender (a listener name, or the external sender's label).
+        own_name: this listener's name.
+        message_id: the message's id.
+        is_self_call: the listener sent this message to itself.
+        depth: hops from the conversation's root to this frame.
+    """
+
+    thread_id: str
+    from_id: str
+    own_name: str
+    message_id: str
+    is_self_call: bool
+    depth: int
+    _history: Callable[[], Awaitable[list[Slot]]] = field(repr=False, compare=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
+
+    async def history(self) -> list[Slot]:
+        """This frame's history (its listener's transcript), oldest first."""
+        return await self._history()
+
+    def history_blocking(self) -> list[Slot]:
+        """This frame's history, for a sync handler running in a worker thread.
+
+        Raises:
+            RuntimeError: called from the event loop's own thread.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("history_blocking() needs the pump's event loop")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("history_blocking() would block the event loop; await history()")
+        return asyncio.run_coroutine_threadsafe(self._history(), loop).result()

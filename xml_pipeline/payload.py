@@ -1,0 +1,288 @@
+"""Payload classes and their XML codecs.
+
+A payload class is a pydantic model. Two kinds are supported, each with a codec
+built once per class:
+
+* ``pydantic_xml.BaseXmlModel`` subclasses map any XML shape; the codec calls
+  ``from_xml_tree`` / ``to_xml_tree``.
+* Plain pydantic models (subclasses of :class:`Payload`, or any ``BaseModel``)
+  map to one child element per field, in the payload's own namespace. Fields may
+  be scalars (``str``, ``int``, ``float``, ``bool``, ``Decimal``, enums, ...),
+  optional scalars, or lists of scalars (a repeated element). This codec decodes
+  about five times faster than pydantic-xml and is the better choice for flat
+  messages.
+
+The routing key of a class is its root element's qualified name, ``{namespace}tag``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .exceptions import ConfigError, PayloadInvalid
+
+__all__ = ["CORE_NAMESPACE", "Codec", "Huh", "Payload", "codec_for", "qname_of"]
+
+CORE_NAMESPACE = "https://xml-pipeline.org/ns/core/v1"
+
+
+class Payload(BaseModel):
+    """Base class for flat payloads: one child element per field.
+
+    Set ``xml_tag`` (default: the class name) and ``xml_ns`` (default: no
+    namespace) as class variables::
+
+        class Greeting(Payload):
+            xml_ns = "https://example.org/hello"
+            name: str
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    xml_tag: ClassVar[str | None] = None
+    xml_ns: ClassVar[str] = ""
+
+
+class Huh(Payload):
+    """The built-in error payload. A listener receives it if it declares this class.
+
+    Attributes:
+        code: machine-readable reason (``malformed``, ``no-route``, ``timeout``, ...).
+        message: a human-readable explanation.
+        listener: the listener concerned, if any.
+        excerpt: a capped excerpt of the offending input.
+    """
+
+    xml_tag = "huh"
+    xml_ns = CORE_NAMESPACE
+
+    code: str
+    message: str
+    listener: str | None = None
+    excerpt: str | None = None
+
+
+class Codec(Protocol):
+    """Turns one payload class into lxml elements and back."""
+
+    cls: type[BaseModel]
+    qname: str
+    namespace: str
+    tag: str
+
+    def decode(self, element: etree._Element) -> BaseModel:
+        """Validate ``element`` into an instance. Raises PayloadInvalid."""
+        ...
+
+    def encode(self, model: BaseModel) -> etree._Element:
+        """Build the payload element of ``model``."""
+        ...
+
+
+def qname_of(namespace: str, tag: str) -> str:
+    """The routing key ``{namespace}tag`` (just ``tag`` for no namespace)."""
+    return f"{{{namespace}}}{tag}" if namespace else tag
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(payload)"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)
+
+
+_SCALARS: tuple[type, ...] = (str, int, float, bool)
+
+
+def _is_scalar(tp: Any) -> bool:
+    if isinstance(tp, type):
+        if issubclass(tp, BaseModel):
+            return False
+        if issubclass(tp, _SCALARS):
+            return True
+        import decimal
+        import enum
+
+        return issubclass(tp, decimal.Decimal | enum.Enum)
+    return typing.get_origin(tp) is typing.Literal
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    is_list: bool
+
+
+def _classify(cls: type[BaseModel], name: str, annotation: Any) -> _Field:
+    tp = annotation
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            tp = args[0]
+            origin = typing.get_origin(tp)
+        elif all(_is_scalar(a) for a in args):
+            return _Field(name, False)
+    if origin in (list, tuple) and typing.get_origin(tp) is not None:
+        args = typing.get_args(tp)
+        if args and _is_scalar(args[0]):
+            return _Field(name, True)
+    if _is_scalar(tp):
+        return _Field(name, False)
+    raise ConfigError(
+        f"{cls.__module__}.{cls.__qualname__}.{name}: a plain payload field must be a scalar, "
+        f"an optional scalar or a list of scalars (got {annotation!r}); "
+        "use a pydantic_xml.BaseXmlModel for nested shapes"
+    )
+
+
+def _text(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if hasattr(value, "value") and not isinstance(value, str | int | float):
+        value = value.value  # enums
+    return str(value)
+
+
+class _PlainCodec:
+    """Codec for a plain pydantic model: one element per field."""
+
+    __slots__ = ("_child_prefix", "_fields", "cls", "namespace", "qname", "tag")
+
+    def __init__(self, cls: type[BaseModel]) -> None:
+        self.cls = cls
+        self.tag = getattr(cls, "xml_tag", None) or cls.__name__
+        self.namespace = getattr(cls, "xml_ns", "") or ""
+        self.qname = qname_of(self.namespace, self.tag)
+        self._child_prefix = f"{{{self.namespace}}}" if self.namespace else ""
+        self._fields: dict[str, _Field] = {}
+        for name, info in cls.model_fields.items():
+            key = info.alias or name
+            self._fields[key] = _classify(cls, name, info.annotation)
+
+    def decode(self, element: etree._Element) -> BaseModel:
+        if element.attrib:
+            raise PayloadInvalid(
+                f"{self.tag}: attributes are not allowed ({', '.join(element.attrib.keys())})"
+            )
+        if element.text is not None and element.text.strip():
+            raise PayloadInvalid(f"{self.tag}: text directly inside the payload is not allowed")
+        data: dict[str, Any] = {}
+        prefix = self._child_prefix
+        fields = self._fields
+        for child in element:
+            tag = child.tag
+            if prefix:
+                if not tag.startswith(prefix):
+                    raise PayloadInvalid(f"{self.tag}: unexpected element {tag!r}")
+                local = tag[len(prefix) :]
+            else:
+                local = tag
+            field = fields.get(local)
+            if field is None:
+                raise PayloadInvalid(f"{self.tag}: unexpected element {local!r}")
+            if len(child) or child.attrib:
+                raise PayloadInvalid(f"{self.tag}.{local}: must hold text only")
+            if child.tail is not None and child.tail.strip():
+                raise PayloadInvalid(f"{self.tag}: text between elements is not allowed")
+            text = child.text or ""
+            if field.is_list:
+                data.setdefault(local, []).append(text)
+            elif local in data:
+                raise PayloadInvalid(f"{self.tag}.{local}: element given more than once")
+            else:
+                data[local] = text
+        try:
+            return self.cls.model_validate(data)
+        except ValidationError as exc:
+            raise PayloadInvalid(f"{self.tag}: {_validation_summary(exc)}") from exc
+
+    def encode(self, model: BaseModel) -> etree._Element:
+        ns = self.namespace
+        root = etree.Element(self.qname, nsmap={None: ns} if ns else None)
+        prefix = self._child_prefix
+        values = model.__dict__
+        for name, info in type(model).model_fields.items():
+            value = values[name]
+            if value is None:
+                continue
+            key = prefix + (info.alias or name)
+            if isinstance(value, list | tuple):
+                for item in value:
+                    etree.SubElement(root, key).text = _text(item)
+            else:
+                etree.SubElement(root, key).text = _text(value)
+        return root
+
+
+class _XmlModelCodec:
+    """Codec for a pydantic-xml ``BaseXmlModel``."""
+
+    __slots__ = ("cls", "namespace", "qname", "tag")
+
+    def __init__(self, cls: type[BaseModel]) -> None:
+        self.cls = cls
+        self.tag = getattr(cls, "__xml_tag__", None) or cls.__name__
+        prefix = getattr(cls, "__xml_ns__", None)
+        nsmap: dict[str, str] = dict(getattr(cls, "__xml_nsmap__", None) or {})
+        if prefix is None:
+            namespace = ""
+        elif prefix in nsmap:
+            namespace = nsmap[prefix]
+        else:
+            raise ConfigError(
+                f"{cls.__module__}.{cls.__qualname__}: namespace prefix {prefix!r} "
+                "is not in its nsmap"
+            )
+        self.namespace = namespace
+        self.qname = qname_of(namespace, self.tag)
+
+    def decode(self, element: etree._Element) -> BaseModel:
+        try:
+            return self.cls.from_xml_tree(element)  # type: ignore[attr-defined,no-any-return]
+        except ValidationError as exc:
+            raise PayloadInvalid(f"{self.tag}: {_validation_summary(exc)}") from exc
+        except (ValueError, TypeError) as exc:
+            raise PayloadInvalid(f"{self.tag}: {exc}") from exc
+
+    def encode(self, model: BaseModel) -> etree._Element:
+        element: etree._Element = model.to_xml_tree()  # type: ignore[attr-defined]
+        return element
+
+
+_codecs: dict[type[BaseModel], Codec] = {}
+
+
+def codec_for(cls: type[BaseModel]) -> Codec:
+    """The codec of a payload class, built on first use and cached.
+
+    Raises:
+        ConfigError: ``cls`` is not a pydantic model or has an unsupported shape.
+    """
+    codec = _codecs.get(cls)
+    if codec is not None:
+        return codec
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        raise ConfigError(f"{cls!r} is not a pydantic model class")
+    try:
+        from pydantic_xml import BaseXmlModel
+    except ImportError:  # pragma: no cover - pydantic-xml is a dependency
+        BaseXmlModel = None  # type: ignore[assignment,misc]  # noqa: N806
+    if BaseXmlModel is not None and issubclass(cls, BaseXmlModel):
+        codec = _XmlModelCodec(cls)
+    else:
+        codec = _PlainCodec(cls)
+    _codecs[cls] = codec
+    return codec

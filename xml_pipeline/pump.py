@@ -1,0 +1,829 @@
+"""The stream pump: ingress → parse → thread → route → listener inbox → handler → route again.
+
+::
+
+    async with StreamPump(load_organism("hello.yaml"), egress=print_reply) as pump:
+        await pump.inject(b"<message ...>...</message>")
+        await pump.wait_idle()
+
+Each listener runs ``concurrency`` worker tasks, each with its own inbox; a
+delivery goes to the inbox chosen by its frame, so the messages of one frame
+reach a listener in order while different frames run in parallel. Ingress is
+admitted only while fewer than ``queue_size`` messages are inside the pump, so a
+slow listener slows ingress down instead of growing memory. Messages produced
+inside the pump are routed as objects: they are not re-serialized and re-parsed
+unless a target decodes the payload with another class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+import uuid as _uuid
+from array import array
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+from lxml import etree
+from pydantic import BaseModel
+
+from .backends import Backend, DeadLetter, Slot, open_backend
+from .config import Listener, Organism
+from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, envelope_from_element
+from .exceptions import (
+    ConfigError,
+    DepthExceeded,
+    HandlerFailed,
+    HandlerTimeout,
+    InvalidReturn,
+    MessageError,
+    NoRoute,
+    PayloadInvalid,
+    PeerDenied,
+    XmlPipelineError,
+)
+from .frame import Frame, FrameRegistry
+from .handler import HandlerMetadata, HandlerResponse
+from .parser import parse_bytes
+from .payload import Codec, Huh, codec_for
+
+__all__ = ["ListenerStatistics", "PumpStatistics", "Reply", "StreamPump"]
+
+logger = logging.getLogger(__name__)
+
+PUMP_SENDER = "xml_pipeline"
+"""The sender of the ``Huh`` messages the pump itself produces."""
+
+_MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
+_HUH_QNAME = codec_for(Huh).qname
+_EXCERPT_CHARS = 200
+_LATENCY_SAMPLES = 4096
+
+
+def _excerpt(data: bytes | None) -> str | None:
+    """A capped excerpt of some input, holding only characters XML can carry."""
+    if not data:
+        return None
+    text = bytes(data[: _EXCERPT_CHARS * 4]).decode("utf-8", "replace")[:_EXCERPT_CHARS]
+    return "".join(
+        c if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") else "\ufffd"
+        for c in text
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message that left the pump for an external sender.
+
+    Attributes:
+        thread_id: the conversation's root frame (None if the input never got one).
+        sender: the listener that answered (or ``xml_pipeline`` for a rejection).
+        to: the external sender's label, if known.
+        message_id: the reply's id.
+        payload: the payload model (a :class:`Huh` for errors).
+    """
+
+    thread_id: str | None
+    sender: str
+    to: str | None
+    message_id: str
+    payload: BaseModel
+
+    def to_xml(self) -> bytes:
+        """The reply as one envelope document."""
+        return build_envelope(
+            sender=self.sender,
+            to=self.to,
+            thread=self.thread_id,
+            id=self.message_id,
+            payload=codec_for(type(self.payload)).encode(self.payload),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStatistics:
+    """Counters of one listener (a snapshot)."""
+
+    received: int
+    handled: int
+    failed: int
+    in_flight: int
+    queued: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PumpStatistics:
+    """A snapshot of the pump's counters.
+
+    Attributes:
+        ingress: messages offered to ingress.
+        rejected: ingress messages refused (malformed, too large, bad envelope, no route).
+        egress: replies that reached external senders.
+        dead_letters: dead letters written.
+        in_pump: messages queued or being handled right now.
+        listeners: per listener, by name.
+    """
+
+    ingress: int
+    rejected: int
+    egress: int
+    dead_letters: int
+    in_pump: int
+    listeners: MappingProxyType[str, ListenerStatistics]
+
+
+class _Message:
+    """A message inside the pump. Payload bytes, element and model are made lazily."""
+
+    __slots__ = ("_element", "_xml", "id", "model", "qname", "raw", "sender", "to")
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002
+        sender: str,
+        to: str | None,
+        qname: str,
+        model: BaseModel | None = None,
+        element: etree._Element | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        self.id = id
+        self.sender = sender
+        self.to = to
+        self.qname = qname
+        self.model = model
+        self._element = element
+        self.raw = raw
+        self._xml: bytes | None = None
+
+    def element(self) -> etree._Element:
+        element = self._element
+        if element is None:
+            assert self.model is not None
+            element = self._element = codec_for(type(self.model)).encode(self.model)
+        return element
+
+    def xml(self) -> bytes:
+        xml = self._xml
+        if xml is None:
+            xml = self._xml = etree.tostring(self.element())
+        return xml
+
+
+class _Runtime:
+    """A listener's inboxes, workers and counters."""
+
+    __slots__ = (
+        "codecs",
+        "failed",
+        "handled",
+        "in_flight",
+        "inboxes",
+        "latencies",
+        "latency_n",
+        "listener",
+        "name",
+        "received",
+    )
+
+    def __init__(self, listener: Listener, codecs: dict[str, Codec]) -> None:
+        self.listener = listener
+        self.name = listener.name
+        self.codecs = codecs
+        self.inboxes: list[asyncio.Queue[_Delivery]] = [
+            asyncio.Queue() for _ in range(listener.concurrency)
+        ]
+        self.received = 0
+        self.handled = 0
+        self.failed = 0
+        self.in_flight = 0
+        self.latencies = array("d", bytes(8 * _LATENCY_SAMPLES))
+        self.latency_n = 0
+
+
+class _Delivery:
+    __slots__ = ("enqueued", "frame", "message", "reply_frame", "reply_to", "runtime")
+
+    def __init__(
+        self,
+        message: _Message,
+        runtime: _Runtime,
+        frame: Frame,
+        reply_frame: Frame,
+        reply_to: _Runtime | None,
+    ) -> None:
+        self.message = message
+        self.runtime = runtime
+        self.frame = frame
+        self.reply_frame = reply_frame
+        self.reply_to = reply_to
+        self.enqueued = time.perf_counter()
+
+
+Egress = Callable[[Reply], Awaitable[None] | None]
+
+
+class StreamPump:
+    """Runs an organism. Use as an async context manager.
+
+    Args:
+        organism: the resolved organism (see :func:`~xml_pipeline.load_organism`).
+        backend: a backend to use (not closed by the pump); by default the pump
+            opens the organism's backend URL and closes it on exit.
+        egress: called with every :class:`Reply` that reaches an external sender.
+    """
+
+    def __init__(
+        self,
+        organism: Organism,
+        *,
+        backend: Backend | None = None,
+        egress: Egress | None = None,
+    ) -> None:
+        self.organism = organism
+        self._settings = organism.settings
+        self._owns_backend = backend is None
+        self.backend: Backend = backend if backend is not None else open_backend(
+            organism.backend, organism.history
+        )
+        self._frames = FrameRegistry(self.backend)
+        self._egress = egress
+        self._runtimes: dict[str, _Runtime] = {}
+        self._routes: dict[str, tuple[_Runtime, ...]] = {}
+        for listener in organism.listeners:
+            codecs: dict[str, Codec] = {}
+            for cls in listener.payloads:
+                codec = codec_for(cls)
+                codecs[codec.qname] = codec
+            rt = self._runtimes[listener.name] = _Runtime(listener, codecs)
+            for qname in codecs:
+                self._routes[qname] = (*self._routes.get(qname, ()), rt)
+        self._ids = itertools.count(1)
+        self._id_prefix = _uuid.uuid4().hex[:12] + "-"
+        self._pending = 0
+        self._space = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._space.set()
+        self._waiters: dict[str, asyncio.Future[Reply]] = {}
+        self._threads: ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._ingress = 0
+        self._rejected = 0
+        self._egress_count = 0
+        self._dead_letters = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> StreamPump:
+        if self._running:
+            raise RuntimeError("this StreamPump is already running")
+        self._loop = asyncio.get_running_loop()
+        if any(not rt.listener.is_async for rt in self._runtimes.values()):
+            self._threads = ThreadPoolExecutor(
+                max_workers=self._settings.sync_threads, thread_name_prefix="xml_pipeline-sync"
+            )
+        for rt in self._runtimes.values():
+            for i, inbox in enumerate(rt.inboxes):
+                task = asyncio.create_task(self._worker(rt, inbox), name=f"listener {rt.name}#{i}")
+                self._tasks.append(task)
+        self._running = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel every worker, wait for them, and close the backend if the pump opened it."""
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.cancel()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+        if self._owns_backend:
+            await self.backend.aclose()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or being handled."""
+        while self._pending:
+            await self._idle.wait()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until idle, at most ``timeout`` seconds (default: ``drain_timeout_s``).
+
+        Returns:
+            True if the pump became idle in time.
+        """
+        limit = self._settings.drain_timeout_s if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.wait_idle()
+        except TimeoutError:
+            return False
+        return True
+
+    def statistics(self) -> PumpStatistics:
+        """An immutable snapshot of the pump's counters."""
+        listeners = {}
+        for name, rt in self._runtimes.items():
+            n = min(rt.latency_n, _LATENCY_SAMPLES)
+            p50 = p99 = None
+            if n:
+                samples = sorted(rt.latencies[:n])
+                p50 = samples[int(0.50 * (n - 1))] * 1e3
+                p99 = samples[int(0.99 * (n - 1))] * 1e3
+            listeners[name] = ListenerStatistics(
+                received=rt.received,
+                handled=rt.handled,
+                failed=rt.failed,
+                in_flight=rt.in_flight,
+                queued=sum(q.qsize() for q in rt.inboxes),
+                latency_p50_ms=p50,
+                latency_p99_ms=p99,
+            )
+        return PumpStatistics(
+            ingress=self._ingress,
+            rejected=self._rejected,
+            egress=self._egress_count,
+            dead_letters=self._dead_letters,
+            in_pump=self._pending,
+            listeners=MappingProxyType(listeners),
+        )
+
+    # -- ingress ---------------------------------------------------------------
+
+    async def inject(
+        self,
+        message: bytes | str | BaseModel,
+        *,
+        to: str | None = None,
+        sender: str = "api",
+        thread: str | None = None,
+    ) -> str | None:
+        """Feed one message from outside. Waits while the pump is full (backpressure).
+
+        Args:
+            message: an envelope document, a bare payload document, or a payload model.
+            to: the listener for a bare payload (or an envelope without ``<to>``);
+                None sends it to every listener accepting it.
+            sender: the external sender's label for a bare payload.
+            thread: a conversation to continue, for a bare payload.
+
+        Returns:
+            The conversation's id (its root frame), or None if the message was rejected.
+            A rejection is answered with a ``Huh`` through egress and dead-lettered.
+        """
+        return await self._ingest(message, to=to, sender=sender, thread=thread)
+
+    async def request(
+        self,
+        message: bytes | str | BaseModel,
+        *,
+        to: str | None = None,
+        sender: str = "api",
+        thread: str | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Inject a message and wait for the first reply to its conversation.
+
+        Raises:
+            MessageError: ingress rejected the message (the ``Huh`` it got says why).
+            TimeoutError: no reply within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        roots: list[str] = []
+
+        def watch(frame: Frame) -> None:
+            roots.append(frame.uuid)
+            self._waiters[frame.uuid] = future
+
+        error: list[MessageError] = []
+        await self._ingest(
+            message, to=to, sender=sender, thread=thread, on_root=watch, on_reject=error.append
+        )
+        try:
+            if error and not roots:
+                raise error[0]
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            for root in roots:
+                if self._waiters.get(root) is future:
+                    del self._waiters[root]
+
+    async def _admit(self) -> None:
+        cap = self._settings.queue_size
+        while self._pending >= cap:
+            self._space.clear()
+            await self._space.wait()
+
+    def _hold(self) -> None:
+        self._pending += 1
+        self._idle.clear()
+
+    def _release(self) -> None:
+        self._pending -= 1
+        if self._pending < self._settings.queue_size:
+            self._space.set()
+            if not self._pending:
+                self._idle.set()
+
+    async def _ingest(
+        self,
+        message: bytes | str | BaseModel,
+        *,
+        to: str | None,
+        sender: str,
+        thread: str | None,
+        on_root: Callable[[Frame], None] | None = None,
+        on_reject: Callable[[MessageError], None] | None = None,
+    ) -> str | None:
+        if not self._running:
+            raise RuntimeError("the pump is not running (use 'async with StreamPump(...)')")
+        self._ingress += 1
+        await self._admit()
+        self._hold()
+        raw: bytes | None = None
+        root: Frame | None = None
+        try:
+            try:
+                if isinstance(message, BaseModel):
+                    codec = codec_for(type(message))
+                    env = Envelope(sender, to, thread, None, codec.encode(message))
+                    msg = _Message(self._new_id(), sender, to, codec.qname, model=message)
+                else:
+                    raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+                    element = parse_bytes(raw, self._settings.limits)
+                    if element.tag == _MESSAGE_TAG:
+                        env = envelope_from_element(element)
+                        if env.to is None and to is not None:
+                            env = Envelope(env.sender, to, env.thread, env.id, env.payload)
+                    else:
+                        env = Envelope(sender, to, thread, None, element)
+                    msg = _Message(
+                        env.id or self._new_id(), env.sender, env.to, env.qname,
+                        element=env.payload, raw=raw,
+                    )  # fmt: skip
+                if env.thread is not None:
+                    known = await self._frames.resolve(env.thread)
+                    if known is not None and not known.hops:
+                        root = known
+                if root is None:
+                    root = await self._frames.new_root(env.sender)
+                if on_root is not None:
+                    on_root(root)
+                targets = self._ingress_targets(msg)
+            except MessageError as exc:
+                self._rejected += 1
+                if on_reject is not None:
+                    on_reject(exc)
+                await self._reject(exc, raw, root, sender if raw is None else None)
+                return None
+            await self._record(root, "out", msg, msg.to)
+            for rt in targets:
+                child = await self._frames.child(root, rt.name)
+                self._enqueue(_Delivery(msg, rt, child, root, None))
+            return root.uuid
+        finally:
+            self._release()
+
+    def _ingress_targets(self, msg: _Message) -> tuple[_Runtime, ...]:
+        if msg.to is not None:
+            rt = self._runtimes.get(msg.to)
+            if rt is None or msg.qname not in rt.codecs:
+                raise NoRoute(f"no listener {msg.to!r} accepts {msg.qname}")
+            return (rt,)
+        targets = self._routes.get(msg.qname)
+        if not targets:
+            raise NoRoute(f"no listener accepts {msg.qname}")
+        return targets
+
+    async def _reject(
+        self, exc: MessageError, raw: bytes | None, root: Frame | None, label: str | None
+    ) -> None:
+        logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
+        await self._dead_letter(exc, raw, None, root.uuid if root else None, None)
+        huh = Huh(code=exc.code, message=exc.reason, listener=exc.listener, excerpt=_excerpt(raw))
+        reply = Reply(
+            root.root if root else None,
+            PUMP_SENDER,
+            root.origin if root else label,
+            self._new_id(),
+            huh,
+        )
+        await self._emit(reply, None)
+
+    # -- delivery --------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    def _enqueue(self, delivery: _Delivery) -> None:
+        rt = delivery.runtime
+        self._hold()
+        rt.received += 1
+        inboxes = rt.inboxes
+        inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
+
+    async def _worker(self, rt: _Runtime, inbox: asyncio.Queue[_Delivery]) -> None:
+        while True:
+            delivery = await inbox.get()
+            rt.in_flight += 1
+            try:
+                await self._deliver(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in the pump itself: keep serving
+                logger.exception("internal error delivering to %s", rt.name)
+                with contextlib.suppress(Exception):
+                    await self._dead_letter(
+                        HandlerFailed(f"internal error: {type(exc).__name__}: {exc}"),
+                        delivery.message.raw,
+                        rt.name,
+                        delivery.frame.uuid,
+                        delivery.message.id,
+                    )
+            finally:
+                rt.in_flight -= 1
+                n = rt.latency_n
+                rt.latencies[n % _LATENCY_SAMPLES] = time.perf_counter() - delivery.enqueued
+                rt.latency_n = n + 1
+                self._release()
+
+    async def _record(self, frame: Frame, direction: str, msg: _Message, to: str | None) -> None:
+        await self.backend.buffer_append(
+            frame.uuid,
+            Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml()),  # type: ignore[arg-type]
+        )
+
+    async def _deliver(self, d: _Delivery) -> None:
+        rt = d.runtime
+        msg = d.message
+        listener = rt.listener
+        codec = rt.codecs[msg.qname]
+        model = msg.model
+        if model is None or type(model) is not codec.cls:
+            try:
+                model = codec.decode(msg.element())
+            except PayloadInvalid as exc:
+                exc.listener = listener.name
+                await self._fail(d, exc)
+                return
+            if msg.model is None:
+                msg.model = model
+        frame = d.frame
+        await self._record(frame, "in", msg, listener.name)
+        meta = HandlerMetadata(
+            frame.uuid,
+            msg.sender,
+            listener.name,
+            msg.id,
+            msg.sender == listener.name,
+            frame.depth,
+            functools.partial(self.backend.buffer_get_thread, frame.uuid),
+            self._loop,
+        )
+        try:
+            result = await self._call(listener, model, meta)
+            responses = self._check_result(listener, result)
+        except MessageError as exc:
+            await self._fail(d, exc)
+            return
+        for response in responses:
+            payload = response.payload
+            out = _Message(
+                self._new_id(), listener.name, response.to, codec_for(type(payload)).qname, model=payload
+            )
+            if response.is_response:
+                await self._respond(out, frame, rt)
+            else:
+                await self._forward(out, frame, rt)
+        rt.handled += 1
+
+    async def _call(self, listener: Listener, model: BaseModel, meta: HandlerMetadata) -> Any:
+        timeout = listener.timeout_s
+        try:
+            if listener.is_async:
+                if timeout is None:
+                    return await listener.handler(model, meta)
+                async with asyncio.timeout(timeout) as scope:
+                    return await listener.handler(model, meta)
+            assert self._loop is not None
+            future = self._loop.run_in_executor(self._threads, listener.handler, model, meta)
+            if timeout is None:
+                return await future
+            async with asyncio.timeout(timeout) as scope:
+                return await future
+        except TimeoutError as exc:
+            if timeout is not None and scope.expired():
+                raise HandlerTimeout(
+                    f"{listener.name} did not finish within {timeout:g} s", listener=listener.name
+                ) from exc
+            raise HandlerFailed(
+                f"{listener.name} raised TimeoutError: {exc}", listener=listener.name
+            ) from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("handler of %s raised %s: %s", listener.name, type(exc).__name__, exc,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
+            raise HandlerFailed(
+                f"{listener.name} raised {type(exc).__name__}: {exc}", listener=listener.name
+            ) from exc
+
+    @staticmethod
+    def _check_result(listener: Listener, result: Any) -> list[HandlerResponse]:
+        if result is None:
+            return []
+        if isinstance(result, HandlerResponse):
+            items = [result]
+        elif isinstance(result, list | tuple):
+            items = list(result)
+        else:
+            raise InvalidReturn(
+                f"{listener.name} returned {type(result).__name__}; expected HandlerResponse, "
+                "a list of them, or None",
+                listener=listener.name,
+            )
+        for item in items:
+            if not isinstance(item, HandlerResponse):
+                raise InvalidReturn(
+                    f"{listener.name} returned a list holding {type(item).__name__}",
+                    listener=listener.name,
+                )
+            if not isinstance(item.payload, BaseModel):
+                raise InvalidReturn(
+                    f"{listener.name} returned a payload of type {type(item.payload).__name__}, "
+                    "not a pydantic model",
+                    listener=listener.name,
+                )
+            try:
+                codec_for(type(item.payload))
+            except ConfigError as exc:
+                raise InvalidReturn(f"{listener.name}: {exc}", listener=listener.name) from exc
+        return items
+
+    async def _forward(self, out: _Message, frame: Frame, rt: _Runtime) -> None:
+        listener = rt.listener
+        peers = listener.peers
+        try:
+            if out.to is not None:
+                target = self._runtimes.get(out.to)
+                if target is None or out.qname not in target.codecs:
+                    raise NoRoute(f"no listener {out.to!r} accepts {out.qname}", listener=listener.name)
+                if peers is not None and out.to not in peers:
+                    raise PeerDenied(
+                        f"{listener.name} may not forward to {out.to!r} (peers: "
+                        f"{', '.join(sorted(peers)) or 'none'})",
+                        listener=listener.name,
+                    )
+                targets: tuple[_Runtime, ...] = (target,)
+            else:
+                targets = self._routes.get(out.qname, ())
+                if not targets:
+                    raise NoRoute(f"no listener accepts {out.qname}", listener=listener.name)
+                if peers is not None:
+                    targets = tuple(t for t in targets if t.name in peers)
+                    if not targets:
+                        raise PeerDenied(
+                            f"{listener.name} may not forward {out.qname} to any listener accepting it",
+                            listener=listener.name,
+                        )
+            if frame.depth + 1 > self._settings.max_depth:
+                raise DepthExceeded(
+                    f"forwarding from {listener.name} would exceed max_depth "
+                    f"{self._settings.max_depth}",
+                    listener=listener.name,
+                )
+        except MessageError as exc:
+            await self._record(frame, "out", out, out.to)
+            await self._dead_letter(exc, out.xml(), listener.name, frame.uuid, out.id)
+            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+            return
+        await self._record(frame, "out", out, out.to)
+        for target in targets:
+            child = await self._frames.child(frame, target.name)
+            self._enqueue(_Delivery(out, target, child, frame, rt))
+
+    async def _respond(self, out: _Message, frame: Frame, rt: _Runtime) -> None:
+        parent = await self._frames.parent(frame)
+        owner = parent.listener
+        if owner is None:
+            await self._record(frame, "out", out, parent.origin)
+            await self._emit(Reply(parent.uuid, out.sender, parent.origin, out.id, out.model), out)  # type: ignore[arg-type]
+            return
+        await self._record(frame, "out", out, owner)
+        target = self._runtimes.get(owner)
+        if target is None or out.qname not in target.codecs:
+            exc = NoRoute(
+                f"{rt.name} answered {owner!r} with {out.qname}, which it does not accept",
+                listener=rt.name,
+            )
+            await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
+            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+            return
+        self._enqueue(_Delivery(out, target, parent, frame, rt))
+
+    async def _emit(self, reply: Reply, msg: _Message | None) -> None:
+        if reply.thread_id is not None and msg is not None:
+            root = await self._frames.resolve(reply.thread_id)
+            if root is not None:
+                await self._record(root, "in", msg, reply.to)
+        self._egress_count += 1
+        if reply.thread_id is not None:
+            waiter = self._waiters.get(reply.thread_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(reply)
+        if self._egress is not None:
+            try:
+                result = self._egress(reply)
+                if result is not None:
+                    await result
+            except Exception:
+                logger.exception("egress callback failed for reply %s", reply.message_id)
+
+    # -- errors ----------------------------------------------------------------
+
+    async def _fail(self, d: _Delivery, exc: MessageError) -> None:
+        rt = d.runtime
+        rt.failed += 1
+        msg = d.message
+        data = msg.raw if msg.raw is not None else msg.xml()
+        await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id)
+        if msg.qname == _HUH_QNAME:
+            logger.warning("a Huh delivered to %s failed too (%s); dead-lettered", rt.name, exc.code)
+            return
+        await self._send_huh(exc, msg.xml(), d.reply_frame, d.reply_to, rt.name, about=d.frame)
+
+    async def _send_huh(
+        self,
+        exc: MessageError,
+        data: bytes | None,
+        frame: Frame,
+        to: _Runtime | None,
+        sender: str,
+        *,
+        about: Frame | None = None,
+    ) -> None:
+        """Send a Huh to ``to`` on ``frame`` (to the external sender if ``to`` is None)."""
+        huh = Huh(code=exc.code, message=exc.reason, listener=exc.listener, excerpt=_excerpt(data))
+        msg = _Message(self._new_id(), sender, None, _HUH_QNAME, model=huh)
+        if to is None:
+            msg.to = frame.origin
+            await self._emit(Reply(frame.root, sender, frame.origin, msg.id, huh), msg)
+            return
+        if _HUH_QNAME not in to.codecs:
+            logger.warning(
+                "%s does not accept Huh; the %s error was only dead-lettered", to.name, exc.code
+            )
+            return
+        msg.to = to.name
+        self._enqueue(_Delivery(msg, to, frame, about or frame, None))
+
+    async def _dead_letter(
+        self,
+        exc: MessageError,
+        data: bytes | None,
+        listener: str | None,
+        thread_id: str | None,
+        message_id: str | None,
+    ) -> None:
+        self._dead_letters += 1
+        letter = DeadLetter(
+            id="",
+            timestamp=time.time(),
+            code=exc.code,
+            reason=exc.reason,
+            listener=listener,
+            thread_id=thread_id,
+            message_id=message_id,
+            data=bytes(data or b"")[: self.organism.history.dead_letter_bytes],
+        )
+        try:
+            await self.backend.deadletter_add(letter)
+        except XmlPipelineError:
+            logger.exception("could not write a dead letter (%s: %s)", exc.code, exc.reason)
