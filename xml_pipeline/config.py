@@ -172,7 +172,7 @@ class PumpSettings:
     queue_size: int = 1024
     max_depth: int = 32
     drain_timeout_s: float = 10.0
-    limits: ParseLimits = ParseLimits()
+    limits: ParseLimits = field(default_factory=ParseLimits)
     sync_threads: int = 32
 
 
@@ -183,8 +183,8 @@ class Organism:
     name: str
     listeners: tuple[Listener, ...]
     backend: str = "memory://"
-    history: HistoryLimits = HistoryLimits()
-    settings: PumpSettings = PumpSettings()
+    history: HistoryLimits = field(default_factory=HistoryLimits)
+    settings: PumpSettings = field(default_factory=PumpSettings)
     boot: tuple[BootMessage, ...] = ()
     path: Path | None = None
 
@@ -313,7 +313,9 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             return import_object(spec)
         except Exception as exc:  # any import-time failure of user code
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            raise ConfigError(f"{_where(path, loc, root)}: cannot import {spec!r}: {reason}") from exc
+            raise ConfigError(
+                f"{_where(path, loc, root)}: cannot import {spec!r}: {reason}"
+            ) from exc
 
     listeners = []
     for i, section in enumerate(config.listeners):
@@ -330,7 +332,9 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                 loc.append(j)
             cls = resolve(loc, spec)
             if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-                raise ConfigError(f"{_where(path, loc, root)}: {spec!r} is not a pydantic model class")
+                raise ConfigError(
+                    f"{_where(path, loc, root)}: {spec!r} is not a pydantic model class"
+                )
             try:
                 codec_for(cls)
             except ConfigError as exc:

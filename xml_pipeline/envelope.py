@@ -71,7 +71,9 @@ def parse_envelope(data: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> Envelop
 def envelope_from_element(root: etree._Element) -> Envelope:
     """Check an already parsed ``<message>`` element. Raises EnvelopeError."""
     if root.tag != _MESSAGE:
-        raise EnvelopeError(f"the root element must be {{{ENVELOPE_NAMESPACE}}}message, not {root.tag!r}")
+        raise EnvelopeError(
+            f"the root element must be {{{ENVELOPE_NAMESPACE}}}message, not {root.tag!r}"
+        )
     if root.attrib:
         raise EnvelopeError("<message> takes no attributes")
     if not _blank(root.text):
@@ -81,7 +83,8 @@ def envelope_from_element(root: etree._Element) -> Envelope:
         raise EnvelopeError("<message> must start with <meta>")
     if len(children) != 2:
         raise EnvelopeError(
-            f"<message> must hold <meta> and exactly one payload element (found {len(children) - 1})"
+            "<message> must hold <meta> and exactly one payload element "
+            f"(found {len(children) - 1})"
         )
     meta, payload = children
     if str(payload.tag).startswith(_NS):
@@ -90,7 +93,7 @@ def envelope_from_element(root: etree._Element) -> Envelope:
         raise EnvelopeError("stray text or attributes in the envelope")
     values: dict[str, str] = {}
     for field in meta:
-        name = _FIELDS.get(field.tag)  # type: ignore[call-overload]
+        name = _FIELDS.get(str(field.tag))
         if name is None:
             raise EnvelopeError(f"unknown element in <meta>: {field.tag!r}")
         if name in values:
@@ -144,7 +147,7 @@ def build_envelope(
         ValueError: a text value holds characters XML cannot carry (NUL, most
             control characters, lone surrogates).
     """
-    message = etree.Element(_MESSAGE, nsmap={None: ENVELOPE_NAMESPACE})
+    message = etree.Element(_MESSAGE, nsmap={None: ENVELOPE_NAMESPACE})  # type: ignore[dict-item]
     meta = etree.SubElement(message, _META)
     etree.SubElement(meta, _NS + "from").text = sender
     if to is not None:

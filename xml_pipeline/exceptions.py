@@ -17,7 +17,8 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
         ├── DepthExceeded           depth-exceeded  a forward went deeper than ``max_depth``
         ├── HandlerFailed           handler-error   the handler raised
         ├── InvalidReturn           invalid-return  the handler returned something unusable
-        └── HandlerTimeout          timeout         the handler ran past ``timeout_s``
+        ├── HandlerTimeout          timeout         the handler ran past ``timeout_s``
+        └── Abandoned               shutdown        still queued when the pump stopped
 
 Foreign exceptions (lxml, pydantic, yaml) are translated at the boundary and
 chained with ``raise ... from exc``.
@@ -26,6 +27,7 @@ chained with ``raise ... from exc``.
 from __future__ import annotations
 
 __all__ = [
+    "Abandoned",
     "BackendError",
     "BackendUnavailable",
     "ConfigError",
@@ -132,3 +134,9 @@ class HandlerTimeout(MessageError):
     """The handler did not finish within its listener's ``timeout_s``."""
 
     code = "timeout"
+
+
+class Abandoned(MessageError):
+    """The message was still queued or running when the pump stopped (dead-lettered)."""
+
+    code = "shutdown"

@@ -135,4 +135,8 @@ class FrameRegistry:
         chain = _encode(frame.origin, frame.root, hops)
         uuid = await self._backend.registry_setdefault(chain, str(_uuid.uuid4()))
         cached = self._by_uuid.get(uuid)
-        return cached if cached is not None else self._remember(Frame(uuid, frame.origin, frame.root, hops))
+        return (
+            cached
+            if cached is not None
+            else self._remember(Frame(uuid, frame.origin, frame.root, hops))
+        )

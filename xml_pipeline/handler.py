@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from .backends.base import Slot
 __all__ = ["Handler", "HandlerMetadata", "HandlerResponse"]
 
 Handler = Callable[[Any, "HandlerMetadata"], Any]
-"""A handler: ``(payload, meta) -> HandlerResponse | list[HandlerResponse] | None``, sync or async."""
+"""A handler, sync or async: ``(payload, meta) -> HandlerResponse | list[...] | None``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class HandlerMetadata:
     message_id: str
     is_self_call: bool
     depth: int
-    _history: Callable[[], Awaitable[list[Slot]]] = field(repr=False, compare=False)
+    _history: Callable[[], Coroutine[Any, Any, list[Slot]]] = field(repr=False, compare=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
 
     async def history(self) -> list[Slot]:

@@ -91,7 +91,7 @@ def qname_of(namespace: str, tag: str) -> str:
 
 
 def _validation_summary(exc: ValidationError) -> str:
-    parts = []
+    parts: list[str] = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "(payload)"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
@@ -127,7 +127,7 @@ def _classify(cls: type[BaseModel], name: str, annotation: Any) -> _Field:
     tp = annotation
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args: Any = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             tp = args[0]
             origin = typing.get_origin(tp)
@@ -175,7 +175,7 @@ class _PlainCodec:
     def decode(self, element: etree._Element) -> BaseModel:
         if element.attrib:
             raise PayloadInvalid(
-                f"{self.tag}: attributes are not allowed ({', '.join(element.attrib.keys())})"
+                f"{self.tag}: attributes are not allowed ({', '.join(map(str, element.attrib))})"
             )
         if element.text is not None and element.text.strip():
             raise PayloadInvalid(f"{self.tag}: text directly inside the payload is not allowed")
@@ -211,7 +211,7 @@ class _PlainCodec:
 
     def encode(self, model: BaseModel) -> etree._Element:
         ns = self.namespace
-        root = etree.Element(self.qname, nsmap={None: ns} if ns else None)
+        root = etree.Element(self.qname, nsmap={None: ns} if ns else None)  # type: ignore[dict-item]
         prefix = self._child_prefix
         values = model.__dict__
         for name, info in type(model).model_fields.items():
@@ -276,13 +276,8 @@ def codec_for(cls: type[BaseModel]) -> Codec:
         return codec
     if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
         raise ConfigError(f"{cls!r} is not a pydantic model class")
-    try:
-        from pydantic_xml import BaseXmlModel
-    except ImportError:  # pragma: no cover - pydantic-xml is a dependency
-        BaseXmlModel = None  # type: ignore[assignment,misc]  # noqa: N806
-    if BaseXmlModel is not None and issubclass(cls, BaseXmlModel):
-        codec = _XmlModelCodec(cls)
-    else:
-        codec = _PlainCodec(cls)
+    from pydantic_xml import BaseXmlModel
+
+    codec = _XmlModelCodec(cls) if issubclass(cls, BaseXmlModel) else _PlainCodec(cls)
     _codecs[cls] = codec
     return codec

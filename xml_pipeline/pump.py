@@ -38,6 +38,7 @@ from .backends import Backend, DeadLetter, Slot, open_backend
 from .config import Listener, Organism
 from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, envelope_from_element
 from .exceptions import (
+    Abandoned,
     ConfigError,
     DepthExceeded,
     HandlerFailed,
@@ -252,8 +253,8 @@ class StreamPump:
         self.organism = organism
         self._settings = organism.settings
         self._owns_backend = backend is None
-        self.backend: Backend = backend if backend is not None else open_backend(
-            organism.backend, organism.history
+        self.backend: Backend = (
+            backend if backend is not None else open_backend(organism.backend, organism.history)
         )
         self._frames = FrameRegistry(self.backend)
         self._egress = egress
@@ -317,6 +318,13 @@ class StreamPump:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        # Nothing accepted is lost silently: what is still queued is dead-lettered.
+        for rt in self._runtimes.values():
+            for inbox in rt.inboxes:
+                while not inbox.empty():
+                    delivery = inbox.get_nowait()
+                    await self._abandon(delivery, "queued")
+                    self._release()
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.cancel()
@@ -469,6 +477,7 @@ class StreamPump:
         self._hold()
         raw: bytes | None = None
         root: Frame | None = None
+        env: Envelope | None = None
         try:
             try:
                 if isinstance(message, BaseModel):
@@ -488,6 +497,7 @@ class StreamPump:
                         env.id or self._new_id(), env.sender, env.to, env.qname,
                         element=env.payload, raw=raw,
                     )  # fmt: skip
+                targets = self._ingress_targets(msg)
                 if env.thread is not None:
                     known = await self._frames.resolve(env.thread)
                     if known is not None and not known.hops:
@@ -496,12 +506,12 @@ class StreamPump:
                     root = await self._frames.new_root(env.sender)
                 if on_root is not None:
                     on_root(root)
-                targets = self._ingress_targets(msg)
             except MessageError as exc:
                 self._rejected += 1
                 if on_reject is not None:
                     on_reject(exc)
-                await self._reject(exc, raw, root, sender if raw is None else None)
+                label = env.sender if env is not None else sender
+                await self._reject(exc, raw, root, label)
                 return None
             await self._record(root, "out", msg, msg.to)
             for rt in targets:
@@ -556,6 +566,7 @@ class StreamPump:
             try:
                 await self._deliver(delivery)
             except asyncio.CancelledError:
+                await self._abandon(delivery, "running")
                 raise
             except Exception as exc:  # a bug in the pump itself: keep serving
                 logger.exception("internal error delivering to %s", rt.name)
@@ -616,7 +627,11 @@ class StreamPump:
         for response in responses:
             payload = response.payload
             out = _Message(
-                self._new_id(), listener.name, response.to, codec_for(type(payload)).qname, model=payload
+                self._new_id(),
+                listener.name,
+                response.to,
+                codec_for(type(payload)).qname,
+                model=payload,
             )
             if response.is_response:
                 await self._respond(out, frame, rt)
@@ -694,7 +709,9 @@ class StreamPump:
             if out.to is not None:
                 target = self._runtimes.get(out.to)
                 if target is None or out.qname not in target.codecs:
-                    raise NoRoute(f"no listener {out.to!r} accepts {out.qname}", listener=listener.name)
+                    raise NoRoute(
+                        f"no listener {out.to!r} accepts {out.qname}", listener=listener.name
+                    )
                 if peers is not None and out.to not in peers:
                     raise PeerDenied(
                         f"{listener.name} may not forward to {out.to!r} (peers: "
@@ -710,7 +727,8 @@ class StreamPump:
                     targets = tuple(t for t in targets if t.name in peers)
                     if not targets:
                         raise PeerDenied(
-                            f"{listener.name} may not forward {out.qname} to any listener accepting it",
+                            f"{listener.name} may not forward {out.qname} "
+                            "to any listener accepting it",
                             listener=listener.name,
                         )
             if frame.depth + 1 > self._settings.max_depth:
@@ -768,6 +786,24 @@ class StreamPump:
 
     # -- errors ----------------------------------------------------------------
 
+    async def reject(self, error: MessageError, data: bytes | None = None) -> None:
+        """Report input refused before it reached the pump (an over-long line, say).
+
+        It is answered like any rejected ingress: a ``Huh`` through egress and a
+        dead letter.
+        """
+        self._ingress += 1
+        self._rejected += 1
+        await self._reject(error, data, None, None)
+
+    async def _abandon(self, d: _Delivery, state: str) -> None:
+        msg = d.message
+        exc = Abandoned(f"{state} for {d.runtime.name} when the pump stopped")
+        logger.warning("dead-lettering message %s: %s", msg.id, exc.reason)
+        with contextlib.suppress(Exception):
+            await self._dead_letter(exc, msg.raw if msg.raw is not None else msg.xml(),
+                                    d.runtime.name, d.frame.uuid, msg.id)  # fmt: skip
+
     async def _fail(self, d: _Delivery, exc: MessageError) -> None:
         rt = d.runtime
         rt.failed += 1
@@ -775,7 +811,9 @@ class StreamPump:
         data = msg.raw if msg.raw is not None else msg.xml()
         await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id)
         if msg.qname == _HUH_QNAME:
-            logger.warning("a Huh delivered to %s failed too (%s); dead-lettered", rt.name, exc.code)
+            logger.warning(
+                "a Huh delivered to %s failed too (%s); dead-lettered", rt.name, exc.code
+            )
             return
         await self._send_huh(exc, msg.xml(), d.reply_frame, d.reply_to, rt.name, about=d.frame)
 

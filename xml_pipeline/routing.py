@@ -30,7 +30,10 @@ class RoutingTable:
             for cls in listener.payloads:
                 codec = codec_for(cls)
                 codecs[codec.qname] = codec
-                self.by_qname[codec.qname] = (*self.by_qname.get(codec.qname, ()), Route(listener, codec))
+                self.by_qname[codec.qname] = (
+                    *self.by_qname.get(codec.qname, ()),
+                    Route(listener, codec),
+                )
 
     def routes(self, qname: str) -> tuple[Route, ...]:
         """Every listener accepting ``qname``, in declaration order."""

@@ -46,7 +46,7 @@ class Slot(NamedTuple):
         xml: the payload element, serialized.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose
     direction: Direction
     sender: str
     to: str | None
