@@ -1,0 +1,52 @@
+"""Shared fixtures: every async test runs on asyncio and on uvloop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from xml_pipeline import Listener, Organism, PumpSettings, Reply, StreamPump
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+class Harness:
+    """A running pump plus everything that left it."""
+
+    def __init__(self, pump: StreamPump, replies: list[Reply]) -> None:
+        self.pump = pump
+        self.replies = replies
+
+    @property
+    def backend(self) -> Any:
+        return self.pump.backend
+
+
+@pytest.fixture
+def run_pump() -> Callable[..., Any]:
+    """``async with run_pump(listeners, **settings) as h:`` → a Harness."""
+
+    @asynccontextmanager
+    async def factory(
+        listeners: list[Listener], *, history: Any = None, **settings: Any
+    ) -> AsyncIterator[Harness]:
+        kwargs: dict[str, Any] = {"settings": PumpSettings(**settings)}
+        if history is not None:
+            kwargs["history"] = history
+        organism = Organism(name="test", listeners=tuple(listeners), **kwargs)
+        replies: list[Reply] = []
+        async with StreamPump(organism, egress=replies.append) as pump:
+            yield Harness(pump, replies)
+
+    return factory
