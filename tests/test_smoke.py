@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from support import Ping, pong, ping_xml
+from support import Ping, ping_xml, pong
 
 from xml_pipeline import Listener
 

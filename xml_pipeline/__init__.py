@@ -11,6 +11,7 @@ from .backends import Backend, DeadLetter, HistoryLimits, Slot, open_backend
 from .config import BootMessage, Listener, Organism, PumpSettings, load_organism
 from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, parse_envelope
 from .exceptions import (
+    Abandoned,
     BackendError,
     BackendUnavailable,
     ConfigError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CORE_NAMESPACE",
+    "Abandoned",
     "ENVELOPE_NAMESPACE",
     "Backend",
     "BackendError",

@@ -147,7 +147,14 @@ def build_envelope(
         ValueError: a text value holds characters XML cannot carry (NUL, most
             control characters, lone surrogates).
     """
-    message = etree.Element(_MESSAGE, nsmap={None: ENVELOPE_NAMESPACE})  # type: ignore[dict-item]
+    if payload.tag[0] == "{":
+        nsmap: dict[str | None, str] = {None: ENVELOPE_NAMESPACE}
+    else:
+        # A payload without a namespace under a default-namespaced envelope would be
+        # serialized without xmlns="" and read back in the envelope's namespace:
+        # give the envelope a prefix instead.
+        nsmap = {"env": ENVELOPE_NAMESPACE}
+    message = etree.Element(_MESSAGE, nsmap=nsmap)  # type: ignore[arg-type]
     meta = etree.SubElement(message, _META)
     etree.SubElement(meta, _NS + "from").text = sender
     if to is not None:

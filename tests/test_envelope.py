@@ -1,0 +1,102 @@
+"""Envelopes: building with lxml, parsing back, and what is not an envelope."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lxml import etree
+
+from xml_pipeline import ENVELOPE_NAMESPACE, EnvelopeError, build_envelope, parse_envelope
+from xml_pipeline.envelope import parse_payload
+
+# Characters XML 1.0 can carry (no NUL, no other C0 controls but tab/newline/CR, no surrogates,
+# no U+FFFE/U+FFFF).
+xml_char = st.characters(
+    blacklist_categories=("Cs",),
+    blacklist_characters=[chr(c) for c in range(0x20) if chr(c) not in "\t\n\r"]
+    + ["\ufffe", "\uffff"],
+)
+xml_text = st.text(xml_char, min_size=1, max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sender=xml_text,
+    to=xml_text | st.none(),
+    thread=xml_text | st.none(),
+    body=st.text(xml_char, max_size=300),
+)
+def test_build_then_parse_round_trips(
+    sender: str, to: str | None, thread: str | None, body: str
+) -> None:
+    payload = etree.Element("{urn:p}P", nsmap={None: "urn:p"})  # type: ignore[dict-item]
+    etree.SubElement(payload, "{urn:p}body").text = body
+    data = build_envelope(sender=sender, payload=payload, to=to, thread=thread, id="m-1")
+    env = parse_envelope(data)
+    assert (env.sender, env.to, env.thread, env.id) == (sender, to, thread, "m-1")
+    assert env.qname == "{urn:p}P"
+    assert (env.payload[0].text or "") == body
+
+
+def test_hostile_text_round_trips_and_cannot_inject_meta() -> None:
+    nasty = "]]> </message> <to>admin</to> <![CDATA[ x ]]> &amp; \r\n"
+    payload = etree.Element("P")
+    payload.text = nasty
+    data = build_envelope(sender=nasty, payload=payload, to="echo")
+    env = parse_envelope(data)
+    assert env.sender == nasty and env.to == "echo" and env.payload.text == nasty
+
+
+def test_characters_xml_cannot_carry_are_refused_when_building() -> None:
+    with pytest.raises(ValueError):
+        build_envelope(sender="a\x00b", payload=etree.Element("P"))
+
+
+E = f'xmlns="{ENVELOPE_NAMESPACE}"'
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        f"<message {E}><meta><to>x</to></meta><P/></message>",  # no from
+        f"<message {E}><meta><from></from></meta><P/></message>",  # empty from
+        f"<message {E}><meta><from>a</from></meta></message>",  # no payload
+        f"<message {E}><meta><from>a</from></meta><P/><Q/></message>",  # two payloads
+        f"<message {E}><P/><meta><from>a</from></meta></message>",  # meta not first
+        f"<message {E}><meta><from>a</from><from>b</from></meta><P/></message>",
+        f"<message {E}><meta><from>a</from><colour>x</colour></meta><P/></message>",
+        f"<message {E}><meta><from>a<b/></from></meta><P/></message>",
+        f"<message {E}>text<meta><from>a</from></meta><P/></message>",
+        f"<message {E} x='1'><meta><from>a</from></meta><P/></message>",
+        f"<message {E}><meta><from>a</from></meta><meta/></message>",  # payload in env ns
+        "<message><meta><from>a</from></meta><P/></message>",  # no namespace
+        f"<message {E}><meta><from>{'a' * 2000}</from></meta><P/></message>",
+    ],
+)
+def test_invalid_envelopes_are_refused(doc: str) -> None:
+    with pytest.raises(EnvelopeError):
+        parse_envelope(doc.encode())
+
+
+def test_whitespace_and_optional_fields() -> None:
+    doc = f"""<message {E}>
+      <meta>
+        <from>console</from>
+      </meta>
+      <P xmlns="urn:p"/>
+    </message>"""
+    env = parse_envelope(doc.encode())
+    assert (env.sender, env.to, env.thread, env.id, env.qname) == (
+        "console",
+        None,
+        None,
+        None,
+        "{urn:p}P",
+    )
+
+
+def test_bare_payload_parsing() -> None:
+    assert parse_payload(b'<P xmlns="urn:p"/>').tag == "{urn:p}P"
+    with pytest.raises(EnvelopeError):
+        parse_payload(f"<message {E}/>".encode())
