@@ -56,8 +56,11 @@ class Frame:
         return _encode(self.origin, self.root, self.hops)
 
 
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _encode(origin: str, root: str, hops: tuple[str, ...]) -> str:
-    return json.dumps([origin, root, *hops], ensure_ascii=False, separators=(",", ":"))
+    return _json([origin, root, *hops])
 
 
 def _decode(uuid: str, chain: str) -> Frame | None:
@@ -81,6 +84,7 @@ class FrameRegistry:
         self._cache_size = cache_size
         self._by_uuid: OrderedDict[str, Frame] = OrderedDict()
         self._children: OrderedDict[tuple[str, str], Frame] = OrderedDict()
+        self._parents: OrderedDict[str, Frame] = OrderedDict()
 
     def _remember(self, frame: Frame) -> Frame:
         cache = self._by_uuid
@@ -118,14 +122,20 @@ class FrameRegistry:
         uuid = await self._backend.registry_setdefault(chain, str(_uuid.uuid4()))
         child = Frame(uuid, frame.origin, frame.root, hops)
         self._children[key] = child
+        self._parents[uuid] = frame
         if len(self._children) > self._cache_size:
             self._children.popitem(last=False)
+        if len(self._parents) > self._cache_size:
+            self._parents.popitem(last=False)
         return self._remember(child)
 
     async def parent(self, frame: Frame) -> Frame:
         """The caller's frame. The root's parent is the root itself."""
         if not frame.hops:
             return frame
+        known = self._parents.get(frame.uuid)
+        if known is not None:
+            return known
         hops = frame.hops[:-1]
         if not hops:
             root = self._by_uuid.get(frame.root)

@@ -159,7 +159,7 @@ def _text(value: Any) -> str:
 class _PlainCodec:
     """Codec for a plain pydantic model: one element per field."""
 
-    __slots__ = ("_child_prefix", "_fields", "cls", "namespace", "qname", "tag")
+    __slots__ = ("_child_prefix", "_fields", "_nsmap", "_plan", "cls", "namespace", "qname", "tag")
 
     def __init__(self, cls: type[BaseModel]) -> None:
         self.cls = cls
@@ -168,9 +168,13 @@ class _PlainCodec:
         self.qname = qname_of(self.namespace, self.tag)
         self._child_prefix = f"{{{self.namespace}}}" if self.namespace else ""
         self._fields: dict[str, _Field] = {}
+        # (attribute name, child tag, is_list) per field, in order, for encode().
+        self._plan: list[tuple[str, str, bool]] = []
         for name, info in cls.model_fields.items():
             key = info.alias or name
-            self._fields[key] = _classify(cls, name, info.annotation)
+            field = self._fields[key] = _classify(cls, name, info.annotation)
+            self._plan.append((name, self._child_prefix + key, field.is_list))
+        self._nsmap = {None: self.namespace} if self.namespace else None
 
     def decode(self, element: etree._Element) -> BaseModel:
         if element.attrib:
@@ -210,20 +214,20 @@ class _PlainCodec:
             raise PayloadInvalid(f"{self.tag}: {_validation_summary(exc)}") from exc
 
     def encode(self, model: BaseModel) -> etree._Element:
-        ns = self.namespace
-        root = etree.Element(self.qname, nsmap={None: ns} if ns else None)  # type: ignore[dict-item]
-        prefix = self._child_prefix
+        root = etree.Element(self.qname, nsmap=self._nsmap)  # type: ignore[arg-type]
+        sub = etree.SubElement
         values = model.__dict__
-        for name, info in type(model).model_fields.items():
+        for name, tag, is_list in self._plan:
             value = values[name]
             if value is None:
                 continue
-            key = prefix + (info.alias or name)
-            if isinstance(value, list | tuple):
+            if is_list:
                 for item in value:
-                    etree.SubElement(root, key).text = _text(item)
+                    sub(root, tag).text = _text(item)
+            elif type(value) is str:
+                sub(root, tag).text = value
             else:
-                etree.SubElement(root, key).text = _text(value)
+                sub(root, tag).text = _text(value)
         return root
 
 

@@ -17,6 +17,8 @@ __all__ = ["MemoryBackend"]
 
 logger = logging.getLogger(__name__)
 
+_new_tuple = tuple.__new__
+
 
 class _History:
     __slots__ = ("keys", "slots", "trimmed")
@@ -63,7 +65,7 @@ class MemoryBackend:
         if index is not None:
             return index
         index = history.trimmed + len(history.slots)
-        history.slots.append(slot._replace(index=index))
+        history.slots.append(_new_tuple(Slot, (index, *slot[1:])))
         history.keys[key] = index
         if len(history.slots) > self.limits.max_slots_per_thread:
             old = history.slots.popleft()
