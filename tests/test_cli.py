@@ -215,11 +215,22 @@ def test_bad_config_gives_one_clear_line(tmp_path: Path, yaml_text: str, expecte
         assert expected in err and "Traceback" not in err
 
 
-def test_missing_file_and_unknown_listener(tmp_path: Path) -> None:
-    result = cli(str(tmp_path / "nope.yaml"))
-    assert result.returncode == 2 and b"cannot read" in result.stderr
-    result = cli(str(HELLO), "--to", "nobody")
-    assert result.returncode == 2 and b"--to 'nobody' names no listener" in result.stderr
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["NOPE.yaml"], b"cannot read"),
+        ([str(HELLO), "--to", "nobody"], b"--to 'nobody' names no listener"),
+        ([str(HELLO), "--input", "NOPE.txt"], b"NOPE.txt: cannot read"),
+        ([str(HELLO), "--log-level", "chatty"], b"invalid choice"),
+        (["check", str(HELLO), "--backend", "pigeon://x"], b"schemes available are memory://"),
+        ([str(HELLO), "--backend", "pigeon://x"], b"schemes available are memory://"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], expected: bytes) -> None:
+    args = [str(tmp_path / a) if a.startswith("NOPE") else a for a in args]
+    result = cli(*args)
+    assert result.returncode == 2
+    assert expected in result.stderr and result.stderr.count(b"\n") == 1, result.stderr
 
 
 # -- signals -------------------------------------------------------------------------

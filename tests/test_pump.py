@@ -31,6 +31,7 @@ from xml_pipeline import (
     StreamPump,
     build_envelope,
     load_organism,
+    payload_from_xml,
 )
 from xml_pipeline.backends import HistoryLimits
 
@@ -368,6 +369,7 @@ async def test_handler_list_and_none(run_pump) -> None:
 async def test_history_accessor_and_thread_continuation(run_pump) -> None:
     async def count(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
         slots = await meta.history()
+        assert payload_from_xml(Ping, slots[-1].xml) == payload
         return HandlerResponse.respond(Pong(n=len(slots), text=meta.thread_id))
 
     async with run_pump([Listener("c", (Ping,), count)]) as h:
@@ -388,17 +390,60 @@ async def test_history_accessor_and_thread_continuation(run_pump) -> None:
         assert third.thread_id not in (first.thread_id, first.payload.text)
 
 
-async def test_history_append_is_idempotent_by_message_id(run_pump) -> None:
+async def test_a_retried_ingress_id_is_accepted_once(run_pump) -> None:
     async with run_pump([Listener("e", (Ping,), pong)]) as h:
         first = await h.pump.request(envelope("me", ping_xml(1), to="e", id="m-1"), timeout=5)
         again = envelope("me", ping_xml(1), to="e", id="m-1", thread=first.thread_id)
-        await h.pump.request(again, timeout=5)
+        assert await h.pump.inject(again) == first.thread_id
+        await h.pump.wait_idle()
         root = await h.backend.buffer_get_thread(first.thread_id)
         assert [(s.direction, s.message_id == "m-1") for s in root] == [
             ("out", True),
             ("in", False),
-            ("in", False),
         ]
+        stats = h.pump.statistics()
+        assert stats.duplicates == 1 and stats.listeners["e"].received == 1
+        # The same id in a new conversation is a new message.
+        other = await h.pump.request(envelope("me", ping_xml(2), to="e", id="m-1"), timeout=5)
+        assert other.thread_id != first.thread_id
+
+
+async def test_a_huh_handler_cannot_loop(run_pump) -> None:
+    got: list[str] = []
+
+    async def relay_up(payload: Ping | Huh, meta: HandlerMetadata) -> HandlerResponse:
+        if isinstance(payload, Huh):
+            got.append(payload.code)
+            return HandlerResponse.respond(payload)  # the caller does not accept Huh
+        return HandlerResponse(Ping(n=1), to="nobody-home")
+
+    async def caller(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        return HandlerResponse(Ping(n=2), to="mid")
+
+    listeners = [
+        Listener("top", (Ping,), caller),
+        Listener("mid", (Ping, Huh), relay_up),
+    ]
+    async with run_pump(listeners) as h:
+        await h.pump.inject(ping_xml(0), to="top")
+        await asyncio.wait_for(h.pump.wait_idle(), 5)
+        assert got == ["no-route"]
+        assert await dead_codes(h) == ["no-route", "no-route"]
+
+
+async def test_metadata_marks_external_and_self_calls(run_pump) -> None:
+    seen: list[tuple[str, bool, bool]] = []
+
+    async def me(payload: Ping, meta: HandlerMetadata) -> HandlerResponse | None:
+        seen.append((meta.from_id, meta.from_external, meta.is_self_call))
+        if payload.n == 0:
+            return HandlerResponse(Ping(n=1), to="me")
+        return None
+
+    async with run_pump([Listener("me", (Ping,), me)]) as h:
+        await h.pump.inject(ping_xml(0), to="me", sender="me")  # an outsider calling itself "me"
+        await h.pump.wait_idle()
+        assert seen == [("me", True, False), ("me", False, True)]
 
 
 async def test_messages_of_one_frame_arrive_in_order(run_pump) -> None:

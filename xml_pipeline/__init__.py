@@ -31,7 +31,7 @@ from .exceptions import (
 from .frame import Frame
 from .handler import HandlerMetadata, HandlerResponse
 from .parser import ParseLimits
-from .payload import CORE_NAMESPACE, Huh, Payload, codec_for
+from .payload import CORE_NAMESPACE, Huh, Payload, codec_for, payload_from_xml
 from .pump import ListenerStatistics, PumpStatistics, Reply, StreamPump
 
 __version__ = "0.1.0"
@@ -80,4 +80,5 @@ __all__ = [
     "load_organism",
     "open_backend",
     "parse_envelope",
+    "payload_from_xml",
 ]

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
+from .backends import check_backend_url
 from .config import Organism, load_organism
 from .exceptions import MessageTooLarge, XmlPipelineError
 from .pump import PumpStatistics, Reply, StreamPump
@@ -54,10 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true", help="print per-listener statistics at exit")
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
     run.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    run.add_argument("--log-level", default="WARNING", help="logging level (stderr)")
+    run.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="logging level on stderr (default WARNING)",
+    )
 
     check = sub.add_parser("check", help="validate the organism and print its routing table")
     check.add_argument("organism", type=Path)
+    check.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
 
     schema = sub.add_parser("schema", help="print the XSD of every payload class")
     schema.add_argument("organism", type=Path)
@@ -79,11 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         organism = load_organism(args.organism, backend=getattr(args, "backend", None))
         if args.command == "check":
+            check_backend_url(organism.backend)
             return _check(organism)
         if args.command == "schema":
             return _schema(organism, args.out)
         if args.to is not None and args.to not in {lst.name for lst in organism.listeners}:
             print(f"xml_pipeline: error: --to {args.to!r} names no listener", file=sys.stderr)
+            return EXIT_USAGE
+        if args.input not in (None, "-") and not os.access(args.input, os.R_OK):
+            print(f"xml_pipeline: error: --input {args.input}: cannot read", file=sys.stderr)
             return EXIT_USAGE
         return _run(organism, args)
     except XmlPipelineError as exc:
@@ -221,7 +233,10 @@ async def _feed(pump: StreamPump, organism: Organism, args: argparse.Namespace) 
     async for line in _lines(args.input, cap):
         number += 1
         if line is _TOO_LARGE:
-            await pump.reject(MessageTooLarge(f"input line {number} is longer than {cap} bytes"))
+            await pump.reject(
+                MessageTooLarge(f"input line {number} is longer than {cap} bytes"),
+                sender=args.sender,
+            )
             continue
         assert isinstance(line, bytes)
         line = line.rstrip(b"\r")

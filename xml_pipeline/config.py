@@ -377,7 +377,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                     max_bytes=p.max_message_bytes,
                     max_depth=p.max_xml_depth,
                     max_elements=p.max_elements,
-                    max_attributes=max(p.max_attributes, 1),
+                    max_attributes=p.max_attributes,
                 ),
                 sync_threads=p.sync_threads,
             ),

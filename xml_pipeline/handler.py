@@ -56,6 +56,7 @@ class HandlerMetadata:
         message_id: the message's id.
         is_self_call: the listener sent this message to itself.
         depth: hops from the conversation's root to this frame.
+        from_external: the sender is outside the organism (``from_id`` is only a label).
     """
 
     thread_id: str
@@ -64,6 +65,7 @@ class HandlerMetadata:
     message_id: str
     is_self_call: bool
     depth: int
+    from_external: bool
     _history: Callable[[], Coroutine[Any, Any, list[Slot]]] = field(repr=False, compare=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
 
@@ -86,4 +88,12 @@ class HandlerMetadata:
             running = None
         if running is loop:
             raise RuntimeError("history_blocking() would block the event loop; await history()")
-        return asyncio.run_coroutine_threadsafe(self._history(), loop).result()
+        if loop.is_closed():
+            raise RuntimeError("history_blocking(): the pump's event loop is closed")
+        coro = self._history()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except BaseException:
+            coro.close()
+            raise
+        return future.result()

@@ -20,16 +20,18 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .exceptions import ConfigError, PayloadInvalid
 
-__all__ = ["CORE_NAMESPACE", "Codec", "Huh", "Payload", "codec_for", "qname_of"]
+__all__ = ["CORE_NAMESPACE", "Codec", "Huh", "Payload", "codec_for", "payload_from_xml", "qname_of"]
 
 CORE_NAMESPACE = "https://xml-pipeline.org/ns/core/v1"
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class Payload(BaseModel):
@@ -285,3 +287,23 @@ def codec_for(cls: type[BaseModel]) -> Codec:
     codec = _XmlModelCodec(cls) if issubclass(cls, BaseXmlModel) else _PlainCodec(cls)
     _codecs[cls] = codec
     return codec
+
+
+def payload_from_xml(cls: type[_M], data: bytes) -> _M:
+    """Decode a payload from its XML bytes (a history slot's ``xml``, say).
+
+    The bytes go through the hardened parser with its default limits.
+
+    Raises:
+        MalformedMessage, MessageTooLarge: the bytes are not acceptable XML.
+        PayloadInvalid: the element is not a valid ``cls``.
+    """
+    from .parser import parse_bytes
+
+    codec = codec_for(cls)
+    element = parse_bytes(data)
+    if element.tag != codec.qname:
+        raise PayloadInvalid(f"expected {codec.qname}, got {element.tag!r}")
+    model = codec.decode(element)
+    assert isinstance(model, cls)
+    return model

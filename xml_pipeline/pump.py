@@ -128,6 +128,8 @@ class PumpStatistics:
     Attributes:
         ingress: messages offered to ingress.
         rejected: ingress messages refused (malformed, too large, bad envelope, no route).
+        duplicates: ingress messages ignored as retries of one already accepted
+            (same ``<id>`` on the same conversation).
         egress: replies that reached external senders.
         dead_letters: dead letters written.
         in_pump: messages queued or being handled right now.
@@ -136,6 +138,7 @@ class PumpStatistics:
 
     ingress: int
     rejected: int
+    duplicates: int
     egress: int
     dead_letters: int
     in_pump: int
@@ -145,7 +148,7 @@ class PumpStatistics:
 class _Message:
     """A message inside the pump. Payload bytes, element and model are made lazily."""
 
-    __slots__ = ("_element", "_xml", "id", "model", "qname", "raw", "sender", "to")
+    __slots__ = ("_element", "_xml", "after_huh", "id", "model", "qname", "raw", "sender", "to")
 
     def __init__(
         self,
@@ -165,6 +168,9 @@ class _Message:
         self._element = element
         self.raw = raw
         self._xml: bytes | None = None
+        # Emitted by a handler that was handling a Huh: an error about this message
+        # is dead-lettered without another Huh, so Huh handlers cannot loop.
+        self.after_huh = False
 
     def element(self) -> etree._Element:
         element = self._element
@@ -284,6 +290,7 @@ class StreamPump:
         self._rejected = 0
         self._egress_count = 0
         self._dead_letters = 0
+        self._duplicates = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -375,6 +382,7 @@ class StreamPump:
         return PumpStatistics(
             ingress=self._ingress,
             rejected=self._rejected,
+            duplicates=self._duplicates,
             egress=self._egress_count,
             dead_letters=self._dead_letters,
             in_pump=self._pending,
@@ -513,6 +521,11 @@ class StreamPump:
                 label = env.sender if env is not None else sender
                 await self._reject(exc, raw, root, label)
                 return None
+            if env.id is not None and await self.backend.buffer_contains(root.uuid, env.id, "out"):
+                # A retry of a message this conversation already accepted.
+                self._duplicates += 1
+                logger.info("duplicate message %r on %s ignored", env.id, root.uuid)
+                return root.uuid
             await self._record(root, "out", msg, msg.to)
             for rt in targets:
                 child = await self._frames.child(root, rt.name)
@@ -613,8 +626,9 @@ class StreamPump:
             msg.sender,
             listener.name,
             msg.id,
-            msg.sender == listener.name,
+            d.reply_to is rt,
             frame.depth,
+            d.reply_to is None and not d.reply_frame.hops,
             functools.partial(self.backend.buffer_get_thread, frame.uuid),
             self._loop,
         )
@@ -624,6 +638,7 @@ class StreamPump:
         except MessageError as exc:
             await self._fail(d, exc)
             return
+        after_huh = msg.qname == _HUH_QNAME
         for response in responses:
             payload = response.payload
             out = _Message(
@@ -633,6 +648,7 @@ class StreamPump:
                 codec_for(type(payload)).qname,
                 model=payload,
             )
+            out.after_huh = after_huh
             if response.is_response:
                 await self._respond(out, frame, rt)
             else:
@@ -740,7 +756,8 @@ class StreamPump:
         except MessageError as exc:
             await self._record(frame, "out", out, out.to)
             await self._dead_letter(exc, out.xml(), listener.name, frame.uuid, out.id)
-            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+            if not out.after_huh:
+                await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
             return
         await self._record(frame, "out", out, out.to)
         for target in targets:
@@ -762,7 +779,8 @@ class StreamPump:
                 listener=rt.name,
             )
             await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
-            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+            if not out.after_huh:
+                await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
             return
         self._enqueue(_Delivery(out, target, parent, frame, rt))
 
@@ -786,15 +804,17 @@ class StreamPump:
 
     # -- errors ----------------------------------------------------------------
 
-    async def reject(self, error: MessageError, data: bytes | None = None) -> None:
+    async def reject(
+        self, error: MessageError, data: bytes | None = None, *, sender: str | None = None
+    ) -> None:
         """Report input refused before it reached the pump (an over-long line, say).
 
-        It is answered like any rejected ingress: a ``Huh`` through egress and a
-        dead letter.
+        It is answered like any rejected ingress: a ``Huh`` through egress
+        (addressed to ``sender``) and a dead letter.
         """
         self._ingress += 1
         self._rejected += 1
-        await self._reject(error, data, None, None)
+        await self._reject(error, data, None, sender)
 
     async def _abandon(self, d: _Delivery, state: str) -> None:
         msg = d.message
@@ -810,9 +830,11 @@ class StreamPump:
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
         await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id)
-        if msg.qname == _HUH_QNAME:
+        if msg.qname == _HUH_QNAME or msg.after_huh:
             logger.warning(
-                "a Huh delivered to %s failed too (%s); dead-lettered", rt.name, exc.code
+                "%s failed (%s) on a message about an earlier error; dead-lettered only",
+                rt.name,
+                exc.code,
             )
             return
         await self._send_huh(exc, msg.xml(), d.reply_frame, d.reply_to, rt.name, about=d.frame)

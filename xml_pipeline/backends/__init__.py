@@ -23,6 +23,7 @@ from .base import (
 __all__ = [
     "SCHEMES",
     "Backend",
+    "check_backend_url",
     "DeadLetter",
     "HistoryLimits",
     "Slot",
@@ -36,6 +37,18 @@ __all__ = [
 SCHEMES = ("memory",)
 
 
+def check_backend_url(url: str) -> None:
+    """Check that a backend URL names a known scheme, without connecting.
+
+    Raises:
+        BackendUnavailable: the scheme is unknown.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        valid = ", ".join(f"{s}://" for s in SCHEMES)
+        raise BackendUnavailable(f"unknown backend URL {url!r}: the schemes available are {valid}")
+
+
 def open_backend(url: str, limits: HistoryLimits | None = None) -> Backend:
     """Create the backend a URL names.
 
@@ -46,10 +59,7 @@ def open_backend(url: str, limits: HistoryLimits | None = None) -> Backend:
     Raises:
         BackendUnavailable: the scheme is unknown or its backend cannot be loaded.
     """
-    scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        from .memory import MemoryBackend
+    check_backend_url(url)
+    from .memory import MemoryBackend
 
-        return MemoryBackend(limits)
-    valid = ", ".join(f"{s}://" for s in SCHEMES)
-    raise BackendUnavailable(f"unknown backend URL {url!r}: the schemes available are {valid}")
+    return MemoryBackend(limits)

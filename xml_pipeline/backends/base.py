@@ -120,6 +120,10 @@ class Backend(Protocol):
         """
         ...
 
+    async def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
+        """Whether the frame's kept history holds ``(message_id, direction)``."""
+        ...
+
     async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
         """Every kept slot of the frame, oldest first (``[]`` for an unknown frame)."""
         ...

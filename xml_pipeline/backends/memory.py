@@ -60,6 +60,8 @@ class MemoryBackend:
                 self._evict()
         else:
             histories.move_to_end(thread_id)
+        if thread_id in self._uuid_to_chain:
+            self._uuid_to_chain.move_to_end(thread_id)
         key = (slot.message_id, slot.direction)
         index = history.keys.get(key)
         if index is not None:
@@ -75,15 +77,21 @@ class MemoryBackend:
         return index
 
     def _evict(self) -> None:
-        # The least recently touched frame goes first; its registry entry with it.
-        while len(self._histories) > self.limits.max_threads:
-            uuid, _ = self._histories.popitem(last=False)
+        # The least recently written frame goes first, history and registry entry
+        # together (both are kept in least-recently-used order).
+        limit = self.limits.max_threads
+        while len(self._histories) > limit or len(self._uuid_to_chain) > limit:
+            if len(self._histories) > limit:
+                uuid = next(iter(self._histories))
+            else:
+                uuid = next(iter(self._uuid_to_chain))
+            self._histories.pop(uuid, None)
             self._drop_registry(uuid)
             self._counters["threads_evicted"] += 1
-        while len(self._uuid_to_chain) > self.limits.max_threads:
-            uuid = next(iter(self._uuid_to_chain))
-            self._drop_registry(uuid)
-            self._counters["threads_evicted"] += 1
+
+    async def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
+        history = self._histories.get(thread_id)
+        return history is not None and (message_id, direction) in history.keys
 
     async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
         history = self._histories.get(thread_id)
