@@ -28,6 +28,7 @@ from xml_pipeline import (
     Huh,
     Listener,
     Organism,
+    PumpSettings,
     StreamPump,
     build_envelope,
     load_organism,
@@ -543,3 +544,22 @@ async def test_history_limits_trim_and_evict(run_pump) -> None:
         info = await h.backend.info()
         assert info["buffer_threads"] <= 10 and info["registry_entries"] <= 10
         assert info["threads_evicted"] > 0 and info["slots_trimmed"] == 6
+
+
+async def test_gc_threshold_is_raised_while_running_and_restored() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, before[1], before[2])
+    try:
+        organism = Organism("t", (Listener("e", (Ping,), pong),))
+        async with StreamPump(organism):
+            assert gc.get_threshold()[0] == 10_000
+        assert gc.get_threshold()[0] == 700
+        untouched = Organism(
+            "t", (Listener("e", (Ping,), pong),), settings=PumpSettings(gc_threshold=None)
+        )
+        async with StreamPump(untouched):
+            assert gc.get_threshold()[0] == 700
+    finally:
+        gc.set_threshold(*before)

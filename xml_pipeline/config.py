@@ -65,6 +65,7 @@ class _PumpSection(_Strict):
     max_elements: int = Field(10_000, ge=2)
     max_attributes: int = Field(10_000, ge=0)
     sync_threads: int = Field(32, ge=1)
+    gc_threshold: int | None = Field(10_000, ge=100)
 
 
 class _ListenerSection(_Strict):
@@ -174,6 +175,9 @@ class PumpSettings:
     drain_timeout_s: float = 10.0
     limits: ParseLimits = field(default_factory=ParseLimits)
     sync_threads: int = 32
+    gc_threshold: int | None = 10_000
+    """While the pump runs, the garbage collector's generation-0 threshold is raised
+    to at least this (process-wide, restored on exit); None leaves it alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +384,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                     max_attributes=p.max_attributes,
                 ),
                 sync_threads=p.sync_threads,
+                gc_threshold=p.gc_threshold,
             ),
             boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
             path=path,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import time
@@ -286,6 +287,7 @@ class StreamPump:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
+        self._gc_saved: tuple[int, int, int] | None = None
         self._ingress = 0
         self._rejected = 0
         self._egress_count = 0
@@ -298,6 +300,7 @@ class StreamPump:
         if self._running:
             raise RuntimeError("this StreamPump is already running")
         self._loop = asyncio.get_running_loop()
+        self._tune_gc()
         if any(not rt.listener.is_async for rt in self._runtimes.values()):
             self._threads = ThreadPoolExecutor(
                 max_workers=self._settings.sync_threads, thread_name_prefix="xml_pipeline-sync"
@@ -338,8 +341,22 @@ class StreamPump:
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
+        if self._gc_saved is not None:
+            gc.set_threshold(*self._gc_saved)
+            self._gc_saved = None
         if self._owns_backend:
             await self.backend.aclose()
+
+    def _tune_gc(self) -> None:
+        # Every hop allocates a few dozen short-lived objects while histories keep
+        # many long-lived ones: with the default generation-0 threshold (700) the
+        # collector runs every few hops and costs about a third of the pump's time
+        # (benchmarks/relay.py). Raising it is process-wide, so it is undone on exit.
+        wanted = self._settings.gc_threshold
+        current = gc.get_threshold()
+        if wanted is not None and current[0] < wanted:
+            self._gc_saved = current
+            gc.set_threshold(wanted, current[1], current[2])
 
     async def wait_idle(self) -> None:
         """Return once nothing is queued or being handled."""
