@@ -46,6 +46,7 @@ from .exceptions import (
     HandlerTimeout,
     InvalidReturn,
     MessageError,
+    MessageTooLarge,
     NoRoute,
     PayloadInvalid,
     PeerDenied,
@@ -510,7 +511,7 @@ class StreamPump:
                     env = Envelope(sender, to, thread, None, codec.encode(message))
                     msg = _Message(self._new_id(), sender, to, codec.qname, model=message)
                 else:
-                    raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+                    raw = self._raw_bytes(message)
                     element = parse_bytes(raw, self._settings.limits)
                     if element.tag == _MESSAGE_TAG:
                         env = envelope_from_element(element)
@@ -536,6 +537,8 @@ class StreamPump:
                 if on_reject is not None:
                     on_reject(exc)
                 label = env.sender if env is not None else sender
+                if raw is None and isinstance(message, str):
+                    raw = message[: self.organism.history.dead_letter_bytes].encode("utf-8")
                 await self._reject(exc, raw, root, label)
                 return None
             if env.id is not None and await self.backend.buffer_contains(root.uuid, env.id, "out"):
@@ -550,6 +553,15 @@ class StreamPump:
             return root.uuid
         finally:
             self._release()
+
+    def _raw_bytes(self, message: bytes | str) -> bytes:
+        cap = self._settings.limits.max_bytes
+        if isinstance(message, str):
+            # A character is at least one byte: refuse before encoding a huge string.
+            if len(message) > cap:
+                raise MessageTooLarge(f"message is over {cap} bytes; the limit is {cap}")
+            return message.encode("utf-8")
+        return message if type(message) is bytes else bytes(message)
 
     def _ingress_targets(self, msg: _Message) -> tuple[_Runtime, ...]:
         if msg.to is not None:
