@@ -221,6 +221,7 @@ def test_bad_config_gives_one_clear_line(tmp_path: Path, yaml_text: str, expecte
         (["NOPE.yaml"], b"cannot read"),
         ([str(HELLO), "--to", "nobody"], b"--to 'nobody' names no listener"),
         ([str(HELLO), "--input", "NOPE.txt"], b"NOPE.txt: cannot read"),
+        ([str(HELLO), "--input", str(ROOT / "organisms")], b"organisms: cannot read"),
         ([str(HELLO), "--log-level", "chatty"], b"invalid choice"),
         (["check", str(HELLO), "--backend", "pigeon://x"], b"schemes available are memory://"),
         ([str(HELLO), "--backend", "pigeon://x"], b"schemes available are memory://"),

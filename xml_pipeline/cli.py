@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.to is not None and args.to not in {lst.name for lst in organism.listeners}:
             print(f"xml_pipeline: error: --to {args.to!r} names no listener", file=sys.stderr)
             return EXIT_USAGE
-        if args.input not in (None, "-") and not os.access(args.input, os.R_OK):
+        if args.input not in (None, "-") and (
+            os.path.isdir(args.input) or not os.access(args.input, os.R_OK)
+        ):
             print(f"xml_pipeline: error: --input {args.input}: cannot read", file=sys.stderr)
             return EXIT_USAGE
         return _run(organism, args)
