@@ -23,6 +23,8 @@ from support import (
 )
 
 from xml_pipeline import (
+    Abandoned,
+    Duplicate,
     HandlerMetadata,
     HandlerResponse,
     Huh,
@@ -404,9 +406,13 @@ async def test_a_retried_ingress_id_is_accepted_once(run_pump) -> None:
         ]
         stats = h.pump.statistics()
         assert stats.duplicates == 1 and stats.listeners["e"].received == 1
-        # The same id in a new conversation is a new message.
-        other = await h.pump.request(envelope("me", ping_xml(2), to="e", id="m-1"), timeout=5)
+        # Without <thread>, the same sender and id is a retry of the first message too.
+        with pytest.raises(Duplicate):
+            await h.pump.request(envelope("me", ping_xml(1), to="e", id="m-1"), timeout=5)
+        # The same id from another sender is another message.
+        other = await h.pump.request(envelope("you", ping_xml(2), to="e", id="m-1"), timeout=5)
         assert other.thread_id != first.thread_id
+        assert h.pump.statistics().duplicates == 2
 
 
 async def test_a_huh_handler_cannot_loop(run_pump) -> None:
@@ -563,3 +569,121 @@ async def test_gc_threshold_is_raised_while_running_and_restored() -> None:
             assert gc.get_threshold()[0] == 700
     finally:
         gc.set_threshold(*before)
+
+
+# -- robustness (found in review) ---------------------------------------------------
+
+
+async def test_a_handler_leaking_cancelled_error_does_not_kill_its_worker(run_pump) -> None:
+    async def leaky(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        if payload.n == 0:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # raises CancelledError although nobody cancelled the pump
+        return HandlerResponse.respond(Pong(n=payload.n))
+
+    async with run_pump([Listener("l", (Ping,), leaky, concurrency=1)]) as h:
+        huh = (await h.pump.request(ping_xml(0), to="l", timeout=5)).payload
+        assert huh.code == "handler-error" and "CancelledError" in huh.message
+        assert (await h.pump.request(ping_xml(1), to="l", timeout=5)).payload == Pong(n=1)
+
+
+async def test_text_xml_cannot_carry_never_loses_a_reply(run_pump) -> None:
+    async def nasty(payload: Ping, meta: HandlerMetadata) -> list[HandlerResponse]:
+        if payload.n == 0:
+            raise ValueError("bad \x1b[31m\x00 text")
+        return [HandlerResponse.respond(Pong(n=1)), HandlerResponse.respond(Pong(n=2, text="\x00"))]
+
+    async with run_pump([Listener("n", (Ping,), nasty)]) as h:
+        huh = (await h.pump.request(ping_xml(0), to="n", timeout=5)).payload
+        assert huh.code == "handler-error" and "\ufffd" in huh.message
+        huh = (await h.pump.request(ping_xml(1), to="n", timeout=5)).payload
+        assert huh.code == "invalid-return"
+        await h.pump.wait_idle()
+        # All or nothing: the valid first response was not sent either.
+        assert [type(r.payload).__name__ for r in h.replies] == ["Huh", "Huh"]
+        assert await dead_codes(h) == ["handler-error", "invalid-return"]
+        assert await h.pump.inject(ping_xml(1), to="n", sender="bad\x00label") is None
+        assert h.replies[-1].payload.code == "envelope" and h.replies[-1].to is None
+
+
+async def test_concurrent_requests_on_one_conversation_each_get_a_reply(run_pump) -> None:
+    async with run_pump([Listener("e", (Ping,), pong)]) as h:
+        first = await h.pump.request(ping_xml(0), to="e", timeout=5)
+        replies = await asyncio.gather(
+            *(
+                h.pump.request(ping_xml(i), to="e", thread=first.thread_id, timeout=5)
+                for i in range(1, 6)
+            )
+        )
+        assert sorted(r.payload.n for r in replies) == [1, 2, 3, 4, 5]
+
+
+async def test_stopping_refuses_waiting_ingress_and_fails_pending_requests() -> None:
+    gate = asyncio.Event()
+
+    async def held(payload: Ping, meta: HandlerMetadata) -> None:
+        await gate.wait()
+
+    organism = Organism(
+        "t", (Listener("h", (Ping,), held, concurrency=1),), settings=PumpSettings(queue_size=1)
+    )
+    pump = StreamPump(organism)
+    async with pump:
+        pending = asyncio.create_task(pump.request(ping_xml(0), to="h", timeout=30))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(pump.inject(ping_xml(1), to="h"))  # no room: waits
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        backend = pump.backend
+        pump._owns_backend = False
+    with pytest.raises(RuntimeError, match="stopped"):
+        await waiting
+    with pytest.raises(Abandoned):
+        await pending
+    assert [letter.code for letter in await backend.deadletter_list()] == ["shutdown"]
+
+
+async def test_a_stuck_sync_handler_does_not_starve_other_listeners(run_pump) -> None:
+    release = threading.Event()
+
+    def stuck(payload: Ping, meta: HandlerMetadata) -> None:
+        release.wait(10)
+
+    listeners = [
+        Listener("stuck", (Ping,), stuck, timeout_s=0.05, concurrency=2),
+        Listener("fine", (Pong,), lambda p, m: HandlerResponse.respond(p)),
+    ]
+    async with run_pump(listeners, sync_threads=2) as h:
+        try:
+            for i in range(2):
+                huh = (await h.pump.request(ping_xml(i), to="stuck", timeout=5)).payload
+                assert huh.code == "timeout"
+            ok = await h.pump.request(Pong(n=9), to="fine", timeout=5)
+            assert ok.payload == Pong(n=9)
+        finally:
+            release.set()
+
+
+async def test_runaway_fan_out_is_bounded(run_pump) -> None:
+    async def breed(payload: Ping, meta: HandlerMetadata) -> list[HandlerResponse]:
+        return [HandlerResponse(Ping(n=payload.n + 1), to="breed") for _ in range(3)]
+
+    async with run_pump([Listener("breed", (Ping,), breed)], max_in_pump=200, max_depth=32) as h:
+        await h.pump.inject(ping_xml(0), to="breed")
+        await asyncio.wait_for(h.pump.wait_idle(), 30)
+        codes = Counter(await dead_codes(h))
+        assert codes["overloaded"] > 0
+        assert h.pump.statistics().in_pump == 0
+
+
+async def test_a_failing_egress_callback_dead_letters_the_reply() -> None:
+    def broken(reply: object) -> None:
+        raise OSError("stdout is gone")
+
+    organism = Organism("t", (Listener("e", (Ping,), pong),))
+    async with StreamPump(organism, egress=broken) as pump:
+        reply = await pump.request(ping_xml(1), to="e", timeout=5)
+        assert reply.payload == Pong(n=1, by="e")
+        [letter] = await pump.backend.deadletter_list()
+        assert letter.code == "egress" and b"<n>1</n>" in letter.data

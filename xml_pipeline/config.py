@@ -61,11 +61,12 @@ class _PumpSection(_Strict):
     max_depth: int = Field(32, ge=1)
     drain_timeout_s: float = Field(10.0, ge=0)
     max_message_bytes: int = Field(1024 * 1024, ge=64)
-    max_xml_depth: int = Field(64, ge=2)
+    max_xml_depth: int = Field(64, ge=3)
     max_elements: int = Field(10_000, ge=2)
     max_attributes: int = Field(10_000, ge=0)
     sync_threads: int = Field(32, ge=1)
     gc_threshold: int | None = Field(10_000, ge=100)
+    max_in_pump: int = Field(100_000, ge=1)
 
 
 class _ListenerSection(_Strict):
@@ -175,6 +176,8 @@ class PumpSettings:
     drain_timeout_s: float = 10.0
     limits: ParseLimits = field(default_factory=ParseLimits)
     sync_threads: int = 32
+    max_in_pump: int = 100_000
+    """Messages inside the pump past which a handler's forwards are refused (overloaded)."""
     gc_threshold: int | None = 10_000
     """While the pump runs, the garbage collector's generation-0 threshold is raised
     to at least this (process-wide, restored on exit); None leaves it alone."""
@@ -385,6 +388,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                 ),
                 sync_threads=p.sync_threads,
                 gc_threshold=p.gc_threshold,
+                max_in_pump=max(p.max_in_pump, p.queue_size),
             ),
             boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
             path=path,

@@ -18,6 +18,9 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
         ├── HandlerFailed           handler-error   the handler raised
         ├── InvalidReturn           invalid-return  the handler returned something unusable
         ├── HandlerTimeout          timeout         the handler ran past ``timeout_s``
+        ├── Overloaded              overloaded      a forward while ``max_in_pump`` messages wait
+        ├── EgressFailed            egress          the egress callback raised
+        ├── Duplicate               duplicate       a retry of an accepted message (no Huh)
         └── Abandoned               shutdown        still queued when the pump stopped
 
 Foreign exceptions (lxml, pydantic, yaml) are translated at the boundary and
@@ -29,6 +32,9 @@ from __future__ import annotations
 __all__ = [
     "Abandoned",
     "BackendError",
+    "Duplicate",
+    "EgressFailed",
+    "Overloaded",
     "BackendUnavailable",
     "ConfigError",
     "DepthExceeded",
@@ -140,3 +146,24 @@ class Abandoned(MessageError):
     """The message was still queued or running when the pump stopped (dead-lettered)."""
 
     code = "shutdown"
+
+
+class Overloaded(MessageError):
+    """A handler forwarded while ``max_in_pump`` messages were already inside the pump."""
+
+    code = "overloaded"
+
+
+class EgressFailed(MessageError):
+    """The egress callback raised while taking a reply (the reply is dead-lettered)."""
+
+    code = "egress"
+
+
+class Duplicate(MessageError):
+    """A retry of a message already accepted (same sender and ``<id>``).
+
+    It is ignored, not answered; :meth:`StreamPump.request` raises it.
+    """
+
+    code = "duplicate"

@@ -18,6 +18,7 @@ unless a target decodes the payload with another class.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import gc
@@ -26,8 +27,8 @@ import logging
 import time
 import uuid as _uuid
 from array import array
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 from lxml import etree
 from pydantic import BaseModel
 
+from ._sync import SyncRunner
 from .backends import Backend, DeadLetter, Slot, open_backend
 from .config import Listener, Organism
 from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, envelope_from_element
@@ -42,12 +44,16 @@ from .exceptions import (
     Abandoned,
     ConfigError,
     DepthExceeded,
+    Duplicate,
+    EgressFailed,
+    EnvelopeError,
     HandlerFailed,
     HandlerTimeout,
     InvalidReturn,
     MessageError,
     MessageTooLarge,
     NoRoute,
+    Overloaded,
     PayloadInvalid,
     PeerDenied,
     XmlPipelineError,
@@ -68,16 +74,32 @@ _MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
 _HUH_QNAME = codec_for(Huh).qname
 _EXCERPT_CHARS = 200
 _LATENCY_SAMPLES = 4096
+_FIRST_IDS_KEPT = 65_536
+
+
+def _xml_safe(text: str) -> str:
+    """``text`` with every character XML cannot carry replaced by U+FFFD."""
+    if text.isprintable() and text.isascii():
+        return text
+    return "".join(
+        c if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") else "\ufffd"
+        for c in text
+    )
 
 
 def _excerpt(data: bytes | None) -> str | None:
     """A capped excerpt of some input, holding only characters XML can carry."""
     if not data:
         return None
-    text = bytes(data[: _EXCERPT_CHARS * 4]).decode("utf-8", "replace")[:_EXCERPT_CHARS]
-    return "".join(
-        c if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") else "\ufffd"
-        for c in text
+    return _xml_safe(bytes(data[: _EXCERPT_CHARS * 4]).decode("utf-8", "replace")[:_EXCERPT_CHARS])
+
+
+def _huh(exc: MessageError, data: bytes | None) -> Huh:
+    return Huh(
+        code=exc.code,
+        message=_xml_safe(exc.reason),
+        listener=None if exc.listener is None else _xml_safe(exc.listener),
+        excerpt=_excerpt(data),
     )
 
 
@@ -283,8 +305,13 @@ class StreamPump:
         self._idle = asyncio.Event()
         self._idle.set()
         self._space.set()
-        self._waiters: dict[str, asyncio.Future[Reply]] = {}
-        self._threads: ThreadPoolExecutor | None = None
+        self._waiters: dict[str, collections.deque[asyncio.Future[Reply]]] = {}
+        # (sender, <id>) of conversations opened from outside, to spot retries.
+        self._first_ids: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._ingesting = 0
+        self._ingest_done = asyncio.Event()
+        self._ingest_done.set()
+        self._sync: dict[str, SyncRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -302,10 +329,10 @@ class StreamPump:
             raise RuntimeError("this StreamPump is already running")
         self._loop = asyncio.get_running_loop()
         self._tune_gc()
-        if any(not rt.listener.is_async for rt in self._runtimes.values()):
-            self._threads = ThreadPoolExecutor(
-                max_workers=self._settings.sync_threads, thread_name_prefix="xml_pipeline-sync"
-            )
+        for rt in self._runtimes.values():
+            if not rt.listener.is_async:
+                size = min(rt.listener.concurrency, self._settings.sync_threads)
+                self._sync[rt.name] = SyncRunner(rt.name, size)
         for rt in self._runtimes.values():
             for i, inbox in enumerate(rt.inboxes):
                 task = asyncio.create_task(self._worker(rt, inbox), name=f"listener {rt.name}#{i}")
@@ -322,8 +349,14 @@ class StreamPump:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel every worker, wait for them, and close the backend if the pump opened it."""
+        """Refuse new input, cancel every worker, and close the backend if the pump opened it.
+
+        What is still queued or running is dead-lettered (code ``shutdown``); call
+        :meth:`drain` first to finish it instead.
+        """
         self._running = False
+        self._space.set()  # wake ingress waiting for room: it will refuse
+        await self._ingest_done.wait()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -336,12 +369,14 @@ class StreamPump:
                     delivery = inbox.get_nowait()
                     await self._abandon(delivery, "queued")
                     self._release()
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.cancel()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
-            self._threads = None
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(Abandoned("the pump stopped before a reply came"))
+        self._waiters.clear()
+        for runner in self._sync.values():
+            runner.shutdown()
+        self._sync.clear()
         if self._gc_saved is not None:
             gc.set_threshold(*self._gc_saved)
             self._gc_saved = None
@@ -443,8 +478,12 @@ class StreamPump:
     ) -> Reply:
         """Inject a message and wait for the first reply to its conversation.
 
+        Concurrent requests on one conversation get its replies in order of arrival.
+
         Raises:
-            MessageError: ingress rejected the message (the ``Huh`` it got says why).
+            MessageError: ingress rejected the message (the ``Huh`` it got says why);
+                :class:`Duplicate` for a retry of a message already accepted.
+            Abandoned: the pump stopped before a reply came.
             TimeoutError: no reply within ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
@@ -453,7 +492,7 @@ class StreamPump:
 
         def watch(frame: Frame) -> None:
             roots.append(frame.uuid)
-            self._waiters[frame.uuid] = future
+            self._waiters.setdefault(frame.uuid, collections.deque()).append(future)
 
         error: list[MessageError] = []
         await self._ingest(
@@ -466,12 +505,15 @@ class StreamPump:
                 return await future
         finally:
             for root in roots:
-                if self._waiters.get(root) is future:
-                    del self._waiters[root]
+                waiters = self._waiters.get(root)
+                if waiters is not None and future in waiters:
+                    waiters.remove(future)
+                    if not waiters:
+                        del self._waiters[root]
 
     async def _admit(self) -> None:
         cap = self._settings.queue_size
-        while self._pending >= cap:
+        while self._pending >= cap and self._running:
             self._space.clear()
             await self._space.wait()
 
@@ -499,7 +541,30 @@ class StreamPump:
         if not self._running:
             raise RuntimeError("the pump is not running (use 'async with StreamPump(...)')")
         self._ingress += 1
-        await self._admit()
+        self._ingesting += 1
+        self._ingest_done.clear()
+        try:
+            await self._admit()
+            if not self._running:
+                raise RuntimeError("the pump stopped before accepting this message")
+            return await self._ingest_admitted(
+                message, to=to, sender=sender, thread=thread, on_root=on_root, on_reject=on_reject
+            )
+        finally:
+            self._ingesting -= 1
+            if not self._ingesting:
+                self._ingest_done.set()
+
+    async def _ingest_admitted(
+        self,
+        message: bytes | str | BaseModel,
+        *,
+        to: str | None,
+        sender: str,
+        thread: str | None,
+        on_root: Callable[[Frame], None] | None,
+        on_reject: Callable[[MessageError], None] | None,
+    ) -> str | None:
         self._hold()
         raw: bytes | None = None
         root: Frame | None = None
@@ -523,29 +588,37 @@ class StreamPump:
                         env.id or self._new_id(), env.sender, env.to, env.qname,
                         element=env.payload, raw=raw,
                     )  # fmt: skip
+                if _xml_safe(env.sender) != env.sender:
+                    raise EnvelopeError("the sender label holds characters XML cannot carry")
                 targets = self._ingress_targets(msg)
-                if env.thread is not None:
-                    known = await self._frames.resolve(env.thread)
-                    if known is not None and not known.hops:
-                        root = known
-                if root is None:
-                    root = await self._frames.new_root(env.sender)
-                if on_root is not None:
-                    on_root(root)
             except MessageError as exc:
                 self._rejected += 1
                 if on_reject is not None:
                     on_reject(exc)
-                label = env.sender if env is not None else sender
+                label = env.sender if env is not None and _xml_safe(env.sender) == env.sender else (
+                    sender if _xml_safe(sender) == sender else None
+                )  # fmt: skip
                 if raw is None and isinstance(message, str):
                     raw = message[: self.organism.history.dead_letter_bytes].encode("utf-8")
-                await self._reject(exc, raw, root, label)
+                await self._reject(exc, raw, label)
                 return None
-            if env.id is not None and await self.backend.buffer_contains(root.uuid, env.id, "out"):
-                # A retry of a message this conversation already accepted.
+            if env.thread is not None:
+                known = await self._frames.resolve(env.thread)
+                if known is not None and not known.hops:
+                    root = known
+            retry_of = await self._retry_of(env, root)
+            if retry_of is not None:
                 self._duplicates += 1
-                logger.info("duplicate message %r on %s ignored", env.id, root.uuid)
-                return root.uuid
+                logger.info("message %r from %r is a retry; ignored", env.id, env.sender)
+                if on_reject is not None:
+                    on_reject(Duplicate(f"message {env.id!r} was already accepted"))
+                return retry_of
+            if root is None:
+                root = await self._frames.new_root(env.sender)
+                if env.id is not None:
+                    self._remember_first_id(env.sender, env.id, root.uuid)
+            if on_root is not None:
+                on_root(root)
             await self._record(root, "out", msg, msg.to)
             for rt in targets:
                 child = await self._frames.child(root, rt.name)
@@ -553,6 +626,21 @@ class StreamPump:
             return root.uuid
         finally:
             self._release()
+
+    async def _retry_of(self, env: Envelope, root: Frame | None) -> str | None:
+        """The conversation that already accepted this message, if it is a retry."""
+        if env.id is None:
+            return None
+        if root is not None:
+            seen = await self.backend.buffer_contains(root.uuid, env.id, "out")
+            return root.uuid if seen else None
+        return self._first_ids.get((env.sender, env.id))
+
+    def _remember_first_id(self, sender: str, message_id: str, root: str) -> None:
+        first = self._first_ids
+        first[(sender, message_id)] = root
+        if len(first) > _FIRST_IDS_KEPT:
+            first.popitem(last=False)
 
     def _raw_bytes(self, message: bytes | str) -> bytes:
         cap = self._settings.limits.max_bytes
@@ -574,20 +662,10 @@ class StreamPump:
             raise NoRoute(f"no listener accepts {msg.qname}")
         return targets
 
-    async def _reject(
-        self, exc: MessageError, raw: bytes | None, root: Frame | None, label: str | None
-    ) -> None:
+    async def _reject(self, exc: MessageError, raw: bytes | None, label: str | None) -> None:
         logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
-        await self._dead_letter(exc, raw, None, root.uuid if root else None, None)
-        huh = Huh(code=exc.code, message=exc.reason, listener=exc.listener, excerpt=_excerpt(raw))
-        reply = Reply(
-            root.root if root else None,
-            PUMP_SENDER,
-            root.origin if root else label,
-            self._new_id(),
-            huh,
-        )
-        await self._emit(reply, None)
+        await self._dead_letter(exc, raw, None, None, None)
+        await self._emit(Reply(None, PUMP_SENDER, label, self._new_id(), _huh(exc, raw)), None)
 
     # -- delivery --------------------------------------------------------------
 
@@ -612,14 +690,13 @@ class StreamPump:
                 raise
             except Exception as exc:  # a bug in the pump itself: keep serving
                 logger.exception("internal error delivering to %s", rt.name)
-                with contextlib.suppress(Exception):
-                    await self._dead_letter(
-                        HandlerFailed(f"internal error: {type(exc).__name__}: {exc}"),
-                        delivery.message.raw,
-                        rt.name,
-                        delivery.frame.uuid,
-                        delivery.message.id,
-                    )
+                error = HandlerFailed(
+                    f"internal error: {type(exc).__name__}: {exc}", listener=rt.name
+                )
+                try:
+                    await self._fail(delivery, error)
+                except Exception:
+                    logger.exception("could not report an internal error")
             finally:
                 rt.in_flight -= 1
                 n = rt.latency_n
@@ -668,6 +745,7 @@ class StreamPump:
             await self._fail(d, exc)
             return
         after_huh = msg.qname == _HUH_QNAME
+        outs: list[tuple[HandlerResponse, _Message]] = []
         for response in responses:
             payload = response.payload
             out = _Message(
@@ -678,6 +756,20 @@ class StreamPump:
                 model=payload,
             )
             out.after_huh = after_huh
+            outs.append((response, out))
+        try:
+            for _, out in outs:
+                out.xml()  # serialized once, for the history; refuses what XML cannot carry
+        except ValueError as exc:
+            await self._fail(
+                d,
+                InvalidReturn(
+                    f"{listener.name} returned a payload XML cannot carry: {exc}",
+                    listener=listener.name,
+                ),
+            )
+            return
+        for response, out in outs:
             if response.is_response:
                 await self._respond(out, frame, rt)
             else:
@@ -692,8 +784,7 @@ class StreamPump:
                     return await listener.handler(model, meta)
                 async with asyncio.timeout(timeout) as scope:
                     return await listener.handler(model, meta)
-            assert self._loop is not None
-            future = self._loop.run_in_executor(self._threads, listener.handler, model, meta)
+            future = self._sync[listener.name].submit(listener.handler, model, meta)
             if timeout is None:
                 return await future
             async with asyncio.timeout(timeout) as scope:
@@ -706,8 +797,14 @@ class StreamPump:
             raise HandlerFailed(
                 f"{listener.name} raised TimeoutError: {exc}", listener=listener.name
             ) from exc
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the pump itself is being cancelled
+            # The handler let a CancelledError of its own escape: a failure, not a stop.
+            raise HandlerFailed(
+                f"{listener.name} raised CancelledError", listener=listener.name
+            ) from exc
         except Exception as exc:
             logger.warning("handler of %s raised %s: %s", listener.name, type(exc).__name__, exc,
                            exc_info=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
@@ -782,11 +879,10 @@ class StreamPump:
                     f"{self._settings.max_depth}",
                     listener=listener.name,
                 )
+            self._check_room(len(targets), listener.name)
         except MessageError as exc:
             await self._record(frame, "out", out, out.to)
-            await self._dead_letter(exc, out.xml(), listener.name, frame.uuid, out.id)
-            if not out.after_huh:
-                await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+            await self._refuse(exc, out, frame, rt)
             return
         await self._record(frame, "out", out, out.to)
         for target in targets:
@@ -802,16 +898,32 @@ class StreamPump:
             return
         await self._record(frame, "out", out, owner)
         target = self._runtimes.get(owner)
-        if target is None or out.qname not in target.codecs:
-            exc = NoRoute(
-                f"{rt.name} answered {owner!r} with {out.qname}, which it does not accept",
-                listener=rt.name,
-            )
-            await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
-            if not out.after_huh:
-                await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+        try:
+            if target is None or out.qname not in target.codecs:
+                raise NoRoute(
+                    f"{rt.name} answered {owner!r} with {out.qname}, which it does not accept",
+                    listener=rt.name,
+                )
+            self._check_room(1, rt.name)
+        except MessageError as exc:
+            await self._refuse(exc, out, frame, rt)
             return
         self._enqueue(_Delivery(out, target, parent, frame, rt))
+
+    def _check_room(self, count: int, listener: str) -> None:
+        limit = self._settings.max_in_pump
+        if self._pending + count > limit:
+            raise Overloaded(
+                f"{listener} sent a message while {self._pending} were inside the pump "
+                f"(max_in_pump {limit})",
+                listener=listener,
+            )
+
+    async def _refuse(self, exc: MessageError, out: _Message, frame: Frame, rt: _Runtime) -> None:
+        """A message a handler emitted cannot be routed: dead letter, and Huh to its sender."""
+        await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
+        if not out.after_huh:
+            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
 
     async def _emit(self, reply: Reply, msg: _Message | None) -> None:
         if reply.thread_id is not None and msg is not None:
@@ -820,16 +932,25 @@ class StreamPump:
                 await self._record(root, "in", msg, reply.to)
         self._egress_count += 1
         if reply.thread_id is not None:
-            waiter = self._waiters.get(reply.thread_id)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(reply)
+            waiters = self._waiters.get(reply.thread_id)
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+                    break
         if self._egress is not None:
             try:
                 result = self._egress(reply)
                 if result is not None:
                     await result
-            except Exception:
-                logger.exception("egress callback failed for reply %s", reply.message_id)
+            except Exception as exc:
+                logger.warning("egress callback failed for reply %s: %s: %s", reply.message_id,
+                               type(exc).__name__, exc,
+                               exc_info=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
+                error = EgressFailed(f"egress failed: {type(exc).__name__}: {exc}")
+                with contextlib.suppress(Exception):
+                    data = msg.xml() if msg is not None else None
+                    await self._dead_letter(error, data, None, reply.thread_id, reply.message_id)
 
     # -- errors ----------------------------------------------------------------
 
@@ -843,7 +964,7 @@ class StreamPump:
         """
         self._ingress += 1
         self._rejected += 1
-        await self._reject(error, data, None, sender)
+        await self._reject(error, data, sender)
 
     async def _abandon(self, d: _Delivery, state: str) -> None:
         msg = d.message
@@ -879,7 +1000,7 @@ class StreamPump:
         about: Frame | None = None,
     ) -> None:
         """Send a Huh to ``to`` on ``frame`` (to the external sender if ``to`` is None)."""
-        huh = Huh(code=exc.code, message=exc.reason, listener=exc.listener, excerpt=_excerpt(data))
+        huh = _huh(exc, data)
         msg = _Message(self._new_id(), sender, None, _HUH_QNAME, model=huh)
         if to is None:
             msg.to = frame.origin
