@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -343,3 +344,34 @@ def test_exits_when_stdin_closes(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert out.count(b"\n") == 1 and b"<n>4</n>" in out
+
+
+def test_closed_stdout_stops_quietly(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"\n".join(GREETING % f"p{i}".encode() for i in range(200)) + b"\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xml_pipeline", str(HELLO), "--input", str(source), "--to",
+         "greeter"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"<message")
+    proc.stdout.close()  # like `| head -1`
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=30) == 0, err
+    assert b"Traceback" not in err
+
+
+def test_closed_stdin_and_unwritable_schema_dir_are_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "xml_pipeline", str(HELLO), "--input", "-"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=30, cwd=ROOT, check=False,
+        preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert result.returncode == 2 and b"standard input is closed" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = cli("schema", str(HELLO), "--out", str(blocker / "dir"))
+    assert result.returncode == 1 and result.stderr.count(b"\n") == 1
+    assert b"Traceback" not in result.stderr

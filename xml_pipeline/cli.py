@@ -99,12 +99,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"xml_pipeline: error: --input {args.input}: cannot read", file=sys.stderr)
             return EXIT_USAGE
+        if args.input == "-" and not _stdin_open():
+            print("xml_pipeline: error: --input -: standard input is closed", file=sys.stderr)
+            return EXIT_USAGE
         return _run(organism, args)
     except XmlPipelineError as exc:
         print(f"xml_pipeline: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        print(f"xml_pipeline: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _stdin_open() -> bool:
+    if sys.stdin is None:
+        return False
+    try:
+        os.fstat(sys.stdin.fileno())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # -- check / schema ----------------------------------------------------------------
@@ -265,13 +281,28 @@ def _print_stats(stats: PumpStatistics) -> None:
 
 async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
-
-    def egress(reply: Reply) -> None:
-        out.write(reply.to_xml() + b"\n")
-        out.flush()
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reader_gone = False
+
+    def egress(reply: Reply) -> None:
+        nonlocal reader_gone
+        if reader_gone:
+            raise BrokenPipeError("standard output is closed")
+        try:
+            out.write(reply.to_xml() + b"\n")
+            out.flush()
+        except BrokenPipeError:
+            # Whoever read our output is gone (`| head -1`): stop as on SIGTERM, and
+            # point stdout at /dev/null so the interpreter's final flush is quiet.
+            reader_gone = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            if not stop.is_set():
+                logger.warning("standard output is closed: stopping")
+                stop.set()
+            raise
     main_task = asyncio.current_task()
     signals = 0
 
