@@ -62,6 +62,7 @@ from .frame import Frame, FrameRegistry
 from .handler import HandlerMetadata, HandlerResponse
 from .parser import parse_bytes
 from .payload import Codec, Huh, codec_for
+from .routing import RoutingTable
 
 __all__ = ["ListenerStatistics", "PumpStatistics", "Reply", "StreamPump"]
 
@@ -288,16 +289,15 @@ class StreamPump:
         )
         self._frames = FrameRegistry(self.backend)
         self._egress = egress
-        self._runtimes: dict[str, _Runtime] = {}
-        self._routes: dict[str, tuple[_Runtime, ...]] = {}
-        for listener in organism.listeners:
-            codecs: dict[str, Codec] = {}
-            for cls in listener.payloads:
-                codec = codec_for(cls)
-                codecs[codec.qname] = codec
-            rt = self._runtimes[listener.name] = _Runtime(listener, codecs)
-            for qname in codecs:
-                self._routes[qname] = (*self._routes.get(qname, ()), rt)
+        table = RoutingTable(organism.listeners)
+        self._runtimes: dict[str, _Runtime] = {
+            listener.name: _Runtime(listener, table.by_listener[listener.name])
+            for listener in organism.listeners
+        }
+        self._routes: dict[str, tuple[_Runtime, ...]] = {
+            qname: tuple(self._runtimes[route.listener.name] for route in routes)
+            for qname, routes in table.by_qname.items()
+        }
         self._ids = itertools.count(1)
         self._id_prefix = _uuid.uuid4().hex[:12] + "-"
         self._pending = 0
