@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
+from . import __version__
 from .backends import check_backend_url
 from .config import Organism, load_organism
 from .exceptions import MessageTooLarge, XmlPipelineError
@@ -43,7 +44,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m xml_pipeline", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="python -m xml_pipeline",
+        description="Run an organism of XML message handlers (run is the default command).",
+        epilog="Example: python -m xml_pipeline organisms/hello.yaml --input - --to greeter",
+    )
+    parser.add_argument("--version", action="version", version=f"xml_pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run an organism (the default command)")
@@ -76,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help"):
+    if args_list and args_list[0] not in COMMANDS and args_list[0] not in (
+        "-h",
+        "--help",
+        "--version",
+    ):
         args_list.insert(0, "run")
     args = _parser().parse_args(args_list)
     logging.basicConfig(
