@@ -225,6 +225,7 @@ def test_bad_config_gives_one_clear_line(tmp_path: Path, yaml_text: str, expecte
         ([str(HELLO), "--input", str(ROOT / "organisms")], b"organisms: cannot read"),
         ([str(HELLO), "--log-level", "chatty"], b"invalid choice"),
         (["check", str(HELLO), "--backend", "pigeon://x"], b"schemes available are memory://"),
+        ([str(HELLO), "--sender", "a\x01b"], b"--sender must be printable"),
         ([str(HELLO), "--backend", "pigeon://x"], b"schemes available are memory://"),
     ],
 )
@@ -375,3 +376,20 @@ def test_closed_stdin_and_unwritable_schema_dir_are_one_line(tmp_path: Path) -> 
     result = cli("schema", str(HELLO), "--out", str(blocker / "dir"))
     assert result.returncode == 1 and result.stderr.count(b"\n") == 1
     assert b"Traceback" not in result.stderr
+
+
+def test_dev_null_as_input_and_closed_stdout_at_start() -> None:
+    result = cli(str(HELLO), "--input", "/dev/null")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 2
+    with open(os.devnull, "rb") as devnull:
+        result = subprocess.run(
+            [sys.executable, "-m", "xml_pipeline", str(HELLO), "--input", "-"],
+            stdin=devnull, capture_output=True, timeout=30, cwd=ROOT, check=False,
+        )  # fmt: skip
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 2
+    result = subprocess.run(
+        [sys.executable, "-m", "xml_pipeline", str(HELLO)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30, cwd=ROOT, check=False,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert result.returncode == 2 and b"standard output is closed" in result.stderr

@@ -567,6 +567,14 @@ async def test_gc_threshold_is_raised_while_running_and_restored() -> None:
         )
         async with StreamPump(untouched):
             assert gc.get_threshold()[0] == 700
+        # Two pumps at once: the first to stop does not undo it for the other.
+        first, second = StreamPump(organism), StreamPump(organism)
+        await first.__aenter__()
+        await second.__aenter__()
+        await first.aclose()
+        assert gc.get_threshold()[0] == 10_000
+        await second.aclose()
+        assert gc.get_threshold()[0] == 700
     finally:
         gc.set_threshold(*before)
 

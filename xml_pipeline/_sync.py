@@ -50,13 +50,6 @@ class SyncRunner:
             spawn = self._idle == 0 and self._threads < self._size
             if spawn:
                 self._threads += 1
-            elif self._idle == 0 and self._busy >= self._size:
-                logger.warning(
-                    "all %d threads of %s are busy (handlers past their timeout still run); "
-                    "messages wait",
-                    self._size,
-                    self._name,
-                )
         self._jobs.put((loop, future, fn, args))
         if spawn:
             thread = threading.Thread(
@@ -77,6 +70,10 @@ class SyncRunner:
                     return
                 self._busy += 1
             loop, future, fn, args = job
+            if future.done():  # cancelled (timed out) while it waited for a thread
+                with self._lock:
+                    self._busy -= 1
+                continue
             try:
                 ok, value = True, fn(*args)
             except BaseException as exc:  # handed to the awaiting coroutine

@@ -109,8 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"xml_pipeline: error: --input {args.input}: cannot read", file=sys.stderr)
             return EXIT_USAGE
-        if args.input == "-" and not _stdin_open():
+        if args.input == "-" and not _stream_open(sys.stdin):
             print("xml_pipeline: error: --input -: standard input is closed", file=sys.stderr)
+            return EXIT_USAGE
+        if not _stream_open(sys.stdout):
+            print("xml_pipeline: error: standard output is closed", file=sys.stderr)
+            return EXIT_USAGE
+        if not args.sender or not args.sender.isprintable():
+            print("xml_pipeline: error: --sender must be printable text", file=sys.stderr)
             return EXIT_USAGE
         return _run(organism, args)
     except XmlPipelineError as exc:
@@ -123,11 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _stdin_open() -> bool:
-    if sys.stdin is None:
+def _stream_open(stream: IO[str] | None) -> bool:
+    if stream is None:
         return False
     try:
-        os.fstat(sys.stdin.fileno())
+        os.fstat(stream.fileno())
     except (OSError, ValueError):
         return False
     return True
@@ -203,7 +209,10 @@ async def _chunks(source: str) -> AsyncIterator[bytes]:
         stream = open(source, "rb")  # noqa: SIM115, ASYNC230 - closed below; a local file
         close = True
     try:
-        if stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+        mode = os.fstat(stream.fileno()).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stream.isatty()):
+            # Files and devices such as /dev/null cannot be watched by the event loop:
+            # read them directly, a chunk at a time.
             while chunk := stream.read(65536):
                 yield chunk
                 await asyncio.sleep(0)

@@ -170,6 +170,37 @@ class PumpStatistics:
     listeners: MappingProxyType[str, ListenerStatistics]
 
 
+class _GcTuning:
+    """Raises the GC's generation-0 threshold while at least one pump runs.
+
+    Every hop allocates a few dozen short-lived objects while histories keep many
+    long-lived ones: with the default threshold (700) the collector runs every few
+    hops and costs about a third of the pump's time (benchmarks/relay.py). The
+    setting is process-wide, so it is undone when the last pump stops.
+    """
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.saved: tuple[int, int, int] | None = None
+
+    def acquire(self, wanted: int) -> None:
+        current = gc.get_threshold()
+        if self.users == 0:
+            self.saved = current
+        self.users += 1
+        if current[0] < wanted:
+            gc.set_threshold(wanted, current[1], current[2])
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.saved is not None:
+            gc.set_threshold(*self.saved)
+            self.saved = None
+
+
+_GC = _GcTuning()
+
+
 class _Message:
     """A message inside the pump. Payload bytes, element and model are made lazily."""
 
@@ -315,12 +346,13 @@ class StreamPump:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
-        self._gc_saved: tuple[int, int, int] | None = None
+        self._gc_tuned = False
         self._ingress = 0
         self._rejected = 0
         self._egress_count = 0
         self._dead_letters = 0
         self._duplicates = 0
+        self._egress_failures = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -377,22 +409,17 @@ class StreamPump:
         for runner in self._sync.values():
             runner.shutdown()
         self._sync.clear()
-        if self._gc_saved is not None:
-            gc.set_threshold(*self._gc_saved)
-            self._gc_saved = None
+        if self._gc_tuned:
+            self._gc_tuned = False
+            _GC.release()
         if self._owns_backend:
             await self.backend.aclose()
 
     def _tune_gc(self) -> None:
-        # Every hop allocates a few dozen short-lived objects while histories keep
-        # many long-lived ones: with the default generation-0 threshold (700) the
-        # collector runs every few hops and costs about a third of the pump's time
-        # (benchmarks/relay.py). Raising it is process-wide, so it is undone on exit.
         wanted = self._settings.gc_threshold
-        current = gc.get_threshold()
-        if wanted is not None and current[0] < wanted:
-            self._gc_saved = current
-            gc.set_threshold(wanted, current[1], current[2])
+        if wanted is not None:
+            _GC.acquire(wanted)
+            self._gc_tuned = True
 
     async def wait_idle(self) -> None:
         """Return once nothing is queued or being handled."""
@@ -791,6 +818,12 @@ class StreamPump:
                 return await future
         except TimeoutError as exc:
             if timeout is not None and scope.expired():
+                if not listener.is_async:
+                    logger.warning(
+                        "%s is past its timeout; if it already started, it keeps its thread "
+                        "until it returns",
+                        listener.name,
+                    )
                 raise HandlerTimeout(
                     f"{listener.name} did not finish within {timeout:g} s", listener=listener.name
                 ) from exc
@@ -944,9 +977,13 @@ class StreamPump:
                 if result is not None:
                     await result
             except Exception as exc:
-                logger.warning("egress callback failed for reply %s: %s: %s", reply.message_id,
-                               type(exc).__name__, exc,
-                               exc_info=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
+                self._egress_failures += 1
+                if self._egress_failures % 1000 == 1:
+                    logger.warning(
+                        "egress callback failed (%d so far; replies are dead-lettered): %s: %s",
+                        self._egress_failures, type(exc).__name__, exc,
+                        exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )  # fmt: skip
                 error = EgressFailed(f"egress failed: {type(exc).__name__}: {exc}")
                 with contextlib.suppress(Exception):
                     data = msg.xml() if msg is not None else None
