@@ -82,11 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] not in COMMANDS and args_list[0] not in (
-        "-h",
-        "--help",
-        "--version",
-    ):
+    if args_list and args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
         args_list.insert(0, "run")
     args = _parser().parse_args(args_list)
     logging.basicConfig(
@@ -322,6 +318,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
                 logger.warning("standard output is closed: stopping")
                 stop.set()
             raise
+
     main_task = asyncio.current_task()
     signals = 0
 
