@@ -1,32 +1,16 @@
 """The in-memory backend: the reference implementation of :class:`Backend`.
 
-Everything lives in this process, in plain dicts. Every semantic question about
-backends (idempotency, trimming, eviction) is answered here first; the other
-backends are checked against it by the conformance suite.
+Everything lives in this process (see :class:`~xml_pipeline.backends.store.Store`
+for the semantics). The other backends are checked against it by the conformance
+suite in :mod:`xml_pipeline.testing`.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-from collections import OrderedDict, deque
-
 from .base import DeadLetter, HistoryLimits, Slot
+from .store import Store
 
 __all__ = ["MemoryBackend"]
-
-logger = logging.getLogger(__name__)
-
-_new_tuple = tuple.__new__
-
-
-class _History:
-    __slots__ = ("keys", "slots", "trimmed")
-
-    def __init__(self) -> None:
-        self.slots: deque[Slot] = deque()
-        self.keys: dict[tuple[str, str], int] = {}
-        self.trimmed = 0
 
 
 class MemoryBackend:
@@ -40,187 +24,73 @@ class MemoryBackend:
 
     def __init__(self, limits: HistoryLimits | None = None) -> None:
         self.limits = limits or HistoryLimits()
-        # Frames in least-recently-used order (histories and registry share it).
-        self._histories: OrderedDict[str, _History] = OrderedDict()
-        self._chain_to_uuid: dict[str, str] = {}
-        self._uuid_to_chain: OrderedDict[str, str] = OrderedDict()
-        self._dead: OrderedDict[str, DeadLetter] = OrderedDict()
-        self._dead_ids = itertools.count(1)
-        self._counters = {"slots_trimmed": 0, "threads_evicted": 0, "dead_letters_dropped": 0}
-        self._closed = False
-
-    # -- history ---------------------------------------------------------------
+        self._store = Store(self.limits)
 
     async def buffer_append(self, thread_id: str, slot: Slot) -> int:
-        histories = self._histories
-        history = histories.get(thread_id)
-        if history is None:
-            history = histories[thread_id] = _History()
-            if len(histories) > self.limits.max_threads:
-                self._evict()
-        else:
-            histories.move_to_end(thread_id)
-        if thread_id in self._uuid_to_chain:
-            self._uuid_to_chain.move_to_end(thread_id)
-        key = (slot.message_id, slot.direction)
-        index = history.keys.get(key)
-        if index is not None:
-            return index
-        index = history.trimmed + len(history.slots)
-        history.slots.append(_new_tuple(Slot, (index, *slot[1:])))
-        history.keys[key] = index
-        if len(history.slots) > self.limits.max_slots_per_thread:
-            old = history.slots.popleft()
-            history.trimmed += 1
-            self._counters["slots_trimmed"] += 1
-            history.keys.pop((old.message_id, old.direction), None)
-        return index
-
-    def _evict(self) -> None:
-        # The least recently written frame goes first, history and registry entry
-        # together (both are kept in least-recently-used order).
-        limit = self.limits.max_threads
-        while len(self._histories) > limit or len(self._uuid_to_chain) > limit:
-            if len(self._histories) > limit:
-                uuid = next(iter(self._histories))
-            else:
-                uuid = next(iter(self._uuid_to_chain))
-            self._histories.pop(uuid, None)
-            self._drop_registry(uuid)
-            self._counters["threads_evicted"] += 1
+        return self._store.buffer_append(thread_id, slot)
 
     async def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
-        history = self._histories.get(thread_id)
-        return history is not None and (message_id, direction) in history.keys
+        return self._store.buffer_contains(thread_id, message_id, direction)
 
     async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
-        history = self._histories.get(thread_id)
-        return list(history.slots) if history is not None else []
+        return self._store.buffer_get_thread(thread_id)
 
     async def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
-        history = self._histories.get(thread_id)
-        if history is None:
-            return None
-        pos = index - history.trimmed
-        if 0 <= pos < len(history.slots):
-            return history.slots[pos]
-        return None
+        return self._store.buffer_get_slot(thread_id, index)
 
     async def buffer_thread_len(self, thread_id: str) -> int:
-        history = self._histories.get(thread_id)
-        return len(history.slots) if history is not None else 0
+        return self._store.buffer_thread_len(thread_id)
 
     async def buffer_thread_exists(self, thread_id: str) -> bool:
-        return thread_id in self._histories
+        return self._store.buffer_thread_exists(thread_id)
 
     async def buffer_delete_thread(self, thread_id: str) -> bool:
-        return self._histories.pop(thread_id, None) is not None
+        return self._store.buffer_delete_thread(thread_id)
 
     async def buffer_list_threads(self) -> list[str]:
-        return list(self._histories)
+        return self._store.buffer_list_threads()
 
     async def buffer_clear(self) -> None:
-        self._histories.clear()
-
-    # -- registry --------------------------------------------------------------
+        return self._store.buffer_clear()
 
     async def registry_set(self, chain: str, uuid: str) -> None:
-        old = self._chain_to_uuid.get(chain)
-        if old is not None and old != uuid:
-            self._uuid_to_chain.pop(old, None)
-        old_chain = self._uuid_to_chain.get(uuid)
-        if old_chain is not None and old_chain != chain:
-            self._chain_to_uuid.pop(old_chain, None)
-        self._chain_to_uuid[chain] = uuid
-        self._uuid_to_chain[uuid] = chain
-        if len(self._uuid_to_chain) > self.limits.max_threads:
-            self._evict()
+        return self._store.registry_set(chain, uuid)
 
     async def registry_setdefault(self, chain: str, uuid: str) -> str:
-        existing = self._chain_to_uuid.get(chain)
-        if existing is not None:
-            return existing
-        await self.registry_set(chain, uuid)
-        return uuid
+        return self._store.registry_setdefault(chain, uuid)
 
     async def registry_get_uuid(self, chain: str) -> str | None:
-        return self._chain_to_uuid.get(chain)
+        return self._store.registry_get_uuid(chain)
 
     async def registry_get_chain(self, uuid: str) -> str | None:
-        return self._uuid_to_chain.get(uuid)
-
-    def _drop_registry(self, uuid: str) -> bool:
-        chain = self._uuid_to_chain.pop(uuid, None)
-        if chain is None:
-            return False
-        if self._chain_to_uuid.get(chain) == uuid:
-            del self._chain_to_uuid[chain]
-        return True
+        return self._store.registry_get_chain(uuid)
 
     async def registry_delete(self, uuid: str) -> bool:
-        return self._drop_registry(uuid)
+        return self._store.registry_delete(uuid)
 
     async def registry_list_all(self) -> dict[str, str]:
-        return dict(self._uuid_to_chain)
+        return self._store.registry_list_all()
 
     async def registry_clear(self) -> None:
-        self._chain_to_uuid.clear()
-        self._uuid_to_chain.clear()
-
-    # -- dead letters ----------------------------------------------------------
+        return self._store.registry_clear()
 
     async def deadletter_add(self, letter: DeadLetter) -> str:
-        letter_id = letter.id
-        if not letter_id:
-            letter_id = f"dl-{next(self._dead_ids)}"
-            while letter_id in self._dead:
-                letter_id = f"dl-{next(self._dead_ids)}"
-        cap = self.limits.dead_letter_bytes
-        self._dead[letter_id] = DeadLetter(
-            id=letter_id,
-            timestamp=letter.timestamp,
-            code=letter.code,
-            reason=letter.reason,
-            listener=letter.listener,
-            thread_id=letter.thread_id,
-            message_id=letter.message_id,
-            data=letter.data[:cap],
-        )
-        while len(self._dead) > self.limits.max_dead_letters:
-            self._dead.popitem(last=False)
-            self._counters["dead_letters_dropped"] += 1
-            if self._counters["dead_letters_dropped"] in (1, 100, 10_000):
-                logger.warning(
-                    "dead-letter store full (%d): dropped %d oldest so far",
-                    self.limits.max_dead_letters,
-                    self._counters["dead_letters_dropped"],
-                )
-        return letter_id
+        return self._store.deadletter_add(letter)
 
     async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
-        letters = list(self._dead.values())
-        return letters if limit is None else letters[:limit]
+        return self._store.deadletter_list(limit)
 
     async def deadletter_delete(self, letter_id: str) -> bool:
-        return self._dead.pop(letter_id, None) is not None
+        return self._store.deadletter_delete(letter_id)
 
     async def deadletter_purge(self) -> int:
-        n = len(self._dead)
-        self._dead.clear()
-        return n
-
-    # -- lifecycle -------------------------------------------------------------
+        return self._store.deadletter_purge()
 
     async def info(self) -> dict[str, int]:
-        return {
-            "buffer_threads": len(self._histories),
-            "registry_entries": len(self._uuid_to_chain),
-            "dead_letters": len(self._dead),
-            **self._counters,
-        }
+        return self._store.info()
 
     async def aclose(self) -> None:
-        self._closed = True
+        return None
 
     async def close(self) -> None:
-        await self.aclose()
+        return None
