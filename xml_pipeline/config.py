@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +95,26 @@ class _BootSection(_Strict):
     payload: str = Field(min_length=1)
 
 
+class _ManagerSection(_Strict):
+    authkey: str | None = Field(None, min_length=1, repr=False)
+    serve: bool = False
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+
+class _RedisSection(_Strict):
+    prefix: str = Field("xml_pipeline", min_length=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    socket_timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(5, ge=0)
+
+
 class OrganismConfig(_Strict):
     """The whole organism YAML file, validated but not yet imported."""
 
     organism: _OrganismSection
     backend: str = "memory://"
+    manager: _ManagerSection = _ManagerSection()
+    redis: _RedisSection = _RedisSection()
     history: _HistorySection = _HistorySection()
     pump: _PumpSection = _PumpSection()
     listeners: list[_ListenerSection] = Field(min_length=1)
@@ -194,6 +209,8 @@ class Organism:
     settings: PumpSettings = field(default_factory=PumpSettings)
     boot: tuple[BootMessage, ...] = ()
     path: Path | None = None
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    """Options for the backend (the ``manager:`` or ``redis:`` section of the file)."""
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]
@@ -369,11 +386,18 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
 
     p = config.pump
     h = config.history
+    url = backend or config.backend
+    scheme = url.partition("://")[0]
+    options: dict[str, Any] = {}
+    if scheme == "manager":
+        options = config.manager.model_dump()
+    elif scheme == "redis":
+        options = config.redis.model_dump()
     try:
         return Organism(
             name=config.organism.name,
             listeners=tuple(listeners),
-            backend=backend or config.backend,
+            backend=url,
             history=HistoryLimits(
                 max_slots_per_thread=h.max_slots_per_thread,
                 max_threads=h.max_threads,
@@ -396,6 +420,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             ),
             boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
             path=path,
+            backend_options=options,
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

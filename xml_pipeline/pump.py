@@ -316,7 +316,9 @@ class StreamPump:
         self._settings = organism.settings
         self._owns_backend = backend is None
         self.backend: Backend = (
-            backend if backend is not None else open_backend(organism.backend, organism.history)
+            backend
+            if backend is not None
+            else open_backend(organism.backend, organism.history, **organism.backend_options)
         )
         self._frames = FrameRegistry(self.backend)
         self._egress = egress
@@ -360,6 +362,12 @@ class StreamPump:
         if self._running:
             raise RuntimeError("this StreamPump is already running")
         self._loop = asyncio.get_running_loop()
+        try:
+            await self.backend.ping()
+        except BaseException:
+            if self._owns_backend:
+                await self.backend.aclose()
+            raise
         self._tune_gc()
         for rt in self._runtimes.values():
             if not rt.listener.is_async:

@@ -205,6 +205,14 @@ class Backend(Protocol):
 
     # -- lifecycle -------------------------------------------------------------
 
+    async def ping(self) -> None:
+        """Check the backend can be reached (connecting if needed), within a bounded time.
+
+        Raises:
+            BackendUnavailable: with a one-line reason.
+        """
+        ...
+
     async def info(self) -> dict[str, int]:
         """Counters: ``buffer_threads``, ``registry_entries``, ``dead_letters``, ..."""
         ...

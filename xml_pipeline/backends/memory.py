@@ -89,6 +89,9 @@ class MemoryBackend:
     async def info(self) -> dict[str, int]:
         return self._store.info()
 
+    async def ping(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
