@@ -35,23 +35,10 @@ from lxml import etree
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import NS, hop_envelope, percentile  # noqa: E402
+
 from xml_pipeline import Reply, StreamPump, build_envelope, load_organism  # noqa: E402
 from xml_pipeline.envelope import parse_envelope  # noqa: E402
-
-NS = "https://example.org/relay"
-
-
-def hop_envelope(seq: int, last: int) -> bytes:
-    payload = etree.Element(f"{{{NS}}}Hop", nsmap={None: NS})  # type: ignore[dict-item]
-    etree.SubElement(payload, f"{{{NS}}}seq").text = str(seq)
-    etree.SubElement(payload, f"{{{NS}}}last").text = str(last)
-    return build_envelope(sender="bench", to="relay.1", payload=payload)
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1)))]
-
 
 # -- the floor -----------------------------------------------------------------------
 

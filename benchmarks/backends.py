@@ -1,0 +1,267 @@
+"""Backend benchmark: per-operation latency and throughput of every backend, and the
+pump's relay throughput on each, in one run.
+
+    python benchmarks/backends.py                  # memory, manager, redis
+    python benchmarks/backends.py --backends memory,redis --ops 5000
+
+The script starts what it needs on free loopback ports: a ``redis-server`` (Debian's
+binary, no persistence) and a standalone manager store (``python -m xml_pipeline
+manager``). For reference it also times the original design's append (a
+``multiprocessing.Manager`` dict holding a nested list proxy per thread, behind a
+manager lock), the cost the Manager backend was built to avoid.
+
+Cases, each one summary line:
+- ``append``: sequential ``buffer_append`` round trips (µs per op, p50/p99);
+- ``append x100``: 100 concurrent appends at a time (ops/s): what coalescing buys;
+- ``get_thread``: reading a 50-slot history (µs per op);
+- ``setdefault``: ``registry_setdefault`` (µs per op);
+- ``relay``: benchmarks/relay.py's organism (3 hops, 5 deliveries per message) on
+  the backend, hops/s, and its ratio to the memory backend's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from _common import hop_envelope, percentile  # noqa: E402
+
+from xml_pipeline import Reply, StreamPump, load_organism  # noqa: E402
+from xml_pipeline.backends import Backend, HistoryLimits, Slot, open_backend  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextmanager
+def redis_server() -> Any:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", folder],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_port(port)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextmanager
+def manager_server(authkey: str) -> Any:
+    port = free_port()
+    env = {**os.environ, "XML_PIPELINE_MANAGER_AUTHKEY": authkey}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xml_pipeline", "manager", "--address", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield f"manager://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def slot(i: int) -> Slot:
+    return Slot(0, "in", "relay.1", "relay.2", "{urn:b}Hop", f"m{i}", time.time(),
+                b'<Hop xmlns="urn:b"><seq>1</seq></Hop>')  # fmt: skip
+
+
+async def time_ops(backend: Backend, ops: int) -> dict[str, Any]:
+    lat: list[float] = []
+    for i in range(ops):
+        t0 = time.perf_counter()
+        await backend.buffer_append(f"seq-{i % 200}", slot(i))
+        lat.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    batches = max(1, ops // 100)
+    for b in range(batches):
+        await asyncio.gather(*(backend.buffer_append(f"par-{b}", slot(i)) for i in range(100)))
+    concurrent_s = time.perf_counter() - t0
+    for i in range(50):
+        await backend.buffer_append("reader", slot(i))
+    reads: list[float] = []
+    for _ in range(max(1, ops // 10)):
+        t0 = time.perf_counter()
+        await backend.buffer_get_thread("reader")
+        reads.append(time.perf_counter() - t0)
+    sets: list[float] = []
+    for i in range(max(1, ops // 5)):
+        t0 = time.perf_counter()
+        await backend.registry_setdefault(f'["o","r","{i}"]', f"u{i}")
+        sets.append(time.perf_counter() - t0)
+    return {
+        "append_p50_us": percentile(lat, 0.5) * 1e6,
+        "append_p99_us": percentile(lat, 0.99) * 1e6,
+        "append_x100_ops_per_s": batches * 100 / concurrent_s,
+        "get_thread_p50_us": percentile(reads, 0.5) * 1e6,
+        "setdefault_p50_us": percentile(sets, 0.5) * 1e6,
+    }
+
+
+async def relay(backend: Backend, messages: list[bytes]) -> float:
+    organism = load_organism(ROOT / "organisms" / "relay.yaml")
+    done = asyncio.Event()
+    count = 0
+
+    def egress(reply: Reply) -> None:
+        nonlocal count
+        count += 1
+        if count == len(messages):
+            done.set()
+
+    async with StreamPump(organism, backend=backend, egress=egress) as pump:
+        t0 = time.perf_counter()
+        for data in messages:
+            await pump.inject(data)
+        await asyncio.wait_for(done.wait(), 600)
+        elapsed = time.perf_counter() - t0
+        stats = pump.statistics()
+    if stats.dead_letters or stats.rejected:
+        raise SystemExit(f"relay on the backend had errors: {stats}")
+    return sum(s.handled for s in stats.listeners.values()) / elapsed
+
+
+def seed_append_us(ops: int) -> float:
+    """The original design: Manager dict → nested list proxy per thread, under a lock."""
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager:
+        buffers = manager.dict()
+        lock = manager.Lock()
+        lat = []
+        for i in range(ops):
+            t0 = time.perf_counter()
+            with lock:
+                key = f"t{i % 50}"
+                if key not in buffers:
+                    buffers[key] = manager.list()
+                slots = buffers[key]
+                slots.append(b"x" * 200)
+                _ = len(slots) - 1
+            lat.append(time.perf_counter() - t0)
+    return percentile(lat, 0.5) * 1e6
+
+
+@asynccontextmanager
+async def opened(url: str, **options: Any) -> AsyncIterator[Backend]:
+    backend = open_backend(url, HistoryLimits(max_slots_per_thread=64), **options)
+    await backend.ping()
+    try:
+        yield backend
+    finally:
+        await backend.buffer_clear()
+        await backend.registry_clear()
+        await backend.aclose()
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    names = args.backends.split(",")
+    messages = [hop_envelope(i, 3) for i in range(args.messages)]
+    authkey = secrets.token_hex(16)
+    results: list[dict[str, Any]] = []
+    with ExitStack() as servers:
+        urls: dict[str, tuple[str, dict[str, Any]]] = {"memory": ("memory://", {})}
+        if "redis" in names:
+            urls["redis"] = (servers.enter_context(redis_server()), {"prefix": "bench"})
+        if "manager" in names:
+            urls["manager"] = (servers.enter_context(manager_server(authkey)), {"authkey": authkey})
+        for name in names:
+            url, options = urls[name]
+            async with opened(url, **options) as backend:
+                ops = await time_ops(backend, args.ops)
+            async with opened(url, **options) as backend:
+                hops = await relay(backend, messages)
+            results.append({"backend": name, **ops, "relay_hops_per_s": hops})
+    memory = next((r for r in results if r["backend"] == "memory"), None)
+    for r in results:
+        if memory is not None:
+            r["relay_ratio_to_memory"] = r["relay_hops_per_s"] / memory["relay_hops_per_s"]
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="memory,manager,redis")
+    parser.add_argument("--ops", type=int, default=3000, help="sequential appends per backend")
+    parser.add_argument("--messages", type=int, default=5000, help="relay messages per backend")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument("--no-seed", action="store_true", help="skip the original design's append")
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "benchmarks" / "results" / "backends.json"
+    )
+    args = parser.parse_args()
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        results = runner.run(run(args))
+    for r in results:
+        ratio = r.get("relay_ratio_to_memory")
+        print(
+            f"backend {r['backend']:<8} append p50 {r['append_p50_us']:8.1f} us  "
+            f"p99 {r['append_p99_us']:8.1f} us  append x100 {r['append_x100_ops_per_s']:>9,.0f} "
+            f"ops/s  get_thread {r['get_thread_p50_us']:7.1f} us  setdefault "
+            f"{r['setdefault_p50_us']:7.1f} us  relay {r['relay_hops_per_s']:>8,.0f} hops/s"
+            + (f"  ratio {ratio:.2f}" if ratio is not None else "")
+        )
+    seed = None
+    if not args.no_seed:
+        seed = seed_append_us(min(args.ops, 1000))
+        print(f"backend seed     append p50 {seed:8.1f} us  (nested proxy per thread + lock)")
+    report = {
+        "benchmark": "backends",
+        "python": platform.python_version(),
+        "loop": args.loop,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": results,
+        "seed_append_p50_us": seed,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
