@@ -50,3 +50,22 @@ def run_pump() -> Callable[..., Any]:
             yield Harness(pump, replies)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real ``redis-server`` on a free loopback port for the whole session.
+
+    Fails (never skips) when the server cannot be started; stopped at the end.
+    """
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start redis-server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
