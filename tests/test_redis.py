@@ -1,0 +1,481 @@
+"""The Redis backend against a real redis-server: conformance, failures, the pump on it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+from redis_server import LossyProxy, RedisServer, closed_port
+
+from xml_pipeline import BackendError, BackendUnavailable, StreamPump, load_organism
+from xml_pipeline.backends import (
+    Backend,
+    DeadLetter,
+    HistoryLimits,
+    Slot,
+    dead_letter_to_bytes,
+    open_backend,
+    slot_to_bytes,
+)
+from xml_pipeline.backends.redis import RedisBackend
+from xml_pipeline.testing import CHECKS, Check, backend_state_machine, run_check
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "organisms" / "hello.yaml"
+GREETING = '<Greeting xmlns="https://example.org/hello"><name>{}</name></Greeting>'
+
+
+def new_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def slot(mid: str, direction: str = "in", xml: bytes = b"<P/>") -> Slot:
+    return Slot(0, direction, "a", "b", "{urn:x}P", mid, 1_700_000_000.5, xml)  # type: ignore[arg-type]
+
+
+def factory_for(url: str, **options: Any) -> Callable[[HistoryLimits], Any]:
+    """Fresh, empty backends (a new key prefix each), their keys removed afterwards."""
+
+    @asynccontextmanager
+    async def factory(limits: HistoryLimits) -> AsyncIterator[Backend]:
+        prefix = new_prefix()
+        backend = RedisBackend.from_url(url, limits, prefix=prefix, **options)
+        try:
+            yield backend
+        finally:
+            await backend.aclose()
+            cleaner = RedisBackend.from_url(url, limits, prefix=prefix)
+            await cleaner.buffer_clear()
+            await cleaner.registry_clear()
+            await cleaner.deadletter_purge()
+            await cleaner.aclose()
+
+    return factory
+
+
+@asynccontextmanager
+async def raw_client(url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client, to look at what the backend stored."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# -- conformance ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.name for c in CHECKS])
+async def test_conformance(redis_server: RedisServer, check: Check) -> None:
+    await run_check(factory_for(redis_server.url), check)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_state_machine_matches_the_reference_store(redis_server: RedisServer, loop: str) -> None:
+    loop_factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    machine = backend_state_machine(factory_for(redis_server.url), loop_factory=loop_factory)
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+async def test_open_backend_dispatches_redis_urls(redis_server: RedisServer) -> None:
+    backend = open_backend(
+        redis_server.url, HistoryLimits(ttl_s=60), prefix=new_prefix(), retries=1,
+        connect_timeout_s=1.0, socket_timeout_s=1.0,
+    )  # fmt: skip
+    assert isinstance(backend, RedisBackend)
+    assert isinstance(backend, Backend)
+    await backend.ping()
+    await backend.aclose()
+    await backend.close()  # idempotent
+
+
+def test_a_bad_url_is_one_clear_error() -> None:
+    with pytest.raises(BackendUnavailable, match="invalid Redis URL"):
+        RedisBackend.from_url("redis://127.0.0.1:notaport/0")
+
+
+def test_the_password_is_not_shown() -> None:
+    backend = RedisBackend.from_url("redis://user:s3cret@127.0.0.1:6379/0")
+    assert "s3cret" not in backend.url and "s3cret" not in repr(backend)
+
+
+# -- what is stored, and how -----------------------------------------------------------
+
+
+async def test_key_layout_formats_and_ttl(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    limits = HistoryLimits(ttl_s=100, max_slots_per_thread=2)
+    backend = RedisBackend.from_url(redis_server.url, limits, prefix=prefix)
+    chain = '["caller","root:with:colons","x.y"]'
+    try:
+        await backend.registry_set(chain, "frame:1")
+        for i in range(3):
+            await backend.buffer_append("frame:1", slot(f"m{i}", xml=b"<P>\xc3\xa9</P>"))
+        await backend.deadletter_add(
+            DeadLetter("", 1.5, "malformed", "why", None, None, None, b"<x")
+        )
+        assert await backend.buffer_list_threads() == ["frame:1"], "bare thread ids"
+        async with raw_client(redis_server.url) as r:
+            keys = sorted(k.decode() for k in await r.keys(f"{prefix}:*"))
+            assert keys == [
+                f"{prefix}:chain:{chain}",
+                f"{prefix}:dl:data",
+                f"{prefix}:dl:ids",
+                f"{prefix}:dl:seq",
+                f"{prefix}:hidx:frame:1",
+                f"{prefix}:hist:frame:1",
+                f"{prefix}:stats",
+                f"{prefix}:uuid:frame:1",
+            ]
+            stored = await r.lrange(f"{prefix}:hist:frame:1", 0, -1)
+            expected = [slot(f"m{i}", xml=b"<P>\xc3\xa9</P>")._replace(index=i) for i in (1, 2)]
+            assert stored == [slot_to_bytes(s) for s in expected], "the documented JSON"
+            index = await r.hgetall(f"{prefix}:hidx:frame:1")
+            assert index == {b"in:m1": b"1", b"#1": b"in:m1", b"in:m2": b"2", b"#2": b"in:m2",
+                             b"trimmed": b"1"}  # fmt: skip
+            for key in ("hist:frame:1", "hidx:frame:1", "uuid:frame:1", f"chain:{chain}"):
+                ttl = await r.pttl(f"{prefix}:{key}")
+                assert 90_000 < ttl <= 100_000, key
+            assert await r.pttl(f"{prefix}:dl:data") == -1, "dead letters do not expire"
+            [letter_id] = await r.zrange(f"{prefix}:dl:ids", 0, -1)
+            [letter] = await backend.deadletter_list()
+            assert letter_id.decode() == letter.id
+            assert await r.hget(f"{prefix}:dl:data", letter_id) == dead_letter_to_bytes(letter)
+        info = await backend.info()
+        assert info == {"buffer_threads": 1, "registry_entries": 1, "dead_letters": 1,
+                        "slots_trimmed": 1, "dead_letters_dropped": 0}  # fmt: skip
+    finally:
+        await backend.buffer_clear()
+        await backend.registry_clear()
+        await backend.deadletter_purge()
+        await backend.aclose()
+
+
+async def test_idle_frames_expire_and_writes_keep_them_alive(redis_server: RedisServer) -> None:
+    backend = RedisBackend.from_url(redis_server.url, HistoryLimits(ttl_s=1), prefix=new_prefix())
+    try:
+        await backend.registry_set('["a","busy"]', "busy")
+        await backend.registry_set('["a","idle"]', "idle")
+        await backend.buffer_append("busy", slot("m0"))
+        await backend.buffer_append("idle", slot("m0"))
+        for i in range(1, 6):  # 1.5 s of writes to "busy" only
+            await asyncio.sleep(0.3)
+            await backend.buffer_append("busy", slot(f"m{i}"))
+        assert await backend.buffer_list_threads() == ["busy"]
+        assert await backend.registry_list_all() == {"busy": '["a","busy"]'}
+        assert await backend.registry_get_uuid('["a","idle"]') is None
+        assert await backend.buffer_thread_len("busy") == 6
+    finally:
+        await backend.aclose()
+
+
+async def test_a_restarted_server_forgets_scripts_and_eval_takes_over(
+    redis_server: RedisServer,
+) -> None:
+    backend = RedisBackend.from_url(redis_server.url, prefix=new_prefix())
+    try:
+        assert await backend.buffer_append("t", slot("m0")) == 0
+        async with raw_client(redis_server.url) as r:
+            await r.script_flush()
+        assert await backend.buffer_append("t", slot("m1")) == 1
+        assert await backend.buffer_append("t", slot("m0")) == 0
+    finally:
+        await backend.aclose()
+
+
+async def test_a_closed_backend_refuses_calls(redis_server: RedisServer) -> None:
+    backend = RedisBackend.from_url(redis_server.url, prefix=new_prefix())
+    await backend.ping()
+    await backend.aclose()
+    with pytest.raises(BackendUnavailable, match="closed"):
+        await backend.buffer_thread_len("t")
+
+
+async def test_a_server_error_is_a_backend_error(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    backend = RedisBackend.from_url(redis_server.url, prefix=prefix)
+    try:
+        async with raw_client(redis_server.url) as r:
+            await r.set(f"{prefix}:hist:t", b"not a list")
+        with pytest.raises(BackendError, match="WRONGTYPE") as info:
+            await backend.buffer_get_thread("t")
+        assert not isinstance(info.value, BackendUnavailable)
+        assert await backend.buffer_thread_len("u") == 0, "the connection is still usable"
+    finally:
+        await backend.aclose()
+
+
+# -- round trips -----------------------------------------------------------------------
+
+
+async def server_reads(url: str) -> int:
+    async with raw_client(url) as r:
+        return int((await r.info("stats"))["total_reads_processed"])
+
+
+async def test_concurrent_appends_are_pipelined(redis_server: RedisServer) -> None:
+    backend = RedisBackend.from_url(redis_server.url, prefix=new_prefix())
+    try:
+        await backend.buffer_append("warm", slot("m"))  # loads the script
+        before = backend.statistics()
+        reads = await server_reads(redis_server.url)
+        indexes = await asyncio.gather(
+            *(backend.buffer_append(f"t{i % 10}", slot(f"m{i}")) for i in range(100))
+        )
+        reads = await server_reads(redis_server.url) - reads
+        after = backend.statistics()
+        assert sorted(indexes) == sorted(list(range(10)) * 10)
+        assert after.commands - before.commands == 100
+        assert after.round_trips - before.round_trips == 1, "one pipeline for one loop tick"
+        assert after.largest_batch == 100
+        # The server's view: the INFO connection's own reads, plus a few for 100 commands.
+        assert reads <= 10, reads
+
+        before = backend.statistics()
+        for i in range(10):
+            await backend.buffer_append("seq", slot(f"m{i}"))
+        assert backend.statistics().round_trips - before.round_trips == 10, "one each"
+    finally:
+        await backend.aclose()
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+async def test_a_lost_reply_is_retried_and_the_slot_recorded_once(
+    redis_server: RedisServer,
+) -> None:
+    async with LossyProxy(redis_server.port) as proxy:
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
+        try:
+            await backend.ping()
+            proxy.drop_next_reply()
+            assert await backend.buffer_append("t", slot("m0")) == 0
+            assert proxy.dropped == 1 and proxy.connections == 2, "it reconnected"
+            assert backend.statistics().retries == 1
+            assert [s.message_id for s in await backend.buffer_get_thread("t")] == ["m0"]
+
+            proxy.drop_next_reply()
+            assert await backend.registry_setdefault('["a","r"]', "u1") == "u1"
+            assert await backend.registry_setdefault('["a","r"]', "u2") == "u1"
+
+            proxy.drop_next_reply()
+            letter = DeadLetter("", 1.0, "malformed", "lost once", None, None, None, b"")
+            await backend.deadletter_add(letter)
+            assert [x.reason for x in await backend.deadletter_list()] == ["lost once"]
+            assert proxy.dropped == 3
+        finally:
+            await backend.aclose()
+
+
+async def test_a_lost_reply_to_a_delete_is_not_retried(redis_server: RedisServer) -> None:
+    async with LossyProxy(redis_server.port) as proxy:
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
+        try:
+            await backend.registry_set('["a","r"]', "u1")
+            assert not await backend.registry_delete("u0")  # the server knows the script now
+            proxy.drop_next_reply()
+            with pytest.raises(BackendUnavailable, match="may or may not have been applied"):
+                await backend.registry_delete("u1")
+            assert backend.statistics().retries == 0
+            assert await backend.registry_get_chain("u1") is None, "it was applied"
+        finally:
+            await backend.aclose()
+
+
+async def test_ping_when_redis_is_down_is_quick_and_one_line() -> None:
+    port = closed_port()
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", connect_timeout_s=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as info:
+            await backend.ping()
+        assert time.monotonic() - started < 1.0
+        assert str(info.value) == f"redis://127.0.0.1:{port}/0 is unreachable: Connection refused"
+        assert info.value.__cause__ is not None, "chained to redis's exception"
+    finally:
+        await backend.aclose()
+
+
+async def test_commands_give_up_after_the_bounded_retries() -> None:
+    port = closed_port()
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", retries=3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="unreachable: Connection refused"):
+            await backend.buffer_append("t", slot("m"))
+        elapsed = time.monotonic() - started
+        # Backoff 0.1, 0.2, 0.4 s, each jittered to between half and all of it.
+        assert 0.35 <= elapsed < 1.5, elapsed
+        assert backend.statistics().retries == 3
+    finally:
+        await backend.aclose()
+
+
+async def test_ping_to_a_server_that_never_answers_is_bounded() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept, read, never answer
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", connect_timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="unreachable"):
+            await backend.ping()
+        assert time.monotonic() - started < 1.0
+    finally:
+        await backend.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+def test_cli_with_redis_down_says_one_line(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "organisms" / "hello.py", tmp_path / "hello.py")
+    port = closed_port()
+    yaml_text = HELLO.read_text() + f"\nbackend: redis://127.0.0.1:{port}/0\n"
+    (tmp_path / "hello.yaml").write_text(yaml_text)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "xml_pipeline", str(tmp_path / "hello.yaml")],
+        capture_output=True,
+        timeout=30,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 15
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, result.stderr.decode()
+    assert f"redis://127.0.0.1:{port}/0 is unreachable: Connection refused" in lines[0]
+    assert b"Traceback" not in result.stderr
+    assert result.stdout == b""
+
+
+# -- the pump on Redis -----------------------------------------------------------------
+
+
+def hello_on(url: str, **options: Any) -> Any:
+    organism = load_organism(HELLO, backend=url)
+    return dataclasses.replace(organism, backend_options={"prefix": new_prefix(), **options})
+
+
+async def greet(pump: StreamPump, name: str) -> Any:
+    return await pump.request(GREETING.format(name), to="greeter", sender=f"caller-{name}",
+                              timeout=30)  # fmt: skip
+
+
+async def check_histories(pump: StreamPump, roots: set[str]) -> None:
+    """Every conversation: its root, greeter's and shouter's frames, each recorded once."""
+    backend = pump.backend
+    chains = await backend.registry_list_all()
+    threads = await backend.buffer_list_threads()
+    assert len(threads) == 3 * len(roots)
+    per_root: Counter[str] = Counter()
+    for thread in threads:
+        slots = await backend.buffer_get_thread(thread)
+        frame = await pump._frames.resolve(thread)
+        assert frame is not None and chains[thread] == frame.chain
+        per_root[frame.root] += 1
+        name = frame.origin.removeprefix("caller-").encode()
+        keys = [(s.message_id, s.direction) for s in slots]
+        assert len(keys) == len(set(keys)), "a message recorded twice on one frame"
+        assert all(name.upper() in s.xml.upper() for s in slots), "a foreign message"
+        assert [s.index for s in slots] == list(range(len(slots)))
+        directions = [s.direction for s in slots]
+        if not frame.hops:
+            assert directions == ["out", "in"]
+        elif frame.hops == ("greeter",):
+            assert directions == ["in", "out", "in", "out"]
+        else:
+            assert frame.hops == ("greeter", "shouter") and directions == ["in", "out"]
+    assert set(per_root) == roots and set(per_root.values()) == {3}
+
+
+async def test_the_pump_end_to_end_on_redis(redis_server: RedisServer) -> None:
+    replies: list[Any] = []
+    async with StreamPump(hello_on(redis_server.url), egress=replies.append) as pump:
+        assert isinstance(pump.backend, RedisBackend)
+        names = [f"p{i}" for i in range(200)]
+        results = await asyncio.gather(*(greet(pump, n) for n in names))
+        await pump.wait_idle()
+        assert [r.payload.text for r in results] == [f"HELLO, {n.upper()}!" for n in names]
+        await check_histories(pump, {r.thread_id for r in results})
+        stats = pump.backend.statistics()
+        assert stats.round_trips < stats.commands / 2, stats  # pipelined
+        await pump.backend.buffer_clear()
+        await pump.backend.registry_clear()
+    assert len(replies) == 200
+
+
+async def test_the_pump_rides_out_a_redis_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="xml_pipeline.backends.redis")
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    try:
+        # retries=8: up to 4.5 to 9 s of backoff, room for a slow restart on a busy machine.
+        async with StreamPump(hello_on(server.url, retries=8)) as pump:
+            backend = pump.backend
+            first = await asyncio.gather(*(greet(pump, f"a{i}") for i in range(50)))
+            await pump.wait_idle()
+            acknowledged = {
+                thread: await backend.buffer_get_thread(thread)
+                for thread in await backend.buffer_list_threads()
+            }
+            assert len(acknowledged) == 150
+
+            await asyncio.to_thread(server.kill)
+            during = [asyncio.create_task(greet(pump, f"b{i}")) for i in range(50)]
+            await asyncio.sleep(0.2)  # they meet the outage
+            assert not any(task.done() for task in during)
+            await asyncio.to_thread(server.start)
+            second = await asyncio.gather(*during)
+            third = await asyncio.gather(*(greet(pump, f"c{i}") for i in range(50)))
+            await pump.wait_idle()
+
+            for batch, letter in ((first, "A"), (second, "B"), (third, "C")):
+                assert [r.payload.text for r in batch] == [
+                    f"HELLO, {letter}{i}!" for i in range(50)
+                ]
+            for thread, slots in acknowledged.items():
+                assert await backend.buffer_get_thread(thread) == slots, "a slot was lost"
+            await check_histories(pump, {r.thread_id for r in (*first, *second, *third)})
+            assert await backend.deadletter_list() == []
+            assert backend.statistics().retries > 0
+    finally:
+        await asyncio.to_thread(server.stop)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert f"{server.url} is unreachable (" in messages[0], messages
+    assert f"{server.url} is reachable again after" in messages[1], messages
