@@ -160,7 +160,7 @@ async def test_key_layout_formats_and_ttl(redis_server: RedisServer) -> None:
             assert stored == [slot_to_bytes(s) for s in expected], "the documented JSON"
             index = await r.hgetall(f"{prefix}:hidx:frame:1")
             assert index == {b"in:m1": b"1", b"#1": b"in:m1", b"in:m2": b"2", b"#2": b"in:m2",
-                             b"trimmed": b"1"}  # fmt: skip
+                             b"next": b"3"}  # fmt: skip
             for key in ("hist:frame:1", "hidx:frame:1", "uuid:frame:1", f"chain:{chain}"):
                 ttl = await r.pttl(f"{prefix}:{key}")
                 assert 90_000 < ttl <= 100_000, key

@@ -9,7 +9,7 @@ Key layout (``P`` is the prefix, ``xml_pipeline`` by default; ids and chains are
                               exactly slot_to_bytes(slot) with its assigned index
     P:hidx:<thread>   HASH    "in:<message id>" / "out:<message id>" -> absolute index
                               "#<index>"   -> that slot's "in:/out:" field (for trimming)
-                              "trimmed"    -> how many slots were trimmed so far
+                              "next"       -> the next index (next - LLEN were trimmed)
     P:chain:<chain>   STRING  the uuid of a chain      } a frame's registry entry: two
     P:uuid:<uuid>     STRING  the chain of a uuid      } keys, written together
     P:dl:ids          ZSET    dead-letter ids, scored by P:dl:seq (oldest first)
@@ -24,12 +24,14 @@ one Lua script, run with EVALSHA (EVAL when the server does not know it yet);
 ``registry_set``/``registry_setdefault``/``registry_delete`` and the dead-letter writes
 are scripts too, so each is atomic. Listing uses SCAN, never KEYS.
 
-Limits: ``ttl_s`` (0 or less: never) is set on a frame's keys at every write to it, so
-idle frames expire; ``max_threads`` is enforced by that TTL only (Redis keeps no LRU
-order of frames for us), and an expired frame is not counted in ``info()``. Dead letters
-have no TTL: ``max_dead_letters`` bounds them. Scripts build the keys of the other
-half of a registry entry themselves, so this backend needs one Redis server or a
-primary, not Redis Cluster.
+Limits: ``ttl_s`` (0 or less: never) is set on a frame's four keys when they are
+written first, and the frame's writes refresh it once it has run down by a tenth (by a
+minute at most), so an idle frame expires between ``0.9 * ttl_s`` (``ttl_s - 60`` for
+long TTLs) and ``ttl_s`` after its last write. ``max_threads`` is enforced by that TTL
+only (Redis keeps no LRU order of frames for us); an expired frame is not counted in
+``info()``. Dead letters have no TTL: ``max_dead_letters`` bounds them. Scripts build
+the keys of the other half of a registry entry themselves, so this backend needs one
+Redis server or a primary, not Redis Cluster.
 
 Round trips: commands issued from one event loop are queued and sent together — what
 is ready in one loop tick goes out as one pipeline on one of a few connections, and
@@ -95,6 +97,7 @@ _BACKOFF_S = 0.1
 _BACKOFF_CAP_S = 2.0
 _SCAN_COUNT = 1000
 _INDEX_0 = b'{"i":0,'
+_REFRESH_SLACK_MS = 60_000
 
 
 # -- Lua scripts -------------------------------------------------------------------
@@ -109,32 +112,32 @@ class _Script:
 
 
 # KEYS: hist, hidx, uuid key, stats. ARGV: field, slot JSON after '{"i":0,', max slots,
-# ttl ms, chain key prefix. Returns the slot's index.
+# ttl ms, chain key prefix, refresh below (ms). Returns the slot's index.
 _APPEND = _Script("""
 local hist, hidx = KEYS[1], KEYS[2]
-local index = redis.call('HGET', hidx, ARGV[1])
+local got = redis.call('HMGET', hidx, ARGV[1], 'next')
+local index = got[1]
 if index then
   index = tonumber(index)
 else
-  local trimmed = tonumber(redis.call('HGET', hidx, 'trimmed') or '0')
-  index = trimmed + redis.call('LLEN', hist)
+  index = tonumber(got[2] or '0')
   local kept = redis.call('RPUSH', hist, '{"i":' .. string.format('%d', index) .. ',' .. ARGV[2])
-  redis.call('HSET', hidx, ARGV[1], index, '#' .. index, ARGV[1])
+  redis.call('HSET', hidx, ARGV[1], index, '#' .. index, ARGV[1], 'next', index + 1)
   local drop = kept - tonumber(ARGV[3])
   if drop > 0 then
+    local oldest = index + 1 - kept
     redis.call('LTRIM', hist, drop, -1)
-    for i = trimmed, trimmed + drop - 1 do
+    for i = oldest, oldest + drop - 1 do
       local field = redis.call('HGET', hidx, '#' .. i)
       if field then
         redis.call('HDEL', hidx, field, '#' .. i)
       end
     end
-    redis.call('HSET', hidx, 'trimmed', trimmed + drop)
     redis.call('HINCRBY', KEYS[4], 'slots_trimmed', drop)
   end
 end
 local ttl = tonumber(ARGV[4])
-if ttl > 0 then
+if ttl > 0 and redis.call('PTTL', hist) < tonumber(ARGV[6]) then
   redis.call('PEXPIRE', hist, ttl)
   redis.call('PEXPIRE', hidx, ttl)
   local chain = redis.call('GET', KEYS[3])
@@ -148,7 +151,8 @@ return index
 
 # KEYS: hist, hidx. ARGV: absolute index. Returns the slot bytes or nil.
 _GET_SLOT = _Script("""
-local pos = tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[2], 'trimmed') or '0')
+local next = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+local pos = tonumber(ARGV[1]) - (next - redis.call('LLEN', KEYS[1]))
 if pos < 0 then
   return false
 end
@@ -331,6 +335,20 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
+def _pack(calls: list[_Call]) -> list[bytes]:
+    """The RESP encoding of a pipeline of commands (arguments are bytes or int)."""
+    out: list[bytes] = []
+    append = out.append
+    for call in calls:
+        args = call.args
+        append(b"*%d\r\n" % len(args))
+        for arg in args:
+            if type(arg) is int:
+                arg = b"%d" % arg
+            append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return [b"".join(out)]
+
+
 def _glob_escape(data: bytes) -> bytes:
     out = bytearray()
     for byte in data:
@@ -386,6 +404,9 @@ class RedisBackend:
         self._ttl_ms = int(ttl * 1000) if ttl > 0 and math.isfinite(ttl) else 0
         if self._ttl_ms == 0 and ttl > 0 and math.isfinite(ttl):
             self._ttl_ms = 1
+        # A write refreshes the TTL only once it has run down by a tenth (at most a
+        # minute): four PEXPIREs cost as much as the rest of an append.
+        self._refresh_below_ms = self._ttl_ms - min(self._ttl_ms // 10, _REFRESH_SLACK_MS)
         p = prefix.encode()
         self._hist = p + b":hist:"
         self._hidx = p + b":hidx:"
@@ -516,7 +537,7 @@ class RedisBackend:
         sent = False
         done = 0
         try:
-            packed = conn.pack_commands([call.args for call in batch])
+            packed = _pack(batch)
             if not conn.is_connected:
                 await conn.connect()  # type: ignore[no-untyped-call]
                 self._n_connects += 1
@@ -698,6 +719,7 @@ class RedisBackend:
             self.limits.max_slots_per_thread,
             self._ttl_ms,
             self._chain,
+            self._refresh_below_ms,
         )
         return int(reply)
 
@@ -883,6 +905,11 @@ class RedisBackend:
         if self._closed:
             return
         self._closed = True
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            # Its loop is gone or elsewhere: that loop's sockets cannot be closed from here.
+            self._connections.clear()
+            self._idle.clear()
+            return
         closed = BackendUnavailable(f"{self.url}: the backend is closed")
         for call in self._waiting:
             if call.timer is not None:
