@@ -131,11 +131,12 @@ def _answers(port: int) -> bool:
 
 
 class LossyProxy:
-    """A TCP proxy to ``127.0.0.1:target``; :meth:`drop_next_reply` loses one reply.
+    """A TCP proxy to ``127.0.0.1:target`` that can lose or hold back one reply.
 
-    Requests always reach the server. Once armed, the next bytes the server sends are
-    thrown away and that client connection is closed, as if the network failed after
-    the command ran. Use as an async context manager.
+    Requests always reach the server. After :meth:`drop_next_reply`, the next bytes the
+    server sends are thrown away and that client connection is closed, as if the
+    network failed after the command ran; after :meth:`stall_next_reply` they are held
+    back for good (the client has to time out). Use as an async context manager.
     """
 
     def __init__(self, target: int) -> None:
@@ -144,6 +145,7 @@ class LossyProxy:
         self.connections = 0
         self.dropped = 0
         self._armed = False
+        self._stall = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -154,6 +156,9 @@ class LossyProxy:
 
     def drop_next_reply(self) -> None:
         self._armed = True
+
+    def stall_next_reply(self) -> None:
+        self._stall = True
 
     async def __aenter__(self) -> LossyProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -212,5 +217,9 @@ class LossyProxy:
                     self._armed = False
                     self.dropped += 1
                     return  # the reply is lost and the connection closes
+                if lossy and self._stall:
+                    self._stall = False
+                    self.dropped += 1
+                    await asyncio.Event().wait()  # until the client gives up and hangs up
                 writer.write(data)
                 await writer.drain()

@@ -296,6 +296,44 @@ async def test_a_lost_reply_is_retried_and_the_slot_recorded_once(
             await backend.aclose()
 
 
+async def test_a_reply_too_slow_is_a_timeout_and_the_append_is_retried(
+    redis_server: RedisServer,
+) -> None:
+    async with LossyProxy(redis_server.port) as proxy:
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), socket_timeout_s=0.3)
+        try:
+            assert await backend.buffer_append("t", slot("m0")) == 0
+            proxy.stall_next_reply()
+            started = time.monotonic()
+            assert await backend.buffer_append("t", slot("m1")) == 1
+            assert 0.3 <= time.monotonic() - started < 2
+            assert proxy.dropped == 1 and backend.statistics().retries == 1
+            assert [s.message_id for s in await backend.buffer_get_thread("t")] == ["m0", "m1"]
+        finally:
+            await backend.aclose()
+
+
+async def test_two_clients_share_one_store(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    one = RedisBackend.from_url(redis_server.url, prefix=prefix)
+    two = RedisBackend.from_url(redis_server.url, prefix=prefix)
+    try:
+        indexes = await asyncio.gather(
+            *(b.buffer_append("t", slot(f"m{i}")) for i in range(100) for b in (one, two))
+        )
+        assert sorted(set(indexes)) == list(range(100)), "each message once, whoever wrote it"
+        winners = await asyncio.gather(
+            *(b.registry_setdefault('["o","r"]', f"u{i}") for i in range(20) for b in (one, two))
+        )
+        assert len(set(winners)) == 1
+        assert await two.buffer_get_thread("t") == await one.buffer_get_thread("t")
+    finally:
+        await one.buffer_clear()
+        await one.registry_clear()
+        await one.aclose()
+        await two.aclose()
+
+
 async def test_a_lost_reply_to_a_delete_is_not_retried(redis_server: RedisServer) -> None:
     async with LossyProxy(redis_server.port) as proxy:
         backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
