@@ -397,6 +397,26 @@ async def test_ping_to_a_server_that_never_answers_is_bounded() -> None:
         await server.wait_closed()
 
 
+async def test_ping_to_something_that_is_not_redis_is_one_line() -> None:
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", connect_timeout_s=2)
+    try:
+        with pytest.raises(BackendUnavailable, match=r"is unreachable: .*Protocol error") as info:
+            await backend.ping()
+        assert "\n" not in str(info.value)
+    finally:
+        await backend.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 def test_cli_with_redis_down_says_one_line(tmp_path: Path) -> None:
     shutil.copy(ROOT / "organisms" / "hello.py", tmp_path / "hello.py")
     port = closed_port()

@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import random
+import socket
 import uuid as _uuid
 from collections import deque
 from dataclasses import dataclass
@@ -316,8 +317,10 @@ def _reason(exc: BaseException) -> str:
     """One line saying why a connection failed (the OS's words when there are some)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
+        if isinstance(seen, socket.gaierror) and seen.strerror:
+            return seen.strerror  # "Name or service not known"
+        if isinstance(seen, OSError) and seen.errno and seen.errno > 0:
+            return os.strerror(seen.errno)  # without asyncio's "Connect call failed (...)"
         seen = seen.__cause__ or seen.__context__
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
@@ -881,11 +884,18 @@ class RedisBackend:
         """
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self._call(b"PING", retries=0)
+                reply = await self._call(b"PING", retries=0)
         except TimeoutError as exc:  # asyncio.timeout's
             raise BackendUnavailable(
                 f"{self.url} is unreachable: no answer within {self._connect_timeout:g} s"
             ) from exc
+        except BackendUnavailable:
+            raise
+        except BackendError as exc:  # it answered, but not as Redis does
+            cause = exc.__cause__ or exc
+            raise BackendUnavailable(f"{self.url} is unreachable: {_reason(cause)}") from cause
+        if reply != b"PONG":
+            raise BackendUnavailable(f"{self.url} is unreachable: PING answered {reply!r}")
 
     async def info(self) -> dict[str, int]:
         threads = await self._scan(self._hist)
