@@ -400,6 +400,7 @@ class RedisBackend:
                 socket_connect_timeout=connect_timeout_s,
                 socket_timeout=socket_timeout_s,
                 client_name="xml_pipeline",
+                protocol=2,  # RESP2: the replies this module reads are the same everywhere
             )
         except (ValueError, TypeError) as exc:
             raise BackendUnavailable(f"invalid Redis URL {self.url!r}: {exc}") from exc
