@@ -144,7 +144,7 @@ async def test_key_layout_formats_and_ttl(redis_server: RedisServer) -> None:
         )
         assert await backend.buffer_list_threads() == ["frame:1"], "bare thread ids"
         async with raw_client(redis_server.url) as r:
-            keys = sorted(k.decode() for k in await r.keys(f"{prefix}:*"))
+            keys = sorted([k.decode() async for k in r.scan_iter(match=f"{prefix}:*")])
             assert keys == [
                 f"{prefix}:chain:{chain}",
                 f"{prefix}:dl:data",
@@ -169,6 +169,7 @@ async def test_key_layout_formats_and_ttl(redis_server: RedisServer) -> None:
             [letter] = await backend.deadletter_list()
             assert letter_id.decode() == letter.id
             assert await r.hget(f"{prefix}:dl:data", letter_id) == dead_letter_to_bytes(letter)
+            assert "cmdstat_keys" not in await r.info("commandstats"), "SCAN, never KEYS"
         info = await backend.info()
         assert info == {"buffer_threads": 1, "registry_entries": 1, "dead_letters": 1,
                         "slots_trimmed": 1, "dead_letters_dropped": 0}  # fmt: skip
