@@ -34,7 +34,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("xml_pipeline.cli")
 
-COMMANDS = ("run", "check", "schema")
+COMMANDS = ("run", "check", "schema", "manager")
 EXIT_USAGE = 2
 
 
@@ -76,6 +76,27 @@ def _parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the XSD of every payload class")
     schema.add_argument("organism", type=Path)
     schema.add_argument("--out", metavar="DIR", type=Path, help="write one .xsd file per class")
+    manager = sub.add_parser(
+        "manager",
+        help="serve one history store to the pumps of this machine (manager:// backends)",
+        description="Serve one history store until SIGINT/SIGTERM; print its manager:// URL "
+        "on stdout once clients can connect.",
+    )
+    manager.add_argument(
+        "--address",
+        required=True,
+        metavar="HOST:PORT",
+        help="where to listen: a loopback address (port 0 picks a free one)",
+    )
+    manager.add_argument(
+        "--authkey-env",
+        default="XML_PIPELINE_MANAGER_AUTHKEY",
+        metavar="NAME",
+        help="the environment variable holding the authkey (default %(default)s)",
+    )
+    manager.add_argument("--max-slots-per-thread", type=int, default=10_000, metavar="N")
+    manager.add_argument("--max-threads", type=int, default=100_000, metavar="N")
+    manager.add_argument("--max-dead-letters", type=int, default=10_000, metavar="N")
     return parser
 
 
@@ -90,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "manager":
+        return _manager(args)
     try:
         organism = load_organism(args.organism, backend=getattr(args, "backend", None))
         if args.command == "check":
@@ -172,6 +195,47 @@ def _schema(organism: Organism, out_dir: Path | None) -> int:
             sys.stdout.write(xsd.decode("utf-8") + "\n")
     if out_dir is not None:
         print(f"wrote {len(seen)} schema(s) to {out_dir}", file=sys.stderr)
+    return 0
+
+
+# -- manager -------------------------------------------------------------------------
+
+
+def _manager(args: argparse.Namespace) -> int:
+    from .backends import HistoryLimits
+    from .backends.manager import parse_address, serve_forever
+
+    def fail(message: str, status: int = EXIT_USAGE) -> int:
+        print(f"xml_pipeline: error: {message}", file=sys.stderr)
+        return status
+
+    authkey = os.environ.get(args.authkey_env)
+    if not authkey:
+        return fail(
+            f"no authkey: set the environment variable {args.authkey_env} "
+            "(the same secret for this server and every client)"
+        )
+    try:
+        address = parse_address(args.address)
+    except ValueError:
+        return fail(f"--address {args.address!r}: expected HOST:PORT, such as 127.0.0.1:50555")
+    if min(args.max_slots_per_thread, args.max_threads, args.max_dead_letters) < 1:
+        return fail("the --max-* limits must be at least 1")
+    limits = HistoryLimits(
+        max_slots_per_thread=args.max_slots_per_thread,
+        max_threads=args.max_threads,
+        max_dead_letters=args.max_dead_letters,
+    )
+
+    def ready(served: tuple[str, int]) -> None:
+        host, port = served
+        print(f"manager://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+
+    try:
+        serve_forever(address, authkey.encode(), limits, ready=ready)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return fail(f"cannot serve at {args.address}: {reason}", 1)
     return 0
 
 
