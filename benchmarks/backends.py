@@ -16,7 +16,8 @@ Cases, each one summary line:
 - ``get_thread``: reading a 50-slot history (µs per op);
 - ``setdefault``: ``registry_setdefault`` (µs per op);
 - ``relay``: benchmarks/relay.py's organism (3 hops, 5 deliveries per message) on
-  the backend, hops/s, and its ratio to the memory backend's.
+  the backend, fed by ``--producers`` concurrent ``inject()`` loops (as a server with
+  many clients would), hops/s, and its ratio to the memory backend's.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ async def time_ops(backend: Backend, ops: int) -> dict[str, Any]:
     }
 
 
-async def relay(backend: Backend, messages: list[bytes]) -> float:
+async def relay(backend: Backend, messages: list[bytes], producers: int) -> float:
     organism = load_organism(ROOT / "organisms" / "relay.yaml")
     done = asyncio.Event()
     count = 0
@@ -151,8 +152,12 @@ async def relay(backend: Backend, messages: list[bytes]) -> float:
 
     async with StreamPump(organism, backend=backend, egress=egress) as pump:
         t0 = time.perf_counter()
-        for data in messages:
-            await pump.inject(data)
+
+        async def produce(part: list[bytes]) -> None:
+            for data in part:
+                await pump.inject(data)
+
+        await asyncio.gather(*(produce(messages[i::producers]) for i in range(producers)))
         await asyncio.wait_for(done.wait(), 600)
         elapsed = time.perf_counter() - t0
         stats = pump.statistics()
@@ -210,7 +215,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             async with opened(url, **options) as backend:
                 ops = await time_ops(backend, args.ops)
             async with opened(url, **options) as backend:
-                hops = await relay(backend, messages)
+                hops = await relay(backend, messages, args.producers)
             results.append({"backend": name, **ops, "relay_hops_per_s": hops})
     memory = next((r for r in results if r["backend"] == "memory"), None)
     for r in results:
@@ -225,6 +230,9 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=3000, help="sequential appends per backend")
     parser.add_argument("--messages", type=int, default=5000, help="relay messages per backend")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument(
+        "--producers", type=int, default=32, help="concurrent inject() loops feeding the relay"
+    )
     parser.add_argument("--no-seed", action="store_true", help="skip the original design's append")
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "backends.json"

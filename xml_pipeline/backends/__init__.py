@@ -6,6 +6,7 @@ imported only when their scheme is asked for.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..exceptions import BackendUnavailable
@@ -34,7 +35,7 @@ __all__ = [
     "slot_to_bytes",
 ]
 
-SCHEMES = ("memory",)
+SCHEMES = ("memory", "manager", "redis")
 
 
 def check_backend_url(url: str) -> None:
@@ -49,17 +50,32 @@ def check_backend_url(url: str) -> None:
         raise BackendUnavailable(f"unknown backend URL {url!r}: the schemes available are {valid}")
 
 
-def open_backend(url: str, limits: HistoryLimits | None = None) -> Backend:
-    """Create the backend a URL names.
+def open_backend(url: str, limits: HistoryLimits | None = None, **options: Any) -> Backend:
+    """Create the backend a URL names. Nothing is connected yet: see ``Backend.ping``.
 
     Args:
-        url: ``memory://``.
+        url: ``memory://``, ``manager://HOST:PORT`` or ``redis://HOST:PORT/DB``.
         limits: trimming and eviction bounds.
+        options: backend-specific options (the ``manager:`` or ``redis:`` section of
+            the organism file), passed to the backend's ``from_url``.
 
     Raises:
         BackendUnavailable: the scheme is unknown or its backend cannot be loaded.
     """
     check_backend_url(url)
+    scheme = urlsplit(url).scheme
+    if scheme == "manager":
+        from .manager import ManagerBackend
+
+        return ManagerBackend.from_url(url, limits, **options)
+    if scheme == "redis":
+        try:
+            from .redis import RedisBackend
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"redis:// needs the redis package: pip install 'xml-pipeline[redis]' ({exc})"
+            ) from exc
+        return RedisBackend.from_url(url, limits, **options)
     from .memory import MemoryBackend
 
     return MemoryBackend(limits)

@@ -235,9 +235,12 @@ class Backend(Protocol):
 #   {"id", "ts", "code", "reason", "listener", "thread", "message", "data": base64}
 
 
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def slot_to_bytes(slot: Slot) -> bytes:
     """Serialize a slot to the documented JSON format."""
-    return json.dumps(
+    return _json(
         {
             "i": slot.index,
             "d": slot.direction,
@@ -247,8 +250,7 @@ def slot_to_bytes(slot: Slot) -> bytes:
             "m": slot.message_id,
             "ts": slot.timestamp,
             "x": base64.b64encode(slot.xml).decode("ascii"),
-        },
-        separators=(",", ":"),
+        }
     ).encode()
 
 
@@ -272,7 +274,7 @@ def slot_from_bytes(data: bytes) -> Slot:
 
 def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
     """Serialize a dead letter to the documented JSON format."""
-    return json.dumps(
+    return _json(
         {
             "id": letter.id,
             "ts": letter.timestamp,
@@ -282,8 +284,7 @@ def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
             "thread": letter.thread_id,
             "message": letter.message_id,
             "data": base64.b64encode(letter.data).decode("ascii"),
-        },
-        separators=(",", ":"),
+        }
     ).encode()
 
 
