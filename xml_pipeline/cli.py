@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from . import __version__
-from .backends import check_backend_url
+from .backends import check_backend_url, open_backend
 from .config import Organism, load_organism
 from .exceptions import MessageTooLarge, XmlPipelineError
 from .pump import PumpStatistics, Reply, StreamPump
@@ -34,7 +34,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("xml_pipeline.cli")
 
-COMMANDS = ("run", "check", "schema", "manager")
+COMMANDS = ("run", "check", "schema", "manager", "deadletters")
 EXIT_USAGE = 2
 
 
@@ -97,6 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     manager.add_argument("--max-slots-per-thread", type=int, default=10_000, metavar="N")
     manager.add_argument("--max-threads", type=int, default=100_000, metavar="N")
     manager.add_argument("--max-dead-letters", type=int, default=10_000, metavar="N")
+
+    dead = sub.add_parser(
+        "deadletters",
+        help="list, replay or purge the dead letters of a shared backend",
+        description="Dead letters of the organism's backend (manager:// or redis://).",
+    )
+    dead.add_argument("organism", type=Path)
+    dead.add_argument("action", choices=("list", "replay", "purge"))
+    dead.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
+    dead.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                      help="only this dead letter (repeatable); default: all")  # fmt: skip
+    dead.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    dead.add_argument("--limit", type=int, metavar="N", help="list: at most N")
+    dead.add_argument("--log-level", default="WARNING", type=str.upper,
+                      choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))  # fmt: skip
     return parser
 
 
@@ -120,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(organism)
         if args.command == "schema":
             return _schema(organism, args.out)
+        if args.command == "deadletters":
+            return _deadletters(organism, args)
         if args.to is not None and args.to not in {lst.name for lst in organism.listeners}:
             print(f"xml_pipeline: error: --to {args.to!r} names no listener", file=sys.stderr)
             return EXIT_USAGE
@@ -436,4 +453,38 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signum)
     if args.stats:
         _print_stats(pump.statistics())
+    return 0
+
+
+def _deadletters(organism: Organism, args: argparse.Namespace) -> int:
+    if organism.backend.partition("://")[0] not in ("manager", "redis"):
+        print(
+            f"xml_pipeline: error: {organism.backend} keeps no dead letters between runs; "
+            "deadletters needs a manager:// or redis:// backend",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    with asyncio.Runner() as runner:
+        return runner.run(_deadletters_async(organism, args))
+
+
+async def _deadletters_async(organism: Organism, args: argparse.Namespace) -> int:
+    from ._deadletters import list_letters, purge_letters, replay_letters
+
+    if args.action == "replay":
+        accepted, refused = await replay_letters(
+            organism, args.ids, timeout_s=organism.settings.drain_timeout_s
+        )
+        print(f"replayed {accepted} dead letter(s); {refused} refused again", file=sys.stderr)
+        return 0
+    backend = open_backend(organism.backend, organism.history, **organism.backend_options)
+    try:
+        await backend.ping()
+        if args.action == "list":
+            await list_letters(backend, sys.stdout, as_json=args.json, limit=args.limit)
+        else:
+            count = await purge_letters(backend, args.ids)
+            print(f"purged {count} dead letter(s)", file=sys.stderr)
+    finally:
+        await backend.aclose()
     return 0

@@ -1,0 +1,89 @@
+"""``python -m xml_pipeline deadletters … list|replay|purge`` against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HANDLERS = """
+    from pathlib import Path
+    from xml_pipeline import Payload, HandlerResponse
+
+    FLAG = Path(__file__).with_name("broken")
+
+    class Job(Payload):
+        xml_ns = "urn:jobs"
+        n: int
+
+    async def work(payload, meta):
+        if FLAG.exists():
+            raise RuntimeError("the database is down")
+        return HandlerResponse.respond(payload)
+"""
+
+
+def organism(tmp_path: Path, url: str) -> Path:
+    (tmp_path / "jobs.py").write_text(textwrap.dedent(HANDLERS))
+    path = tmp_path / "jobs.yaml"
+    prefix = f"dl-{tmp_path.name}"
+    path.write_text(
+        textwrap.dedent(f"""
+        organism: {{name: jobs}}
+        backend: {url}
+        redis: {{prefix: {prefix}}}
+        listeners: [{{name: worker, payload: jobs:Job, handler: jobs:work}}]
+        """)
+    )
+    return path
+
+
+def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "xml_pipeline", *args], input=stdin,
+                          capture_output=True, timeout=60, cwd=ROOT, check=False)  # fmt: skip
+
+
+def test_list_replay_purge(tmp_path: Path, redis_server: Any) -> None:
+    path = organism(tmp_path, redis_server.url)
+    (tmp_path / "broken").touch()
+    lines = b'<Job xmlns="urn:jobs"><n>1</n></Job>\n<oops\n<Job xmlns="urn:jobs"><n>2</n></Job>\n'
+    run = cli(str(path), "--input", "-", "--to", "worker", stdin=lines)
+    assert run.returncode == 0, run.stderr
+
+    listed = cli("deadletters", str(path), "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(letter["code"] for letter in letters) == ["handler-error", "handler-error",
+                                                             "malformed"]  # fmt: skip
+    plain = cli("deadletters", str(path), "list")
+    assert len(plain.stdout.splitlines()) == 3 and b"handler-error" in plain.stdout
+
+    malformed = next(letter["id"] for letter in letters if letter["code"] == "malformed")
+    purged = cli("deadletters", str(path), "purge", "--id", malformed)
+    assert purged.returncode == 0 and b"purged 1" in purged.stderr
+
+    (tmp_path / "broken").unlink()  # the fault is fixed: replay succeeds
+    replayed = cli("deadletters", str(path), "replay")
+    assert replayed.returncode == 0, replayed.stderr
+    assert b"replayed 2" in replayed.stderr
+    assert replayed.stdout.count(b"<Job") == 2
+    assert cli("deadletters", str(path), "list").stdout == b""
+
+    (tmp_path / "broken").touch()
+    cli(
+        str(path), "--input", "-", "--to", "worker", stdin=b'<Job xmlns="urn:jobs"><n>3</n></Job>\n'
+    )
+    assert b"purged 1" in cli("deadletters", str(path), "purge").stderr
+
+
+def test_memory_backend_is_refused(tmp_path: Path) -> None:
+    path = organism(tmp_path, "memory://")
+    result = cli("deadletters", str(path), "list")
+    assert result.returncode == 2
+    assert b"needs a manager:// or redis:// backend" in result.stderr
+    assert result.stderr.count(b"\n") == 1

@@ -1,0 +1,107 @@
+"""``python -m xml_pipeline deadletters organism.yaml list|replay|purge``.
+
+Dead letters live in the organism's backend; this works on the shared ones
+(``manager://`` and ``redis://``), whose dead letters outlive the pump that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO
+
+from .backends import Backend, DeadLetter
+from .config import Organism
+from .exceptions import MessageError
+from .pump import Reply, StreamPump
+
+__all__ = ["list_letters", "purge_letters", "replay_letters"]
+
+
+def _select(letters: list[DeadLetter], ids: Sequence[str]) -> list[DeadLetter]:
+    if not ids:
+        return letters
+    wanted = set(ids)
+    return [letter for letter in letters if letter.id in wanted]
+
+
+def _as_json(letter: DeadLetter) -> str:
+    return json.dumps(
+        {
+            "id": letter.id,
+            "time": letter.timestamp,
+            "code": letter.code,
+            "reason": letter.reason,
+            "listener": letter.listener,
+            "thread": letter.thread_id,
+            "message": letter.message_id,
+            "data": letter.data.decode("utf-8", "replace"),
+        },
+        ensure_ascii=False,
+    )
+
+
+async def list_letters(backend: Backend, out: IO[str], *, as_json: bool, limit: int | None) -> int:
+    """Print dead letters, oldest first; return how many."""
+    letters = await backend.deadletter_list(limit)
+    for letter in letters:
+        if as_json:
+            print(_as_json(letter), file=out)
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.timestamp))
+        reason = letter.reason.replace("\n", " ")[:120]
+        print(f"{letter.id}  {when}  {letter.code:<15} {letter.listener or '-':<20} {reason}",
+              file=out)  # fmt: skip
+    return len(letters)
+
+
+async def purge_letters(backend: Backend, ids: Sequence[str]) -> int:
+    """Delete the given dead letters (all if none given); return how many went."""
+    if not ids:
+        return await backend.deadletter_purge()
+    deleted = 0
+    for letter_id in ids:
+        deleted += await backend.deadletter_delete(letter_id)
+    return deleted
+
+
+async def replay_letters(
+    organism: Organism, ids: Sequence[str], *, timeout_s: float
+) -> tuple[int, int]:
+    """Feed dead letters back to the organism; replies go to stdout, one per line.
+
+    A dead letter whose data is a whole envelope is injected as it is; one that
+    holds a bare payload goes to its listener (if it names one). A replayed letter
+    that ingress accepts is deleted; one refused again stays (and the refusal is a
+    new dead letter, as always).
+
+    Returns:
+        (replayed and accepted, refused again)
+    """
+    out = sys.stdout.buffer
+
+    def egress(reply: Reply) -> None:
+        out.write(reply.to_xml() + b"\n")
+        out.flush()
+
+    accepted = refused = 0
+    async with StreamPump(organism, egress=egress) as pump:
+        letters = _select(await pump.backend.deadletter_list(), ids)
+        for letter in letters:
+            is_envelope = b"https://xml-pipeline.org/ns/envelope/v1" in letter.data[:400]
+            to = None if is_envelope else letter.listener
+            try:
+                root = await pump.inject(letter.data, to=to, sender="replay")
+            except MessageError:
+                root = None
+            if root is None:
+                refused += 1
+                continue
+            accepted += 1
+            await pump.backend.deadletter_delete(letter.id)
+        if not await pump.drain(timeout_s):
+            print("xml_pipeline: warning: replay did not finish within the drain timeout",
+                  file=sys.stderr)  # fmt: skip
+    return accepted, refused
