@@ -319,6 +319,7 @@ class ManagerServer:
             for name, (checks, encode) in _CALLS.items()
         }
         self._sock: socket.socket | None = None
+        self._bound: tuple[str, int] | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
@@ -332,10 +333,7 @@ class ManagerServer:
     @property
     def address(self) -> tuple[str, int]:
         """The address served (with the actual port once started)."""
-        if self._sock is None:
-            return self._requested
-        host, port = self._sock.getsockname()[:2]
-        return str(host), int(port)
+        return self._bound or self._requested
 
     def start(self) -> None:
         """Bind the address and start accepting connections.
@@ -350,6 +348,8 @@ class ManagerServer:
         sock = socket.create_server(self._requested, family=family, backlog=128)
         sock.setblocking(False)
         self._sock = sock
+        host, port = sock.getsockname()[:2]
+        self._bound = (str(host), int(port))
         self._wake_r, self._wake_w = socket.socketpair()
         if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
             logger.warning(
@@ -809,7 +809,7 @@ class ManagerBackend:
                 self._pending.append(item)
                 if self._thread is None:
                     self._start()
-                elif self._inflight is None:
+                if self._inflight is None:
                     self._wake()  # otherwise the I/O thread sends it after the answer
         return await future
 
@@ -966,11 +966,19 @@ class ManagerBackend:
                         continue
                     batch = self._take_batch()
                 self._send(batch)
+        except Exception:  # a bug: fail every call rather than leave one waiting
+            logger.exception("%s: the client's I/O thread failed", self.url)
+            with self._lock:
+                self._closed = True
+                leftovers, self._pending = self._pending, []
+            if leftovers:
+                self._fail(leftovers, BackendUnavailable(f"{self.url}: internal error"))
+            self._lose("internal error", None)
         finally:
             try:
                 if answered is not None:
                     self._resolve(*answered)
-                self._disconnect()
+                self._lose("the backend is closed", None)
                 if self._server is not None:
                     self._server.close()
                 wake.close()
@@ -1053,13 +1061,12 @@ class ManagerBackend:
 
     def _lose(self, what: str, cause: BaseException | None) -> None:
         """The connection is unusable: drop it and fail what was in flight."""
-        reason = f" ({_reason(cause)})" if cause is not None and str(cause) else ""
-        batch = self._inflight
-        self._disconnect()
-        with self._lock:
-            self._inflight = None
-            self._broken = None
+        with self._lock:  # at once, so that no caller writes a frame in between
+            batch, self._inflight, self._broken = self._inflight, None, None
+            conn, sock, self._conn, self._sock = self._conn, self._sock, None, None
+        self._close(conn, sock)
         if batch:
+            reason = f" ({_reason(cause)})" if cause is not None and str(cause) else ""
             error = BackendUnavailable(f"{self.url}: {what}{reason}")
             error.__cause__ = cause
             self._fail(batch, error)
@@ -1163,10 +1170,7 @@ class ManagerBackend:
         if differ:
             logger.warning("%s: the server's limits apply: %s", self.url, ", ".join(differ))
 
-    def _disconnect(self) -> None:
-        with self._lock:  # a caller may be writing a frame: wait for it
-            conn, sock = self._conn, self._sock
-            self._conn = self._sock = None
+    def _close(self, conn: Connection[Any, Any] | None, sock: socket.socket | None) -> None:
         if sock is not None:
             assert self._poller is not None
             self._poller.unregister(sock)
