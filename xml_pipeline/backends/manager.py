@@ -20,13 +20,15 @@ Wire format (protocol 1)
 
 Transport: one TCP connection per client, framed by :mod:`multiprocessing.connection`
 (``Connection.send_bytes``/``recv_bytes``: a 4-byte big-endian length, then the
-bytes). On connect both sides prove they hold the authkey with its HMAC challenge
-(``deliver_challenge``/``answer_challenge``: the server challenges first), each read
-bounded in time. After that every frame is UTF-8 JSON; nothing is pickled.
+bytes; never ``send``/``recv``, which pickle). On connect both sides prove they hold
+the authkey with its HMAC challenge (``deliver_challenge``/``answer_challenge``: the
+server challenges first), every read bounded in time, so a silent peer cannot hold
+either side. After that every frame is UTF-8 JSON; nothing is pickled.
 
-A request is a JSON array of calls, run in order (a batch: the client sends every
-call that is waiting as one frame); the response has one ``[status, value]`` per
-call, in the same order: ``[0, RESULT]`` or ``[1, "why it failed"]``::
+A client has one request in flight at a time. A request is a JSON array of calls,
+run in order under the store's lock (a batch: the calls made while the previous
+request was in flight); the response has one ``[status, value]`` per call, in the
+same order: ``[0, RESULT]`` or ``[1, "why it failed"]``::
 
     → [["buffer_append","9b2f…",SLOT],["registry_get_chain","9b2f…"]]
     ← [[0,7],[0,"[\\"console\\",\\"greeter\\"]"]]
@@ -34,7 +36,7 @@ call, in the same order: ``[0, RESULT]`` or ``[1, "why it failed"]``::
 ``SLOT`` and ``LETTER`` are exactly the JSON objects of
 :func:`~xml_pipeline.backends.base.slot_to_bytes` and
 :func:`~xml_pipeline.backends.base.dead_letter_to_bytes`. The calls are the
-``Store`` methods (each one server-side call under the store's lock)::
+``Store`` methods, each one server-side method call::
 
     call                   arguments                     result
     hello                  protocol (1)                  {"protocol": 1, "limits": {...}}
@@ -286,9 +288,9 @@ class ManagerServer:
     """Serves one :class:`~xml_pipeline.backends.store.Store` at a TCP address.
 
     One thread accepts connections and one thread per connection authenticates the
-    client (within ``handshake_timeout_s``) and runs its requests, each call one
-    ``Store`` method under the store's lock. Use ``with ManagerServer(...) as s:``
-    or :meth:`start` / :meth:`close`.
+    client (within ``handshake_timeout_s``) and runs its requests: a request's calls
+    under the store's lock, one ``Store`` method each. Use
+    ``with ManagerServer(...) as s:`` or :meth:`start` / :meth:`close`.
 
     Args:
         address: ``(host, port)``; port 0 picks a free port (see :attr:`address`).
