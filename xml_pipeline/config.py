@@ -391,6 +391,10 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
     options: dict[str, Any] = {}
     if scheme == "manager":
         options = config.manager.model_dump()
+        if backend is not None:
+            # --backend names another store: join it rather than serve one here
+            # (a URL may still say ?serve=1).
+            options["serve"] = False
     elif scheme == "redis":
         options = config.redis.model_dump()
     try:
