@@ -31,17 +31,17 @@ from xml_pipeline.backends import (
     HistoryLimits,
     Slot,
     dead_letter_from_bytes,
+    dead_letter_from_obj,
     dead_letter_to_bytes,
     open_backend,
     slot_from_bytes,
+    slot_from_obj,
     slot_to_bytes,
 )
 from xml_pipeline.backends.manager import (
     AUTHKEY_ENV,
     ManagerBackend,
     ManagerServer,
-    _letter_from_obj,
-    _slot_from_obj,
 )
 from xml_pipeline.exceptions import BackendError
 from xml_pipeline.testing import CHECKS, Check, backend_state_machine, run_check
@@ -149,9 +149,9 @@ def test_wire_objects_are_base_formats(slot: Slot, letter: DeadLetter) -> None:
     # Frames are parsed once, so slots and dead letters arrive as dicts: reading
     # them must agree with base.py's slot_from_bytes / dead_letter_from_bytes.
     data = slot_to_bytes(slot)
-    assert _slot_from_obj(json.loads(data)) == slot_from_bytes(data) == slot
+    assert slot_from_obj(json.loads(data)) == slot_from_bytes(data) == slot
     data = dead_letter_to_bytes(letter)
-    assert _letter_from_obj(json.loads(data)) == dead_letter_from_bytes(data) == letter
+    assert dead_letter_from_obj(json.loads(data)) == dead_letter_from_bytes(data) == letter
 
 
 # -- batching, order, several processes ------------------------------------------------------

@@ -16,8 +16,10 @@ from .base import (
     HistoryLimits,
     Slot,
     dead_letter_from_bytes,
+    dead_letter_from_obj,
     dead_letter_to_bytes,
     slot_from_bytes,
+    slot_from_obj,
     slot_to_bytes,
 )
 
@@ -29,9 +31,11 @@ __all__ = [
     "HistoryLimits",
     "Slot",
     "dead_letter_from_bytes",
+    "dead_letter_from_obj",
     "dead_letter_to_bytes",
     "open_backend",
     "slot_from_bytes",
+    "slot_from_obj",
     "slot_to_bytes",
 ]
 

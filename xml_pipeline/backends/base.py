@@ -23,8 +23,10 @@ __all__ = [
     "HistoryLimits",
     "Slot",
     "dead_letter_from_bytes",
+    "dead_letter_from_obj",
     "dead_letter_to_bytes",
     "slot_from_bytes",
+    "slot_from_obj",
     "slot_to_bytes",
 ]
 
@@ -256,20 +258,27 @@ def slot_to_bytes(slot: Slot) -> bytes:
 
 def slot_from_bytes(data: bytes) -> Slot:
     """Parse a slot from the documented JSON format. Raises ValueError."""
-    obj: dict[str, Any] = json.loads(data)
-    direction = obj["d"]
-    if direction not in ("in", "out"):
-        raise ValueError(f"bad slot direction {direction!r}")
-    return Slot(
-        int(obj["i"]),
-        direction,
-        str(obj["f"]),
-        None if obj["t"] is None else str(obj["t"]),
-        str(obj["p"]),
-        str(obj["m"]),
-        float(obj["ts"]),
-        base64.b64decode(obj["x"]),
-    )
+    return slot_from_obj(json.loads(data))
+
+
+def slot_from_obj(obj: Any) -> Slot:
+    """A slot from the documented JSON object, already parsed. Raises ValueError."""
+    try:
+        direction = obj["d"]
+        if direction not in ("in", "out"):
+            raise ValueError(f"bad slot direction {direction!r}")
+        return Slot(
+            int(obj["i"]),
+            direction,
+            str(obj["f"]),
+            None if obj["t"] is None else str(obj["t"]),
+            str(obj["p"]),
+            str(obj["m"]),
+            float(obj["ts"]),
+            base64.b64decode(obj["x"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a slot: {exc}") from exc
 
 
 def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
@@ -290,14 +299,21 @@ def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
 
 def dead_letter_from_bytes(data: bytes) -> DeadLetter:
     """Parse a dead letter from the documented JSON format. Raises ValueError."""
-    obj: dict[str, Any] = json.loads(data)
-    return DeadLetter(
-        id=str(obj["id"]),
-        timestamp=float(obj["ts"]),
-        code=str(obj["code"]),
-        reason=str(obj["reason"]),
-        listener=obj.get("listener"),
-        thread_id=obj.get("thread"),
-        message_id=obj.get("message"),
-        data=base64.b64decode(obj["data"]),
-    )
+    return dead_letter_from_obj(json.loads(data))
+
+
+def dead_letter_from_obj(obj: Any) -> DeadLetter:
+    """A dead letter from the documented JSON object, already parsed. Raises ValueError."""
+    try:
+        return DeadLetter(
+            id=str(obj["id"]),
+            timestamp=float(obj["ts"]),
+            code=str(obj["code"]),
+            reason=str(obj["reason"]),
+            listener=obj.get("listener"),
+            thread_id=obj.get("thread"),
+            message_id=obj.get("message"),
+            data=base64.b64decode(obj["data"]),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a dead letter: {exc}") from exc

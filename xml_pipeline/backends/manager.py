@@ -73,7 +73,6 @@ address (the server warns otherwise).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -95,7 +94,15 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from ..exceptions import BackendError, BackendUnavailable
-from .base import DeadLetter, HistoryLimits, Slot, dead_letter_to_bytes, slot_to_bytes
+from .base import (
+    DeadLetter,
+    HistoryLimits,
+    Slot,
+    dead_letter_from_obj,
+    dead_letter_to_bytes,
+    slot_from_obj,
+    slot_to_bytes,
+)
 from .store import Store
 
 __all__ = [
@@ -175,41 +182,6 @@ def _set_timeouts(sock: socket.socket, seconds: float | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
-# -- slots and dead letters as parsed JSON objects ----------------------------------
-#
-# A frame is parsed once with json.loads, so its slots and dead letters arrive as
-# dicts; these mirror base.slot_from_bytes / dead_letter_from_bytes for that case.
-
-
-def _slot_from_obj(obj: Any) -> Slot:
-    direction = obj["d"]
-    if direction not in ("in", "out"):
-        raise ValueError(f"bad slot direction {direction!r}")
-    return Slot(
-        int(obj["i"]),
-        direction,
-        str(obj["f"]),
-        None if obj["t"] is None else str(obj["t"]),
-        str(obj["p"]),
-        str(obj["m"]),
-        float(obj["ts"]),
-        base64.b64decode(obj["x"]),
-    )
-
-
-def _letter_from_obj(obj: Any) -> DeadLetter:
-    return DeadLetter(
-        id=str(obj["id"]),
-        timestamp=float(obj["ts"]),
-        code=str(obj["code"]),
-        reason=str(obj["reason"]),
-        listener=obj.get("listener"),
-        thread_id=obj.get("thread"),
-        message_id=obj.get("message"),
-        data=base64.b64decode(obj["data"]),
-    )
-
-
 # -- the server ----------------------------------------------------------------------
 
 
@@ -232,13 +204,13 @@ def _arg_opt_int(value: Any) -> int | None:
 def _arg_slot(value: Any) -> Slot:
     if type(value) is not dict:
         raise TypeError("expected a slot object")
-    return _slot_from_obj(value)
+    return slot_from_obj(value)
 
 
 def _arg_letter(value: Any) -> DeadLetter:
     if type(value) is not dict:
         raise TypeError("expected a dead-letter object")
-    return _letter_from_obj(value)
+    return dead_letter_from_obj(value)
 
 
 def _out_slot(value: Slot | None) -> bytes:
@@ -614,15 +586,15 @@ def _as_none(value: Any) -> None:
 
 
 def _as_slot(value: Any) -> Slot | None:
-    return None if value is None else _slot_from_obj(value)
+    return None if value is None else slot_from_obj(value)
 
 
 def _as_slots(value: Any) -> list[Slot]:
-    return [_slot_from_obj(obj) for obj in value]
+    return [slot_from_obj(obj) for obj in value]
 
 
 def _as_letters(value: Any) -> list[DeadLetter]:
-    return [_letter_from_obj(obj) for obj in value]
+    return [dead_letter_from_obj(obj) for obj in value]
 
 
 def _as_strs(value: Any) -> list[str]:
