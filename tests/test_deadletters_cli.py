@@ -87,3 +87,18 @@ def test_memory_backend_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert b"needs a manager:// or redis:// backend" in result.stderr
     assert result.stderr.count(b"\n") == 1
+
+
+def test_self_serving_file_and_bad_limit_are_refused(tmp_path: Path) -> None:
+    path = organism(tmp_path, "manager://127.0.0.1:0?serve=1")
+    result = cli("deadletters", str(path), "list")
+    assert result.returncode == 2 and b"serves its own manager store" in result.stderr
+    result = cli("deadletters", str(path), "list", "--limit", "-1")
+    assert result.returncode == 2 and b"at least 1" in result.stderr
+
+
+def test_check_never_shows_a_password(tmp_path: Path) -> None:
+    path = organism(tmp_path, "redis://:s3cret@127.0.0.1:1/0")
+    result = cli("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert b"s3cret" not in result.stdout + result.stderr and b":***@" in result.stdout

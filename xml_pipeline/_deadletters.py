@@ -74,8 +74,8 @@ async def replay_letters(
 
     A dead letter whose data is a whole envelope is injected as it is; one that
     holds a bare payload goes to its listener (if it names one). A replayed letter
-    that ingress accepts is deleted; one refused again stays (and the refusal is a
-    new dead letter, as always).
+    that ingress accepts is deleted; one refused again is replaced by the dead letter
+    of its new refusal.
 
     Returns:
         (replayed and accepted, refused again)
@@ -97,7 +97,9 @@ async def replay_letters(
             except MessageError:
                 root = None
             if root is None:
+                # Refused again: the refusal is a new dead letter, which replaces this one.
                 refused += 1
+                await pump.backend.deadletter_delete(letter.id)
                 continue
             accepted += 1
             await pump.backend.deadletter_delete(letter.id)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from . import __version__
-from .backends import check_backend_url, open_backend
+from .backends import check_backend_url, open_backend, redact_url
 from .config import Organism, load_organism
 from .exceptions import MessageTooLarge, XmlPipelineError
 from .pump import PumpStatistics, Reply, StreamPump
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
                       help="only this dead letter (repeatable); default: all")  # fmt: skip
     dead.add_argument("--json", action="store_true", help="list: one JSON object per line")
-    dead.add_argument("--limit", type=int, metavar="N", help="list: at most N")
+    dead.add_argument("--limit", type=_positive, metavar="N", help="list: at most N")
     dead.add_argument("--log-level", default="WARNING", type=str.upper,
                       choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))  # fmt: skip
     return parser
@@ -181,7 +181,7 @@ def _stream_open(stream: IO[str] | None) -> bool:
 def _check(organism: Organism) -> int:
     out = sys.stdout
     print(f"organism {organism.name}: {len(organism.listeners)} listener(s), "
-          f"backend {organism.backend}", file=out)  # fmt: skip
+          f"backend {redact_url(organism.backend)}", file=out)  # fmt: skip
     print("listeners:", file=out)
     for lst in organism.listeners:
         kind = "async" if lst.is_async else "sync (thread)"
@@ -456,11 +456,26 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _deadletters(organism: Organism, args: argparse.Namespace) -> int:
     if organism.backend.partition("://")[0] not in ("manager", "redis"):
         print(
             f"xml_pipeline: error: {organism.backend} keeps no dead letters between runs; "
             "deadletters needs a manager:// or redis:// backend",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    serves = organism.backend_options.get("serve") or "serve=1" in organism.backend
+    if serves:
+        print(
+            "xml_pipeline: error: this organism serves its own manager store; name the "
+            "running one with --backend manager://HOST:PORT",
             file=sys.stderr,
         )
         return EXIT_USAGE

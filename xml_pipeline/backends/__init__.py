@@ -27,6 +27,7 @@ __all__ = [
     "SCHEMES",
     "Backend",
     "check_backend_url",
+    "redact_url",
     "DeadLetter",
     "HistoryLimits",
     "Slot",
@@ -39,7 +40,16 @@ __all__ = [
     "slot_to_bytes",
 ]
 
-SCHEMES = ("memory", "manager", "redis")
+SCHEMES = ("memory", "manager", "redis", "rediss")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for showing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def check_backend_url(url: str) -> None:
@@ -72,7 +82,7 @@ def open_backend(url: str, limits: HistoryLimits | None = None, **options: Any) 
         from .manager import ManagerBackend
 
         return ManagerBackend.from_url(url, limits, **options)
-    if scheme == "redis":
+    if scheme in ("redis", "rediss"):
         try:
             from .redis import RedisBackend
         except ImportError as exc:
