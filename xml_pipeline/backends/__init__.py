@@ -18,6 +18,7 @@ from .base import (
     dead_letter_from_bytes,
     dead_letter_from_obj,
     dead_letter_to_bytes,
+    redact_url,
     slot_from_bytes,
     slot_from_obj,
     slot_to_bytes,
@@ -41,15 +42,6 @@ __all__ = [
 ]
 
 SCHEMES = ("memory", "manager", "redis", "rediss")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for showing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def check_backend_url(url: str) -> None:

@@ -16,6 +16,7 @@ import base64
 import json
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 __all__ = [
     "Backend",
@@ -25,6 +26,7 @@ __all__ = [
     "dead_letter_from_bytes",
     "dead_letter_from_obj",
     "dead_letter_to_bytes",
+    "redact_url",
     "slot_from_bytes",
     "slot_from_obj",
     "slot_to_bytes",
@@ -238,6 +240,15 @@ class Backend(Protocol):
 
 
 _json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for showing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def slot_to_bytes(slot: Slot) -> bytes:

@@ -62,7 +62,6 @@ import uuid as _uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import (
@@ -82,6 +81,7 @@ from .base import (
     Slot,
     dead_letter_from_bytes,
     dead_letter_to_bytes,
+    redact_url,
     slot_from_bytes,
     slot_to_bytes,
 )
@@ -326,18 +326,6 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
-
-
 def _pack(calls: list[_Call]) -> list[bytes]:
     """The RESP encoding of a pipeline of commands (arguments are bytes or int)."""
     out: list[bytes] = []
@@ -389,7 +377,7 @@ class RedisBackend:
         socket_timeout_s: float = 5.0,
         retries: int = 5,
     ) -> None:
-        self.url = _redact(url)
+        self.url = redact_url(url)
         self.limits = limits or HistoryLimits()
         self.prefix = prefix
         self._connect_timeout = connect_timeout_s
