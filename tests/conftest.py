@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from xml_pipeline import Listener, Organism, PumpSettings, Reply, StreamPump
+from xml_pipeline import (
+    Listener,
+    Organism,
+    ProcessPoolSettings,
+    PumpSettings,
+    Reply,
+    StreamPump,
+)
 
 
 @pytest.fixture(
@@ -39,11 +46,17 @@ def run_pump() -> Callable[..., Any]:
 
     @asynccontextmanager
     async def factory(
-        listeners: list[Listener], *, history: Any = None, **settings: Any
+        listeners: list[Listener],
+        *,
+        history: Any = None,
+        process_pool: ProcessPoolSettings | None = None,
+        **settings: Any,
     ) -> AsyncIterator[Harness]:
         kwargs: dict[str, Any] = {"settings": PumpSettings(**settings)}
         if history is not None:
             kwargs["history"] = history
+        if process_pool is not None:
+            kwargs["process_pool"] = process_pool
         organism = Organism(name="test", listeners=tuple(listeners), **kwargs)
         replies: list[Reply] = []
         async with StreamPump(organism, egress=replies.append) as pump:

@@ -8,7 +8,14 @@ Users import what they need from here::
 from __future__ import annotations
 
 from .backends import Backend, DeadLetter, HistoryLimits, Slot, open_backend
-from .config import BootMessage, Listener, Organism, PumpSettings, load_organism
+from .config import (
+    BootMessage,
+    Listener,
+    Organism,
+    ProcessPoolSettings,
+    PumpSettings,
+    load_organism,
+)
 from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, parse_envelope
 from .exceptions import (
     Abandoned,
@@ -29,6 +36,7 @@ from .exceptions import (
     Overloaded,
     PayloadInvalid,
     PeerDenied,
+    WorkerCrashed,
     XmlPipelineError,
 )
 from .frame import Frame
@@ -74,11 +82,13 @@ __all__ = [
     "PayloadInvalid",
     "Payload",
     "PeerDenied",
+    "ProcessPoolSettings",
     "PumpSettings",
     "PumpStatistics",
     "Reply",
     "Slot",
     "StreamPump",
+    "WorkerCrashed",
     "XmlPipelineError",
     "__version__",
     "build_envelope",

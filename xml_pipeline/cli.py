@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from . import __version__
+from ._pool import worker_spec
 from .backends import check_backend_url, open_backend, redact_url
 from .config import Organism, load_organism
 from .exceptions import MessageTooLarge, XmlPipelineError
@@ -60,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
     run.add_argument("--stats", action="store_true", help="print per-listener statistics at exit")
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="worker processes for cpu_bound listeners (process_pool.workers)",
+    )
     run.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     run.add_argument(
         "--log-level",
@@ -154,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.sender or not args.sender.isprintable():
             print("xml_pipeline: error: --sender must be printable text", file=sys.stderr)
             return EXIT_USAGE
+        if args.workers is not None:
+            pool = dataclasses.replace(organism.process_pool, workers=args.workers)
+            organism = dataclasses.replace(organism, process_pool=pool)
         return _run(organism, args)
     except XmlPipelineError as exc:
         print(f"xml_pipeline: error: {exc}", file=sys.stderr)
@@ -180,11 +191,14 @@ def _stream_open(stream: IO[str] | None) -> bool:
 
 def _check(organism: Organism) -> int:
     out = sys.stdout
+    worker_spec(organism)  # cpu_bound handlers must be importable by path
     print(f"organism {organism.name}: {len(organism.listeners)} listener(s), "
           f"backend {redact_url(organism.backend)}", file=out)  # fmt: skip
     print("listeners:", file=out)
     for lst in organism.listeners:
         kind = "async" if lst.is_async else "sync (thread)"
+        if lst.cpu_bound:
+            kind = f"{'async' if lst.is_async else 'sync'} (cpu_bound: worker processes)"
         peers = "any" if lst.peers is None else ", ".join(sorted(lst.peers)) or "none"
         timeout = f"{lst.timeout_s:g}s" if lst.timeout_s else "none"
         about = f" - {lst.description}" if lst.description else ""
@@ -193,6 +207,10 @@ def _check(organism: Organism) -> int:
     print("routes:", file=out)
     for qname, cls, listener in RoutingTable(organism.listeners).describe():
         print(f"  {qname}  {cls}  -> {listener}", file=out)
+    if any(lst.cpu_bound for lst in organism.listeners):
+        pool = organism.process_pool
+        print(f"process pool: {pool.worker_count} workers ({pool.start_method}), "
+              f"batch_max {pool.batch_max}, max_crashes {pool.max_crashes}", file=out)  # fmt: skip
     print(f"boot messages: {len(organism.boot)}", file=out)
     return 0
 
@@ -373,6 +391,11 @@ def _print_stats(stats: PumpStatistics) -> None:
         print(
             f"{name:<24} {s.received:>9} {s.handled:>9} {s.failed:>7} {p50:>8} {p99:>8}", file=err
         )
+    pool = stats.pool
+    if pool is not None:
+        print(f"worker pool: {pool.workers} workers  tasks {pool.tasks}  batches {pool.batches}  "
+              f"crashes {pool.crashes}  timeouts {pool.timeouts}  recycles {pool.recycles}",
+              file=err)  # fmt: skip
 
 
 async def _run_async(organism: Organism, args: argparse.Namespace) -> int:

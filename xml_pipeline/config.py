@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +32,7 @@ __all__ = [
     "Listener",
     "Organism",
     "OrganismConfig",
+    "ProcessPoolSettings",
     "PumpSettings",
     "import_object",
     "load_organism",
@@ -78,6 +80,7 @@ class _ListenerSection(_Strict):
     concurrency: int = Field(16, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0)
     cpu_bound: bool = False
+    history_snapshot: bool = False
 
     @field_validator("name")
     @classmethod
@@ -85,6 +88,15 @@ class _ListenerSection(_Strict):
         if value != value.strip() or not value.isprintable():
             raise ValueError("a listener name must be printable, without surrounding spaces")
         return value
+
+
+class _ProcessPoolSection(_Strict):
+    workers: int | None = Field(None, ge=1, le=1024)
+    batch_max: int = Field(64, ge=1, le=100_000)
+    recycle_after: int | None = Field(None, ge=1)
+    max_crashes: int = Field(2, ge=1, le=100)
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
+    memory_limit_mb: int | None = Field(None, ge=64)
 
 
 class _BootSection(_Strict):
@@ -117,6 +129,7 @@ class OrganismConfig(_Strict):
     redis: _RedisSection = _RedisSection()
     history: _HistorySection = _HistorySection()
     pump: _PumpSection = _PumpSection()
+    process_pool: _ProcessPoolSection = _ProcessPoolSection()
     listeners: list[_ListenerSection] = Field(min_length=1)
     boot: list[_BootSection] = []
 
@@ -136,6 +149,12 @@ class Listener:
         peers: listeners this one may forward to; None means any.
         concurrency: messages handled at once (different frames only).
         timeout_s: per-message handler time limit; None means none.
+        cpu_bound: run the handler in the worker process pool (see ``ProcessPoolSettings``);
+            the handler and its payload classes must be importable by module path.
+        history_snapshot: for a ``cpu_bound`` handler on the in-memory backend, ship the
+            frame's history with each task so ``meta.history()`` works in the worker.
+        handler_path: ``module:attr`` the handler is imported by in a worker (derived
+            from the function when None).
     """
 
     name: str
@@ -145,6 +164,9 @@ class Listener:
     peers: frozenset[str] | None = None
     concurrency: int = 16
     timeout_s: float | None = None
+    cpu_bound: bool = False
+    history_snapshot: bool = False
+    handler_path: str | None = None
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +185,10 @@ class Listener:
                     f"both map to {qname}"
                 )
             seen[qname] = cls
+        if self.history_snapshot and not self.cpu_bound:
+            raise ConfigError(
+                f"listener {self.name!r}: history_snapshot applies to cpu_bound listeners only"
+            )
         call = getattr(self.handler, "__call__", None)  # noqa: B004 - async __call__ objects
         is_async = inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
         object.__setattr__(self, "is_async", is_async)
@@ -199,6 +225,45 @@ class PumpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessPoolSettings:
+    """The worker process pool of ``cpu_bound`` listeners (the ``process_pool`` section).
+
+    Attributes:
+        workers: worker processes; None means the CPU count.
+        batch_max: most messages one submission to a worker carries.
+        recycle_after: replace the pool's processes after about this many messages per
+            worker (None: never); guards against handlers that leak.
+        max_crashes: a message whose worker died is retried alone; after this many
+            crashes it is answered ``Huh(worker-crashed)`` and dead-lettered.
+        start_method: ``forkserver`` (default) or ``spawn``.
+        memory_limit_mb: address-space limit per worker (RLIMIT_AS); a handler going
+            past it gets a ``MemoryError``.
+    """
+
+    workers: int | None = None
+    batch_max: int = 64
+    recycle_after: int | None = None
+    max_crashes: int = 2
+    start_method: str = "forkserver"
+    memory_limit_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.start_method not in ("forkserver", "spawn"):
+            raise ConfigError(
+                f"process_pool.start_method must be forkserver or spawn, not {self.start_method!r}"
+            )
+        for name in ("workers", "batch_max", "recycle_after", "max_crashes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"process_pool.{name} must be at least 1")
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or the CPU count when unset."""
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
 class Organism:
     """A resolved organism: what :class:`~xml_pipeline.StreamPump` runs."""
 
@@ -211,6 +276,7 @@ class Organism:
     path: Path | None = None
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     """Options for the backend (the ``manager:`` or ``redis:`` section of the file)."""
+    process_pool: ProcessPoolSettings = field(default_factory=ProcessPoolSettings)
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]
@@ -347,11 +413,6 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
 
     listeners = []
     for i, section in enumerate(config.listeners):
-        if section.cpu_bound:
-            raise ConfigError(
-                f"{_where(path, ['listeners', i, 'cpu_bound'], root)}: "
-                "cpu_bound listeners are not supported by this version"
-            )
         specs = [section.payload] if isinstance(section.payload, str) else section.payload
         classes = []
         for j, spec in enumerate(specs):
@@ -379,6 +440,9 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                     peers=None if section.peers is None else frozenset(section.peers),
                     concurrency=section.concurrency,
                     timeout_s=section.timeout_s,
+                    cpu_bound=section.cpu_bound,
+                    history_snapshot=section.history_snapshot,
+                    handler_path=section.handler if section.cpu_bound else None,
                 )
             )
         except ConfigError as exc:
@@ -425,6 +489,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
             path=path,
             backend_options=options,
+            process_pool=ProcessPoolSettings(**config.process_pool.model_dump()),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -18,6 +18,7 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
         ├── HandlerFailed           handler-error   the handler raised
         ├── InvalidReturn           invalid-return  the handler returned something unusable
         ├── HandlerTimeout          timeout         the handler ran past ``timeout_s``
+        ├── WorkerCrashed           worker-crashed  a cpu_bound handler's worker process died
         ├── Overloaded              overloaded      a forward while ``max_in_pump`` messages wait
         ├── EgressFailed            egress          the egress callback raised
         ├── Duplicate               duplicate       a retry of an accepted message (no Huh)
@@ -48,6 +49,7 @@ __all__ = [
     "NoRoute",
     "PayloadInvalid",
     "PeerDenied",
+    "WorkerCrashed",
     "XmlPipelineError",
 ]
 
@@ -140,6 +142,12 @@ class HandlerTimeout(MessageError):
     """The handler did not finish within its listener's ``timeout_s``."""
 
     code = "timeout"
+
+
+class WorkerCrashed(MessageError):
+    """A ``cpu_bound`` handler's worker process died on this message ``max_crashes`` times."""
+
+    code = "worker-crashed"
 
 
 class Abandoned(MessageError):

@@ -19,6 +19,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from .backends.base import Slot
+from .exceptions import ConfigError, InvalidReturn
+from .payload import codec_for
 
 __all__ = ["Handler", "HandlerMetadata", "HandlerResponse"]
 
@@ -68,6 +70,7 @@ class HandlerMetadata:
     from_external: bool
     _history: Callable[[], Coroutine[Any, Any, list[Slot]]] = field(repr=False, compare=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
+    _blocking: Callable[[], list[Slot]] | None = field(default=None, repr=False, compare=False)
 
     async def history(self) -> list[Slot]:
         """This frame's history (its listener's transcript), oldest first."""
@@ -76,9 +79,13 @@ class HandlerMetadata:
     def history_blocking(self) -> list[Slot]:
         """This frame's history, for a sync handler running in a worker thread.
 
+        In a ``cpu_bound`` worker process it works from the handler's own thread.
+
         Raises:
             RuntimeError: called from the event loop's own thread.
         """
+        if self._blocking is not None:
+            return self._blocking()
         loop = self._loop
         if loop is None:
             raise RuntimeError("history_blocking() needs the pump's event loop")
@@ -97,3 +104,40 @@ class HandlerMetadata:
             coro.close()
             raise
         return future.result()
+
+
+def responses_of(listener: str, result: Any) -> list[HandlerResponse]:
+    """Check what a handler returned and list its responses.
+
+    Raises:
+        InvalidReturn: not a HandlerResponse, a list of them, or None; or a payload
+            that is not a usable payload model.
+    """
+    if result is None:
+        return []
+    if isinstance(result, HandlerResponse):
+        items = [result]
+    elif isinstance(result, list | tuple):
+        items = list(result)
+    else:
+        raise InvalidReturn(
+            f"{listener} returned {type(result).__name__}; expected HandlerResponse, "
+            "a list of them, or None",
+            listener=listener,
+        )
+    for item in items:
+        if not isinstance(item, HandlerResponse):
+            raise InvalidReturn(
+                f"{listener} returned a list holding {type(item).__name__}", listener=listener
+            )
+        if not isinstance(item.payload, BaseModel):
+            raise InvalidReturn(
+                f"{listener} returned a payload of type {type(item.payload).__name__}, "
+                "not a pydantic model",
+                listener=listener,
+            )
+        try:
+            codec_for(type(item.payload))
+        except ConfigError as exc:
+            raise InvalidReturn(f"{listener}: {exc}", listener=listener) from exc
+    return items

@@ -32,13 +32,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from lxml import etree
 from pydantic import BaseModel
 
+from ._pool import PoolStatistics, WorkerPool, worker_spec
 from ._sync import SyncRunner
 from .backends import Backend, DeadLetter, Slot, open_backend
-from .config import Listener, Organism
+from .config import Listener, Organism, import_object
 from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, envelope_from_element
 from .exceptions import (
     Abandoned,
@@ -59,8 +61,8 @@ from .exceptions import (
     XmlPipelineError,
 )
 from .frame import Frame, FrameRegistry
-from .handler import HandlerMetadata, HandlerResponse
-from .parser import parse_bytes
+from .handler import HandlerMetadata, responses_of
+from .parser import parse_bytes, parse_trusted
 from .payload import Codec, Huh, codec_for
 from .routing import RoutingTable
 
@@ -159,6 +161,7 @@ class PumpStatistics:
         dead_letters: dead letters written.
         in_pump: messages queued or being handled right now.
         listeners: per listener, by name.
+        pool: the worker process pool of ``cpu_bound`` listeners (None without one).
     """
 
     ingress: int
@@ -168,6 +171,7 @@ class PumpStatistics:
     dead_letters: int
     in_pump: int
     listeners: MappingProxyType[str, ListenerStatistics]
+    pool: PoolStatistics | None = None
 
 
 class _GcTuning:
@@ -204,7 +208,18 @@ _GC = _GcTuning()
 class _Message:
     """A message inside the pump. Payload bytes, element and model are made lazily."""
 
-    __slots__ = ("_element", "_xml", "after_huh", "id", "model", "qname", "raw", "sender", "to")
+    __slots__ = (
+        "_element",
+        "_xml",
+        "after_huh",
+        "id",
+        "model",
+        "path",
+        "qname",
+        "raw",
+        "sender",
+        "to",
+    )
 
     def __init__(
         self,
@@ -215,6 +230,8 @@ class _Message:
         model: BaseModel | None = None,
         element: etree._Element | None = None,
         raw: bytes | None = None,
+        xml: bytes | None = None,
+        path: str | None = None,
     ) -> None:
         self.id = id
         self.sender = sender
@@ -223,7 +240,10 @@ class _Message:
         self.model = model
         self._element = element
         self.raw = raw
-        self._xml: bytes | None = None
+        self._xml = xml
+        # The payload class's import path, for a message made in a worker process
+        # (decoded in the pump only if it must leave as a model).
+        self.path = path
         # Emitted by a handler that was handling a Huh: an error about this message
         # is dead-lettered without another Huh, so Huh handlers cannot loop.
         self.after_huh = False
@@ -231,8 +251,11 @@ class _Message:
     def element(self) -> etree._Element:
         element = self._element
         if element is None:
-            assert self.model is not None
-            element = self._element = codec_for(type(self.model)).encode(self.model)
+            if self.model is None:
+                assert self._xml is not None
+                element = self._element = parse_trusted(self._xml)
+            else:
+                element = self._element = codec_for(type(self.model)).encode(self.model)
         return element
 
     def xml(self) -> bytes:
@@ -345,6 +368,8 @@ class StreamPump:
         self._ingest_done = asyncio.Event()
         self._ingest_done.set()
         self._sync: dict[str, SyncRunner] = {}
+        self._pool: WorkerPool | None = None
+        self._classes: dict[str, type[BaseModel]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -368,17 +393,39 @@ class StreamPump:
             if self._owns_backend:
                 await self.backend.aclose()
             raise
+        try:
+            await self._start_pool()
+        except BaseException:
+            if self._owns_backend:
+                await self.backend.aclose()
+            raise
         self._tune_gc()
         for rt in self._runtimes.values():
-            if not rt.listener.is_async:
+            if not rt.listener.is_async and not rt.listener.cpu_bound:
                 size = min(rt.listener.concurrency, self._settings.sync_threads)
                 self._sync[rt.name] = SyncRunner(rt.name, size)
         for rt in self._runtimes.values():
+            deliver = self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
             for i, inbox in enumerate(rt.inboxes):
-                task = asyncio.create_task(self._worker(rt, inbox), name=f"listener {rt.name}#{i}")
+                task = asyncio.create_task(
+                    self._worker(rt, inbox, deliver), name=f"listener {rt.name}#{i}"
+                )
                 self._tasks.append(task)
         self._running = True
         return self
+
+    async def _start_pool(self) -> None:
+        offloaded = [rt.listener for rt in self._runtimes.values() if rt.listener.cpu_bound]
+        if not offloaded:
+            return
+        url = self.organism.backend
+        if urlsplit(url).scheme == "manager":
+            url = getattr(self.backend, "url", url)
+        shared = urlsplit(url).scheme in ("manager", "redis", "rediss")
+        spec = worker_spec(self.organism, url if shared else None)
+        pool = WorkerPool(self.organism.process_pool, spec)
+        await pool.start(watch_timeouts=any(lst.timeout_s for lst in offloaded))
+        self._pool = pool
 
     async def __aexit__(
         self,
@@ -417,6 +464,9 @@ class StreamPump:
         for runner in self._sync.values():
             runner.shutdown()
         self._sync.clear()
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         if self._gc_tuned:
             self._gc_tuned = False
             _GC.release()
@@ -475,6 +525,7 @@ class StreamPump:
             dead_letters=self._dead_letters,
             in_pump=self._pending,
             listeners=MappingProxyType(listeners),
+            pool=None if self._pool is None else self._pool.statistics(),
         )
 
     # -- ingress ---------------------------------------------------------------
@@ -714,12 +765,17 @@ class StreamPump:
         inboxes = rt.inboxes
         inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
 
-    async def _worker(self, rt: _Runtime, inbox: asyncio.Queue[_Delivery]) -> None:
+    async def _worker(
+        self,
+        rt: _Runtime,
+        inbox: asyncio.Queue[_Delivery],
+        deliver: Callable[[_Delivery], Awaitable[None]],
+    ) -> None:
         while True:
             delivery = await inbox.get()
             rt.in_flight += 1
             try:
-                await self._deliver(delivery)
+                await deliver(delivery)
             except asyncio.CancelledError:
                 await self._abandon(delivery, "running")
                 raise
@@ -775,12 +831,12 @@ class StreamPump:
         )
         try:
             result = await self._call(listener, model, meta)
-            responses = self._check_result(listener, result)
+            responses = responses_of(listener.name, result)
         except MessageError as exc:
             await self._fail(d, exc)
             return
         after_huh = msg.qname == _HUH_QNAME
-        outs: list[tuple[HandlerResponse, _Message]] = []
+        outs: list[tuple[bool, _Message]] = []
         for response in responses:
             payload = response.payload
             out = _Message(
@@ -791,7 +847,7 @@ class StreamPump:
                 model=payload,
             )
             out.after_huh = after_huh
-            outs.append((response, out))
+            outs.append((response.is_response, out))
         try:
             for _, out in outs:
                 out.xml()  # serialized once, for the history; refuses what XML cannot carry
@@ -804,12 +860,51 @@ class StreamPump:
                 ),
             )
             return
-        for response, out in outs:
-            if response.is_response:
+        await self._send_outs(d, outs)
+
+    async def _send_outs(self, d: _Delivery, outs: list[tuple[bool, _Message]]) -> None:
+        rt = d.runtime
+        frame = d.frame
+        for is_response, out in outs:
+            if is_response:
                 await self._respond(out, frame, rt)
             else:
                 await self._forward(out, frame, rt)
         rt.handled += 1
+
+    async def _deliver_offloaded(self, d: _Delivery) -> None:
+        """Deliver to a cpu_bound listener: its handler runs in a worker process."""
+        rt = d.runtime
+        msg = d.message
+        listener = rt.listener
+        frame = d.frame
+        pool = self._pool
+        assert pool is not None
+        await self._record(frame, "in", msg, listener.name)
+        history = None
+        if listener.history_snapshot:
+            history = [tuple(s) for s in await self.backend.buffer_get_thread(frame.uuid)]
+        meta = (
+            frame.uuid,
+            msg.sender,
+            listener.name,
+            msg.id,
+            d.reply_to is rt,
+            frame.depth,
+            d.reply_to is None and not d.reply_frame.hops,
+        )
+        try:
+            results = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
+        except MessageError as exc:
+            await self._fail(d, exc)
+            return
+        after_huh = msg.qname == _HUH_QNAME
+        outs: list[tuple[bool, _Message]] = []
+        for to, is_response, qname, path, xml in results:
+            out = _Message(self._new_id(), listener.name, to, qname, xml=xml, path=path)
+            out.after_huh = after_huh
+            outs.append((is_response, out))
+        await self._send_outs(d, outs)
 
     async def _call(self, listener: Listener, model: BaseModel, meta: HandlerMetadata) -> Any:
         timeout = listener.timeout_s
@@ -852,38 +947,6 @@ class StreamPump:
             raise HandlerFailed(
                 f"{listener.name} raised {type(exc).__name__}: {exc}", listener=listener.name
             ) from exc
-
-    @staticmethod
-    def _check_result(listener: Listener, result: Any) -> list[HandlerResponse]:
-        if result is None:
-            return []
-        if isinstance(result, HandlerResponse):
-            items = [result]
-        elif isinstance(result, list | tuple):
-            items = list(result)
-        else:
-            raise InvalidReturn(
-                f"{listener.name} returned {type(result).__name__}; expected HandlerResponse, "
-                "a list of them, or None",
-                listener=listener.name,
-            )
-        for item in items:
-            if not isinstance(item, HandlerResponse):
-                raise InvalidReturn(
-                    f"{listener.name} returned a list holding {type(item).__name__}",
-                    listener=listener.name,
-                )
-            if not isinstance(item.payload, BaseModel):
-                raise InvalidReturn(
-                    f"{listener.name} returned a payload of type {type(item.payload).__name__}, "
-                    "not a pydantic model",
-                    listener=listener.name,
-                )
-            try:
-                codec_for(type(item.payload))
-            except ConfigError as exc:
-                raise InvalidReturn(f"{listener.name}: {exc}", listener=listener.name) from exc
-        return items
 
     async def _forward(self, out: _Message, frame: Frame, rt: _Runtime) -> None:
         listener = rt.listener
@@ -935,7 +998,17 @@ class StreamPump:
         owner = parent.listener
         if owner is None:
             await self._record(frame, "out", out, parent.origin)
-            await self._emit(Reply(parent.uuid, out.sender, parent.origin, out.id, out.model), out)  # type: ignore[arg-type]
+            if out.model is None:
+                try:
+                    out.model = self._decode_made_in_worker(out)
+                except (MessageError, ConfigError) as exc:
+                    error = InvalidReturn(
+                        f"{rt.name} answered with a payload the pump cannot decode: {exc}",
+                        listener=rt.name,
+                    )
+                    await self._refuse(error, out, frame, rt)
+                    return
+            await self._emit(Reply(parent.uuid, out.sender, parent.origin, out.id, out.model), out)
             return
         await self._record(frame, "out", out, owner)
         target = self._runtimes.get(owner)
@@ -950,6 +1023,18 @@ class StreamPump:
             await self._refuse(exc, out, frame, rt)
             return
         self._enqueue(_Delivery(out, target, parent, frame, rt))
+
+    def _decode_made_in_worker(self, out: _Message) -> BaseModel:
+        cls = self._classes.get(out.path or "")
+        if cls is None:
+            try:
+                cls = import_object(out.path or "")
+            except Exception as exc:
+                raise ConfigError(f"cannot import {out.path!r}: {exc}") from exc
+            if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+                raise ConfigError(f"{out.path!r} is not a pydantic model class")
+            self._classes[out.path or ""] = cls
+        return codec_for(cls).decode(out.element())
 
     def _check_room(self, count: int, listener: str) -> None:
         limit = self._settings.max_in_pump

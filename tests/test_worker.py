@@ -1,0 +1,328 @@
+"""cpu_bound listeners: handlers in worker processes, and every way a worker can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import worker_handlers as wh
+from support import Ping, Pong, ping_xml, pong
+
+from xml_pipeline import (
+    ConfigError,
+    HandlerMetadata,
+    HandlerResponse,
+    Huh,
+    Listener,
+    Organism,
+    ProcessPoolSettings,
+    Reply,
+    StreamPump,
+)
+from xml_pipeline.backends.memory import MemoryBackend
+
+POOL = ProcessPoolSettings(workers=2)
+
+
+def offloaded(handler: Any = wh.faulty, name: str = "cpu", **options: Any) -> Listener:
+    options.setdefault("concurrency", 64)
+    return Listener(name=name, payloads=(Ping, Huh), handler=handler, cpu_bound=True, **options)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def worker_pids(pump: StreamPump) -> set[int]:
+    pool = pump._pool
+    assert pool is not None and pool._executor is not None
+    return set(pool._executor._processes)  # type: ignore[attr-defined]
+
+
+def huh_of(reply: Reply) -> Huh:
+    assert isinstance(reply.payload, Huh), reply.payload
+    return reply.payload
+
+
+async def dead_codes(pump: StreamPump) -> list[str]:
+    return [letter.code for letter in await pump.backend.deadletter_list()]
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler", [wh.echo, wh.echo_async], ids=["sync", "async"])
+async def test_handler_runs_in_a_worker_process(run_pump: Any, handler: Any) -> None:
+    async with run_pump([offloaded(handler)], process_pool=POOL) as h:
+        replies = await asyncio.gather(*(h.pump.request(ping_xml(i), to="cpu") for i in range(200)))
+        assert sorted(r.payload.n for r in replies) == list(range(200))
+        pids = {int(r.payload.text.split()[-1]) for r in replies}
+        assert os.getpid() not in pids
+        assert pids <= worker_pids(h.pump)
+        assert all(r.payload.by == "cpu" for r in replies)
+        if handler is wh.echo_async:
+            assert all(r.payload.text.startswith("async ") for r in replies)
+        stats = h.pump.statistics()
+        assert stats.pool is not None
+        assert stats.pool.tasks == 200 and stats.pool.crashes == 0
+        assert stats.pool.batches < 200  # batched
+        assert stats.listeners["cpu"].handled == 200
+
+
+async def test_worker_responses_route_like_any_other(run_pump: Any) -> None:
+    # inline "front" -> cpu_bound "cpu" forwards to inline "next", whose answer comes back.
+    async def front(payload: Ping | Pong, meta: HandlerMetadata) -> HandlerResponse:
+        if isinstance(payload, Pong):
+            return HandlerResponse.respond(payload)
+        return HandlerResponse(payload, to="cpu")
+
+    async def relay_back(payload: Pong, meta: HandlerMetadata) -> HandlerResponse:
+        return HandlerResponse.respond(payload)
+
+    listeners = [
+        Listener(name="front", payloads=(Ping, Pong), handler=front),
+        Listener(name="cpu", payloads=(Ping, Pong), handler=wh.forward, cpu_bound=True),
+        Listener(name="next", payloads=(Ping,), handler=pong),
+    ]
+    async with run_pump(listeners, process_pool=POOL) as h:
+        replies = await asyncio.gather(*(h.pump.request(ping_xml(i), to="front") for i in range(50)))
+        assert sorted(r.payload.n for r in replies) == list(range(1, 51))
+        assert all(r.payload.by == "next" for r in replies)
+        stats = h.pump.statistics()
+        assert stats.listeners["cpu"].handled == 100  # each Ping, then each Pong
+
+
+async def test_payload_invalid_in_the_worker_is_a_validation_huh(run_pump: Any) -> None:
+    bad = b'<Ping xmlns="https://example.org/test"><n>not a number</n></Ping>'
+    async with run_pump([offloaded()], process_pool=POOL) as h:
+        reply = await h.pump.request(bad, to="cpu")
+        huh = huh_of(reply)
+        assert huh.code == "validation"
+        assert "n" in huh.message
+        assert await dead_codes(h.pump) == ["validation"]
+        ok = await h.pump.request(ping_xml(1), to="cpu")
+        assert isinstance(ok.payload, Pong)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "words"),
+    [
+        ("raise", "handler-error", "ValueError: bad number 7"),
+        ("bad-return", "invalid-return", "returned str"),
+        ("control-char", "invalid-return", "XML cannot carry"),
+    ],
+)
+async def test_handler_errors_in_a_worker(run_pump: Any, text: str, code: str, words: str) -> None:
+    async with run_pump([offloaded()], process_pool=POOL) as h:
+        pids = worker_pids(h.pump)
+        reply = await h.pump.request(ping_xml(7, text), to="cpu")
+        huh = huh_of(reply)
+        assert huh.code == code
+        assert words in huh.message
+        assert await dead_codes(h.pump) == [code]
+        assert worker_pids(h.pump) == pids  # the worker survived
+        stats = h.pump.statistics()
+        assert stats.pool is not None and stats.pool.crashes == 0
+
+
+@pytest.mark.parametrize("text", ["exit", "kill", "segfault"])
+async def test_a_message_that_kills_its_worker_is_isolated(run_pump: Any, text: str) -> None:
+    async with run_pump([offloaded()], process_pool=POOL) as h:
+        innocents = [h.pump.request(ping_xml(i, "sleep"), to="cpu") for i in range(20)]
+        culprit = h.pump.request(ping_xml(99, text), to="cpu")
+        replies = await asyncio.gather(culprit, *innocents)
+        huh = huh_of(replies[0])
+        assert huh.code == "worker-crashed"
+        assert "died" in huh.message
+        assert sorted(r.payload.n for r in replies[1:]) == list(range(20))
+        assert all(isinstance(r.payload, Pong) for r in replies[1:])
+        assert await dead_codes(h.pump) == ["worker-crashed"]
+        stats = h.pump.statistics()
+        assert stats.pool is not None
+        assert stats.pool.crashes == POOL.max_crashes
+        # The pump keeps serving with fresh workers.
+        again = await asyncio.gather(*(h.pump.request(ping_xml(i), to="cpu") for i in range(10)))
+        assert all(isinstance(r.payload, Pong) for r in again)
+
+
+async def test_kill_9_a_worker_under_load_loses_nothing(run_pump: Any) -> None:
+    total = 2000
+    async with run_pump(
+        [offloaded(concurrency=256)],
+        process_pool=ProcessPoolSettings(workers=2, batch_max=16),
+        max_in_pump=10_000,
+        queue_size=4096,
+    ) as h:
+        pending = [
+            asyncio.ensure_future(h.pump.request(ping_xml(i, "busy"), to="cpu"))
+            for i in range(total)
+        ]
+        victims: list[int] = []
+        for _ in range(3):
+            while sum(f.done() for f in pending) < len(victims) * 400 + 200:
+                await asyncio.sleep(0.01)
+            victim = sorted(worker_pids(h.pump))[0]
+            os.kill(victim, signal.SIGKILL)
+            victims.append(victim)
+        replies = await asyncio.gather(*pending)
+        counted = Counter(r.payload.n for r in replies)
+        assert sorted(counted) == list(range(total))
+        assert set(counted.values()) == {1}
+        # The killed worker's tasks were innocent: every message was answered.
+        assert all(isinstance(r.payload, Pong) for r in replies)
+        assert await dead_codes(h.pump) == []
+        stats = h.pump.statistics()
+        assert stats.pool is not None and stats.pool.crashes >= len(victims)
+        assert stats.egress == total and stats.in_pump == 0
+        for victim in victims:
+            assert not alive(victim)
+        more = await h.pump.request(ping_xml(1), to="cpu")
+        assert isinstance(more.payload, Pong)
+
+
+async def test_a_hung_handler_is_killed_at_its_timeout(run_pump: Any) -> None:
+    async with run_pump([offloaded(timeout_s=0.5)], process_pool=POOL) as h:
+        before = worker_pids(h.pump)
+        started = time.monotonic()
+        hung, *others = await asyncio.gather(
+            h.pump.request(ping_xml(0, "hang"), to="cpu"),
+            *(h.pump.request(ping_xml(i, "sleep"), to="cpu") for i in range(1, 11)),
+        )
+        assert time.monotonic() - started < 5
+        huh = huh_of(hung)
+        assert huh.code == "timeout"
+        assert "0.5 s" in huh.message
+        assert all(isinstance(r.payload, Pong) for r in others)
+        assert await dead_codes(h.pump) == ["timeout"]
+        stats = h.pump.statistics()
+        assert stats.pool is not None and stats.pool.timeouts == 1
+        # The hung worker is gone; new ones serve.
+        await asyncio.sleep(0.2)
+        assert not any(alive(pid) for pid in before - worker_pids(h.pump))
+        reply = await h.pump.request(ping_xml(5), to="cpu")
+        assert isinstance(reply.payload, Pong)
+
+
+async def test_workers_are_recycled_after_recycle_after_tasks(run_pump: Any) -> None:
+    pool = ProcessPoolSettings(workers=1, recycle_after=5)
+    async with run_pump([offloaded(wh.echo)], process_pool=pool) as h:
+        pids = []
+        for i in range(23):
+            reply = await h.pump.request(ping_xml(i), to="cpu")
+            pids.append(int(reply.payload.text))
+        stats = h.pump.statistics()
+        assert stats.pool is not None
+        assert stats.pool.recycles == 4
+        assert len(set(pids)) == 5
+        assert pids[:5] == [pids[0]] * 5  # each process served its five tasks
+        await asyncio.sleep(0.5)
+        assert sum(alive(pid) for pid in set(pids)) == 1
+
+
+async def test_memory_limit_gives_the_handler_a_memory_error(run_pump: Any) -> None:
+    pool = ProcessPoolSettings(workers=1, memory_limit_mb=1024)
+    async with run_pump([offloaded()], process_pool=pool) as h:
+        reply = await h.pump.request(ping_xml(1, "memory"), to="cpu")
+        huh = huh_of(reply)
+        assert huh.code == "handler-error"
+        assert "MemoryError" in huh.message
+        ok = await h.pump.request(ping_xml(2), to="cpu")
+        assert isinstance(ok.payload, Pong)
+        stats = h.pump.statistics()
+        assert stats.pool is not None and stats.pool.crashes == 0
+
+
+# -- history ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler", [wh.read_history, wh.read_history_async], ids=["sync", "async"])
+async def test_history_snapshot_in_a_worker(run_pump: Any, handler: Any) -> None:
+    listener = offloaded(handler, history_snapshot=True)
+    async with run_pump([listener], process_pool=POOL) as h:
+        reply = await h.pump.request(ping_xml(1), to="cpu")
+        assert reply.payload.text == "in:api"
+
+
+async def test_history_without_a_snapshot_says_how_to_get_one(run_pump: Any) -> None:
+    async with run_pump([offloaded(wh.read_history)], process_pool=POOL) as h:
+        huh = huh_of(await h.pump.request(ping_xml(1), to="cpu"))
+        assert huh.code == "handler-error"
+        assert "history_snapshot: true" in huh.message
+
+
+async def test_history_from_redis_in_a_worker(redis_server: Any) -> None:
+    organism = Organism(
+        name="t",
+        listeners=(offloaded(wh.read_history),),
+        backend=redis_server.url,
+        process_pool=POOL,
+    )
+    async with StreamPump(organism) as pump:
+        first = await pump.request(ping_xml(1), to="cpu")
+        assert first.payload.text == "in:api"
+        again = await pump.request(ping_xml(2), to="cpu", thread=first.thread_id)
+        assert again.payload.text == "in:api,out:cpu,in:api"
+
+
+# -- configuration and shutdown --------------------------------------------------------
+
+
+def test_a_local_function_cannot_be_cpu_bound() -> None:
+    from xml_pipeline._pool import worker_spec
+
+    def local(payload: Ping, meta: HandlerMetadata) -> None:
+        return None
+
+    organism = Organism(name="t", listeners=(offloaded(local),))
+    with pytest.raises(ConfigError, match="importable by module path"):
+        worker_spec(organism)
+
+
+def test_history_snapshot_needs_cpu_bound() -> None:
+    with pytest.raises(ConfigError, match="cpu_bound listeners only"):
+        Listener(name="x", payloads=(Ping,), handler=pong, history_snapshot=True)
+
+
+def test_process_pool_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="start_method"):
+        ProcessPoolSettings(start_method="fork")
+    with pytest.raises(ConfigError, match="batch_max"):
+        ProcessPoolSettings(batch_max=0)
+    assert ProcessPoolSettings().worker_count == (os.cpu_count() or 1)
+
+
+async def test_spawn_start_method_works(run_pump: Any) -> None:
+    pool = ProcessPoolSettings(workers=1, start_method="spawn")
+    async with run_pump([offloaded(wh.echo)], process_pool=pool) as h:
+        reply = await h.pump.request(ping_xml(3), to="cpu")
+        assert reply.payload.n == 3
+
+
+async def test_closing_the_pump_stops_every_worker() -> None:
+    backend = MemoryBackend()
+    organism = Organism(name="t", listeners=(offloaded(timeout_s=60),), process_pool=POOL)
+    async with StreamPump(organism, backend=backend) as pump:
+        pids = worker_pids(pump)
+        for i in range(4):
+            await pump.inject(ping_xml(i, "hang"), to="cpu")
+        await asyncio.sleep(0.3)
+    assert not any(alive(pid) for pid in pids)
+    # What was running or queued is dead-lettered, not lost.
+    letters = await backend.deadletter_list()
+    assert sorted(letter.code for letter in letters) == ["shutdown"] * 4

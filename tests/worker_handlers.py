@@ -1,0 +1,82 @@
+"""Handlers for cpu_bound tests: importable by module path, so worker processes load them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import time
+
+from support import Ping, Pong
+
+from xml_pipeline import HandlerMetadata, HandlerResponse
+
+
+def _pong(payload: Ping, meta: HandlerMetadata, text: str = "") -> HandlerResponse:
+    return HandlerResponse.respond(Pong(n=payload.n, text=text or payload.text, by=meta.own_name))
+
+
+def echo(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Answers with the pid of the worker process that ran it."""
+    return _pong(payload, meta, str(os.getpid()))
+
+
+async def echo_async(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    await asyncio.sleep(0)
+    return _pong(payload, meta, f"async {os.getpid()}")
+
+
+def forward(payload: Ping | Pong, meta: HandlerMetadata) -> HandlerResponse:
+    """Forwards a Ping to the listener ``next``; passes its Pong back to the caller."""
+    if isinstance(payload, Pong):
+        return HandlerResponse.respond(payload)
+    return HandlerResponse(Ping(n=payload.n + 1, text=payload.text), to="next")
+
+
+def hashing(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """About ``payload.n`` ms of SHA-256 work (n rounds of 64 KiB... roughly)."""
+    data = payload.text.encode() * 1024
+    digest = b""
+    for _ in range(max(payload.n, 1)):
+        digest = hashlib.sha256(data + digest).digest()
+    return _pong(payload, meta, digest.hex()[:16])
+
+
+def faulty(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Misbehaves as ``payload.text`` says: raise, exit, kill -9 itself, segfault, hang."""
+    if payload.text == "raise":
+        raise ValueError(f"bad number {payload.n}")
+    if payload.text == "exit":
+        os._exit(3)
+    if payload.text == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if payload.text == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    if payload.text == "hang":
+        time.sleep(3600)
+    if payload.text == "sleep":
+        time.sleep(0.05)
+    if payload.text == "busy":
+        time.sleep(0.001)
+    if payload.text == "memory":
+        hog = bytearray(2 * 1024**3)
+        return _pong(payload, meta, str(len(hog)))
+    if payload.text == "bad-return":
+        return "nope"  # type: ignore[return-value]
+    if payload.text == "control-char":
+        return _pong(payload, meta, "a\x01b")
+    return _pong(payload, meta, str(os.getpid()))
+
+
+def read_history(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Answers with the directions and senders of its frame's history."""
+    slots = meta.history_blocking()
+    return _pong(payload, meta, ",".join(f"{s.direction}:{s.sender}" for s in slots))
+
+
+async def read_history_async(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    slots = await meta.history()
+    return _pong(payload, meta, ",".join(f"{s.direction}:{s.sender}" for s in slots))
