@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,7 +101,9 @@ async def test_worker_responses_route_like_any_other(run_pump: Any) -> None:
         Listener(name="next", payloads=(Ping,), handler=pong),
     ]
     async with run_pump(listeners, process_pool=POOL) as h:
-        replies = await asyncio.gather(*(h.pump.request(ping_xml(i), to="front") for i in range(50)))
+        replies = await asyncio.gather(
+            *(h.pump.request(ping_xml(i), to="front") for i in range(50))
+        )
         assert sorted(r.payload.n for r in replies) == list(range(1, 51))
         assert all(r.payload.by == "next" for r in replies)
         stats = h.pump.statistics()
@@ -326,3 +331,83 @@ async def test_closing_the_pump_stops_every_worker() -> None:
     # What was running or queued is dead-lettered, not lost.
     letters = await backend.deadletter_list()
     assert sorted(letter.code for letter in letters) == ["shutdown"] * 4
+
+
+# -- the command line: signals drain offloaded work, and no process is left -----------
+
+CPU_HANDLERS = """
+import time
+from xml_pipeline import Payload, HandlerResponse
+
+class Ping(Payload):
+    xml_ns = "urn:t"
+    n: int
+
+def echo(payload, meta):
+    if payload.n < 0:
+        time.sleep(-payload.n)
+    return HandlerResponse.respond(payload)
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_drains_offloaded_work_and_leaves_no_process(tmp_path: Path, signum: int) -> None:
+    (tmp_path / "cpuhandlers.py").write_text(CPU_HANDLERS)
+    (tmp_path / "cpu.yaml").write_text(
+        "organism: {name: cpu}\n"
+        "pump: {drain_timeout_s: 3}\n"
+        "process_pool: {workers: 2}\n"
+        "listeners: [{name: e, payload: cpuhandlers:Ping, handler: cpuhandlers:echo, "
+        "cpu_bound: true}]\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xml_pipeline", str(tmp_path / "cpu.yaml"), "--input", "-",
+         "--to", "e", "--stats"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'<Ping xmlns="urn:t"><n>1</n></Ping>\n')
+        proc.stdin.flush()
+        assert b"<n>1</n>" in proc.stdout.readline()  # up, and workers serve
+        proc.stdin.write(b'<Ping xmlns="urn:t"><n>-1</n></Ping>\n')  # finishes in the drain
+        proc.stdin.write(b'<Ping xmlns="urn:t"><n>-60</n></Ping>\n')  # does not
+        proc.stdin.flush()
+        time.sleep(0.5)
+        family = descendants(proc.pid)
+        assert len(family) >= 3  # the fork server and two workers at least
+        began = time.monotonic()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - began
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"<n>-1</n>" in out, "offloaded work in flight was drained"
+    assert b"<n>-60</n>" not in out
+    assert b"drain timeout" in err and b"Traceback" not in err
+    assert elapsed < 15
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in family if alive(pid)], "a worker process outlived the pump"

@@ -370,6 +370,7 @@ class StreamPump:
         self._sync: dict[str, SyncRunner] = {}
         self._pool: WorkerPool | None = None
         self._classes: dict[str, type[BaseModel]] = {}
+        self._pool_stats: PoolStatistics | None = None  # the last, once the pool is closed
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -466,6 +467,7 @@ class StreamPump:
         self._sync.clear()
         if self._pool is not None:
             await self._pool.aclose()
+            self._pool_stats = self._pool.statistics()
             self._pool = None
         if self._gc_tuned:
             self._gc_tuned = False
@@ -525,7 +527,7 @@ class StreamPump:
             dead_letters=self._dead_letters,
             in_pump=self._pending,
             listeners=MappingProxyType(listeners),
-            pool=None if self._pool is None else self._pool.statistics(),
+            pool=self._pool_stats if self._pool is None else self._pool.statistics(),
         )
 
     # -- ingress ---------------------------------------------------------------
