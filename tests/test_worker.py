@@ -299,6 +299,28 @@ def test_a_local_function_cannot_be_cpu_bound() -> None:
         worker_spec(organism)
 
 
+async def test_a_handler_workers_cannot_import_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "parent_only.py").write_text(
+        "import multiprocessing\n"
+        "from worker_handlers import echo\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    raise ImportError('this module refuses to load in a worker')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import parent_only
+
+    organism = Organism(
+        name="t",
+        listeners=(offloaded(parent_only.echo, handler_path="parent_only:echo"),),
+        process_pool=ProcessPoolSettings(workers=1),
+    )
+    with pytest.raises(ConfigError, match="refuses to load in a worker"):
+        async with StreamPump(organism):
+            pass
+
+
 def test_history_snapshot_needs_cpu_bound() -> None:
     with pytest.raises(ConfigError, match="cpu_bound listeners only"):
         Listener(name="x", payloads=(Ping,), handler=pong, history_snapshot=True)
