@@ -20,95 +20,73 @@ WORD = re.compile(r"[a-z']+")
 
 
 class Count(Payload):
-    """Count the words of ``file`` (a text next to this module) in ``chunks`` pieces."""
+    """Count the words of chunk ``chunk`` of ``chunks`` of ``file`` (a text next to here)."""
 
     xml_ns = NS
     file: str
-    chunks: int = 8
-    rounds: int = 20000
+    chunk: int = 0
+    chunks: int = 1
+    rounds: int = 100000
 
 
 class Chunk(Payload):
     """One piece of the text, for a worker."""
 
     xml_ns = NS
-    index: int
-    total: int
     rounds: int
     text: str
 
 
 class Counted(Payload):
-    """A worker's answer: word counts ``word:n`` separated by spaces, and a fingerprint."""
+    """A worker's answer: the number of words, the most common, and a fingerprint."""
 
     xml_ns = NS
-    index: int
-    total: int
     words: int
-    counts: str
+    top: str
     digest: str
 
 
 class Summary(Payload):
-    """The answer: totals over every chunk."""
+    """The answer to a Count."""
 
     xml_ns = NS
     file: str
+    chunk: int
     chunks: int
     words: int
-    distinct: int
     top: str
     digest: str
 
 
 def _lines(name: str) -> list[str]:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+\.txt", name) or name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.txt", name):
         raise ValueError(f"file must be a .txt name next to the organism, not {name!r}")
     return (HERE / name).read_text(encoding="utf-8").splitlines()
 
 
-async def split(payload: Count | Counted, meta: HandlerMetadata) -> list[HandlerResponse] | None:
+async def split(payload: Count | Counted, meta: HandlerMetadata) -> HandlerResponse:
     if isinstance(payload, Count):
+        if not 0 <= payload.chunk < payload.chunks <= 1000:
+            raise ValueError(f"chunk {payload.chunk} of {payload.chunks} is out of range")
         lines = _lines(payload.file)
-        total = max(1, min(payload.chunks, 64, len(lines)))
-        size = -(-len(lines) // total)
-        return [
-            HandlerResponse(
-                Chunk(
-                    index=i,
-                    total=total,
-                    rounds=min(payload.rounds, 1_000_000),
-                    text="\n".join(lines[i * size : (i + 1) * size]),
-                ),
-                to="counter",
-            )
-            for i in range(total)
-        ]
-    # A chunk came back. The frame's history says how many are in so far.
-    slots = [s for s in await meta.history() if s.direction == "in" and s.sender == "counter"]
-    if len(slots) < payload.total:
-        return None
-    parts = sorted((payload_from_xml(Counted, s.xml) for s in slots), key=lambda c: c.index)
-    counts: Counter[str] = Counter()
-    for part in parts:
-        for item in part.counts.split():
-            word, _, n = item.rpartition(":")
-            counts[word] += int(n)
+        size = -(-len(lines) // payload.chunks)
+        text = "\n".join(lines[payload.chunk * size : (payload.chunk + 1) * size])
+        return HandlerResponse(
+            Chunk(rounds=min(payload.rounds, 10_000_000), text=text), to="counter"
+        )
+    # The counter answered. What was asked is the first message of this frame.
     first = next(s for s in await meta.history() if s.direction == "in")
     request = payload_from_xml(Count, first.xml)
-    digest = hashlib.sha256("".join(p.digest for p in parts).encode()).hexdigest()
-    return [
-        HandlerResponse.respond(
-            Summary(
-                file=request.file,
-                chunks=len(parts),
-                words=sum(p.words for p in parts),
-                distinct=len(counts),
-                top=" ".join(f"{w}:{n}" for w, n in counts.most_common(5)),
-                digest=digest[:16],
-            )
+    return HandlerResponse.respond(
+        Summary(
+            file=request.file,
+            chunk=request.chunk,
+            chunks=request.chunks,
+            words=payload.words,
+            top=payload.top,
+            digest=payload.digest[:16],
         )
-    ]
+    )
 
 
 def count(payload: Chunk, meta: HandlerMetadata) -> HandlerResponse:
@@ -117,13 +95,11 @@ def count(payload: Chunk, meta: HandlerMetadata) -> HandlerResponse:
     digest = payload.text.encode()
     for _ in range(payload.rounds):
         digest = hashlib.sha256(digest).digest()
-    counts = Counter(words)
+    top = Counter(words).most_common(5)
     return HandlerResponse.respond(
         Counted(
-            index=payload.index,
-            total=payload.total,
             words=len(words),
-            counts=" ".join(f"{w}:{n}" for w, n in sorted(counts.items())),
+            top=" ".join(f"{word}:{n}" for word, n in top),
             digest=digest.hex(),
         )
     )

@@ -7,6 +7,7 @@ Users import what they need from here::
 
 from __future__ import annotations
 
+from ._pool import PoolStatistics
 from .backends import Backend, DeadLetter, HistoryLimits, Slot, open_backend
 from .config import (
     BootMessage,
@@ -82,6 +83,7 @@ __all__ = [
     "PayloadInvalid",
     "Payload",
     "PeerDenied",
+    "PoolStatistics",
     "ProcessPoolSettings",
     "PumpSettings",
     "PumpStatistics",

@@ -58,9 +58,10 @@ from .worker import BackendSpec, ListenerSpec, Meta, Result, WorkerSpec
 
 __all__ = ["PoolStatistics", "WorkerPool", "worker_spec"]
 
+
 logger = logging.getLogger("xml_pipeline.pool")
 
-_SLOTS = 1024  # status slots; a worker claims the next one (mod _SLOTS) when it starts
+_SLOTS_PER_WORKER = 64  # status slots, claimed in turn by starting workers (mod the count)
 _BATCHES_PER_WORKER = 2
 _START_TIMEOUT_S = 60.0
 _ERRORS: dict[str, type[MessageError]] = {
@@ -205,6 +206,7 @@ class WorkerPool:
         self._workers = settings.worker_count
         self._window = _BATCHES_PER_WORKER * self._workers
         self._ctx = multiprocessing.get_context(settings.start_method)
+        self._slots = 0
         self._status: Any = None
         self._counter: Any = None
         self._executor: ProcessPoolExecutor | None = None
@@ -235,7 +237,8 @@ class WorkerPool:
                 the workers did not start.
         """
         self._loop = asyncio.get_running_loop()
-        self._status = self._ctx.RawArray("q", worker.SLOT_WIDTH * _SLOTS)
+        self._slots = max(1024, _SLOTS_PER_WORKER * self._workers)
+        self._status = self._ctx.RawArray("q", worker.SLOT_WIDTH * self._slots)
         self._counter = self._ctx.Value("q", 0)
         executor = self._executor = self._new_executor()
         try:
@@ -443,7 +446,7 @@ class WorkerPool:
         """(batch id, task index) of what the workers are running now, by the status array."""
         status = self._status
         running = set()
-        for slot in range(min(self._counter.value, _SLOTS)):
+        for slot in range(min(self._counter.value, self._slots)):
             base = slot * worker.SLOT_WIDTH
             batch_id = status[base + 1]
             if batch_id in batches:
@@ -477,12 +480,16 @@ class WorkerPool:
                 suspect = not killed and (key in running or batch.solo)
                 if suspect:
                     task.crashes += 1
-                if (suspect and batch.solo and task.crashes >= max_crashes) or (
-                    task.breaks > 10 * max_crashes + 10
-                ):
+                if suspect and batch.solo and task.crashes >= max_crashes:
                     reason = (
                         f"the worker process running {task.listener} died "
-                        f"({task.crashes} times with this message)"
+                        f"({task.crashes} times with this message, the last time alone)"
+                    )
+                    self._fail(task, WorkerCrashed(reason, listener=task.listener))
+                elif task.breaks > 10 * max_crashes + 10:
+                    reason = (
+                        f"the worker pool broke {task.breaks} times while {task.listener} "
+                        "had this message; giving up"
                     )
                     self._fail(task, WorkerCrashed(reason, listener=task.listener))
                 elif suspect:
@@ -523,7 +530,7 @@ class WorkerPool:
     def _check_timeouts(self) -> None:
         status = self._status
         now = time.monotonic_ns()
-        for slot in range(min(self._counter.value, _SLOTS)):
+        for slot in range(min(self._counter.value, self._slots)):
             base = slot * worker.SLOT_WIDTH
             batch = self._in_flight.get(status[base + 1])
             if batch is None:

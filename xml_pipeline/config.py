@@ -233,8 +233,10 @@ class ProcessPoolSettings:
         batch_max: most messages one submission to a worker carries.
         recycle_after: replace the pool's processes after about this many messages per
             worker (None: never); guards against handlers that leak.
-        max_crashes: a message whose worker died is retried alone; after this many
-            crashes it is answered ``Huh(worker-crashed)`` and dead-lettered.
+        max_crashes: a message running when a worker died is retried alone; once it
+            has crashed a worker this many times (counting the crash that made it a
+            suspect) and the last time alone, it is answered ``Huh(worker-crashed)``
+            and dead-lettered.
         start_method: ``forkserver`` (default) or ``spawn``.
         memory_limit_mb: address-space limit per worker (RLIMIT_AS); a handler going
             past it gets a ``MemoryError``.
@@ -256,6 +258,8 @@ class ProcessPoolSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"process_pool.{name} must be at least 1")
+        if self.memory_limit_mb is not None and self.memory_limit_mb < 64:
+            raise ConfigError("process_pool.memory_limit_mb must be at least 64")
 
     @property
     def worker_count(self) -> int:

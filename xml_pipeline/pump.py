@@ -423,9 +423,14 @@ class StreamPump:
         if urlsplit(url).scheme == "manager":
             url = getattr(self.backend, "url", url)
         shared = urlsplit(url).scheme in ("manager", "redis", "rediss")
-        spec = worker_spec(self.organism, url if shared else None)
-        pool = WorkerPool(self.organism.process_pool, spec)
-        await pool.start(watch_timeouts=any(lst.timeout_s for lst in offloaded))
+        pool = None
+        try:
+            spec = worker_spec(self.organism, url if shared else None)
+            pool = WorkerPool(self.organism.process_pool, spec)
+            await pool.start(watch_timeouts=any(lst.timeout_s for lst in offloaded))
+        except ConfigError as exc:
+            where = self.organism.path
+            raise ConfigError(f"{where}: {exc}" if where else str(exc)) from exc
         self._pool = pool
 
     async def __aexit__(

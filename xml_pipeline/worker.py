@@ -216,7 +216,7 @@ def _run(state: _State, task: Task) -> Result:
         responses = responses_of(name, result)
     except InvalidReturn as exc:
         return _error(exc.code, exc)
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # SystemExit and the like too: one message fails, not a batch
         return _error("handler-error", exc, trace=True)
     outs = []
     try:
@@ -248,16 +248,16 @@ def _history_access(
         return snapshot, lambda: list(slots)
     spec = state.backend_spec
     if spec is None:
+        reason = (
+            f"{name} is cpu_bound on the in-memory backend: set history_snapshot: true "
+            "on the listener to read the frame's history in the worker"
+        )
 
         async def unavailable() -> list[Slot]:
-            raise RuntimeError(
-                f"{name} is cpu_bound on the in-memory backend: set history_snapshot: true "
-                "on the listener to read the frame's history in the worker"
-            )
+            raise RuntimeError(reason)
 
         def unavailable_blocking() -> list[Slot]:
-            state.loop.run_until_complete(unavailable())
-            return []  # pragma: no cover - unavailable() always raises
+            raise RuntimeError(reason)
 
         return unavailable, unavailable_blocking
 
