@@ -826,13 +826,7 @@ class StreamPump:
         frame = d.frame
         await self._record(frame, "in", msg, listener.name)
         meta = HandlerMetadata(
-            frame.uuid,
-            msg.sender,
-            listener.name,
-            msg.id,
-            d.reply_to is rt,
-            frame.depth,
-            d.reply_to is None and not d.reply_frame.hops,
+            *self._meta_of(d),
             functools.partial(self.backend.buffer_get_thread, frame.uuid),
             self._loop,
         )
@@ -869,6 +863,21 @@ class StreamPump:
             return
         await self._send_outs(d, outs)
 
+    @staticmethod
+    def _meta_of(d: _Delivery) -> tuple[str, str, str, str, bool, int, bool]:
+        """What a handler learns about a delivery, as plain values (HandlerMetadata's)."""
+        frame = d.frame
+        msg = d.message
+        return (
+            frame.uuid,
+            msg.sender,
+            d.runtime.name,
+            msg.id,
+            d.reply_to is d.runtime,
+            frame.depth,
+            d.reply_to is None and not d.reply_frame.hops,
+        )
+
     async def _send_outs(self, d: _Delivery, outs: list[tuple[bool, _Message]]) -> None:
         rt = d.runtime
         frame = d.frame
@@ -891,15 +900,7 @@ class StreamPump:
         history = None
         if listener.history_snapshot:
             history = [tuple(s) for s in await self.backend.buffer_get_thread(frame.uuid)]
-        meta = (
-            frame.uuid,
-            msg.sender,
-            listener.name,
-            msg.id,
-            d.reply_to is rt,
-            frame.depth,
-            d.reply_to is None and not d.reply_frame.hops,
-        )
+        meta = self._meta_of(d)
         try:
             results = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
         except MessageError as exc:
