@@ -160,12 +160,13 @@ def ping() -> tuple[int, dict[str, str]]:
     return os.getpid(), {n: e.error for n, e in state.entries.items() if e.error is not None}
 
 
-def run_batch(batch_id: int, tasks: Sequence[Task]) -> list[Result]:
-    """Run each task in order; one result per task, never an exception."""
+def run_batch(batch_id: int, tasks: Sequence[Task]) -> tuple[float, list[Result]]:
+    """Run each task in order: the seconds it took, and one result per task (never raises)."""
     state = _require_state()
     status = state.status
     base = state.base
     results: list[Result] = []
+    began = time.perf_counter()
     try:
         for index, task in enumerate(tasks):
             status[base + 3] = time.monotonic_ns()
@@ -174,7 +175,7 @@ def run_batch(batch_id: int, tasks: Sequence[Task]) -> list[Result]:
             results.append(_run(state, task))
     finally:
         status[base + 1] = 0
-    return results
+    return time.perf_counter() - began, results
 
 
 def _require_state() -> _State:
