@@ -7,6 +7,9 @@ from decimal import Decimal
 from typing import Literal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lxml import etree
 from pydantic import BaseModel
 from pydantic_xml import BaseXmlModel, attr, element
 from support import NS, Note, Ping
@@ -120,3 +123,45 @@ def test_schema_validates_encoded_payloads(model: BaseModel) -> None:
     schema = etree.XMLSchema(parse_trusted(xsd_for(type(model))))
     element_ = parse_trusted(etree.tostring(codec_for(type(model)).encode(model)))
     assert schema.validate(element_), schema.error_log
+
+
+# -- encode_bytes: the fast serializer says exactly what lxml says ------------------------
+
+
+class _Bytes(Payload):
+    xml_ns = "urn:fast&bytes"
+    text: str = ""
+    number: int | None = None
+    items: list[str] = []
+    flag: bool = False
+
+
+@given(
+    text=st.text(max_size=40),
+    number=st.none() | st.integers(),
+    items=st.lists(st.text(max_size=8), max_size=4),
+    flag=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_encode_bytes_is_what_lxml_serializes(
+    text: str, number: int | None, items: list[str], flag: bool
+) -> None:
+    model = _Bytes(text=text, number=number, items=items, flag=flag)
+    codec = codec_for(_Bytes)
+    try:
+        expected = etree.tostring(codec.encode(model))
+    except ValueError:
+        with pytest.raises(ValueError):
+            codec.encode_bytes(model)
+        return
+    assert codec.encode_bytes(model) == expected
+
+
+def test_encode_bytes_of_pydantic_xml_and_empty_payloads() -> None:
+    note = Note(body="a & b")
+    assert codec_for(Note).encode_bytes(note) == etree.tostring(codec_for(Note).encode(note))
+
+    class Nothing(Payload):
+        xml_ns = NS
+
+    assert codec_for(Nothing).encode_bytes(Nothing()) == f'<Nothing xmlns="{NS}"/>'.encode()

@@ -15,9 +15,9 @@ listener names may hold dots or any other character.
 from __future__ import annotations
 
 import json
-import uuid as _uuid
+import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .backends.base import Backend
 
@@ -39,6 +39,7 @@ class Frame:
     origin: str
     root: str
     hops: tuple[str, ...]
+    _chain: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def depth(self) -> int:
@@ -53,14 +54,50 @@ class Frame:
     @property
     def chain(self) -> str:
         """The registry key of this frame."""
-        return _encode(self.origin, self.root, self.hops)
+        cached = self._chain
+        if not cached:
+            cached.append(_encode(self.origin, self.root, self.hops))
+        return cached[0]
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_str = json.encoder.encode_basestring  # what the encoder above does to one string
 
 
 def _encode(origin: str, root: str, hops: tuple[str, ...]) -> str:
     return _json([origin, root, *hops])
+
+
+def _child_chain(parent: str, listener: str) -> str:
+    """``_encode`` of a parent's chain plus one hop, from the parent's encoded chain."""
+    return f"{parent[:-1]},{_json_str(listener)}]"
+
+
+_forks = [0]  # bumped in a forked child, so that no pool of random bytes is used twice
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
+class _Uuids:
+    """Random (version 4) UUID strings, from one ``os.urandom`` call per 256 of them.
+
+    One per registry (one event loop); a forked child draws fresh bytes.
+    """
+
+    __slots__ = ("_fork", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._fork = _forks[0]
+
+    def __call__(self) -> str:
+        pool = self._pool
+        if not pool or self._fork != _forks[0]:
+            pool = os.urandom(16 * 256)
+            self._fork = _forks[0]
+        h = pool[:16].hex()
+        self._pool = pool[16:]
+        variant = "89ab"[int(h[16], 16) & 3]
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
 
 
 def _decode(uuid: str, chain: str) -> Frame | None:
@@ -82,6 +119,7 @@ class FrameRegistry:
     def __init__(self, backend: Backend, *, cache_size: int = 65_536) -> None:
         self._backend = backend
         self._cache_size = cache_size
+        self._new_uuid = _Uuids()
         self._by_uuid: OrderedDict[str, Frame] = OrderedDict()
         self._children: OrderedDict[tuple[str, str], Frame] = OrderedDict()
         self._parents: OrderedDict[str, Frame] = OrderedDict()
@@ -95,7 +133,7 @@ class FrameRegistry:
 
     async def new_root(self, origin: str) -> Frame:
         """Open a root frame for a new conversation from ``origin``."""
-        uuid = str(_uuid.uuid4())
+        uuid = self._new_uuid()
         frame = Frame(uuid, origin, uuid, ())
         await self._backend.registry_set(frame.chain, uuid)
         return self._remember(frame)
@@ -118,9 +156,9 @@ class FrameRegistry:
         if found is not None:
             return found
         hops = (*frame.hops, listener)
-        chain = _encode(frame.origin, frame.root, hops)
-        uuid = await self._backend.registry_setdefault(chain, str(_uuid.uuid4()))
-        child = Frame(uuid, frame.origin, frame.root, hops)
+        chain = _child_chain(frame.chain, listener)
+        uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
+        child = Frame(uuid, frame.origin, frame.root, hops, [chain])
         self._children[key] = child
         self._parents[uuid] = frame
         if len(self._children) > self._cache_size:
@@ -143,7 +181,7 @@ class FrameRegistry:
                 root = self._remember(Frame(frame.root, frame.origin, frame.root, ()))
             return root
         chain = _encode(frame.origin, frame.root, hops)
-        uuid = await self._backend.registry_setdefault(chain, str(_uuid.uuid4()))
+        uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
         cached = self._by_uuid.get(uuid)
         return (
             cached

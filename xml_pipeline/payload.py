@@ -17,6 +17,7 @@ The routing key of a class is its root element's qualified name, ``{namespace}ta
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class Codec(Protocol):
 
     def encode(self, model: BaseModel) -> etree._Element:
         """Build the payload element of ``model``."""
+        ...
+
+    def encode_bytes(self, model: BaseModel) -> bytes:
+        """``etree.tostring(encode(model))``. Raises ValueError for text XML cannot carry."""
         ...
 
 
@@ -158,10 +163,41 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# Text lxml would refuse (it raises ValueError): such payloads take the lxml path.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_SIMPLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def _escape(text: str) -> bytes:
+    """Text content serialized as ``etree.tostring`` does (ASCII, character references)."""
+    if "&" in text:
+        text = text.replace("&", "&amp;")
+    if "<" in text:
+        text = text.replace("<", "&lt;")
+    if ">" in text:
+        text = text.replace(">", "&gt;")
+    if "\r" in text:
+        text = text.replace("\r", "&#13;")
+    return text.encode("ascii", "xmlcharrefreplace")
+
+
 class _PlainCodec:
     """Codec for a plain pydantic model: one element per field."""
 
-    __slots__ = ("_child_prefix", "_fields", "_nsmap", "_plan", "cls", "namespace", "qname", "tag")
+    __slots__ = (
+        "_bytes_plan",
+        "_child_prefix",
+        "_close",
+        "_empty",
+        "_fields",
+        "_nsmap",
+        "_open",
+        "_plan",
+        "cls",
+        "namespace",
+        "qname",
+        "tag",
+    )
 
     def __init__(self, cls: type[BaseModel]) -> None:
         self.cls = cls
@@ -177,6 +213,52 @@ class _PlainCodec:
             field = self._fields[key] = _classify(cls, name, info.annotation)
             self._plan.append((name, self._child_prefix + key, field.is_list))
         self._nsmap = {None: self.namespace} if self.namespace else None
+        # encode_bytes(): the same bytes as etree.tostring(encode(model)), built directly
+        # when every name is a plain XML name (otherwise it goes through lxml).
+        self._bytes_plan: list[tuple[str, bytes, bytes, bool]] | None = None
+        self._empty = self._open = self._close = b""
+        keys = [info.alias or name for name, info in cls.model_fields.items()]
+        try:
+            empty = etree.tostring(etree.Element(self.qname, nsmap=self._nsmap))  # type: ignore[arg-type]
+        except ValueError:  # encode() will say what is wrong
+            empty = b""
+        if empty and all(_SIMPLE_NAME.fullmatch(k) for k in [self.tag, *keys]):
+            self._empty = empty
+            self._open = empty[:-2] + b">"
+            self._close = f"</{self.tag}>".encode()
+            self._bytes_plan = [
+                (name, f"<{key}>".encode(), f"</{key}>".encode(), field.is_list)
+                for (name, _, _), key, field in zip(
+                    self._plan, keys, self._fields.values(), strict=True
+                )
+            ]
+
+    def encode_bytes(self, model: BaseModel) -> bytes:
+        """``etree.tostring(self.encode(model))``, faster.
+
+        Raises:
+            ValueError: a value holds text XML cannot carry.
+        """
+        plan = self._bytes_plan
+        if plan is None:
+            return etree.tostring(self.encode(model))
+        parts = [self._open]
+        values = model.__dict__
+        for name, open_tag, close_tag, is_list in plan:
+            value = values[name]
+            if value is None:
+                continue
+            for item in value if is_list else (value,):
+                text = item if type(item) is str else _text(item)
+                if _NOT_XML.search(text) is not None:
+                    return etree.tostring(self.encode(model))  # raises ValueError
+                parts.append(open_tag)
+                parts.append(_escape(text))
+                parts.append(close_tag)
+        if len(parts) == 1:
+            return self._empty
+        parts.append(self._close)
+        return b"".join(parts)
 
     def decode(self, element: etree._Element) -> BaseModel:
         if element.attrib:
@@ -266,6 +348,9 @@ class _XmlModelCodec:
     def encode(self, model: BaseModel) -> etree._Element:
         element: etree._Element = model.to_xml_tree()  # type: ignore[attr-defined]
         return element
+
+    def encode_bytes(self, model: BaseModel) -> bytes:
+        return etree.tostring(self.encode(model))
 
 
 _codecs: dict[type[BaseModel], Codec] = {}

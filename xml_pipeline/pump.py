@@ -261,7 +261,11 @@ class _Message:
     def xml(self) -> bytes:
         xml = self._xml
         if xml is None:
-            xml = self._xml = etree.tostring(self.element())
+            model = self.model
+            if self._element is None and model is not None:
+                xml = self._xml = codec_for(type(model)).encode_bytes(model)
+            else:
+                xml = self._xml = etree.tostring(self.element())
         return xml
 
 

@@ -33,7 +33,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from lxml import etree
 from pydantic import BaseModel
 
 from .backends.base import Backend, HistoryLimits, Slot
@@ -227,7 +226,7 @@ def _run(state: _State, task: Task) -> Result:
             if path is None:
                 path = state.paths[cls] = class_path(cls)
             out_codec = codec_for(cls)
-            data = etree.tostring(out_codec.encode(response.payload))
+            data = out_codec.encode_bytes(response.payload)
             outs.append((response.to, response.is_response, out_codec.qname, path, data))
     except ValueError as exc:
         failure = InvalidReturn(f"{name} returned a payload XML cannot carry: {exc}")

@@ -1,0 +1,38 @@
+"""Frame ids and chains."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from xml_pipeline.frame import _child_chain, _encode, _Uuids
+
+
+def test_frame_ids_are_random_version_4_uuids() -> None:
+    new = _Uuids()
+    ids = [new() for _ in range(2000)]  # several refills of the random pool
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and str(parsed) == text
+
+
+def test_a_forked_child_never_repeats_the_parents_ids() -> None:
+    new = _Uuids()
+    new()  # fill the pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, new().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != new()
+
+
+def test_child_chain_is_the_encoded_chain_plus_one_hop() -> None:
+    for hops in [(), ("a",), ("relay.1", 'quo"te', "ünï", "back\\slash")]:
+        parent = _encode("origin", "root", hops)
+        assert _child_chain(parent, "x.y") == _encode("origin", "root", (*hops, "x.y"))
