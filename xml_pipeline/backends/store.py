@@ -22,7 +22,7 @@ _new_tuple = tuple.__new__
 
 
 class _History:
-    __slots__ = ("keys", "slots", "trimmed")
+    __slots__ = ("keys", "slots", "trimmed")  # slots[i] has index trimmed + i
 
     def __init__(self) -> None:
         self.slots: deque[Slot] = deque()
@@ -65,7 +65,8 @@ class Store:
         if index is not None:
             return index
         index = history.trimmed + len(history.slots)
-        history.slots.append(_new_tuple(Slot, (index, *slot[1:])))
+        # Kept as given: its index is its position (set on the copies readers get).
+        history.slots.append(slot)
         history.keys[key] = index
         if len(history.slots) > self.limits.max_slots_per_thread:
             old = history.slots.popleft()
@@ -93,7 +94,10 @@ class Store:
 
     def buffer_get_thread(self, thread_id: str) -> list[Slot]:
         history = self._histories.get(thread_id)
-        return list(history.slots) if history is not None else []
+        if history is None:
+            return []
+        first = history.trimmed
+        return [_new_tuple(Slot, (first + i, *s[1:])) for i, s in enumerate(history.slots)]
 
     def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
         history = self._histories.get(thread_id)
@@ -101,7 +105,7 @@ class Store:
             return None
         pos = index - history.trimmed
         if 0 <= pos < len(history.slots):
-            return history.slots[pos]
+            return _new_tuple(Slot, (index, *history.slots[pos][1:]))
         return None
 
     def buffer_thread_len(self, thread_id: str) -> int:
