@@ -381,12 +381,15 @@ class RedisBackend:
         self.limits = limits or HistoryLimits()
         self.prefix = prefix
         self._connect_timeout = connect_timeout_s
+        self._socket_timeout = socket_timeout_s
         self._retries = max(0, retries)
         try:
             self._pool = ConnectionPool.from_url(
                 url,
                 socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s,
+                # Reads and writes are timed here, once per pipeline: redis-py would
+                # start a timer (and, to write, a task) for every reply.
+                socket_timeout=None,
                 client_name="xml_pipeline",
                 protocol=2,  # RESP2: the replies this module reads are the same everywhere
             )
@@ -531,21 +534,23 @@ class RedisBackend:
         try:
             packed = _pack(batch)
             if not conn.is_connected:
-                await conn.connect()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(self._connect_timeout):  # the handshake too
+                    await conn.connect()  # type: ignore[no-untyped-call]
                 self._n_connects += 1
             sent = True
             self._n_round_trips += 1
             self._n_commands += len(batch)
             if len(batch) > self._largest_batch:
                 self._largest_batch = len(batch)
-            await conn.send_packed_command(packed, check_health=False)
-            for call in batch:
-                try:
-                    reply = await conn.read_response()
-                except ResponseError as exc:
-                    reply = exc
-                done += 1
-                self._settle(call, reply)
+            async with asyncio.timeout(self._socket_timeout):
+                await conn.send_packed_command(packed, check_health=False)
+                for call in batch:
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:
+                        reply = exc
+                    done += 1
+                    self._settle(call, reply)
         except asyncio.CancelledError:
             await self._drop(conn)
             self._fail(batch[done:], BackendUnavailable(f"{self.url}: the backend is closed"))
