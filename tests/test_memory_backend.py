@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xml_pipeline import BackendUnavailable, open_backend
 from xml_pipeline.backends import (
@@ -99,3 +104,26 @@ def test_backend_urls() -> None:
     assert isinstance(open_backend("memory://"), MemoryBackend)
     with pytest.raises(BackendUnavailable, match="memory://"):
         open_backend("carrier-pigeon://x")
+
+
+@given(
+    index=st.integers(min_value=0),
+    direction=st.sampled_from(["in", "out"]),
+    sender=st.text(),
+    to=st.none() | st.text(),
+    message_id=st.text(),
+    timestamp=st.floats(allow_nan=False, allow_infinity=False) | st.integers(),
+    xml=st.binary(max_size=64),
+)
+@settings(max_examples=300, deadline=None)
+def test_slot_bytes_fast_path_is_the_documented_json(
+    index: int, direction: str, sender: str, to: str | None, message_id: str,
+    timestamp: float, xml: bytes,
+) -> None:  # fmt: skip
+    slot = Slot(index, direction, sender, to, "{urn:x}P", message_id, timestamp, xml)  # type: ignore[arg-type]
+    data = slot_to_bytes(slot)
+    assert json.loads(data) == {
+        "i": index, "d": direction, "f": sender, "t": to, "p": "{urn:x}P",
+        "m": message_id, "ts": timestamp, "x": base64.b64encode(xml).decode(),
+    }  # fmt: skip
+    assert slot_from_bytes(data) == slot
