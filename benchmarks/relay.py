@@ -1,193 +1,250 @@
-"""Relay benchmark: messages through organisms/relay.yaml versus the floor.
+"""Relay benchmark: messages down a chain of listeners and back, versus the floor.
 
 Each message enters ``relay.1`` as an envelope, travels down to ``relay.<last>``
-and the answer travels back up and out: with 3 hops that is 5 deliveries to a
-listener (relay.1, relay.2, relay.3, relay.2, relay.1) plus one parse at ingress
-and one envelope built at egress. A *hop* below is one delivery to a listener.
+and the answer travels back up and out: with 3 hops down that is 5 deliveries to a
+listener (relay.1, relay.2, relay.3, relay.2, relay.1), with 10 hops down 19, plus
+one parse at ingress. A *hop* below is one delivery to a listener. The chain is
+organisms/relay.yaml's (its handler ``relay:hop`` serves any ``relay.N``), built with
+``last`` listeners.
 
-The *floor*, measured in the same run, is the least any pump must do per hop:
-parse an envelope with the hardened parser, look up the handler, call it, and
-build the reply envelope. ``ratio`` is the pump's hops/s over the floor's.
+Cases, one summary line each:
 
-    python benchmarks/relay.py                      # 20,000 messages, asyncio and uvloop
-    python benchmarks/relay.py --messages 5000 --profile
+- ``floor``: parse → look up → call → build the reply envelope, per message, no pump
+  (see _common.py); ``ratio`` of every other case is its hops/s over this.
+- ``relay <last> hops <loop>``: the chain at saturation (``queue_size`` 2048 kept full
+  by one producer); p50/p99 are latencies *at saturation*, dominated by queueing.
+- ``relay 1 hop <loop>``: a one-listener chain that answers at once, at saturation:
+  the peak msg/s of a single hop.
+- ``latency 1 hop <loop>``: the same organism fed at half that peak, in small bursts
+  every millisecond; latency from ``inject()`` to the reply at egress, p50/p99/max.
+  Aim: p99 < 2 ms.
+
+    python benchmarks/relay.py                      # 3 and 10 hops, asyncio and uvloop
+    python benchmarks/relay.py --last 10 --loops uvloop --messages 5000 --profile
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
 import gc
 import io
-import json
-import platform
 import pstats
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lxml import etree
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import (
+    Floor,
+    GcPauses,
+    aim,
+    emit,
+    hop_envelope,
+    loop_factory,
+    parser,
+    percentile,
+    relay_organism,
+    run_on,
+    write_report,
+)
 
-from _common import NS, hop_envelope, percentile  # noqa: E402
-
-from xml_pipeline import Reply, StreamPump, build_envelope, load_organism  # noqa: E402
-from xml_pipeline.envelope import parse_envelope  # noqa: E402
-
-# -- the floor -----------------------------------------------------------------------
+from xml_pipeline import Organism, Reply, StreamPump
 
 
-def floor(messages: list[bytes]) -> dict[str, Any]:
-    """parse → look up → call → build reply, one message at a time, no pump."""
+def hops_of(last: int) -> int:
+    """Deliveries per message: down to relay.<last> and back up to relay.1."""
+    return 2 * last - 1
 
-    def handler(payload: etree._Element) -> etree._Element:
-        reply = etree.Element(f"{{{NS}}}Done", nsmap={None: NS})  # type: ignore[dict-item]
-        etree.SubElement(reply, f"{{{NS}}}seq").text = payload[0].text
-        return reply
 
-    table: dict[str, Callable[[etree._Element], etree._Element]] = {f"{{{NS}}}Hop": handler}
-    gc.collect()
-    start = time.perf_counter()
-    latencies = []
-    for data in messages:
-        t0 = time.perf_counter()
-        env = parse_envelope(data)
-        reply = table[env.qname](env.payload)
-        out = build_envelope(sender="relay.1", to=env.sender, thread="t", id="i", payload=reply)
-        latencies.append(time.perf_counter() - t0)
-        assert out
-    elapsed = time.perf_counter() - start
+async def saturated(org: Organism, messages: list[bytes], hops: int) -> dict[str, Any]:
+    """Every message injected as fast as the pump admits it; the best case for hops/s."""
     n = len(messages)
-    return {
-        "case": "floor",
-        "messages": n,
-        "hops": n,
-        "seconds": elapsed,
-        "msgs_per_s": n / elapsed,
-        "hops_per_s": n / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1e3,
-        "p99_ms": percentile(latencies, 0.99) * 1e3,
-    }
-
-
-# -- the pump ------------------------------------------------------------------------
-
-
-async def pump_case(messages: list[bytes], hops_per_message: int, loop_name: str) -> dict[str, Any]:
-    organism = load_organism(ROOT / "organisms" / "relay.yaml")
-    starts: dict[str, float] = {}
+    starts = [0.0] * n
     latencies: list[float] = []
     done = asyncio.Event()
-    n = len(messages)
 
     def egress(reply: Reply) -> None:
-        t0 = starts.pop(reply.thread_id or "", None)
-        if t0 is not None:
-            latencies.append(time.perf_counter() - t0)
+        latencies.append(time.perf_counter() - starts[reply.payload.seq])  # type: ignore[attr-defined]
         if len(latencies) == n:
             done.set()
 
-    async with StreamPump(organism, egress=egress) as pump:
+    async with StreamPump(org, egress=egress) as pump:
         gc.collect()
         start = time.perf_counter()
-        for data in messages:
-            t0 = time.perf_counter()
-            root = await pump.inject(data)
-            if root is not None:
-                starts[root] = t0
+        for seq, data in enumerate(messages):
+            starts[seq] = time.perf_counter()
+            await pump.inject(data)
         await asyncio.wait_for(done.wait(), 600)
         elapsed = time.perf_counter() - start
         stats = pump.statistics()
     if stats.dead_letters or stats.rejected:
         raise SystemExit(f"benchmark run had errors: {stats}")
-    hops = sum(s.handled for s in stats.listeners.values())
-    assert hops == n * hops_per_message, (hops, n)
+    handled = sum(s.handled for s in stats.listeners.values())
+    assert handled == n * hops, (handled, n, hops)
     return {
-        "case": f"pump/{loop_name}",
         "messages": n,
-        "hops": hops,
+        "hops": handled,
         "seconds": elapsed,
         "msgs_per_s": n / elapsed,
-        "hops_per_s": hops / elapsed,
+        "hops_per_s": handled / elapsed,
         "p50_ms": percentile(latencies, 0.5) * 1e3,
         "p99_ms": percentile(latencies, 0.99) * 1e3,
     }
 
 
-def run_pump(messages: list[bytes], hops: int, loop_name: str, profile: bool) -> dict[str, Any]:
-    factory = None
-    if loop_name == "uvloop":
-        import uvloop
+async def paced(org: Organism, messages: list[bytes], rate: float) -> dict[str, Any]:
+    """Messages injected at ``rate`` per second: a burst every millisecond of what is due."""
+    n = len(messages)
+    starts = [0.0] * n
+    latencies: list[float] = []
+    done = asyncio.Event()
 
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    def egress(reply: Reply) -> None:
+        latencies.append(time.perf_counter() - starts[reply.payload.seq])  # type: ignore[attr-defined]
+        if len(latencies) == n:
+            done.set()
+
+    async with StreamPump(org, egress=egress) as pump:
+        gc.collect()
+        with GcPauses() as pauses:
+            start = time.perf_counter()
+            sent = 0
+            while sent < n:
+                due = min(n, int((time.perf_counter() - start) * rate) + 1)
+                while sent < due:
+                    starts[sent] = time.perf_counter()
+                    await pump.inject(messages[sent])
+                    sent += 1
+                await asyncio.sleep(0.001)
+            offered = time.perf_counter() - start
+            await asyncio.wait_for(done.wait(), 600)
+        stats = pump.statistics()
+    if stats.dead_letters or stats.rejected:
+        raise SystemExit(f"benchmark run had errors: {stats}")
+    return {
+        "messages": n,
+        "target_msgs_per_s": rate,
+        "offered_msgs_per_s": n / offered,
+        "p50_ms": percentile(latencies, 0.5) * 1e3,
+        "p99_ms": percentile(latencies, 0.99) * 1e3,
+        "max_ms": max(latencies) * 1e3,
+        "gc": pauses.summary(),
+        "gc_text": pauses.text(),
+    }
+
+
+def run_saturated(
+    org: Organism, messages: list[bytes], hops: int, loop_name: str, profile: bool
+) -> dict[str, Any]:
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
         if not profile:
-            return runner.run(pump_case(messages, hops, loop_name))
+            return runner.run(saturated(org, messages, hops))  # type: ignore[no-any-return]
         profiler = cProfile.Profile()
         profiler.enable()
-        result = runner.run(pump_case(messages, hops, loop_name))
+        result = runner.run(saturated(org, messages, hops))
         profiler.disable()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
         print(out.getvalue(), file=sys.stderr)
-        return result
+        return result  # type: ignore[no-any-return]
+
+
+def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    result = dict(max(runs, key=lambda r: r["hops_per_s"]))
+    result["hops_per_s_runs"] = [r["hops_per_s"] for r in runs]
+    return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--last", type=int, default=3, help="hops down the chain (max 3)")
-    parser.add_argument("--loops", default="asyncio,uvloop")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
-    parser.add_argument("--profile", action="store_true", help="cProfile top 25 to stderr")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "relay.json")
-    args = parser.parse_args()
+    ap = parser(__doc__, "relay", loop=None)
+    ap.add_argument("--messages", type=int, default=20_000, help="messages per run")
+    ap.add_argument("--last", default="3,10", help="hops down the chain, comma-separated")
+    ap.add_argument("--loops", default="asyncio,uvloop")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
+    ap.add_argument(
+        "--latency-messages", type=int, default=20_000, help="paced messages (0: no latency case)"
+    )
+    ap.add_argument("--load", type=float, default=0.5, help="paced rate as a share of the peak")
+    ap.add_argument("--profile", action="store_true", help="cProfile top 25 to stderr")
+    args = ap.parse_args()
 
-    hops = 2 * args.last - 1
-    messages = [hop_envelope(i, args.last) for i in range(args.messages)]
+    lasts = [int(x) for x in args.last.split(",")]
     loops = args.loops.split(",")
+    messages = {last: [hop_envelope(i, last) for i in range(args.messages)] for last in lasts}
+    organisms = {last: relay_organism(last) for last in lasts}
+    floor = Floor(messages[lasts[0]])
     # Floor and pump runs are interleaved, and the best of each is kept, so a burst
     # of load from elsewhere on the machine cannot skew one side of the ratio only.
-    floor_runs: list[dict[str, Any]] = []
-    pump_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in loops}
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for i in range(args.repeat):
-        floor_runs.append(floor(messages))
-        for loop_name in loops:
-            profile = args.profile and i == 0
-            pump_runs[loop_name].append(run_pump(messages, hops, loop_name, profile))
-    floor_runs.append(floor(messages))
-    best_floor = max(floor_runs, key=lambda r: r["hops_per_s"])
-    best_floor["hops_per_s_runs"] = [r["hops_per_s"] for r in floor_runs]
-    results = [best_floor]
-    for runs in pump_runs.values():
-        best = max(runs, key=lambda r: r["hops_per_s"])
-        best["ratio_to_floor"] = best["hops_per_s"] / best_floor["hops_per_s"]
-        best["hops_per_s_runs"] = [r["hops_per_s"] for r in runs]
-        results.append(best)
-    for r in results:
-        ratio = f"  ratio {r['ratio_to_floor']:.2f}" if "ratio_to_floor" in r else ""
-        print(
-            f"relay {r['case']:<14} {r['messages']:>7} msgs  {r['msgs_per_s']:>9,.0f} msg/s  "
-            f"{r['hops_per_s']:>9,.0f} hops/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
-            f"{ratio}"
+        floor.run()
+        for last in lasts:
+            for loop_name in loops:
+                profile = args.profile and i == 0
+                result = run_saturated(
+                    organisms[last], messages[last], hops_of(last), loop_name, profile
+                )
+                runs.setdefault((last, loop_name), []).append(result)
+    single: dict[str, list[dict[str, Any]]] = {}
+    if args.latency_messages:
+        org1 = relay_organism(1)
+        msgs1 = [hop_envelope(i, 1) for i in range(max(args.messages, args.latency_messages))]
+        for _ in range(args.repeat):
+            for loop_name in loops:
+                result = run_saturated(org1, msgs1[: args.messages], 1, loop_name, False)
+                single.setdefault(loop_name, []).append(result)
+        floor.run()
+
+    cases: list[dict[str, Any]] = []
+    print(floor.summary("floor"), flush=True)
+    for (last, loop_name), case_runs in runs.items():
+        r = best(case_runs)
+        ratio = floor.ratio(r["hops_per_s"])
+        emit(
+            cases,
+            f"relay/{last}/{loop_name}",
+            f"relay {last} hops {loop_name:<8} {r['messages']:>7} msgs  "
+            f"{r['msgs_per_s']:>9,.0f} msg/s  {r['hops_per_s']:>9,.0f} hops/s  "
+            f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  ratio {ratio:.2f}",
+            last=last,
+            loop=loop_name,
+            hops_per_message=hops_of(last),
+            ratio=ratio,
+            **r,
         )
-    report = {
-        "benchmark": "relay",
-        "hops_per_message": hops,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "median_pump_hops_per_s": statistics.median(r["hops_per_s"] for r in results[1:]),
-        "results": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    for loop_name, case_runs in single.items():
+        r = best(case_runs)
+        ratio = floor.ratio(r["hops_per_s"])
+        emit(
+            cases,
+            f"relay/1/{loop_name}",
+            f"relay 1 hop  {loop_name:<8} {r['messages']:>7} msgs  "
+            f"{r['msgs_per_s']:>9,.0f} msg/s (the peak)  "
+            f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  ratio {ratio:.2f}",
+            last=1,
+            loop=loop_name,
+            hops_per_message=1,
+            ratio=ratio,
+            **r,
+        )
+        rate = r["msgs_per_s"] * args.load
+        p = run_on(loop_name, paced, org1, msgs1[: args.latency_messages], rate)
+        emit(
+            cases,
+            f"latency/1/{loop_name}",
+            f"latency 1 hop {loop_name:<8} {p['messages']:>6} msgs at {args.load:.0%} of peak "
+            f"({p['offered_msgs_per_s']:,.0f} msg/s): p50 {p['p50_ms']:.3f} ms  "
+            f"p99 {p['p99_ms']:.3f} ms  max {p['max_ms']:.2f} ms  ({p['gc_text']})",
+            loop=loop_name,
+            load=args.load,
+            peak_msgs_per_s=r["msgs_per_s"],
+            aims=[aim("p99 ms", p["p99_ms"], "<", 2.0)],
+            **p,
+        )
+    write_report(args.json, "relay", args, cases, floor.best)
     return 0
 
 
