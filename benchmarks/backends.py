@@ -17,16 +17,15 @@ Cases, each one summary line:
 - ``setdefault``: ``registry_setdefault`` (µs per op);
 - ``relay``: benchmarks/relay.py's organism (3 hops, 5 deliveries per message) on
   the backend, fed by ``--producers`` concurrent ``inject()`` loops (as a server with
-  many clients would), hops/s, and its ratio to the memory backend's.
+  many clients would), hops/s, its ``ratio`` to the floor (_common.py) measured in the
+  same run and its ratio to the memory backend's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -35,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import hop_envelope, percentile  # noqa: E402
+from _common import Floor, emit, hop_envelope, parser, percentile, run_on, write_report  # noqa: E402
 
 from xml_pipeline import Reply, StreamPump, load_organism  # noqa: E402
 from xml_pipeline.backends import Backend, HistoryLimits, Slot, open_backend  # noqa: E402
@@ -225,49 +224,45 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="memory,manager,redis")
-    parser.add_argument("--ops", type=int, default=3000, help="sequential appends per backend")
-    parser.add_argument("--messages", type=int, default=5000, help="relay messages per backend")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
-    parser.add_argument(
+    ap = parser(__doc__, "backends")
+    ap.add_argument("--backends", default="memory,manager,redis")
+    ap.add_argument("--ops", type=int, default=3000, help="sequential appends per backend")
+    ap.add_argument("--messages", type=int, default=5000, help="relay messages per backend")
+    ap.add_argument(
         "--producers", type=int, default=32, help="concurrent inject() loops feeding the relay"
     )
-    parser.add_argument("--no-seed", action="store_true", help="skip the original design's append")
-    parser.add_argument(
-        "--json", type=Path, default=ROOT / "benchmarks" / "results" / "backends.json"
-    )
-    args = parser.parse_args()
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if args.loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        results = runner.run(run(args))
+    ap.add_argument("--no-seed", action="store_true", help="skip the original design's append")
+    args = ap.parse_args()
+    floor = Floor([hop_envelope(i, 3) for i in range(args.messages)])
+    floor.run()
+    results = run_on(args.loop, run, args)
+    floor.run()
+    print(floor.summary("floor"), flush=True)
+    cases: list[dict[str, Any]] = []
     for r in results:
-        ratio = r.get("relay_ratio_to_memory")
-        print(
+        to_memory = r.get("relay_ratio_to_memory")
+        ratio = floor.ratio(r["relay_hops_per_s"])
+        emit(
+            cases,
+            f"backend/{r['backend']}/{args.loop}",
             f"backend {r['backend']:<8} append p50 {r['append_p50_us']:8.1f} us  "
             f"p99 {r['append_p99_us']:8.1f} us  append x100 {r['append_x100_ops_per_s']:>9,.0f} "
             f"ops/s  get_thread {r['get_thread_p50_us']:7.1f} us  setdefault "
-            f"{r['setdefault_p50_us']:7.1f} us  relay {r['relay_hops_per_s']:>8,.0f} hops/s"
-            + (f"  ratio {ratio:.2f}" if ratio is not None else "")
+            f"{r['setdefault_p50_us']:7.1f} us  relay {r['relay_hops_per_s']:>8,.0f} hops/s  "
+            f"ratio {ratio:.2f}"
+            + (f"  vs memory {to_memory:.2f}" if to_memory is not None else ""),
+            ratio=ratio,
+            **r,
         )
-    seed = None
     if not args.no_seed:
         seed = seed_append_us(min(args.ops, 1000))
-        print(f"backend seed     append p50 {seed:8.1f} us  (nested proxy per thread + lock)")
-    report = {
-        "benchmark": "backends",
-        "python": platform.python_version(),
-        "loop": args.loop,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": results,
-        "seed_append_p50_us": seed,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+        emit(
+            cases,
+            "backend/seed",
+            f"backend seed     append p50 {seed:8.1f} us  (nested proxy per thread + lock)",
+            append_p50_us=seed,
+        )
+    write_report(args.json, "backends", args, cases, floor.best)
     return 0
 
 

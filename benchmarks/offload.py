@@ -11,6 +11,12 @@ Cases (one summary line each, JSON to ``benchmarks/results/offload.json``):
   plain listener answers one request every 5 ms; its latency p50/p99 show whether
   the event loop stays free.
 
+Floors (see _common.py), measured in the same run: ``floor`` is the minimal loop on the
+trivial case's ``Job`` documents; ``floor heavy`` is the same loop whose handler does
+the heavy case's SHA-256 rounds, serially. ``ratio`` is trivial msg/s over ``floor``
+(inline and offloaded), heavy msg/s over ``floor heavy`` (inline / 1 / 2 workers): on
+2 cores, 2 workers can pass 1.
+
     python benchmarks/offload.py
     python benchmarks/offload.py --messages 50000 --heavy-messages 2000 --loop asyncio
 """
@@ -19,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import percentile  # noqa: E402
+from _common import (  # noqa: E402
+    Floor,
+    aim,
+    done_reply,
+    emit,
+    parser,
+    percentile,
+    run_on,
+    write_report,
+)
 from _offload_handlers import NS, Job, heavy, heavy_async, trivial, trivial_async, work  # noqa: E402
 
 from xml_pipeline import (  # noqa: E402
@@ -125,69 +137,80 @@ def calibrate(target_ms: float) -> int:
         rounds *= 2
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rounds = calibrate(args.heavy_ms)
-    results = []
+def heavy_reply(rounds: int) -> Any:
+    """The heavy floor's handler: the same SHA-256 rounds, then the minimal reply."""
+
+    def handler(payload: Any) -> Any:
+        work(rounds, int(payload[0].text))
+        return done_reply(payload)
+
+    return handler
+
+
+async def run(args: argparse.Namespace, rounds: int, floors: dict[str, Floor]) -> list[Any]:
+    cases: list[dict[str, Any]] = []
+    floor, heavy_floor = floors["trivial"], floors["heavy"]
     inline = await throughput(organism(trivial_async, cpu_bound=False), args.messages)
     off = await throughput(organism(trivial, cpu_bound=True, batch_max=args.batch_max),
                            args.messages)  # fmt: skip
     overhead = 1e6 / off["msg_per_s"] - 1e6 / inline["msg_per_s"]
-    results.append({"case": "trivial", "inline": inline, "offloaded": off,
-                    "overhead_us": overhead, "aim_us": 30})  # fmt: skip
-    print(f"trivial     inline {inline['msg_per_s']:>9,.0f} msg/s  offloaded (2 workers) "
-          f"{off['msg_per_s']:>9,.0f} msg/s  overhead {overhead:6.1f} us/msg "
-          f"(pump CPU {off['pump_cpu_us_per_msg']:.1f} us/msg; aim <= 30)", flush=True)  # fmt: skip
+    floor.run()
+    r_in, r_off = floor.ratio(inline["msg_per_s"]), floor.ratio(off["msg_per_s"])
+    emit(cases, f"trivial/{args.loop}",
+         f"trivial     inline {inline['msg_per_s']:>9,.0f} msg/s (ratio {r_in:.2f})  offloaded "
+         f"(2 workers) {off['msg_per_s']:>9,.0f} msg/s (ratio {r_off:.2f})  overhead "
+         f"{overhead:6.1f} us/msg (pump CPU {off['pump_cpu_us_per_msg']:.1f} us/msg)",
+         inline=inline, offloaded=off, overhead_us=overhead, ratio=r_off,
+         ratio_inline=r_in, aims=[aim("overhead us", overhead, "<=", 30)])  # fmt: skip
 
     n = args.heavy_messages
     inline_h = await throughput(organism(heavy_async, cpu_bound=False), n, rounds)
     one = await throughput(organism(heavy, cpu_bound=True, workers=1), n, rounds)
     two = await throughput(organism(heavy, cpu_bound=True, workers=2), n, rounds)
+    heavy_floor.run()
     speedup = two["msg_per_s"] / one["msg_per_s"]
-    results.append({"case": "heavy", "rounds": rounds, "target_ms": args.heavy_ms,
-                    "inline": inline_h, "workers_1": one, "workers_2": two,
-                    "speedup_2_over_1": speedup, "aim": 1.7})  # fmt: skip
-    print(f"heavy       ~{args.heavy_ms:g} ms/msg: inline {inline_h['msg_per_s']:>7,.0f} msg/s  "
-          f"1 worker {one['msg_per_s']:>7,.0f}  2 workers {two['msg_per_s']:>7,.0f}  "
-          f"speedup {speedup:.2f}x (aim >= 1.7)", flush=True)  # fmt: skip
+    ratios = [heavy_floor.ratio(x["msg_per_s"]) for x in (inline_h, one, two)]
+    emit(cases, f"heavy/{args.loop}",
+         f"heavy       ~{args.heavy_ms:g} ms/msg: inline {inline_h['msg_per_s']:>7,.0f} msg/s  "
+         f"1 worker {one['msg_per_s']:>7,.0f}  2 workers {two['msg_per_s']:>7,.0f}  "
+         f"speedup {speedup:.2f}x  ratio {ratios[0]:.2f} / {ratios[1]:.2f} / {ratios[2]:.2f}",
+         rounds=rounds, target_ms=args.heavy_ms, inline=inline_h, workers_1=one,
+         workers_2=two, speedup_2_over_1=speedup, ratio=ratios[2],
+         ratios_inline_1_2=ratios, aims=[aim("speedup", speedup, ">=", 1.7)])  # fmt: skip
 
     plain = Listener(name="plain", payloads=(Job,), handler=trivial_async)
     org = organism(heavy, cpu_bound=True, workers=2, extra=(plain,))
     resp = await responsiveness(org, n, rounds)
-    results.append({"case": "responsive", **resp, "aim_p99_ms": 5})
-    print(f"responsive  plain listener while cpu_bound saturated: p50 {resp['p50_ms']:.2f} ms  "
-          f"p99 {resp['p99_ms']:.2f} ms  max {resp['max_ms']:.2f} ms over {resp['probes']} "
-          "probes (aim p99 < 5)", flush=True)  # fmt: skip
-    return results
+    emit(cases, f"responsive/{args.loop}",
+         f"responsive  plain listener while cpu_bound saturated: p50 {resp['p50_ms']:.2f} ms  "
+         f"p99 {resp['p99_ms']:.2f} ms  max {resp['max_ms']:.2f} ms over {resp['probes']} "
+         "probes", aims=[aim("p99 ms", resp["p99_ms"], "<", 5)], **resp)  # fmt: skip
+    return cases
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000, help="trivial-case messages")
-    parser.add_argument("--heavy-messages", type=int, default=1_000)
-    parser.add_argument("--heavy-ms", type=float, default=2.0, help="CPU per heavy message")
-    parser.add_argument("--batch-max", type=int, default=64)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
-    parser.add_argument(
-        "--json", type=Path, default=ROOT / "benchmarks" / "results" / "offload.json"
-    )
-    args = parser.parse_args()
-    factory = None
-    if args.loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        results = runner.run(run(args))
-    report = {
-        "benchmark": "offload",
-        "loop": args.loop,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": results,
+    ap = parser(__doc__, "offload")
+    ap.add_argument("--messages", type=int, default=20_000, help="trivial-case messages")
+    ap.add_argument("--heavy-messages", type=int, default=1_000)
+    ap.add_argument("--heavy-ms", type=float, default=2.0, help="CPU per heavy message")
+    ap.add_argument("--batch-max", type=int, default=64)
+    args = ap.parse_args()
+    rounds = calibrate(args.heavy_ms)
+    floors = {
+        "trivial": Floor([job(i) for i in range(args.messages)], label="floor"),
+        "heavy": Floor(
+            [job(i, rounds) for i in range(min(args.heavy_messages, 300))],
+            heavy_reply(rounds),
+            label="floor heavy",
+        ),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    for f in floors.values():
+        f.run()
+    cases = run_on(args.loop, run, args, rounds, floors)
+    for f in floors.values():
+        print(f.summary(f.label), flush=True)
+    write_report(args.json, "offload", args, cases, floors["trivial"].best,
+                 floors={k: f.best for k, f in floors.items()})  # fmt: skip
 
 
 if __name__ == "__main__":
