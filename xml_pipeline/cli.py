@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
-from . import __version__
+from . import __version__, _bench
 from ._pool import worker_spec
 from .backends import check_backend_url, open_backend, redact_url
 from .config import Organism, load_organism
@@ -36,7 +36,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("xml_pipeline.cli")
 
-COMMANDS = ("run", "check", "schema", "manager", "deadletters")
+COMMANDS = ("run", "check", "schema", "manager", "deadletters", "bench")
 EXIT_USAGE = 2
 
 
@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=_positive, metavar="N", help="list: at most N")
     dead.add_argument("--log-level", default="WARNING", type=str.upper,
                       choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))  # fmt: skip
+    _bench.add_parser(sub)
     return parser
 
 
@@ -136,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "manager":
         return _manager(args)
+    if args.command == "bench":
+        return _bench.main(args)
     try:
         organism = load_organism(args.organism, backend=getattr(args, "backend", None))
         if args.command == "check":

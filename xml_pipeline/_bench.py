@@ -1,0 +1,735 @@
+"""The ``bench`` command: measure an organism on this machine.
+
+``python -m xml_pipeline bench organism.yaml`` replays the organism's boot messages
+(or the lines of ``--input``) ``--messages`` times, each as a new conversation,
+with ``--concurrency`` conversations in flight, and prints messages/s, hops/s,
+the latency from injection to the conversation's first reply, CPU time, peak
+memory and per-listener counters (see docs/bench.md for how to read them).
+
+Each message goes in with :meth:`StreamPump.request`, so a conversation's first
+reply ends its measurement; a reply whose payload is a ``Huh`` still ends it but
+counts as an error, and so do refusals at ingress and timeouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from array import array
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from . import __version__
+from .backends import redact_url
+from .config import Organism, load_organism
+from .envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
+from .exceptions import Abandoned, MessageError, XmlPipelineError
+from .parser import parse_bytes
+from .payload import Huh
+from .pump import PumpStatistics, StreamPump
+
+__all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_MESSAGES = 10_000
+_MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
+_PROGRESS_EVERY_S = 0.2
+_BAR_WIDTH = 30
+_IDLE_LOOK_S = 0.02
+
+
+# -- options -------------------------------------------------------------------------
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``bench`` subcommand to the subparsers ``sub`` of the command line."""
+    bench = sub.add_parser(
+        "bench",
+        help="measure an organism: replay its boot messages (or --input) many times",
+        description="Replay the organism's boot messages (or the lines of --input) as "
+        "separate conversations and report messages/s, hops/s, latency, CPU and memory.",
+    )
+    add = bench.add_argument
+    add("organism", type=Path, help="the organism YAML file")
+    add("--input", metavar="FILE", help="replay these messages, one per line ('-' for stdin)")
+    add("--to", metavar="NAME", help="send bare payload lines to this listener")
+    add("--sender", default="console", help="label of the sender of bare payload lines")
+    add("--messages", type=_count, metavar="N",
+        help=f"messages to send (default {DEFAULT_MESSAGES:,}; none with --duration)")  # fmt: skip
+    add("--duration", type=_seconds, metavar="S", help="stop injecting after S seconds")
+    add("--concurrency", type=_count, default=64, metavar="C",
+        help="conversations in flight (default %(default)s)")  # fmt: skip
+    add("--timeout", type=_seconds, default=30.0, metavar="S",
+        help="seconds to wait for a message's first reply (default 30)")  # fmt: skip
+    add("--backend", metavar="URL", help="override the organism's backend URL")
+    add("--workers", type=_count, metavar="N",
+        help="worker processes for cpu_bound listeners (process_pool.workers)")  # fmt: skip
+    add("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+        help="event loop; auto (default) uses uvloop when it is installed")  # fmt: skip
+    add("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    add("--log-level", default="ERROR", type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="logging level on stderr (default ERROR: the table counts failures)")  # fmt: skip
+
+
+# -- what is measured ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchMessage:
+    """One message to replay: a document, and the ``to``/``sender`` of a bare payload."""
+
+    data: bytes
+    to: str | None
+    sender: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """How to run: at most ``messages`` (None: no limit), for at most ``duration_s``."""
+
+    messages: int | None = DEFAULT_MESSAGES
+    duration_s: float | None = None
+    concurrency: int = 64
+    timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(slots=True)
+class BenchResult:
+    """The figures of one run (see docs/bench.md)."""
+
+    messages: int = 0
+    ok: int = 0
+    huh: int = 0
+    rejected: int = 0
+    timeouts: int = 0
+    no_reply: int = 0
+    abandoned: int = 0
+    error_codes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    elapsed_s: float = 0.0
+    latencies_s: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+    cpu_user_s: float = 0.0
+    cpu_system_s: float = 0.0
+    workers_cpu_user_s: float | None = None
+    workers_cpu_system_s: float | None = None
+    peak_rss_mb: float = 0.0
+    workers_peak_rss_mb: float | None = None
+    interrupted: bool = False
+    stats: PumpStatistics | None = None
+
+    @property
+    def hops(self) -> int:
+        """Deliveries to listeners during the run."""
+        if self.stats is None:
+            return 0
+        return sum(s.received for s in self.stats.listeners.values())
+
+    def percentiles_ms(self) -> dict[str, float | None]:
+        """Latency p50/p90/p99/max in milliseconds (None when nothing was answered)."""
+        samples = sorted(self.latencies_s)
+        n = len(samples)
+        if not n:
+            return {"p50": None, "p90": None, "p99": None, "max": None}
+        return {
+            "p50": samples[int(0.50 * (n - 1))] * 1e3,
+            "p90": samples[int(0.90 * (n - 1))] * 1e3,
+            "p99": samples[int(0.99 * (n - 1))] * 1e3,
+            "max": samples[-1] * 1e3,
+        }
+
+
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _rss_mb(kilobytes_or_bytes: int) -> float:
+    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
+    return kilobytes_or_bytes / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+
+
+def _stop_fork_server() -> None:
+    """Stop multiprocessing's fork server, if this process started one.
+
+    Worker processes forked by it are its children, not ours: their CPU time only
+    reaches ``RUSAGE_CHILDREN`` once the fork server itself has exited and been
+    waited for. A later pool starts a new one.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if callable(stop) and getattr(server, "_forkserver_pid", None) is not None:
+        with contextlib.suppress(Exception):  # without it, workers' CPU is only partial
+            stop()
+
+
+class _Bench:
+    def __init__(
+        self,
+        pump: StreamPump,
+        messages: Sequence[BenchMessage],
+        options: BenchOptions,
+        result: BenchResult,
+        stop: asyncio.Event,
+    ) -> None:
+        self.pump = pump
+        self.messages = messages
+        self.options = options
+        self.result = result
+        self.limit = options.messages
+        self.started = 0
+        self.finished = 0
+        self.start = 0.0
+        self.deadline: float | None = None
+        self.expired = False
+        self.stop = stop
+        # Per client: the index of the message it waits on (-1: none) and its timeout.
+        self.waiting: list[int] = []
+        self.scopes: list[asyncio.Timeout | None] = []
+        self.given_up: set[int] = set()
+
+    async def client(self) -> None:
+        pump = self.pump
+        messages = self.messages
+        count = len(messages)
+        timeout = self.options.timeout_s
+        result = self.result
+        latencies = result.latencies_s
+        clock = time.perf_counter
+        slot = len(self.waiting)
+        waiting = self.waiting
+        scopes = self.scopes
+        waiting.append(-1)
+        scopes.append(None)
+        while not (self.expired or self.stop.is_set()):
+            index = self.started
+            if self.limit is not None and index >= self.limit:
+                return
+            if self.deadline is not None and clock() >= self.deadline:
+                self.expired = True
+                return
+            self.started = index + 1
+            message = messages[index % count]
+            waiting[slot] = index
+            t0 = clock()
+            try:
+                async with asyncio.timeout(timeout) as scope:
+                    scopes[slot] = scope
+                    reply = await pump.request(message.data, to=message.to, sender=message.sender)
+            except TimeoutError:
+                if index in self.given_up:
+                    self.given_up.discard(index)
+                    result.no_reply += 1
+                else:
+                    result.timeouts += 1
+            except Abandoned:
+                result.abandoned += 1
+            except MessageError as exc:
+                result.rejected += 1
+                result.error_codes[exc.code] += 1
+            else:
+                latencies.append(clock() - t0)
+                if self.given_up:  # its reply came just as it was given up
+                    self.given_up.discard(index)
+                payload = reply.payload
+                if isinstance(payload, Huh):
+                    result.huh += 1
+                    result.error_codes[payload.code] += 1
+                else:
+                    result.ok += 1
+            waiting[slot] = -1
+            scopes[slot] = None
+            self.finished += 1
+
+    async def unanswered(self) -> None:
+        """Give up at once on messages whose conversation ended without a reply.
+
+        A request suspends only once its message is inside the pump, and a reply
+        can only come from a delivery the pump still holds: a message waited for
+        while the pump is idle will never be answered, unless its reply came just
+        before and was not read yet. So one still waited for a moment later is
+        given up (counted as "no reply"), without waiting for ``--timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        candidates: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(_IDLE_LOOK_S)
+            for slot, index in candidates.items():
+                scope = self.scopes[slot]
+                if self.waiting[slot] == index and scope is not None:
+                    self.given_up.add(index)
+                    scope.reschedule(loop.time())
+            candidates = {}
+            if await self._idle():
+                candidates = {slot: i for slot, i in enumerate(self.waiting) if i >= 0}
+
+    async def _idle(self) -> bool:
+        """Whether nothing is queued or being handled in the pump right now."""
+        try:
+            async with asyncio.timeout(0):
+                await self.pump.wait_idle()  # returns without suspending when idle
+        except TimeoutError:
+            return False
+        return True
+
+    async def progress(self, out: IO[str]) -> None:
+        try:
+            while True:
+                await asyncio.sleep(_PROGRESS_EVERY_S)
+                self.draw(out)
+        finally:
+            out.write("\r" + " " * 79 + "\r")
+            out.flush()
+
+    def draw(self, out: IO[str]) -> None:
+        elapsed = time.perf_counter() - self.start
+        fractions = []
+        if self.limit is not None:
+            fractions.append(self.finished / self.limit)
+        if self.options.duration_s is not None:
+            fractions.append(elapsed / self.options.duration_s)
+        fraction = min(1.0, max(fractions)) if fractions else 0.0
+        filled = int(fraction * _BAR_WIDTH)
+        bar = "#" * filled + "." * (_BAR_WIDTH - filled)
+        total = f"/{self.limit:,}" if self.limit is not None else ""
+        line = (
+            f"[{bar}] {fraction:4.0%}  {self.finished:,}{total} msgs  "
+            f"{_rate(self.finished, elapsed):,.0f} msg/s  {elapsed:.1f} s"
+        )
+        out.write("\r" + line[:79])
+        out.flush()
+
+
+async def run_bench(
+    organism: Organism,
+    messages: Sequence[BenchMessage],
+    options: BenchOptions,
+    *,
+    progress: IO[str] | None = None,
+    collect_workers: bool = False,
+    stop: asyncio.Event | None = None,
+) -> BenchResult:
+    """Run the benchmark on a pump of ``organism``; return its figures.
+
+    Args:
+        organism: what to run.
+        messages: replayed in turn, each as a new conversation (no thread id).
+        options: how many, how long, how many at once, the timeout of one message.
+        progress: a terminal to draw a progress bar on, or None.
+        collect_workers: stop the fork server after the pump closes, so the CPU
+            time of its worker processes can be counted (see :func:`_stop_fork_server`).
+        stop: set it to stop injecting early (what is in flight is still awaited).
+
+    Raises:
+        XmlPipelineError: the pump could not start (configuration, backend).
+    """
+    if not messages:
+        raise ValueError("nothing to replay")
+    result = BenchResult()
+    has_pool = any(lst.cpu_bound for lst in organism.listeners)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    pump = StreamPump(organism)
+    async with pump:
+        if stop is None:
+            stop = asyncio.Event()
+        bench = _Bench(pump, messages, options, result, stop)
+        clients = options.concurrency
+        if options.messages is not None:
+            clients = min(clients, options.messages)
+        gc.collect()
+        self_before = resource.getrusage(resource.RUSAGE_SELF)
+        bench.start = time.perf_counter()
+        if options.duration_s is not None:
+            bench.deadline = bench.start + options.duration_s
+        helpers = [asyncio.create_task(bench.unanswered(), name="bench unanswered")]
+        if progress is not None:
+            helpers.append(asyncio.create_task(bench.progress(progress), name="bench progress"))
+        try:
+            await asyncio.gather(*(bench.client() for _ in range(clients)))
+        finally:
+            result.elapsed_s = time.perf_counter() - bench.start
+            self_after = resource.getrusage(resource.RUSAGE_SELF)
+            for helper in helpers:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
+        result.stats = pump.statistics()
+        result.messages = bench.finished
+        result.interrupted = stop.is_set()
+        result.cpu_user_s = self_after.ru_utime - self_before.ru_utime
+        result.cpu_system_s = self_after.ru_stime - self_before.ru_stime
+        if result.stats.in_pump and not result.timeouts:
+            # Work that goes on after a first reply: let it finish, as ``run`` does.
+            # After timeouts, what is left is likely stuck: it is dead-lettered.
+            await pump.drain()
+    result.peak_rss_mb = _rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    if has_pool:
+        if collect_workers:
+            _stop_fork_server()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result.workers_cpu_user_s = children.ru_utime - children_before.ru_utime
+        result.workers_cpu_system_s = children.ru_stime - children_before.ru_stime
+        result.workers_peak_rss_mb = _rss_mb(children.ru_maxrss)
+    return result
+
+
+# -- input ---------------------------------------------------------------------------
+
+
+class _InputError(Exception):
+    pass
+
+
+def _replayable(line: bytes, organism: Organism) -> bytes:
+    """``line`` without the ``<thread>`` and ``<id>`` of an envelope.
+
+    Every replay must open a new conversation: a thread id would continue one, and
+    an ``<id>`` seen before would be ignored as a retry. Lines the pump would refuse
+    are kept as they are (each replay is refused and counted).
+    """
+    try:
+        element = parse_bytes(line, organism.settings.limits)
+        if element.tag != _MESSAGE_TAG:
+            return line
+        env = envelope_from_element(element)
+    except MessageError:
+        return line
+    if env.thread is None and env.id is None:
+        return line
+    return build_envelope(sender=env.sender, to=env.to, payload=env.payload)
+
+
+def _read_input(source: str, organism: Organism, to: str | None, sender: str) -> list[BenchMessage]:
+    try:
+        if source == "-":
+            if sys.stdin is None:
+                raise OSError("standard input is closed")
+            data = sys.stdin.buffer.read()
+        else:
+            if os.path.isdir(source):
+                raise IsADirectoryError(source)
+            with open(source, "rb") as stream:
+                data = stream.read()
+    except (OSError, ValueError):
+        raise _InputError(f"--input {source}: cannot read") from None
+    messages = []
+    for raw in data.split(b"\n"):
+        line = raw.rstrip(b"\r")
+        if line.strip():
+            messages.append(BenchMessage(_replayable(line, organism), to, sender))
+    if not messages:
+        raise _InputError(f"--input {source}: no messages in it")
+    return messages
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``bench`` subcommand with parsed arguments. Returns the exit status."""
+
+    def fail(message: str, status: int = EXIT_USAGE) -> int:
+        print(f"xml_pipeline: error: {message}", file=sys.stderr)
+        return status
+
+    try:
+        organism = load_organism(args.organism, backend=args.backend)
+    except XmlPipelineError as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(str(exc), 1)
+    if args.to is not None and args.to not in {lst.name for lst in organism.listeners}:
+        return fail(f"--to {args.to!r} names no listener")
+    if not args.sender or not args.sender.isprintable():
+        return fail("--sender must be printable text")
+    if args.json is not None:
+        folder = args.json.parent
+        if args.json.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            return fail(f"--json {args.json}: cannot write there")
+    if args.workers is not None:
+        pool = dataclasses.replace(organism.process_pool, workers=args.workers)
+        organism = dataclasses.replace(organism, process_pool=pool)
+    if args.input is not None:
+        try:
+            messages = _read_input(args.input, organism, args.to, args.sender)
+        except _InputError as exc:
+            return fail(str(exc))
+    else:
+        messages = [BenchMessage(b.payload, b.to, b.sender) for b in organism.boot]
+        if not messages:
+            return fail(
+                f"{args.organism}: the organism has no boot messages; "
+                "give the messages to replay with --input FILE"
+            )
+    count = args.messages
+    if count is None and args.duration is None:
+        count = DEFAULT_MESSAGES
+    options = BenchOptions(
+        messages=count,
+        duration_s=args.duration,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+    )
+    loop_factory = None
+    loop_name = "asyncio"
+    if args.loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+            loop_name = "uvloop"
+        except ImportError:
+            if args.loop == "uvloop":
+                return fail("uvloop is not installed")
+    progress = sys.stderr if sys.stderr is not None and sys.stderr.isatty() else None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            result = runner.run(_bench_with_signals(organism, messages, options, progress))
+    except asyncio.CancelledError:  # a second SIGINT/SIGTERM
+        return fail("interrupted twice: stopped without results", EXIT_INTERRUPTED)
+    except XmlPipelineError as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(str(exc), 1)
+    report = _report(organism, args, options, loop_name, len(messages), result)
+    _print_table(report, sys.stdout)
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            return fail(f"--json {args.json}: {exc.strerror or exc}", 1)
+    return 0
+
+
+async def _bench_with_signals(
+    organism: Organism,
+    messages: Sequence[BenchMessage],
+    options: BenchOptions,
+    progress: IO[str] | None,
+) -> BenchResult:
+    """``run_bench``; the first SIGINT/SIGTERM stops injecting, a second stops at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main_task = asyncio.current_task()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+        elif main_task is not None:
+            main_task.cancel()
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal)
+            installed.append(signum)
+    try:
+        return await run_bench(
+            organism, messages, options, progress=progress, collect_workers=True, stop=stop
+        )
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+def _report(
+    organism: Organism,
+    args: argparse.Namespace,
+    options: BenchOptions,
+    loop_name: str,
+    distinct: int,
+    result: BenchResult,
+) -> dict[str, Any]:
+    stats = result.stats
+    assert stats is not None
+    has_pool = any(lst.cpu_bound for lst in organism.listeners)
+    elapsed = result.elapsed_s
+    hops = result.hops
+    cpu = result.cpu_user_s + result.cpu_system_s
+    workers_cpu = None
+    if result.workers_cpu_user_s is not None and result.workers_cpu_system_s is not None:
+        workers_cpu = {
+            "user": result.workers_cpu_user_s,
+            "system": result.workers_cpu_system_s,
+            "total": result.workers_cpu_user_s + result.workers_cpu_system_s,
+        }
+    listeners = {
+        name: {
+            "received": s.received,
+            "handled": s.handled,
+            "failed": s.failed,
+            "p50_ms": s.latency_p50_ms,
+            "p99_ms": s.latency_p99_ms,
+        }
+        for name, s in stats.listeners.items()
+    }
+    return {
+        "organism": organism.name,
+        "organism_file": str(args.organism),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "xml_pipeline": __version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "loop": loop_name,
+        "options": {
+            "messages": options.messages,
+            "duration_s": options.duration_s,
+            "concurrency": options.concurrency,
+            "timeout_s": options.timeout_s,
+            "backend": redact_url(organism.backend),
+            "workers": organism.process_pool.worker_count if has_pool else None,
+            "input": args.input,
+            "to": args.to,
+            "sender": args.sender if args.input is not None else None,
+            "source": "input" if args.input is not None else "boot",
+            "distinct_messages": distinct,
+        },
+        "interrupted": result.interrupted,
+        "messages": result.messages,
+        "replied": result.ok + result.huh,
+        "ok": result.ok,
+        "errors": {
+            "huh": result.huh,
+            "rejected": result.rejected,
+            "timeouts": result.timeouts,
+            "no_reply": result.no_reply,
+            "abandoned": result.abandoned,
+            "codes": dict(sorted(result.error_codes.items())),
+        },
+        "elapsed_s": elapsed,
+        "msgs_per_s": _rate(result.messages, elapsed),
+        "hops": hops,
+        "hops_per_s": _rate(hops, elapsed),
+        "hops_per_message": hops / result.messages if result.messages else None,
+        "latency_ms": result.percentiles_ms(),
+        "cpu_s": {
+            "user": result.cpu_user_s,
+            "system": result.cpu_system_s,
+            "total": cpu,
+            "percent_of_one_core": 100 * _rate(cpu, elapsed),
+        },
+        "workers_cpu_s": workers_cpu,
+        "peak_rss_mb": result.peak_rss_mb,
+        "workers_peak_rss_mb": result.workers_peak_rss_mb,
+        "listeners": listeners,
+        "pump": {
+            "ingress": stats.ingress,
+            "rejected": stats.rejected,
+            "duplicates": stats.duplicates,
+            "egress": stats.egress,
+            "dead_letters": stats.dead_letters,
+        },
+        "pool": None if stats.pool is None else dataclasses.asdict(stats.pool),
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_table(report: dict[str, Any], out: IO[str]) -> None:
+    opts = report["options"]
+    errors = report["errors"]
+    lat = report["latency_ms"]
+    cpu = report["cpu_s"]
+    if opts["source"] == "boot":
+        source = f"{opts['distinct_messages']:,} boot message(s)"
+    else:
+        source = f"{opts['distinct_messages']:,} line(s) of {opts['input']}"
+    run = f"{report['loop']}, concurrency {opts['concurrency']}"
+    if opts["messages"] is not None:
+        run += f", messages {opts['messages']:,}"
+    if opts["duration_s"] is not None:
+        run += f", duration {opts['duration_s']:g} s"
+    run += f", timeout {opts['timeout_s']:g} s"
+    done = f"{report['messages']:,} in {report['elapsed_s']:.3f} s"
+    if report["interrupted"]:
+        done += " (interrupted)"
+    hops = (
+        f"{report['hops_per_s']:,.0f}  ({report['hops']:,} hops, "
+        f"{report['hops_per_message'] or 0:.2f} per message)"
+    )
+    latency = "  ".join(f"{q} {_ms(lat[q])}" for q in ("p50", "p90", "p99", "max"))
+    kinds = ["huh", "rejected", "timeouts", "no_reply"]
+    if errors["abandoned"]:
+        kinds.append("abandoned")
+    failed = "  ".join(f"{kind.replace('_', ' ')} {errors[kind]:,}" for kind in kinds)
+    rows = [
+        ("organism", f"{report['organism']} ({report['organism_file']})"),
+        ("backend", opts["backend"]),
+        ("replaying", f"{source}, in turn, each as a new conversation"),
+        ("run", run),
+        ("messages", done),
+        ("messages/s", f"{report['msgs_per_s']:,.0f}"),
+        ("hops/s", hops),
+        ("latency ms", latency),
+        ("errors", failed),
+    ]
+    if errors["codes"]:
+        rows.append(("error codes", "  ".join(f"{k} {v:,}" for k, v in errors["codes"].items())))
+    share = f"{cpu['percent_of_one_core']:.0f}% of one core"
+    rows.append(("CPU s", f"{cpu['total']:.3f} pump process ({share})"))
+    if report["workers_cpu_s"] is not None:
+        total = report["workers_cpu_s"]["total"]
+        rows.append(("workers CPU s", f"{total:.3f} ({opts['workers']} worker processes)"))
+    rows.append(("peak RSS MB", f"{report['peak_rss_mb']:.1f} pump process"))
+    if report["workers_peak_rss_mb"] is not None:
+        rows.append(("workers RSS MB", f"{report['workers_peak_rss_mb']:.1f} largest worker"))
+    for label, value in rows:
+        print(f"{label:<15} {value}", file=out)
+    print(file=out)
+    width = max([8, *(len(name) for name in report["listeners"])])
+    head = ("received", "handled", "failed", "p50 ms", "p99 ms")
+    print(f"{'listener':<{width}} " + " ".join(f"{h:>10}" for h in head), file=out)
+    for name, s in report["listeners"].items():
+        cells = (f"{s['received']:,}", f"{s['handled']:,}", f"{s['failed']:,}",
+                 _ms(s["p50_ms"]), _ms(s["p99_ms"]))  # fmt: skip
+        print(f"{name:<{width}} " + " ".join(f"{c:>10}" for c in cells), file=out)
+    print(file=out)
+    print(
+        f"bench {report['organism']} {report['messages']} msgs  "
+        f"{report['msgs_per_s']:,.0f} msg/s  {report['hops_per_s']:,.0f} hops/s  "
+        f"p50 {_ms(lat['p50'])} ms  p99 {_ms(lat['p99'])} ms",
+        file=out,
+    )
+    out.flush()
