@@ -1,4 +1,6 @@
-"""Command line: ``python -m xml_pipeline [run|check|schema] organism.yaml``.
+"""Command line: ``python -m xml_pipeline [run|check|schema|deadletters|bench] organism.yaml``.
+
+Also ``python -m xml_pipeline manager --address HOST:PORT`` (a shared history store).
 
 ``run`` (the default) injects the organism's boot messages and the lines of
 ``--input`` (one XML message per line), writes every reply that reaches the
