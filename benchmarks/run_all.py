@@ -79,11 +79,12 @@ def aims_cell(case: dict[str, Any]) -> str:
     aims = case.get("aims") or []
     if not aims:
         return ""
-    return "; ".join(
+    text = "; ".join(
         f"{a['what']} {a['op']} {a['target']:g}: {'met' if a['met'] else '**NOT MET**'}"
         f" ({a['value']:.3g})"
         for a in aims
     )
+    return text.replace("|", "\\|")
 
 
 def floor_text(entry: dict[str, Any]) -> str:

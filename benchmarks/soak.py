@@ -157,10 +157,10 @@ def main() -> int:
         rss_growth_pct=growth,
         deltas=deltas,
         aims=[
-            aim("|RSS growth| %", abs(growth), "<", 10.0),
-            aim("|tasks delta|", abs(deltas["tasks"]), "<=", 0),
-            aim("|threads delta|", abs(deltas["threads"]), "<=", 0),
-            aim("|fds delta|", abs(deltas["fds"]), "<=", 0),
+            aim("RSS change %", abs(growth), "<", 10.0),
+            aim("tasks change", abs(deltas["tasks"]), "<=", 0),
+            aim("threads change", abs(deltas["threads"]), "<=", 0),
+            aim("fds change", abs(deltas["fds"]), "<=", 0),
         ],
         **r,
     )
