@@ -112,7 +112,7 @@ def test_backend_urls() -> None:
     sender=st.text(),
     to=st.none() | st.text(),
     message_id=st.text(),
-    timestamp=st.floats(allow_nan=False, allow_infinity=False) | st.integers(),
+    timestamp=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53),
     xml=st.binary(max_size=64),
 )
 @settings(max_examples=300, deadline=None)

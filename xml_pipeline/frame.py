@@ -39,7 +39,7 @@ class Frame:
     origin: str
     root: str
     hops: tuple[str, ...]
-    _chain: list[str] = field(default_factory=list, repr=False, compare=False)
+    _chain: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def depth(self) -> int:
@@ -54,10 +54,11 @@ class Frame:
     @property
     def chain(self) -> str:
         """The registry key of this frame."""
-        cached = self._chain
-        if not cached:
-            cached.append(_encode(self.origin, self.root, self.hops))
-        return cached[0]
+        chain = self._chain
+        if chain is None:
+            chain = _encode(self.origin, self.root, self.hops)
+            object.__setattr__(self, "_chain", chain)  # a cache: frames are immutable
+        return chain
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -158,7 +159,7 @@ class FrameRegistry:
         hops = (*frame.hops, listener)
         chain = _child_chain(frame.chain, listener)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
-        child = Frame(uuid, frame.origin, frame.root, hops, [chain])
+        child = Frame(uuid, frame.origin, frame.root, hops, chain)
         self._children[key] = child
         self._parents[uuid] = frame
         if len(self._children) > self._cache_size:

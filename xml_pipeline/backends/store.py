@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict, deque
+from typing import Any
 
 from .base import DeadLetter, HistoryLimits, Slot
 
@@ -25,7 +26,7 @@ class _History:
     __slots__ = ("keys", "slots", "trimmed")  # slots[i] has index trimmed + i
 
     def __init__(self) -> None:
-        self.slots: deque[Slot] = deque()
+        self.slots: deque[tuple[Any, ...]] = deque()
         self.keys: dict[tuple[str, str], int] = {}
         self.trimmed = 0
 
@@ -65,14 +66,15 @@ class Store:
         if index is not None:
             return index
         index = history.trimmed + len(history.slots)
-        # Kept as given: its index is its position (set on the copies readers get).
-        history.slots.append(slot)
+        # Kept as a plain tuple, which the garbage collector stops tracking (a Slot it
+        # would scan forever); its index is its position, set on the copies readers get.
+        history.slots.append(tuple(slot))
         history.keys[key] = index
         if len(history.slots) > self.limits.max_slots_per_thread:
             old = history.slots.popleft()
             history.trimmed += 1
             self._counters["slots_trimmed"] += 1
-            history.keys.pop((old.message_id, old.direction), None)
+            history.keys.pop((old[5], old[1]), None)  # (message_id, direction)
         return index
 
     def _evict(self) -> None:
