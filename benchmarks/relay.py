@@ -162,7 +162,8 @@ def main() -> int:
     ap = parser(__doc__, "relay", loop=None)
     ap.add_argument("--messages", type=int, default=20_000, help="messages per run")
     ap.add_argument("--last", default="3,10", help="hops down the chain, comma-separated")
-    ap.add_argument("--loops", default="asyncio,uvloop")
+    ap.add_argument("--loops", default="asyncio,uvloop", help="event loops, comma-separated")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), help="one loop only (--loops NAME)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
     ap.add_argument(
         "--latency-messages", type=int, default=20_000, help="paced messages (0: no latency case)"
@@ -172,7 +173,7 @@ def main() -> int:
     args = ap.parse_args()
 
     lasts = [int(x) for x in args.last.split(",")]
-    loops = args.loops.split(",")
+    loops = [args.loop] if args.loop else args.loops.split(",")
     messages = {last: [hop_envelope(i, last) for i in range(args.messages)] for last in lasts}
     organisms = {last: relay_organism(last) for last in lasts}
     floor = Floor(messages[lasts[0]])
