@@ -165,3 +165,11 @@ def test_encode_bytes_of_pydantic_xml_and_empty_payloads() -> None:
         xml_ns = NS
 
     assert codec_for(Nothing).encode_bytes(Nothing()) == f'<Nothing xmlns="{NS}"/>'.encode()
+
+
+def test_pydantic_xml_default_namespace_without_ns_is_refused() -> None:
+    class Loose(BaseXmlModel, tag="Loose", nsmap={"": NS}):
+        body: str = element(default="")
+
+    with pytest.raises(ConfigError, match='add ns=""'):
+        codec_for(Loose)

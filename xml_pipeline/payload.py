@@ -326,6 +326,14 @@ class _XmlModelCodec:
         prefix = getattr(cls, "__xml_ns__", None)
         nsmap: dict[str, str] = dict(getattr(cls, "__xml_nsmap__", None) or {})
         if prefix is None:
+            if nsmap.get(""):
+                # pydantic-xml would write <Tag xmlns="..."> for an element it builds
+                # without a namespace: the XML and the routing key would disagree.
+                raise ConfigError(
+                    f"{cls.__module__}.{cls.__qualname__}: nsmap has a default namespace "
+                    f'({nsmap[""]!r}) but the class sets no ns=; add ns="" to put the '
+                    "element in that namespace"
+                )
             namespace = ""
         elif prefix in nsmap:
             namespace = nsmap[prefix]
