@@ -347,7 +347,11 @@ class StreamPump:
             if backend is not None
             else open_backend(organism.backend, organism.history, **organism.backend_options)
         )
-        self._frames = FrameRegistry(self.backend)
+        # Cached frames are kept alive (and scanned by the garbage collector): no more
+        # of them than the backend keeps threads.
+        self._frames = FrameRegistry(
+            self.backend, cache_size=max(1024, min(65_536, organism.history.max_threads))
+        )
         self._egress = egress
         table = RoutingTable(organism.listeners)
         self._runtimes: dict[str, _Runtime] = {
