@@ -11,7 +11,7 @@ The stages a message goes through in the pump (DESIGN §12), each timed with
 - ``frame``: a new child frame id and chain, registered in the memory backend;
 - ``handler``: calling an async handler that returns a ``HandlerResponse``;
 - ``encode``: model → payload bytes (the fast flat serializer);
-- ``egress``: building the reply envelope around a payload element.
+- ``egress``: building the reply envelope around the payload's bytes.
 
     python benchmarks/stages.py
 """
@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "organisms"))
 from _common import hop_envelope  # noqa: E402
 from relay import Hop, hop  # noqa: E402
 
-from xml_pipeline import HandlerMetadata, Slot, build_envelope, codec_for  # noqa: E402
+from xml_pipeline import HandlerMetadata, Slot, codec_for  # noqa: E402
 from xml_pipeline.backends.memory import MemoryBackend  # noqa: E402
-from xml_pipeline.envelope import envelope_from_element  # noqa: E402
+from xml_pipeline.envelope import _envelope_around, envelope_from_element  # noqa: E402
 from xml_pipeline.frame import Frame, FrameRegistry  # noqa: E402
 from xml_pipeline.parser import parse_bytes  # noqa: E402
 
@@ -90,8 +90,8 @@ def main() -> None:
             best = min(best, time.perf_counter() - began)
         return best / n * 1e6
 
-    def egress() -> None:
-        build_envelope(sender="relay.1", payload=env.payload, to="bench", thread="r", id="m1")
+    def egress() -> None:  # the pump has the payload's bytes (from its history record)
+        _envelope_around(xml, sender="relay.1", to="bench", thread="r", id="m1")
 
     stages = {
         "parse": per_call_us(lambda: parse_bytes(data), n),

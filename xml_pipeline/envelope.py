@@ -167,3 +167,36 @@ def build_envelope(
         payload = copy.deepcopy(payload)
     message.append(payload)
     return etree.tostring(message)
+
+
+_OPEN = f'<message xmlns="{ENVELOPE_NAMESPACE}"><meta>'.encode()
+
+
+def _envelope_around(
+    payload_xml: bytes,
+    *,
+    sender: str,
+    to: str | None = None,
+    thread: str | None = None,
+    id: str | None = None,  # noqa: A002 - the wire name
+) -> bytes | None:
+    """:func:`build_envelope` around an already serialized, namespaced payload.
+
+    The same bytes as ``build_envelope(payload=etree.fromstring(payload_xml), ...)``,
+    without parsing the payload. ``payload_xml`` must be what ``etree.tostring`` wrote
+    for an element in a namespace (so it declares what it uses on its root). Returns
+    None when a value needs the general path (text XML cannot carry: it raises there).
+    """
+    from .payload import _NOT_XML, _escape
+
+    parts = [_OPEN]
+    for tag, value in (("from", sender), ("to", to), ("thread", thread), ("id", id)):
+        if value is None:
+            continue
+        if _NOT_XML.search(value) is not None:
+            return None
+        parts.append(b"<%b>%b</%b>" % (tag.encode(), _escape(value), tag.encode()))
+    parts.append(b"</meta>")
+    parts.append(payload_xml)
+    parts.append(b"</message>")
+    return b"".join(parts)

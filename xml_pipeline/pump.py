@@ -29,7 +29,7 @@ import uuid as _uuid
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,7 +41,13 @@ from ._pool import PoolStatistics, WorkerPool, worker_spec
 from ._sync import SyncRunner
 from .backends import Backend, DeadLetter, Slot, open_backend
 from .config import Listener, Organism, import_object
-from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, envelope_from_element
+from .envelope import (
+    ENVELOPE_NAMESPACE,
+    Envelope,
+    _envelope_around,
+    build_envelope,
+    envelope_from_element,
+)
 from .exceptions import (
     Abandoned,
     ConfigError,
@@ -123,9 +129,22 @@ class Reply:
     to: str | None
     message_id: str
     payload: BaseModel
+    # The payload as the pump serialized it for the history, when it is namespaced:
+    # the envelope is then built around these bytes instead of encoding it again.
+    _payload_xml: bytes | None = field(default=None, repr=False, compare=False)
 
     def to_xml(self) -> bytes:
         """The reply as one envelope document."""
+        if self._payload_xml is not None:
+            data = _envelope_around(
+                self._payload_xml,
+                sender=self.sender,
+                to=self.to,
+                thread=self.thread_id,
+                id=self.message_id,
+            )
+            if data is not None:
+                return data
         return build_envelope(
             sender=self.sender,
             to=self.to,
@@ -1072,6 +1091,8 @@ class StreamPump:
             root = await self._frames.resolve(reply.thread_id)
             if root is not None:
                 await self._record(root, "in", msg, reply.to)
+        if msg is not None and msg._xml is not None and msg.qname[0] == "{":
+            object.__setattr__(reply, "_payload_xml", msg._xml)  # a cache, set once
         self._egress_count += 1
         if reply.thread_id is not None:
             waiters = self._waiters.get(reply.thread_id)
