@@ -127,5 +127,23 @@ def test_envelope_around_bytes_is_build_envelope(
             expected = plain.to_xml()
         except ValueError:
             continue  # text XML cannot carry: refused either way
-        fast = Reply(thread, sender, to, "m-1", model, payload_xml)
+        fast = Reply(thread, sender, to, "m-1", model)
+        object.__setattr__(fast, "_payload_xml", payload_xml)  # as the pump sets it
         assert fast.to_xml() == expected
+
+
+def test_payloads_declaring_the_envelope_namespace_take_the_general_path() -> None:
+    import dataclasses
+
+    from support import Ping, Pong
+
+    from xml_pipeline import Reply, codec_for
+    from xml_pipeline.envelope import _envelope_around
+
+    inside = f'<InEnv xmlns="{ENVELOPE_NAMESPACE}"><a>1</a></InEnv>'.encode()
+    assert _envelope_around(inside, sender="s") is None
+    # A cached payload never outlives a replaced payload.
+    reply = Reply("t", "s", "to", "m", Ping(n=1, text="secret"))
+    object.__setattr__(reply, "_payload_xml", codec_for(Ping).encode_bytes(reply.payload))
+    redacted = dataclasses.replace(reply, payload=Pong(n=1, text="redacted"))
+    assert b"secret" not in redacted.to_xml() and b"redacted" in redacted.to_xml()

@@ -36,3 +36,14 @@ def test_child_chain_is_the_encoded_chain_plus_one_hop() -> None:
     for hops in [(), ("a",), ("relay.1", 'quo"te', "ünï", "back\\slash")]:
         parent = _encode("origin", "root", hops)
         assert _child_chain(parent, "x.y") == _encode("origin", "root", (*hops, "x.y"))
+
+
+def test_a_replaced_frame_does_not_keep_the_old_chain() -> None:
+    import dataclasses
+
+    from xml_pipeline.frame import Frame
+
+    frame = Frame("u", "o", "r", ("a",))
+    assert frame.chain == _encode("o", "r", ("a",))
+    moved = dataclasses.replace(frame, hops=("a", "b"))
+    assert moved.chain == _encode("o", "r", ("a", "b"))

@@ -146,6 +146,16 @@ async def test_handler_errors_in_a_worker(run_pump: Any, text: str, code: str, w
         assert stats.pool is not None and stats.pool.crashes == 0
 
 
+async def test_one_bad_answer_fails_only_its_own_message(run_pump: Any) -> None:
+    pool = ProcessPoolSettings(workers=1)
+    async with run_pump([offloaded(wh.unencodable)], process_pool=pool) as h:
+        replies = await asyncio.gather(*(h.pump.request(ping_xml(i), to="cpu") for i in range(10)))
+        kinds = {r.payload.n if isinstance(r.payload, Pong) else "huh" for r in replies}
+        assert kinds == {0, 1, 2, 4, 5, 6, 7, 8, 9, "huh"}
+        huh = next(huh_of(r) for r in replies if isinstance(r.payload, Huh))
+        assert huh.code == "handler-error" and "TypeError" in huh.message
+
+
 @pytest.mark.parametrize("text", ["exit", "kill", "segfault"])
 async def test_a_message_that_kills_its_worker_is_isolated(run_pump: Any, text: str) -> None:
     async with run_pump([offloaded()], process_pool=POOL) as h:
@@ -319,6 +329,16 @@ async def test_a_handler_workers_cannot_import_stops_the_start(
     with pytest.raises(ConfigError, match="refuses to load in a worker"):
         async with StreamPump(organism):
             pass
+
+
+def test_a_handler_without_a_module_level_name_needs_handler_path() -> None:
+    import functools
+
+    from xml_pipeline._pool import worker_spec
+
+    organism = Organism(name="t", listeners=(offloaded(functools.partial(wh.echo)),))
+    with pytest.raises(ConfigError, match="handler_path"):
+        worker_spec(organism)
 
 
 def test_history_snapshot_needs_cpu_bound() -> None:

@@ -10,7 +10,7 @@ import time
 
 from support import Ping, Pong
 
-from xml_pipeline import HandlerMetadata, HandlerResponse
+from xml_pipeline import HandlerMetadata, HandlerResponse, Payload
 
 
 def _pong(payload: Ping, meta: HandlerMetadata, text: str = "") -> HandlerResponse:
@@ -69,6 +69,18 @@ def faulty(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
     if payload.text == "control-char":
         return _pong(payload, meta, "a\x01b")
     return _pong(payload, meta, str(os.getpid()))
+
+
+class Listy(Payload):
+    xml_ns = "https://example.org/test"
+    items: list[int] = []
+
+
+def unencodable(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Answers n=3 with a payload whose serializer raises TypeError (not ValueError)."""
+    if payload.n == 3:
+        return HandlerResponse.respond(Listy.model_construct(items=5))
+    return _pong(payload, meta)
 
 
 def read_history(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:

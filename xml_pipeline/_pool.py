@@ -104,7 +104,13 @@ class PoolStatistics:
 
 
 def _checked_path(obj: Any, given: str | None, what: str) -> str:
-    path = given or worker.class_path(obj)
+    try:
+        path = given or worker.class_path(obj)
+    except AttributeError:  # an instance, a functools.partial: no __qualname__
+        raise ConfigError(
+            f"{what} must be importable by module path in a worker process; "
+            f"{obj!r} has no module-level name: set the listener's handler_path"
+        ) from None
     try:
         found = import_object(path)
     except Exception:
@@ -376,13 +382,15 @@ class WorkerPool:
         self._scheduled = False
         if self._closed or self._executor is None:
             return
-        if self._suspects:
+        while self._suspects:
             # Suspects run alone, so a crash can be pinned on one task.
-            while self._suspects and not self._in_flight:
-                task = self._suspects.popleft()
-                if not task.future.done():
-                    self._submit([task], solo=True)
-            return
+            if self._in_flight:
+                return
+            task = self._suspects.popleft()
+            if not task.future.done():
+                self._submit([task], solo=True)
+                return
+        # (no suspect left, or only cancelled ones: the ready tasks go out)
         ready = self._ready
         cap = self._settings.batch_max
         if self._task_s > 0:

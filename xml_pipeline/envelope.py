@@ -170,6 +170,7 @@ def build_envelope(
 
 
 _OPEN = f'<message xmlns="{ENVELOPE_NAMESPACE}"><meta>'.encode()
+_ENVELOPE_NS_BYTES = ENVELOPE_NAMESPACE.encode()
 
 
 def _envelope_around(
@@ -189,6 +190,8 @@ def _envelope_around(
     """
     from .payload import _NOT_XML, _escape
 
+    if _ENVELOPE_NS_BYTES in payload_xml:
+        return None  # lxml would drop or move that declaration inside the envelope
     parts = [_OPEN]
     for tag, value in (("from", sender), ("to", to), ("thread", thread), ("id", id)):
         if value is None:

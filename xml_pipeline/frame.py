@@ -39,7 +39,7 @@ class Frame:
     origin: str
     root: str
     hops: tuple[str, ...]
-    _chain: str | None = field(default=None, repr=False, compare=False)
+    _chain: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def depth(self) -> int:
@@ -159,7 +159,8 @@ class FrameRegistry:
         hops = (*frame.hops, listener)
         chain = _child_chain(frame.chain, listener)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
-        child = Frame(uuid, frame.origin, frame.root, hops, chain)
+        child = Frame(uuid, frame.origin, frame.root, hops)
+        object.__setattr__(child, "_chain", chain)  # known already: no need to encode it
         self._children[key] = child
         self._parents[uuid] = frame
         if len(self._children) > self._cache_size:

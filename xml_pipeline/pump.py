@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from ._pool import PoolStatistics, WorkerPool, worker_spec
 from ._sync import SyncRunner
 from .backends import Backend, DeadLetter, Slot, open_backend
+from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
 from .envelope import (
     ENVELOPE_NAMESPACE,
@@ -131,7 +132,7 @@ class Reply:
     payload: BaseModel
     # The payload as the pump serialized it for the history, when it is namespaced:
     # the envelope is then built around these bytes instead of encoding it again.
-    _payload_xml: bytes | None = field(default=None, repr=False, compare=False)
+    _payload_xml: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_xml(self) -> bytes:
         """The reply as one envelope document."""
@@ -449,7 +450,11 @@ class StreamPump:
         url = self.organism.backend
         if urlsplit(url).scheme == "manager":
             url = getattr(self.backend, "url", url)
-        shared = urlsplit(url).scheme in ("manager", "redis", "rediss")
+        # Workers read a shared store directly only when it is the one the pump uses
+        # (a backend object passed in may not be what the organism's URL names).
+        shared = urlsplit(url).scheme in ("manager", "redis", "rediss") and (
+            self._owns_backend or not isinstance(self.backend, MemoryBackend)
+        )
         pool = None
         try:
             spec = worker_spec(self.organism, url if shared else None)

@@ -207,6 +207,8 @@ def _run(state: _State, task: Task) -> Result:
         model = codec.decode(element)
     except MessageError as exc:
         return _error(exc.code, exc)
+    except Exception as exc:  # a validator that raised something else: this message only
+        return _error("handler-error", exc, trace=True)
     hist, blocking = _history_access(state, name, meta[0], history)
     info = HandlerMetadata(*meta, hist, None, blocking)
     try:
@@ -231,8 +233,8 @@ def _run(state: _State, task: Task) -> Result:
     except ValueError as exc:
         failure = InvalidReturn(f"{name} returned a payload XML cannot carry: {exc}")
         return _error(failure.code, failure)
-    except MemoryError as exc:
-        return _error("handler-error", exc)
+    except Exception as exc:  # MemoryError, a serializer's own error: this message only
+        return _error("handler-error", exc, trace=True)
     return ("ok", outs)
 
 
