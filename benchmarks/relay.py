@@ -59,19 +59,28 @@ def hops_of(last: int) -> int:
     return 2 * last - 1
 
 
+class _Replies:
+    """Latency of each reply (by its ``seq``) from the time its message was injected."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.starts = [0.0] * n
+        self.latencies: list[float] = []
+        self.done = asyncio.Event()
+
+    def egress(self, reply: Reply) -> None:
+        self.latencies.append(time.perf_counter() - self.starts[reply.payload.seq])  # type: ignore[attr-defined]
+        if len(self.latencies) == self.n:
+            self.done.set()
+
+
 async def saturated(org: Organism, messages: list[bytes], hops: int) -> dict[str, Any]:
     """Every message injected as fast as the pump admits it; the best case for hops/s."""
     n = len(messages)
-    starts = [0.0] * n
-    latencies: list[float] = []
-    done = asyncio.Event()
+    replies = _Replies(n)
+    starts, latencies, done = replies.starts, replies.latencies, replies.done
 
-    def egress(reply: Reply) -> None:
-        latencies.append(time.perf_counter() - starts[reply.payload.seq])  # type: ignore[attr-defined]
-        if len(latencies) == n:
-            done.set()
-
-    async with StreamPump(org, egress=egress) as pump:
+    async with StreamPump(org, egress=replies.egress) as pump:
         gc.collect()
         start = time.perf_counter()
         for seq, data in enumerate(messages):
@@ -98,16 +107,10 @@ async def saturated(org: Organism, messages: list[bytes], hops: int) -> dict[str
 async def paced(org: Organism, messages: list[bytes], rate: float) -> dict[str, Any]:
     """Messages injected at ``rate`` per second: a burst every millisecond of what is due."""
     n = len(messages)
-    starts = [0.0] * n
-    latencies: list[float] = []
-    done = asyncio.Event()
+    replies = _Replies(n)
+    starts, latencies, done = replies.starts, replies.latencies, replies.done
 
-    def egress(reply: Reply) -> None:
-        latencies.append(time.perf_counter() - starts[reply.payload.seq])  # type: ignore[attr-defined]
-        if len(latencies) == n:
-            done.set()
-
-    async with StreamPump(org, egress=egress) as pump:
+    async with StreamPump(org, egress=replies.egress) as pump:
         gc.collect()
         with GcPauses() as pauses:
             start = time.perf_counter()
