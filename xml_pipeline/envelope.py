@@ -8,6 +8,7 @@
         <to>greeter</to>       optional: one listener; absent = every listener accepting the payload
         <thread>…</thread>     optional at ingress
         <id>…</id>             optional at ingress; the pump assigns one
+        <re>…</re>             on replies: the id of the external message they answer
       </meta>
       <Greeting xmlns="https://example.org/hello">…</Greeting>   exactly one payload
     </message>
@@ -34,18 +35,28 @@ MAX_META_CHARS = 1024
 _NS = "{" + ENVELOPE_NAMESPACE + "}"
 _MESSAGE = _NS + "message"
 _META = _NS + "meta"
-_FIELDS = {_NS + "from": "from", _NS + "to": "to", _NS + "thread": "thread", _NS + "id": "id"}
+_FIELDS = {
+    _NS + "from": "from",
+    _NS + "to": "to",
+    _NS + "thread": "thread",
+    _NS + "id": "id",
+    _NS + "re": "re",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A parsed envelope. ``payload`` is the payload's root element."""
+    """A parsed envelope. ``payload`` is the payload's root element.
+
+    ``re`` is set on replies: the id of the external message the reply answers.
+    """
 
     sender: str
     to: str | None
     thread: str | None
     id: str | None
     payload: etree._Element
+    re: str | None = None
 
     @property
     def qname(self) -> str:
@@ -115,6 +126,7 @@ def envelope_from_element(root: etree._Element) -> Envelope:
         thread=values.get("thread") or None,
         id=values.get("id") or None,
         payload=payload,
+        re=values.get("re") or None,
     )
 
 
@@ -140,6 +152,7 @@ def build_envelope(
     to: str | None = None,
     thread: str | None = None,
     id: str | None = None,  # noqa: A002 - the wire name
+    re: str | None = None,
 ) -> bytes:
     """Serialize an envelope.
 
@@ -163,6 +176,8 @@ def build_envelope(
         etree.SubElement(meta, _NS + "thread").text = thread
     if id is not None:
         etree.SubElement(meta, _NS + "id").text = id
+    if re is not None:
+        etree.SubElement(meta, _NS + "re").text = re
     if payload.getparent() is not None:
         payload = copy.deepcopy(payload)
     message.append(payload)
@@ -180,6 +195,7 @@ def _envelope_around(
     to: str | None = None,
     thread: str | None = None,
     id: str | None = None,  # noqa: A002 - the wire name
+    re: str | None = None,
 ) -> bytes | None:
     """:func:`build_envelope` around an already serialized, namespaced payload.
 
@@ -193,7 +209,7 @@ def _envelope_around(
     if _ENVELOPE_NS_BYTES in payload_xml:
         return None  # lxml would drop or move that declaration inside the envelope
     parts = [_OPEN]
-    for tag, value in (("from", sender), ("to", to), ("thread", thread), ("id", id)):
+    for tag, value in (("from", sender), ("to", to), ("thread", thread), ("id", id), ("re", re)):
         if value is None:
             continue
         if _NOT_XML.search(value) is not None:

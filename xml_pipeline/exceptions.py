@@ -5,6 +5,8 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
 
     XmlPipelineError
     ├── ConfigError (ValueError)              bad organism YAML, handler not importable
+    ├── PumpError (RuntimeError)              the pump was used outside its lifetime
+    │   └── PumpClosed                        not running: not started yet, stopping or stopped
     ├── BackendError
     │   └── BackendUnavailable                the backend cannot be reached
     └── MessageError                          one message was rejected; .code names why
@@ -21,8 +23,10 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
         ├── WorkerCrashed           worker-crashed  a cpu_bound handler's worker process died
         ├── Overloaded              overloaded      a forward while ``max_in_pump`` messages wait
         ├── EgressFailed            egress          the egress callback raised
+        ├── BackendFailed           backend-unavailable  the backend failed while routing it
         ├── Duplicate               duplicate       a retry of an accepted message (no Huh)
-        └── Abandoned               shutdown        still queued when the pump stopped
+        ├── Abandoned               shutdown        still queued when the pump stopped
+        └── NoReply                 no-reply        the conversation ended without a reply (no Huh)
 
 Foreign exceptions (lxml, pydantic, yaml) are translated at the boundary and
 chained with ``raise ... from exc``.
@@ -33,6 +37,10 @@ from __future__ import annotations
 __all__ = [
     "Abandoned",
     "BackendError",
+    "BackendFailed",
+    "NoReply",
+    "PumpClosed",
+    "PumpError",
     "Duplicate",
     "EgressFailed",
     "Overloaded",
@@ -51,6 +59,7 @@ __all__ = [
     "PeerDenied",
     "WorkerCrashed",
     "XmlPipelineError",
+    "error_for_code",
 ]
 
 
@@ -63,6 +72,14 @@ class ConfigError(XmlPipelineError, ValueError):
 
     The message is one line naming the file, the key and, where known, the line.
     """
+
+
+class PumpError(XmlPipelineError, RuntimeError):
+    """The pump was used outside its lifetime (entered twice, say)."""
+
+
+class PumpClosed(PumpError):
+    """The pump is not running: it was not entered yet, or it is stopping or stopped."""
 
 
 class BackendError(XmlPipelineError):
@@ -175,3 +192,41 @@ class Duplicate(MessageError):
     """
 
     code = "duplicate"
+
+
+class BackendFailed(MessageError):
+    """The backend failed while the pump recorded or routed this message.
+
+    None of the message's outputs was delivered: the pump writes every output's
+    history and frames first, and enqueues them only once all of that succeeded.
+    """
+
+    code = "backend-unavailable"
+
+
+class NoReply(MessageError):
+    """The conversation ended (nothing left in flight) without a reply to the caller.
+
+    Raised by :meth:`StreamPump.request`; nothing is dead-lettered for it.
+    """
+
+    code = "no-reply"
+
+
+def error_for_code(code: str, reason: str, *, listener: str | None = None) -> MessageError:
+    """The :class:`MessageError` a ``Huh`` code stands for (``MessageError`` if unknown)."""
+    cls = _BY_CODE.get(code, MessageError)
+    error = cls(reason, listener=listener)
+    if cls is MessageError:
+        error.code = code
+    return error
+
+
+_BY_CODE: dict[str, type[MessageError]] = {
+    cls.code: cls
+    for cls in (
+        MalformedMessage, MessageTooLarge, EnvelopeError, NoRoute, PayloadInvalid, PeerDenied,
+        DepthExceeded, HandlerFailed, InvalidReturn, HandlerTimeout, WorkerCrashed, Overloaded,
+        EgressFailed, BackendFailed, Duplicate, Abandoned, NoReply,
+    )
+}  # fmt: skip

@@ -181,8 +181,11 @@ def _check_utf8(raw: bytes) -> None:
     stripped = body.lstrip(b" \t\r\n")
     if not stripped:
         raise MalformedMessage("empty message")
-    if stripped[:1] != b"<" or b"\x00" in body:
-        raise MalformedMessage("only UTF-8 documents are accepted")
+    if b"\x00" in body or body.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise MalformedMessage("only UTF-8 documents are accepted (this looks like UTF-16/32)")
+    if stripped[:1] != b"<":
+        text = stripped[:24].decode("utf-8", "replace")
+        raise MalformedMessage(f"not XML: a document starts with '<', this starts with {text!r}")
     if body.startswith(b"<?xml"):
         match = _DECLARED_ENCODING.match(body)
         if match is not None and match.group(1).decode("ascii", "replace").lower() not in (

@@ -20,20 +20,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import difflib
 import functools
-import gc
 import itertools
+import json
 import logging
+import re as _regex
 import time
 import uuid as _uuid
 from array import array
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
+from anyio.abc import TaskStatus
 from lxml import etree
 from pydantic import BaseModel
 
@@ -51,6 +54,8 @@ from .envelope import (
 )
 from .exceptions import (
     Abandoned,
+    BackendError,
+    BackendFailed,
     ConfigError,
     DepthExceeded,
     Duplicate,
@@ -61,11 +66,15 @@ from .exceptions import (
     InvalidReturn,
     MessageError,
     MessageTooLarge,
+    NoReply,
     NoRoute,
     Overloaded,
     PayloadInvalid,
     PeerDenied,
+    PumpClosed,
+    PumpError,
     XmlPipelineError,
+    error_for_code,
 )
 from .frame import Frame, FrameRegistry
 from .handler import HandlerMetadata, responses_of
@@ -123,6 +132,8 @@ class Reply:
         to: the external sender's label, if known.
         message_id: the reply's id.
         payload: the payload model (a :class:`Huh` for errors).
+        re: the id of the external message this reply answers (its ``<id>``, or
+            the one the pump gave it): what a client matches replies by.
     """
 
     thread_id: str | None
@@ -130,9 +141,32 @@ class Reply:
     to: str | None
     message_id: str
     payload: BaseModel
+    re: str | None = None
     # The payload as the pump serialized it for the history, when it is namespaced:
     # the envelope is then built around these bytes instead of encoding it again.
     _payload_xml: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def is_huh(self) -> bool:
+        """Whether the reply is an error report (a :class:`Huh`)."""
+        return isinstance(self.payload, Huh)
+
+    def raise_for_huh(self) -> Reply:
+        """Raise the error a ``Huh`` reply reports; return the reply itself otherwise.
+
+        ::
+
+            reply = (await pump.request(data, to="greeter")).raise_for_huh()
+
+        Raises:
+            MessageError: the subclass named by the Huh's ``code`` (:class:`HandlerFailed`
+                for ``handler-error``, :class:`MalformedMessage` for ``malformed``, …),
+                with the Huh's message and listener.
+        """
+        payload = self.payload
+        if isinstance(payload, Huh):
+            raise error_for_code(payload.code, payload.message, listener=payload.listener)
+        return self
 
     def to_xml(self) -> bytes:
         """The reply as one envelope document."""
@@ -143,6 +177,7 @@ class Reply:
                 to=self.to,
                 thread=self.thread_id,
                 id=self.message_id,
+                re=self.re,
             )
             if data is not None:
                 return data
@@ -151,6 +186,7 @@ class Reply:
             to=self.to,
             thread=self.thread_id,
             id=self.message_id,
+            re=self.re,
             payload=codec_for(type(self.payload)).encode(self.payload),
         )
 
@@ -179,6 +215,8 @@ class PumpStatistics:
             (same ``<id>`` on the same conversation).
         egress: replies that reached external senders.
         dead_letters: dead letters written.
+        abandoned: messages dead-lettered because the pump stopped before handling
+            them (code ``shutdown``; counted in ``dead_letters`` too).
         in_pump: messages queued or being handled right now.
         listeners: per listener, by name.
         pool: the worker process pool of ``cpu_bound`` listeners (None without one).
@@ -192,37 +230,7 @@ class PumpStatistics:
     in_pump: int
     listeners: MappingProxyType[str, ListenerStatistics]
     pool: PoolStatistics | None = None
-
-
-class _GcTuning:
-    """Raises the GC's generation-0 threshold while at least one pump runs.
-
-    Every hop allocates a few dozen short-lived objects while histories keep many
-    long-lived ones: with the default threshold (700) the collector runs every few
-    hops and costs about a third of the pump's time (benchmarks/relay.py). The
-    setting is process-wide, so it is undone when the last pump stops.
-    """
-
-    def __init__(self) -> None:
-        self.users = 0
-        self.saved: tuple[int, int, int] | None = None
-
-    def acquire(self, wanted: int) -> None:
-        current = gc.get_threshold()
-        if self.users == 0:
-            self.saved = current
-        self.users += 1
-        if current[0] < wanted:
-            gc.set_threshold(wanted, current[1], current[2])
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0 and self.saved is not None:
-            gc.set_threshold(*self.saved)
-            self.saved = None
-
-
-_GC = _GcTuning()
+    abandoned: int = 0
 
 
 class _Message:
@@ -237,6 +245,7 @@ class _Message:
         "path",
         "qname",
         "raw",
+        "re",
         "sender",
         "to",
     )
@@ -252,8 +261,11 @@ class _Message:
         raw: bytes | None = None,
         xml: bytes | None = None,
         path: str | None = None,
+        re: str | None = None,
     ) -> None:
         self.id = id
+        # The id of the external message this one descends from (egress's <re>).
+        self.re = re
         self.sender = sender
         self.to = to
         self.qname = qname
@@ -341,6 +353,42 @@ class _Delivery:
 
 Egress = Callable[[Reply], Awaitable[None] | None]
 
+# Each step of the shutdown (waiting for ingress calls, for the workers, closing the
+# backend) gives up after this long; the pool bounds its own.
+_STEP_TIMEOUT_S = 10.0
+_ABANDON_BATCH = 500
+# A <thread> naming a conversation nobody knows yet opens one under that name: a
+# bounded token, so that clients can name their conversations (and retry them).
+_THREAD_TOKEN = _regex.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+# Registry keys that reserve an external message's (sender, <id>), so that a
+# retry is recognized atomically on every backend (registry_setdefault), even
+# across processes and restarts; the value names the conversation that took it.
+# A key is "re:" + a JSON list: frame chains are bare JSON lists, so the two never meet.
+_RESERVED_PREFIX = "re:"
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+async def _complete(aw: Coroutine[Any, Any, None]) -> None:
+    """Run ``aw`` to its end in a task of its own, even if the caller is cancelled.
+
+    anyio's shielded scopes do not stop a native ``Task.cancel()`` (a second
+    cancel, ``asyncio.timeout``), so the work runs in its own task; a cancellation
+    that arrives meanwhile is raised once the work is done.
+    """
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    cancelled = True
+    if cancelled:
+        task.result()  # its own error first
+        raise asyncio.CancelledError
+    task.result()
+
 
 class StreamPump:
     """Runs an organism. Use as an async context manager.
@@ -390,8 +438,9 @@ class StreamPump:
         self._idle.set()
         self._space.set()
         self._waiters: dict[str, collections.deque[asyncio.Future[Reply]]] = {}
-        # (sender, <id>) of conversations opened from outside, to spot retries.
-        self._first_ids: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # Messages inside the pump per conversation that a request() waits on: when
+        # it drops to 0 without a reply, the waiters get NoReply.
+        self._open: dict[str, int] = {}
         self._ingesting = 0
         self._ingest_done = asyncio.Event()
         self._ingest_done.set()
@@ -399,10 +448,16 @@ class StreamPump:
         self._pool: WorkerPool | None = None
         self._classes: dict[str, type[BaseModel]] = {}
         self._pool_stats: PoolStatistics | None = None  # the last, once the pool is closed
-        self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running = False
-        self._gc_tuned = False
+        self._state = "new"  # -> running -> closing -> closed
+        self._running = False  # accepting input (the hot path reads this one)
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._scope: anyio.CancelScope | None = None  # cancels the listener workers
+        self._served = asyncio.Event()  # set once every worker task has ended
+        self._closed = asyncio.Event()
+        self._abandoned: list[tuple[_Delivery, str]] = []
+        self._warned: set[tuple[str, str]] = set()  # (listener, target) of bad forwards
+        self._abandoned_count = 0
         self._ingress = 0
         self._rejected = 0
         self._egress_count = 0
@@ -413,35 +468,60 @@ class StreamPump:
     # -- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> StreamPump:
-        if self._running:
-            raise RuntimeError("this StreamPump is already running")
+        if self._state != "new":
+            raise PumpError(
+                "this StreamPump is running already"
+                if self._state == "running"
+                else "this StreamPump was closed; create a new one"
+            )
+        self._state = "running"
         self._loop = asyncio.get_running_loop()
         try:
             await self.backend.ping()
-        except BaseException:
-            if self._owns_backend:
-                await self.backend.aclose()
-            raise
-        try:
             await self._start_pool()
+            for rt in self._runtimes.values():
+                if not rt.listener.is_async and not rt.listener.cpu_bound:
+                    size = min(rt.listener.concurrency, self._settings.sync_threads)
+                    self._sync[rt.name] = SyncRunner(rt.name, size)
+            # One task group owns every task the pump starts. It is entered here and
+            # left in __aexit__, so a task that fails cancels the body of the
+            # `async with` (structured concurrency). The workers live in a nested
+            # scope of their own, so aclose() cancels them without cancelling the body.
+            stack = contextlib.AsyncExitStack()
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._exit_stack = stack
+            await task_group.start(self._serve, name="xml_pipeline pump")
         except BaseException:
-            if self._owns_backend:
-                await self.backend.aclose()
+            try:
+                await _complete(self._shutdown())
+            finally:
+                entered, self._exit_stack = self._exit_stack, None
+                if entered is not None:
+                    await entered.aclose()
             raise
-        self._tune_gc()
-        for rt in self._runtimes.values():
-            if not rt.listener.is_async and not rt.listener.cpu_bound:
-                size = min(rt.listener.concurrency, self._settings.sync_threads)
-                self._sync[rt.name] = SyncRunner(rt.name, size)
-        for rt in self._runtimes.values():
-            deliver = self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
-            for i, inbox in enumerate(rt.inboxes):
-                task = asyncio.create_task(
-                    self._worker(rt, inbox, deliver), name=f"listener {rt.name}#{i}"
-                )
-                self._tasks.append(task)
         self._running = True
         return self
+
+    async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every listener worker (and the pool's watchdog) until cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                for rt in self._runtimes.values():
+                    deliver = self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
+                    for i, inbox in enumerate(rt.inboxes):
+                        tg.start_soon(
+                            self._worker, rt, inbox, deliver, name=f"listener {rt.name}#{i}"
+                        )
+                pool = self._pool
+                if pool is not None and any(
+                    rt.listener.cpu_bound and rt.listener.timeout_s
+                    for rt in self._runtimes.values()
+                ):
+                    tg.start_soon(pool.watch, name="xml_pipeline pool watchdog")
+                task_status.started()
+        finally:
+            self._served.set()
 
     async def _start_pool(self) -> None:
         offloaded = [rt.listener for rt in self._runtimes.values() if rt.listener.cpu_bound]
@@ -459,11 +539,11 @@ class StreamPump:
         try:
             spec = worker_spec(self.organism, url if shared else None)
             pool = WorkerPool(self.organism.process_pool, spec)
-            await pool.start(watch_timeouts=any(lst.timeout_s for lst in offloaded))
+            self._pool = pool
+            await pool.start()
         except ConfigError as exc:
             where = self.organism.path
             raise ConfigError(f"{where}: {exc}" if where else str(exc)) from exc
-        self._pool = pool
 
     async def __aexit__(
         self,
@@ -471,52 +551,122 @@ class StreamPump:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        finally:
+            # The task group is left as if the body had ended normally: its tasks
+            # have ended by now, so it only raises what one of them raised, and an
+            # error of the body reaches the caller as it is (not in a group).
+            stack, self._exit_stack = self._exit_stack, None
+            if stack is not None:
+                await stack.aclose()
 
     async def aclose(self) -> None:
-        """Refuse new input, cancel every worker, and close the backend if the pump opened it.
+        """Stop: refuse new input, cancel every worker, stop the worker processes,
+        dead-letter what was still queued or running (code ``shutdown``), and close
+        the backend if the pump opened it.
 
-        What is still queued or running is dead-lettered (code ``shutdown``); call
-        :meth:`drain` first to finish it instead.
+        Call :meth:`drain` first to finish the work instead. The cleanup runs to its
+        end even if the calling task is cancelled meanwhile (again); each step has
+        a deadline, so a hung backend or worker cannot hold it up for long.
         """
+        if self._state == "new":
+            self._state = "closed"
+            self._closed.set()
+            return
+        if self._state != "running":
+            await _complete(self._wait_closed())
+            return
+        await _complete(self._shutdown())
+
+    async def _wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def _shutdown(self) -> None:
+        self._state = "closing"
         self._running = False
         self._space.set()  # wake ingress waiting for room: it will refuse
-        await self._ingest_done.wait()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        # Nothing accepted is lost silently: what is still queued is dead-lettered.
+        try:
+            # Ingress calls under way finish (or refuse) first, so that nothing is
+            # enqueued once the inboxes are emptied below.
+            with anyio.move_on_after(_STEP_TIMEOUT_S):
+                await self._ingest_done.wait()
+            if self._scope is not None:
+                self._scope.cancel()
+                with anyio.move_on_after(_STEP_TIMEOUT_S):
+                    await self._served.wait()
+        finally:
+            try:
+                if self._pool is not None:
+                    pool, self._pool = self._pool, None
+                    try:
+                        await pool.aclose()
+                    finally:
+                        self._pool_stats = pool.statistics()
+            finally:
+                try:
+                    await self._abandon_all()
+                finally:
+                    for runner in self._sync.values():
+                        runner.shutdown()
+                    self._sync.clear()
+                    try:
+                        if self._owns_backend:
+                            with anyio.move_on_after(_STEP_TIMEOUT_S):
+                                await self.backend.aclose()
+                    finally:
+                        self._state = "closed"
+                        self._closed.set()
+
+    async def _abandon_all(self) -> None:
+        """Dead-letter what the workers left: running first, then queued, in batches."""
+        abandoned = self._abandoned
+        self._abandoned = []
         for rt in self._runtimes.values():
             for inbox in rt.inboxes:
                 while not inbox.empty():
-                    delivery = inbox.get_nowait()
-                    await self._abandon(delivery, "queued")
+                    abandoned.append((inbox.get_nowait(), "queued"))
                     self._release()
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(Abandoned("the pump stopped before a reply came"))
+        waiters = [w for ws in self._waiters.values() for w in ws]
         self._waiters.clear()
-        for runner in self._sync.values():
-            runner.shutdown()
-        self._sync.clear()
-        if self._pool is not None:
-            await self._pool.aclose()
-            self._pool_stats = self._pool.statistics()
-            self._pool = None
-        if self._gc_tuned:
-            self._gc_tuned = False
-            _GC.release()
-        if self._owns_backend:
-            await self.backend.aclose()
-
-    def _tune_gc(self) -> None:
-        wanted = self._settings.gc_threshold
-        if wanted is not None:
-            _GC.acquire(wanted)
-            self._gc_tuned = True
+        self._open.clear()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(Abandoned("the pump stopped before a reply came"))
+        if not abandoned:
+            return
+        self._abandoned_count += len(abandoned)
+        letters = []
+        for d, state in abandoned:
+            msg = d.message
+            reason = f"{state} for {d.runtime.name} when the pump stopped"
+            logger.debug("dead-lettering message %s: %s", msg.id, reason)
+            data = msg.raw if msg.raw is not None else msg.xml()
+            letters.append(
+                self._letter(Abandoned(reason), data, d.runtime.name, d.frame.uuid, msg.id)
+            )
+        self._dead_letters += len(letters)
+        written = 0
+        # Bounded even when the backend is slow or down: what is not written by the
+        # deadline is counted and logged once.
+        with anyio.move_on_after(self._settings.drain_timeout_s):
+            for i in range(0, len(letters), _ABANDON_BATCH):
+                batch = letters[i : i + _ABANDON_BATCH]
+                try:
+                    await self.backend.deadletter_add_many(batch)
+                except XmlPipelineError as exc:
+                    logger.error(
+                        "could not write %d dead letter(s) at shutdown: %s",
+                        len(letters) - written, exc,
+                    )  # fmt: skip
+                    return
+                written += len(batch)
+        if written < len(letters):
+            logger.error(
+                "could not write %d dead letter(s) at shutdown within %g s",
+                len(letters) - written, self._settings.drain_timeout_s,
+            )  # fmt: skip
+        logger.info("%d message(s) dead-lettered at shutdown (code shutdown)", written)
 
     async def wait_idle(self) -> None:
         """Return once nothing is queued or being handled."""
@@ -565,6 +715,7 @@ class StreamPump:
             in_pump=self._pending,
             listeners=MappingProxyType(listeners),
             pool=self._pool_stats if self._pool is None else self._pool.statistics(),
+            abandoned=self._abandoned_count,
         )
 
     # -- ingress ---------------------------------------------------------------
@@ -603,12 +754,19 @@ class StreamPump:
     ) -> Reply:
         """Inject a message and wait for the first reply to its conversation.
 
-        Concurrent requests on one conversation get its replies in order of arrival.
+        Every failure to handle the message, at ingress or in a handler, comes back
+        the same way: as a reply whose payload is a :class:`Huh` (what the caller
+        would get on the wire). Call :meth:`Reply.raise_for_huh` to turn it into the
+        matching :class:`MessageError`. Concurrent requests on one conversation get
+        its replies in order of arrival.
 
         Raises:
-            MessageError: ingress rejected the message (the ``Huh`` it got says why);
-                :class:`Duplicate` for a retry of a message already accepted.
+            Duplicate: a retry of a message already accepted (same sender and
+                ``<id>``); the original's reply went to the original's caller.
+            NoReply: the conversation ended (nothing of it left inside the pump)
+                without a reply for the caller.
             Abandoned: the pump stopped before a reply came.
+            PumpClosed: the pump is not running.
             TimeoutError: no reply within ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
@@ -618,14 +776,21 @@ class StreamPump:
         def watch(frame: Frame) -> None:
             roots.append(frame.uuid)
             self._waiters.setdefault(frame.uuid, collections.deque()).append(future)
+            self._open.setdefault(frame.uuid, 0)
 
-        error: list[MessageError] = []
-        await self._ingest(
-            message, to=to, sender=sender, thread=thread, on_root=watch, on_reject=error.append
-        )
+        rejected: list[MessageError] = []
         try:
-            if error and not roots:
-                raise error[0]
+            await self._ingest(
+                message,
+                to=to,
+                sender=sender,
+                thread=thread,
+                on_root=watch,
+                on_reject=rejected.append,
+                on_reply=future,
+            )
+            if rejected and isinstance(rejected[0], Duplicate):
+                raise rejected[0]
             async with asyncio.timeout(timeout):
                 return await future
         finally:
@@ -635,6 +800,7 @@ class StreamPump:
                     waiters.remove(future)
                     if not waiters:
                         del self._waiters[root]
+                        self._open.pop(root, None)
 
     async def _admit(self) -> None:
         cap = self._settings.queue_size
@@ -662,18 +828,29 @@ class StreamPump:
         thread: str | None,
         on_root: Callable[[Frame], None] | None = None,
         on_reject: Callable[[MessageError], None] | None = None,
+        on_reply: asyncio.Future[Reply] | None = None,
     ) -> str | None:
         if not self._running:
-            raise RuntimeError("the pump is not running (use 'async with StreamPump(...)')")
+            raise PumpClosed(
+                "the pump is not running (use 'async with StreamPump(...)')"
+                if self._state == "new"
+                else "the pump is stopping or stopped"
+            )
         self._ingress += 1
         self._ingesting += 1
         self._ingest_done.clear()
         try:
             await self._admit()
             if not self._running:
-                raise RuntimeError("the pump stopped before accepting this message")
+                raise PumpClosed("the pump stopped before accepting this message")
             return await self._ingest_admitted(
-                message, to=to, sender=sender, thread=thread, on_root=on_root, on_reject=on_reject
+                message,
+                to=to,
+                sender=sender,
+                thread=thread,
+                on_root=on_root,
+                on_reject=on_reject,
+                on_reply=on_reply,
             )
         finally:
             self._ingesting -= 1
@@ -689,6 +866,7 @@ class StreamPump:
         thread: str | None,
         on_root: Callable[[Frame], None] | None,
         on_reject: Callable[[MessageError], None] | None,
+        on_reply: asyncio.Future[Reply] | None,
     ) -> str | None:
         self._hold()
         raw: bytes | None = None
@@ -713,9 +891,24 @@ class StreamPump:
                         env.id or self._new_id(), env.sender, env.to, env.qname,
                         element=env.payload, raw=raw,
                     )  # fmt: skip
+                msg.re = msg.id
                 if _xml_safe(env.sender) != env.sender:
                     raise EnvelopeError("the sender label holds characters XML cannot carry")
                 targets = self._ingress_targets(msg)
+                new_thread = None
+                if env.thread is not None:
+                    known = await self._frames.resolve(env.thread)
+                    if known is not None:
+                        # A frame inside a conversation is no conversation: a new one.
+                        root = None if known.hops else known
+                    elif _THREAD_TOKEN.fullmatch(env.thread) is not None:
+                        new_thread = env.thread
+                    else:
+                        raise EnvelopeError(
+                            "a new conversation's <thread> must be a token of 1 to 128 "
+                            "characters (letters, digits and . _ : @ -), starting with a "
+                            "letter or digit"
+                        )
             except MessageError as exc:
                 self._rejected += 1
                 if on_reject is not None:
@@ -725,47 +918,34 @@ class StreamPump:
                 )  # fmt: skip
                 if raw is None and isinstance(message, str):
                     raw = message[: self.organism.history.dead_letter_bytes].encode("utf-8")
-                await self._reject(exc, raw, label)
+                re_id = env.id if env is not None else None
+                await self._reject(exc, raw, label, re_id, on_reply)
                 return None
-            if env.thread is not None:
-                known = await self._frames.resolve(env.thread)
-                if known is not None and not known.hops:
-                    root = known
-            retry_of = await self._retry_of(env, root)
-            if retry_of is not None:
-                self._duplicates += 1
-                logger.info("message %r from %r is a retry; ignored", env.id, env.sender)
-                if on_reject is not None:
-                    on_reject(Duplicate(f"message {env.id!r} was already accepted"))
-                return retry_of
+            uuid = root.uuid if root is not None else (new_thread or self._frames.new_uuid())
+            if env.id is not None:
+                # Reserve (sender, <id>) atomically: of concurrent retries, on any
+                # backend and across processes, exactly one goes on.
+                key = _RESERVED_PREFIX + _json([env.sender, env.id])
+                # The mark names this attempt (pump-unique id) and its conversation.
+                mark = f"{_RESERVED_PREFIX}{uuid} {self._new_id()}"
+                taken = await self.backend.registry_setdefault(key, mark)
+                if taken != mark:
+                    self._duplicates += 1
+                    logger.info("message %r from %r is a retry; ignored", env.id, env.sender)
+                    if on_reject is not None:
+                        on_reject(Duplicate(f"message {env.id!r} was already accepted"))
+                    return taken[len(_RESERVED_PREFIX) :].partition(" ")[0]
             if root is None:
-                root = await self._frames.new_root(env.sender)
-                if env.id is not None:
-                    self._remember_first_id(env.sender, env.id, root.uuid)
+                root = await self._frames.new_root(env.sender, uuid)
             if on_root is not None:
                 on_root(root)
             await self._record(root, "out", msg, msg.to)
-            for rt in targets:
-                child = await self._frames.child(root, rt.name)
+            children = [await self._frames.child(root, rt.name) for rt in targets]
+            for rt, child in zip(targets, children, strict=True):
                 self._enqueue(_Delivery(msg, rt, child, root, None))
             return root.uuid
         finally:
             self._release()
-
-    async def _retry_of(self, env: Envelope, root: Frame | None) -> str | None:
-        """The conversation that already accepted this message, if it is a retry."""
-        if env.id is None:
-            return None
-        if root is not None:
-            seen = await self.backend.buffer_contains(root.uuid, env.id, "out")
-            return root.uuid if seen else None
-        return self._first_ids.get((env.sender, env.id))
-
-    def _remember_first_id(self, sender: str, message_id: str, root: str) -> None:
-        first = self._first_ids
-        first[(sender, message_id)] = root
-        if len(first) > _FIRST_IDS_KEPT:
-            first.popitem(last=False)
 
     def _raw_bytes(self, message: bytes | str) -> bytes:
         cap = self._settings.limits.max_bytes
@@ -780,17 +960,27 @@ class StreamPump:
         if msg.to is not None:
             rt = self._runtimes.get(msg.to)
             if rt is None or msg.qname not in rt.codecs:
-                raise NoRoute(f"no listener {msg.to!r} accepts {msg.qname}")
+                raise self._no_route(msg.to, msg.qname, None)
             return (rt,)
         targets = self._routes.get(msg.qname)
         if not targets:
-            raise NoRoute(f"no listener accepts {msg.qname}")
+            raise self._no_route(None, msg.qname, None)
         return targets
 
-    async def _reject(self, exc: MessageError, raw: bytes | None, label: str | None) -> None:
+    async def _reject(
+        self,
+        exc: MessageError,
+        raw: bytes | None,
+        label: str | None,
+        re_id: str | None = None,
+        on_reply: asyncio.Future[Reply] | None = None,
+    ) -> None:
         logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
         await self._dead_letter(exc, raw, None, None, None)
-        await self._emit(Reply(None, PUMP_SENDER, label, self._new_id(), _huh(exc, raw)), None)
+        reply = Reply(None, PUMP_SENDER, label, self._new_id(), _huh(exc, raw), re_id)
+        if on_reply is not None and not on_reply.done():
+            on_reply.set_result(reply)
+        await self._emit(reply, None)
 
     # -- delivery --------------------------------------------------------------
 
@@ -801,8 +991,29 @@ class StreamPump:
         rt = delivery.runtime
         self._hold()
         rt.received += 1
+        if self._open:
+            root = delivery.frame.root
+            if root in self._open:
+                self._open[root] += 1
         inboxes = rt.inboxes
         inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
+
+    def _done_with(self, delivery: _Delivery) -> None:
+        """A delivery left the pump: a request() waiting on a conversation that has
+        nothing left inside the pump and no reply gets NoReply."""
+        root = delivery.frame.root
+        left = self._open.get(root)
+        if left is None or not self._running:
+            return
+        if left > 1:
+            self._open[root] = left - 1
+            return
+        self._open[root] = 0
+        for waiter in self._waiters.get(root, ()):
+            if not waiter.done():
+                waiter.set_exception(
+                    NoReply(f"conversation {root} ended without a reply to its caller")
+                )
 
     async def _worker(
         self,
@@ -816,13 +1027,20 @@ class StreamPump:
             try:
                 await deliver(delivery)
             except asyncio.CancelledError:
-                await self._abandon(delivery, "running")
+                # Dead-lettered by the shutdown, with the others, in one batch.
+                self._abandoned.append((delivery, "running"))
                 raise
-            except Exception as exc:  # a bug in the pump itself: keep serving
-                logger.exception("internal error delivering to %s", rt.name)
-                error = HandlerFailed(
-                    f"internal error: {type(exc).__name__}: {exc}", listener=rt.name
-                )
+            except Exception as exc:
+                if isinstance(exc, BackendError):
+                    logger.warning("backend failed delivering to %s: %s", rt.name, exc)
+                    error: MessageError = BackendFailed(
+                        f"the backend failed delivering to {rt.name}: {exc}", listener=rt.name
+                    )
+                else:  # a bug in the pump itself: keep serving
+                    logger.exception("internal error delivering to %s", rt.name)
+                    error = HandlerFailed(
+                        f"internal error: {type(exc).__name__}: {exc}", listener=rt.name
+                    )
                 try:
                     await self._fail(delivery, error)
                 except Exception:
@@ -832,6 +1050,8 @@ class StreamPump:
                 n = rt.latency_n
                 rt.latencies[n % _LATENCY_SAMPLES] = time.perf_counter() - delivery.enqueued
                 rt.latency_n = n + 1
+                if self._open:
+                    self._done_with(delivery)
                 self._release()
 
     async def _record(self, frame: Frame, direction: str, msg: _Message, to: str | None) -> None:
@@ -865,6 +1085,10 @@ class StreamPump:
         try:
             result = await self._call(listener, model, meta)
             responses = responses_of(listener.name, result)
+        except InvalidReturn as exc:
+            logger.warning("handler of %s: %s", listener.name, exc.reason)
+            await self._fail(d, exc)
+            return
         except MessageError as exc:
             await self._fail(d, exc)
             return
@@ -878,6 +1102,7 @@ class StreamPump:
                 response.to,
                 codec_for(type(payload)).qname,
                 model=payload,
+                re=msg.re,
             )
             out.after_huh = after_huh
             outs.append((response.is_response, out))
@@ -885,13 +1110,12 @@ class StreamPump:
             for _, out in outs:
                 out.xml()  # serialized once, for the history; refuses what XML cannot carry
         except ValueError as exc:
-            await self._fail(
-                d,
-                InvalidReturn(
-                    f"{listener.name} returned a payload XML cannot carry: {exc}",
-                    listener=listener.name,
-                ),
+            error = InvalidReturn(
+                f"{listener.name} returned a payload XML cannot carry: {exc}",
+                listener=listener.name,
             )
+            logger.warning("handler of %s: %s", listener.name, error.reason)
+            await self._fail(d, error)
             return
         await self._send_outs(d, outs)
 
@@ -911,14 +1135,40 @@ class StreamPump:
         )
 
     async def _send_outs(self, d: _Delivery, outs: list[tuple[bool, _Message]]) -> None:
+        """Route a handler's outputs, all or nothing.
+
+        Every backend write (history slots, child frames) is done for every output
+        first; only then are the deliveries enqueued, at once. A backend failure on
+        the way fails the input with ``backend-unavailable`` and delivers none of
+        the outputs (those already recorded stay in the history: appends are
+        idempotent, so a retry does not write them twice).
+        """
         rt = d.runtime
         frame = d.frame
-        for is_response, out in outs:
-            if is_response:
-                await self._respond(out, frame, rt)
-            else:
-                await self._forward(out, frame, rt)
+        route = _Route()
+        try:
+            for is_response, out in outs:
+                if is_response:
+                    await self._plan_respond(out, frame, rt, route)
+                else:
+                    await self._plan_forward(out, frame, rt, route)
+        except BackendError as exc:
+            await self._fail(
+                d,
+                BackendFailed(
+                    f"the backend failed routing what {rt.name} emitted (nothing was "
+                    f"delivered): {exc}",
+                    listener=rt.name,
+                ),
+            )
+            return
+        for delivery in route.deliveries:
+            self._enqueue(delivery)
         rt.handled += 1
+        for reply, out in route.replies:
+            await self._emit(reply, out, recorded=True)
+        for error, out in route.refusals:
+            await self._refuse(error, out, frame, rt)
 
     async def _deliver_offloaded(self, d: _Delivery) -> None:
         """Deliver to a cpu_bound listener: its handler runs in a worker process."""
@@ -927,7 +1177,8 @@ class StreamPump:
         listener = rt.listener
         frame = d.frame
         pool = self._pool
-        assert pool is not None
+        if pool is None:
+            raise PumpClosed("the worker pool is closed")
         await self._record(frame, "in", msg, listener.name)
         history = None
         if listener.history_snapshot:
@@ -936,12 +1187,14 @@ class StreamPump:
         try:
             results = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
         except MessageError as exc:
+            if isinstance(exc, InvalidReturn):
+                logger.warning("handler of %s: %s", listener.name, exc.reason)
             await self._fail(d, exc)
             return
         after_huh = msg.qname == _HUH_QNAME
         outs: list[tuple[bool, _Message]] = []
         for to, is_response, qname, path, xml in results:
-            out = _Message(self._new_id(), listener.name, to, qname, xml=xml, path=path)
+            out = _Message(self._new_id(), listener.name, to, qname, xml=xml, path=path, re=msg.re)
             out.after_huh = after_huh
             outs.append((is_response, out))
         await self._send_outs(d, outs)
@@ -981,23 +1234,50 @@ class StreamPump:
             raise HandlerFailed(
                 f"{listener.name} raised CancelledError", listener=listener.name
             ) from exc
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # SystemExit and KeyboardInterrupt raised by a handler fail its message,
+            # as they do in a worker process: they do not stop the pump.
             logger.warning("handler of %s raised %s: %s", listener.name, type(exc).__name__, exc,
                            exc_info=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
             raise HandlerFailed(
                 f"{listener.name} raised {type(exc).__name__}: {exc}", listener=listener.name
             ) from exc
 
-    async def _forward(self, out: _Message, frame: Frame, rt: _Runtime) -> None:
+    def _no_route(self, target: str | None, qname: str, listener: str | None) -> NoRoute:
+        """A NoRoute naming the target, with a hint when the payload's namespace is off."""
+        if target is not None:
+            if target in self._runtimes:
+                reason = f"listener {target!r} does not accept {qname}"
+            else:
+                reason = f"no listener is named {target!r}"
+                close = difflib.get_close_matches(target, list(self._runtimes), n=1)
+                if close:
+                    reason += f" (did you mean {close[0]!r}?)"
+        else:
+            reason = f"no listener accepts {qname}"
+        local = qname.rpartition("}")[2]
+        rt = self._runtimes.get(target) if target is not None else None
+        accepted = rt.codecs if rt is not None else self._routes
+        others = sorted(q for q in accepted if q != qname and q.rpartition("}")[2] == local)
+        if others:
+            spaces = " or ".join(repr(q.partition("}")[0].lstrip("{")) for q in others)
+            reason += f" (hint: {local} is accepted in the namespace {spaces})"
+        return NoRoute(reason, listener=listener)
+
+    async def _plan_forward(self, out: _Message, frame: Frame, rt: _Runtime, route: _Route) -> None:
         listener = rt.listener
         peers = listener.peers
         try:
             if out.to is not None:
                 target = self._runtimes.get(out.to)
                 if target is None or out.qname not in target.codecs:
-                    raise NoRoute(
-                        f"no listener {out.to!r} accepts {out.qname}", listener=listener.name
-                    )
+                    error = self._no_route(out.to, out.qname, listener.name)
+                    key = (listener.name, out.to)
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        logger.warning("%s forwarded to %r: %s", listener.name, out.to,
+                                       error.reason)  # fmt: skip
+                    raise error
                 if peers is not None and out.to not in peers:
                     raise PeerDenied(
                         f"{listener.name} may not forward to {out.to!r} (peers: "
@@ -1008,7 +1288,7 @@ class StreamPump:
             else:
                 targets = self._routes.get(out.qname, ())
                 if not targets:
-                    raise NoRoute(f"no listener accepts {out.qname}", listener=listener.name)
+                    raise self._no_route(None, out.qname, listener.name)
                 if peers is not None:
                     targets = tuple(t for t in targets if t.name in peers)
                     if not targets:
@@ -1023,17 +1303,17 @@ class StreamPump:
                     f"{self._settings.max_depth}",
                     listener=listener.name,
                 )
-            self._check_room(len(targets), listener.name)
+            self._check_room(len(route.deliveries) + len(targets), listener.name)
         except MessageError as exc:
             await self._record(frame, "out", out, out.to)
-            await self._refuse(exc, out, frame, rt)
+            route.refusals.append((exc, out))
             return
         await self._record(frame, "out", out, out.to)
         for target in targets:
             child = await self._frames.child(frame, target.name)
-            self._enqueue(_Delivery(out, target, child, frame, rt))
+            route.deliveries.append(_Delivery(out, target, child, frame, rt))
 
-    async def _respond(self, out: _Message, frame: Frame, rt: _Runtime) -> None:
+    async def _plan_respond(self, out: _Message, frame: Frame, rt: _Runtime, route: _Route) -> None:
         parent = await self._frames.parent(frame)
         owner = parent.listener
         if owner is None:
@@ -1046,9 +1326,11 @@ class StreamPump:
                         f"{rt.name} answered with a payload the pump cannot decode: {exc}",
                         listener=rt.name,
                     )
-                    await self._refuse(error, out, frame, rt)
+                    route.refusals.append((error, out))
                     return
-            await self._emit(Reply(parent.uuid, out.sender, parent.origin, out.id, out.model), out)
+            await self._record(parent, "in", out, parent.origin)
+            reply = Reply(parent.uuid, out.sender, parent.origin, out.id, out.model, out.re)
+            route.replies.append((reply, out))
             return
         await self._record(frame, "out", out, owner)
         target = self._runtimes.get(owner)
@@ -1058,11 +1340,11 @@ class StreamPump:
                     f"{rt.name} answered {owner!r} with {out.qname}, which it does not accept",
                     listener=rt.name,
                 )
-            self._check_room(1, rt.name)
+            self._check_room(len(route.deliveries) + 1, rt.name)
         except MessageError as exc:
-            await self._refuse(exc, out, frame, rt)
+            route.refusals.append((exc, out))
             return
-        self._enqueue(_Delivery(out, target, parent, frame, rt))
+        route.deliveries.append(_Delivery(out, target, parent, frame, rt))
 
     def _decode_made_in_worker(self, out: _Message) -> BaseModel:
         cls = self._classes.get(out.path or "")
@@ -1089,13 +1371,17 @@ class StreamPump:
         """A message a handler emitted cannot be routed: dead letter, and Huh to its sender."""
         await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
         if not out.after_huh:
-            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER)
+            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER, re=out.re)
 
-    async def _emit(self, reply: Reply, msg: _Message | None) -> None:
-        if reply.thread_id is not None and msg is not None:
-            root = await self._frames.resolve(reply.thread_id)
-            if root is not None:
-                await self._record(root, "in", msg, reply.to)
+    async def _emit(self, reply: Reply, msg: _Message | None, *, recorded: bool = False) -> None:
+        """Hand a reply to the external sender (and to a request() waiting for it)."""
+        if not recorded and reply.thread_id is not None and msg is not None:
+            try:
+                root = await self._frames.resolve(reply.thread_id)
+                if root is not None:
+                    await self._record(root, "in", msg, reply.to)
+            except BackendError as exc:  # the reply still goes out
+                logger.warning("could not record a reply in the history: %s", exc)
         if msg is not None and msg._xml is not None and msg.qname[0] == "{":
             object.__setattr__(reply, "_payload_xml", msg._xml)  # a cache, set once
         self._egress_count += 1
@@ -1138,14 +1424,6 @@ class StreamPump:
         self._rejected += 1
         await self._reject(error, data, sender)
 
-    async def _abandon(self, d: _Delivery, state: str) -> None:
-        msg = d.message
-        exc = Abandoned(f"{state} for {d.runtime.name} when the pump stopped")
-        logger.warning("dead-lettering message %s: %s", msg.id, exc.reason)
-        with contextlib.suppress(Exception):
-            await self._dead_letter(exc, msg.raw if msg.raw is not None else msg.xml(),
-                                    d.runtime.name, d.frame.uuid, msg.id)  # fmt: skip
-
     async def _fail(self, d: _Delivery, exc: MessageError) -> None:
         rt = d.runtime
         rt.failed += 1
@@ -1159,7 +1437,9 @@ class StreamPump:
                 exc.code,
             )
             return
-        await self._send_huh(exc, msg.xml(), d.reply_frame, d.reply_to, rt.name, about=d.frame)
+        await self._send_huh(
+            exc, msg.xml(), d.reply_frame, d.reply_to, rt.name, about=d.frame, re=msg.re
+        )
 
     async def _send_huh(
         self,
@@ -1170,21 +1450,51 @@ class StreamPump:
         sender: str,
         *,
         about: Frame | None = None,
+        re: str | None = None,
     ) -> None:
-        """Send a Huh to ``to`` on ``frame`` (to the external sender if ``to`` is None)."""
+        """Send a Huh to ``to`` on ``frame`` (to the external sender if ``to`` is None).
+
+        A listener that does not accept ``Huh`` cannot be told: the Huh then goes
+        to the conversation's external sender, so the error is never silent.
+        """
         huh = _huh(exc, data)
-        msg = _Message(self._new_id(), sender, None, _HUH_QNAME, model=huh)
+        msg = _Message(self._new_id(), sender, None, _HUH_QNAME, model=huh, re=re)
+        if to is not None and _HUH_QNAME not in to.codecs:
+            logger.info(
+                "%s does not accept Huh: the %s error goes to the conversation's caller",
+                to.name, exc.code,
+            )  # fmt: skip
+            to = None
+            frame = await self._root_of(frame)
         if to is None:
             msg.to = frame.origin
-            await self._emit(Reply(frame.root, sender, frame.origin, msg.id, huh), msg)
-            return
-        if _HUH_QNAME not in to.codecs:
-            logger.warning(
-                "%s does not accept Huh; the %s error was only dead-lettered", to.name, exc.code
-            )
+            await self._emit(Reply(frame.root, sender, frame.origin, msg.id, huh, re), msg)
             return
         msg.to = to.name
         self._enqueue(_Delivery(msg, to, frame, about or frame, None))
+
+    async def _root_of(self, frame: Frame) -> Frame:
+        root = await self._frames.resolve(frame.root)
+        return root if root is not None else Frame(frame.root, frame.origin, frame.root, ())
+
+    def _letter(
+        self,
+        exc: MessageError,
+        data: bytes | None,
+        listener: str | None,
+        thread_id: str | None,
+        message_id: str | None,
+    ) -> DeadLetter:
+        return DeadLetter(
+            id="",
+            timestamp=time.time(),
+            code=exc.code,
+            reason=exc.reason,
+            listener=listener,
+            thread_id=thread_id,
+            message_id=message_id,
+            data=bytes(data or b"")[: self.organism.history.dead_letter_bytes],
+        )
 
     async def _dead_letter(
         self,
@@ -1195,17 +1505,19 @@ class StreamPump:
         message_id: str | None,
     ) -> None:
         self._dead_letters += 1
-        letter = DeadLetter(
-            id="",
-            timestamp=time.time(),
-            code=exc.code,
-            reason=exc.reason,
-            listener=listener,
-            thread_id=thread_id,
-            message_id=message_id,
-            data=bytes(data or b"")[: self.organism.history.dead_letter_bytes],
-        )
+        letter = self._letter(exc, data, listener, thread_id, message_id)
         try:
             await self.backend.deadletter_add(letter)
         except XmlPipelineError:
             logger.exception("could not write a dead letter (%s: %s)", exc.code, exc.reason)
+
+
+class _Route:
+    """What a handler's outputs do, worked out before any of it is done."""
+
+    __slots__ = ("deliveries", "refusals", "replies")
+
+    def __init__(self) -> None:
+        self.deliveries: list[_Delivery] = []
+        self.replies: list[tuple[Reply, _Message]] = []
+        self.refusals: list[tuple[MessageError, _Message]] = []
