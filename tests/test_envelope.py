@@ -147,3 +147,19 @@ def test_payloads_declaring_the_envelope_namespace_take_the_general_path() -> No
     object.__setattr__(reply, "_payload_xml", codec_for(Ping).encode_bytes(reply.payload))
     redacted = dataclasses.replace(reply, payload=Pong(n=1, text="redacted"))
     assert b"secret" not in redacted.to_xml() and b"redacted" in redacted.to_xml()
+
+
+def test_the_envelope_xsd_accepts_what_the_pump_writes_and_names_re() -> None:
+    from xml_pipeline.schema import envelope_xsd
+
+    schema = etree.XMLSchema(etree.fromstring(envelope_xsd()))
+    payload = etree.fromstring(b'<a xmlns="urn:x"><b/></a>')
+    doc = build_envelope(sender="x", payload=payload, to="y", thread="t", id="1", re="m-1")
+    assert schema.validate(etree.fromstring(doc)), schema.error_log
+    assert parse_envelope(doc).re == "m-1"
+    assert b"<re>m-1</re>" in doc
+    no_sender = (
+        b'<message xmlns="https://xml-pipeline.org/ns/envelope/v1">'
+        b'<meta><to>x</to></meta><a xmlns="urn:x"/></message>'
+    )
+    assert not schema.validate(etree.fromstring(no_sender))

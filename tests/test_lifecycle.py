@@ -13,7 +13,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -144,7 +144,7 @@ async def _leave(way: str, pump_box: list[StreamPump], workers: list[set[int]]) 
                 scope.cancel()
                 await anyio.sleep_forever()
     elif way == "asyncio.timeout":
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError):  # noqa: PT012 - leaving the blocks is the test
             async with asyncio.timeout(60) as timeout:
                 async with StreamPump(_organism()) as pump:
                     await body(pump)
@@ -174,7 +174,7 @@ async def _leave(way: str, pump_box: list[StreamPump], workers: list[set[int]]) 
             raise ValueError("sibling failed")
 
         ready = anyio.Event()
-        with pytest.raises(ExceptionGroup) as info:
+        with pytest.raises(ExceptionGroup) as info:  # noqa: PT012
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fail_when, ready)
                 async with StreamPump(_organism()) as pump:

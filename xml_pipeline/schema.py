@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from .payload import codec_for
 
-__all__ = ["xsd_for"]
+__all__ = ["envelope_xsd", "xsd_for"]
 
 XS = "http://www.w3.org/2001/XMLSchema"
 _X = "{" + XS + "}"
@@ -209,3 +209,50 @@ def xsd_for(cls: type[BaseModel]) -> bytes:
     comment = etree.Comment(f" payload class {cls.__module__}:{cls.__qualname__} ")
     root.insert(0, comment)
     return etree.tostring(root, pretty_print=True, xml_declaration=True, encoding="UTF-8")
+
+
+_ENVELOPE_XSD = """\
+<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema"
+           xmlns:env="https://xml-pipeline.org/ns/envelope/v1"
+           targetNamespace="https://xml-pipeline.org/ns/envelope/v1"
+           elementFormDefault="qualified">
+  <xs:annotation><xs:documentation>
+    The xml_pipeline envelope: a meta block and exactly one payload element from another
+    namespace. from: the sender (required). to: one listener (absent: every listener
+    accepting the payload). thread: the conversation (absent or unknown at ingress: a new
+    one; an unknown token of 1-128 characters names the new conversation). id: the
+    message id (the pump assigns one when absent; a sender's retry with the same id is
+    ignored). re: on replies, the id of the external message answered.
+  </xs:documentation></xs:annotation>
+  <xs:simpleType name="text">
+    <xs:restriction base="xs:string"><xs:maxLength value="1024"/></xs:restriction>
+  </xs:simpleType>
+  <xs:element name="message">
+    <xs:complexType>
+      <xs:sequence>
+        <xs:element name="meta">
+          <xs:complexType>
+            <xs:all>
+              <xs:element name="from">
+                <xs:simpleType>
+                  <xs:restriction base="env:text"><xs:minLength value="1"/></xs:restriction>
+                </xs:simpleType>
+              </xs:element>
+              <xs:element name="to" type="env:text" minOccurs="0"/>
+              <xs:element name="thread" type="env:text" minOccurs="0"/>
+              <xs:element name="id" type="env:text" minOccurs="0"/>
+              <xs:element name="re" type="env:text" minOccurs="0"/>
+            </xs:all>
+          </xs:complexType>
+        </xs:element>
+        <xs:any namespace="##any" processContents="lax"/>
+      </xs:sequence>
+    </xs:complexType>
+  </xs:element>
+</xs:schema>
+"""
+
+
+def envelope_xsd() -> bytes:
+    """The XSD of the envelope (``<message>``), the payload left open (``xs:any``)."""
+    return _ENVELOPE_XSD.encode("utf-8")
