@@ -46,8 +46,10 @@ from xml_pipeline.parser import parse_bytes
 
 RunPump = Callable[..., Any]
 
-BUDGET_S = 0.05
-"""Every rejection must be handled within this many seconds."""
+BUDGET_S = 2.0
+"""A bound that only a hang breaks (a parser blocked on a file, a network fetch, an
+exponential expansion), generous enough for a loaded machine: how fast rejections are
+is measured by benchmarks/stages.py, not asserted here."""
 
 PING_QNAME = f"{{{NS}}}Ping"
 PUMP_SENDER = "xml_pipeline"

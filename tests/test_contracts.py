@@ -391,11 +391,6 @@ async def test_request_never_leaks_a_waiter(run_pump) -> None:
         assert [r.payload.n for r in h.replies[1:]] == [5, 1, 2]
 
 
-@pytest.mark.xfail(
-    reason="library bug: _emit pops the answered waiter but leaves its empty deque in "
-    "_waiters (and the root in _open); request()'s cleanup then finds nothing to remove",
-    strict=True,
-)
 async def test_an_answered_request_leaves_no_waiter(run_pump) -> None:
     async with run_pump([Listener("e", (Ping,), pong)]) as h:
         for n in range(3):

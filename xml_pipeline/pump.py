@@ -796,8 +796,9 @@ class StreamPump:
         finally:
             for root in roots:
                 waiters = self._waiters.get(root)
-                if waiters is not None and future in waiters:
-                    waiters.remove(future)
+                if waiters is not None:
+                    if future in waiters:
+                        waiters.remove(future)
                     if not waiters:
                         del self._waiters[root]
                         self._open.pop(root, None)
@@ -1385,13 +1386,17 @@ class StreamPump:
         if msg is not None and msg._xml is not None and msg.qname[0] == "{":
             object.__setattr__(reply, "_payload_xml", msg._xml)  # a cache, set once
         self._egress_count += 1
-        if reply.thread_id is not None:
+        if self._waiters and reply.thread_id is not None:
             waiters = self._waiters.get(reply.thread_id)
-            while waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(reply)
-                    break
+            if waiters is not None:
+                while waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(reply)
+                        break
+                if not waiters:
+                    del self._waiters[reply.thread_id]
+                    self._open.pop(reply.thread_id, None)
         if self._egress is not None:
             try:
                 result = self._egress(reply)
