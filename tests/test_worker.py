@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,23 @@ def alive(pid: int) -> bool:
 
 
 def worker_pids(pump: StreamPump) -> set[int]:
-    pool = pump._pool
-    assert pool is not None and pool._executor is not None
-    return set(pool._executor._processes)  # type: ignore[attr-defined]
+    stats = pump.statistics().pool
+    assert stats is not None
+    return set(stats.pids)
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Return once ``condition()`` holds (polled); fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        await asyncio.sleep(0.01)
+
+
+def started(folder: Path) -> list[str]:
+    """The ``<n>.<pid>`` files of the wh.marked handlers that started."""
+    return sorted(p.name for p in folder.iterdir())
 
 
 def huh_of(reply: Reply) -> Huh:
@@ -228,8 +243,11 @@ async def test_a_hung_handler_is_killed_at_its_timeout(run_pump: Any) -> None:
         stats = h.pump.statistics()
         assert stats.pool is not None and stats.pool.timeouts == 1
         # The hung worker is gone; new ones serve.
-        await asyncio.sleep(0.2)
-        assert not any(alive(pid) for pid in before - worker_pids(h.pump))
+        await wait_until(
+            lambda: not any(alive(pid) for pid in before - worker_pids(h.pump)),
+            "the workers of the broken executor are gone",
+        )
+        assert before - worker_pids(h.pump), "the hung worker was replaced"
         reply = await h.pump.request(ping_xml(5), to="cpu")
         assert isinstance(reply.payload, Pong)
 
@@ -246,8 +264,10 @@ async def test_workers_are_recycled_after_recycle_after_tasks(run_pump: Any) -> 
         assert stats.pool.recycles == 4
         assert len(set(pids)) == 5
         assert pids[:5] == [pids[0]] * 5  # each process served its five tasks
-        await asyncio.sleep(0.5)
-        assert sum(alive(pid) for pid in set(pids)) == 1
+        await wait_until(
+            lambda: sum(alive(pid) for pid in set(pids)) == 1, "the retired workers exited"
+        )
+        assert worker_pids(h.pump) == {pids[-1]}
 
 
 async def test_memory_limit_gives_the_handler_a_memory_error(run_pump: Any) -> None:
@@ -361,14 +381,16 @@ async def test_spawn_start_method_works(run_pump: Any) -> None:
         assert reply.payload.n == 3
 
 
-async def test_closing_the_pump_stops_every_worker() -> None:
+async def test_closing_the_pump_stops_every_worker(tmp_path: Path) -> None:
     backend = MemoryBackend()
-    organism = Organism(name="t", listeners=(offloaded(timeout_s=60),), process_pool=POOL)
+    listener = offloaded(wh.marked, timeout_s=60)
+    organism = Organism(name="t", listeners=(listener,), process_pool=POOL)
     async with StreamPump(organism, backend=backend) as pump:
         pids = worker_pids(pump)
+        assert len(pids) == 2
         for i in range(4):
-            await pump.inject(ping_xml(i, "hang"), to="cpu")
-        await asyncio.sleep(0.3)
+            await pump.inject(ping_xml(i, f"{tmp_path}|hang"), to="cpu")
+        await wait_until(lambda: len(started(tmp_path)) == 2, "both workers run a message")
     assert not any(alive(pid) for pid in pids)
     # What was running or queued is dead-lettered, not lost.
     letters = await backend.deadletter_list()
@@ -379,6 +401,7 @@ async def test_closing_the_pump_stops_every_worker() -> None:
 
 CPU_HANDLERS = """
 import time
+from pathlib import Path
 from xml_pipeline import Payload, HandlerResponse
 
 class Ping(Payload):
@@ -387,9 +410,19 @@ class Ping(Payload):
 
 def echo(payload, meta):
     if payload.n < 0:
+        (Path(__file__).parent / f"started{payload.n}").touch()
         time.sleep(-payload.n)
     return HandlerResponse.respond(payload)
 """
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Return once ``condition()`` holds (polled); fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        time.sleep(0.01)
 
 
 def descendants(pid: int) -> set[int]:
@@ -435,7 +468,10 @@ def test_signal_drains_offloaded_work_and_leaves_no_process(tmp_path: Path, sign
         proc.stdin.write(b'<Ping xmlns="urn:t"><n>-1</n></Ping>\n')  # finishes in the drain
         proc.stdin.write(b'<Ping xmlns="urn:t"><n>-60</n></Ping>\n')  # does not
         proc.stdin.flush()
-        time.sleep(0.5)
+        wait_for(
+            lambda: {p.name for p in tmp_path.glob("started*")} == {"started-1", "started-60"},
+            "both workers run their message",
+        )
         family = descendants(proc.pid)
         assert len(family) >= 3  # the fork server and two workers at least
         began = time.monotonic()
@@ -444,12 +480,9 @@ def test_signal_drains_offloaded_work_and_leaves_no_process(tmp_path: Path, sign
         elapsed = time.monotonic() - began
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode >= 0, err  # (not killed by a signal)
     assert b"<n>-1</n>" in out, "offloaded work in flight was drained"
     assert b"<n>-60</n>" not in out
-    assert b"drain timeout" in err and b"Traceback" not in err
+    assert b"dead-letter" in err and b"Traceback" not in err
     assert elapsed < 15
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [pid for pid in family if alive(pid)], "a worker process outlived the pump"
+    wait_for(lambda: not any(alive(pid) for pid in family), "every process of the pump exits")

@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import time
+from pathlib import Path
 
 from support import Ping, Pong
 
@@ -69,6 +70,22 @@ def faulty(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
     if payload.text == "control-char":
         return _pong(payload, meta, "a\x01b")
     return _pong(payload, meta, str(os.getpid()))
+
+
+def marked(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """``text`` is ``FOLDER|MODE``: writes ``FOLDER/<n>.<pid>`` on start, then acts as faulty(MODE).
+
+    The file tells a test that the handler runs, instead of a guess of how long to wait.
+    """
+    folder, _, mode = payload.text.rpartition("|")
+    Path(folder, f"{payload.n}.{os.getpid()}").touch()
+    return faulty(Ping(n=payload.n, text=mode), meta)
+
+
+def stubborn(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Like marked, but its worker ignores SIGTERM first (as a hung C extension might)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return marked(payload, meta)
 
 
 class Listy(Payload):

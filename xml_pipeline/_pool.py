@@ -14,10 +14,19 @@
 - **timeouts**: a task running past its listener's ``timeout_s`` has its worker
   killed; it is failed with ``HandlerTimeout``, the others are resubmitted;
 - **recycling**: after ``recycle_after`` tasks per worker a fresh executor takes
-  over and the old one finishes its batches and exits.
+  over and the old one finishes its batches and exits;
+- **a bounded shutdown**: :meth:`WorkerPool.aclose` lets idle workers exit through
+  the executor's shutdown, SIGKILLs the busy ones (their tasks are cancelled) and,
+  after a grace, whatever is left; it never waits longer than a few seconds.
 
-Which task a worker is running is read from a shared array the workers write
-(see :mod:`xml_pipeline.worker`), so the hot path pays nothing for it.
+Which worker processes the pool has, which task each is running and how much CPU
+they used are read from a shared array the workers write (see
+:mod:`xml_pipeline.worker`), never from the executor's private attributes, so the hot
+path pays nothing for it. Workers ignore SIGINT and SIGTERM (the pool stops them
+itself) and die with the pump's process.
+
+The timeout watchdog, :meth:`WorkerPool.watch`, is not started by the pool: its owner
+runs it in its own task group.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -68,6 +78,18 @@ _BATCHES_PER_WORKER = 2
 # batch_max; the ~0.2 ms of an executor round trip stays a small part of it.
 _BATCH_TARGET_S = 0.01
 _START_TIMEOUT_S = 60.0
+_CLAIM_TIMEOUT_S = 5.0
+# aclose(): how long idle workers get to exit through the executor's shutdown before
+# they are SIGKILLed too, then how long to wait for the killed ones to be gone.
+_CLOSE_GRACE_S = 2.0
+_KILL_WAIT_S = 5.0
+_CLOSE_POLL_S = 0.01
+# Modules the fork server imports before it forks workers: they start in milliseconds
+# instead of importing xml_pipeline each time, and the fork server ignores SIGTERM
+# (see xml_pipeline.worker). "__main__" is multiprocessing's default.
+_FORKSERVER_PRELOAD = ["__main__", worker.__name__]
+# A task failed by the pool itself (a bug, never the handler): answered HandlerFailed.
+_INTERNAL = "internal"
 _Answer = tuple[float, list[Result]]
 _ERRORS: dict[str, type[MessageError]] = {
     "validation": PayloadInvalid,
@@ -91,6 +113,10 @@ class PoolStatistics:
         recycles: executors replaced after ``recycle_after`` tasks per worker.
         queued: tasks waiting to be submitted.
         in_flight: tasks submitted and not yet answered.
+        worker_cpu_s: CPU seconds (user + system) of every worker process this pool
+            ever ran, as the workers report it after each batch (the CPU of a
+            worker's last batch, if it was killed in it, is not counted).
+        pids: the worker processes alive now.
     """
 
     workers: int
@@ -101,6 +127,8 @@ class PoolStatistics:
     recycles: int
     queued: int
     in_flight: int
+    worker_cpu_s: float
+    pids: tuple[int, ...]
 
 
 def _checked_path(obj: Any, given: str | None, what: str) -> str:
@@ -161,11 +189,23 @@ def worker_spec(organism: Organism, backend_url: str | None = None) -> WorkerSpe
             options["serve"] = False
         backend = BackendSpec(url=url, limits=dataclasses.asdict(organism.history), options=options)
     return WorkerSpec(
+        module=worker.__file__,
         paths=paths,
         listeners=listeners,
         backend=backend,
         memory_limit_mb=organism.process_pool.memory_limit_mb,
     )
+
+
+class _Executor:
+    """A ``ProcessPoolExecutor``, and the generation its workers write in their slots."""
+
+    __slots__ = ("executor", "generation", "submitted")
+
+    def __init__(self, executor: ProcessPoolExecutor, generation: int) -> None:
+        self.executor = executor
+        self.generation = generation
+        self.submitted = 0  # tasks sent to it (for recycle_after)
 
 
 class _Task:
@@ -193,7 +233,7 @@ class _Batch:
         self,
         id: int,  # noqa: A002
         tasks: list[_Task],
-        executor: ProcessPoolExecutor,
+        executor: _Executor,
         solo: bool,
     ) -> None:
         self.id = id
@@ -202,14 +242,28 @@ class _Batch:
         self.solo = solo
 
 
-def _processes(executor: ProcessPoolExecutor) -> dict[int, Any]:
-    # The executor keeps its processes in a private mapping (pid -> Process); there
-    # is no public way to kill a hung worker or to be sure none is left.
-    return dict(getattr(executor, "_processes", None) or {})
+def _alive(pid: int, birth: int) -> bool:
+    """Whether the worker that wrote (pid, birth) in its slot is still running."""
+    now = worker.process_birth(pid)
+    if now is None:
+        return False
+    return now == birth or not (now and birth)  # 0: no /proc, the pid is all we know
+
+
+def _kill(victims: list[tuple[int, int]]) -> None:
+    """SIGKILL the workers ``(pid, birth)`` that are still alive (not a reused pid)."""
+    for pid, birth in victims:
+        if _alive(pid, birth):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class WorkerPool:
-    """Runs ``cpu_bound`` tasks in worker processes. Create, ``await start()``, ``aclose()``."""
+    """Runs ``cpu_bound`` tasks in worker processes.
+
+    Create, ``await start()``, run :meth:`watch` in a task group when a listener has a
+    timeout, and ``await aclose()``.
+    """
 
     def __init__(self, settings: ProcessPoolSettings, spec: WorkerSpec) -> None:
         self._settings = settings
@@ -219,8 +273,10 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context(settings.start_method)
         self._slots = 0
         self._status: Any = None
-        self._counter: Any = None
-        self._executor: ProcessPoolExecutor | None = None
+        self._control: Any = None
+        self._dead_slots: dict[int, tuple[int, int]] = {}  # slot -> (pid, birth) seen dead
+        self._generations = itertools.count(1)
+        self._executor: _Executor | None = None
         self._retired: list[threading.Thread] = []
         self._ready: collections.deque[_Task] = collections.deque()
         self._suspects: collections.deque[_Task] = collections.deque()
@@ -230,8 +286,6 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._closed = False
-        self._watchdog: asyncio.Task[None] | None = None
-        self._since_recycle = 0
         self._task_s = 0.0  # moving mean of a task's run time in a worker
         self._tasks_done = 0
         self._batches = 0
@@ -241,7 +295,7 @@ class WorkerPool:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def start(self, *, watch_timeouts: bool = False) -> None:
+    async def start(self) -> None:
         """Start the workers and check that each imported its listeners.
 
         Raises:
@@ -251,11 +305,17 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         self._slots = max(1024, _SLOTS_PER_WORKER * self._workers)
         self._status = self._ctx.RawArray("q", worker.SLOT_WIDTH * self._slots)
-        self._counter = self._ctx.Value("q", 0)
+        self._control = self._ctx.Array("q", worker.CONTROL_WIDTH)
+        if self._settings.start_method == "forkserver":
+            # Process-global, and read only when the fork server starts (with the
+            # first pool of the process): a fork server started earlier by other code
+            # is used as it is.
+            self._ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
         executor = self._executor = self._new_executor()
         try:
             pings = [
-                asyncio.wrap_future(executor.submit(worker.ping)) for _ in range(self._workers)
+                asyncio.wrap_future(executor.executor.submit(worker.ping))
+                for _ in range(self._workers)
             ]
             async with asyncio.timeout(_START_TIMEOUT_S):
                 answers = await asyncio.gather(*pings)
@@ -272,67 +332,120 @@ class WorkerPool:
             for name, error in sorted(errors.items()):
                 await self.aclose()
                 raise ConfigError(f"listener {name!r} in a worker process: {error}")
-        if watch_timeouts:
-            self._watchdog = asyncio.create_task(self._watch(), name="xml_pipeline pool watchdog")
+        # One submit starts one process, but one worker may have answered two pings:
+        # wait (briefly) until each has claimed its slot, so pids lists them all.
+        deadline = time.monotonic() + _CLAIM_TIMEOUT_S
+        while len(self._live(executor.generation)) < self._workers:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(_CLOSE_POLL_S)
 
-    def _new_executor(self) -> ProcessPoolExecutor:
-        self._since_recycle = 0
-        return ProcessPoolExecutor(
+    def _new_executor(self) -> _Executor:
+        generation = next(self._generations)
+        executor = ProcessPoolExecutor(
             max_workers=self._workers,
             mp_context=self._ctx,
             initializer=worker.initialize,
-            initargs=(self._spec, self._status, self._counter),
+            initargs=(self._spec, self._status, self._control, generation),
         )
+        return _Executor(executor, generation)
 
-    def _retire(self, executor: ProcessPoolExecutor) -> None:
+    def _retire(self, executor: _Executor, *, cancel: bool = False) -> None:
         """Let an executor finish what it runs and exit, without blocking the loop."""
         thread = threading.Thread(
-            target=executor.shutdown, name="xml_pipeline pool retire", daemon=True
+            target=functools.partial(executor.executor.shutdown, cancel_futures=cancel),
+            name="xml_pipeline pool retire",
+            daemon=True,
         )
         thread.start()
         self._retired = [t for t in self._retired if t.is_alive()]
         self._retired.append(thread)
 
     async def aclose(self) -> None:
-        """Stop every worker process now; tasks not answered yet are cancelled."""
+        """Stop every worker process; tasks not answered yet are cancelled.
+
+        Idle workers exit through the executors' shutdown; workers running a task are
+        SIGKILLed at once (their tasks are cancelled), and any worker still alive
+        after a grace of 2 s too. Bounded in time (a few seconds at most, whatever the
+        workers or the executors' threads do), idempotent, and safe to cancel, as from
+        a shielded cancel scope with a deadline: what is left when it is cancelled is
+        SIGKILLed before it returns. Afterwards no worker process of this pool is alive.
+
+        The fork server (``start_method: forkserver``) is multiprocessing's, shared by
+        every pool of the process: it stays until the process exits, then exits by
+        itself.
+        """
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
         for task in itertools.chain(self._ready, self._suspects):
             task.future.cancel()
         self._ready.clear()
         self._suspects.clear()
-        executors = {id(b.executor): b.executor for b in self._in_flight.values()}
+        executors = {b.executor.generation: b.executor for b in self._in_flight.values()}
         for batch in self._in_flight.values():
             for task in batch.tasks:
                 task.future.cancel()
         self._in_flight.clear()
         if self._executor is not None:
-            executors[id(self._executor)] = self._executor
+            executors[self._executor.generation] = self._executor
             self._executor = None
-        processes = [p for ex in executors.values() for p in _processes(ex).values()]
-        for process in processes:
-            with contextlib.suppress(Exception):
-                process.terminate()
-        await asyncio.to_thread(self._reap, list(executors.values()), processes)
+        for executor in executors.values():
+            self._retire(executor, cancel=True)
+        if self._control is not None:
+            self._control[worker.CONTROL_CLOSING] = 1  # a worker starting now exits
+        _kill(self._live(busy=True))
+        try:
+            await self._wait_stopped(_CLOSE_GRACE_S)
+        finally:
+            _kill(self._live())  # hung, or this call was cancelled: SIGKILL the rest
+        await self._wait_stopped(_KILL_WAIT_S)
 
-    def _reap(self, executors: list[ProcessPoolExecutor], processes: list[Any]) -> None:
-        for executor in executors:
-            executor.shutdown(wait=True, cancel_futures=True)
-        for thread in self._retired:
-            thread.join(10)
-        for process in processes:
-            with contextlib.suppress(Exception):
-                process.join(5)
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
+    async def _wait_stopped(self, seconds: float) -> None:
+        # Polled: the workers are not this process's children with forkserver, and the
+        # executors' threads have nothing to await; it is the shutdown, not the hot path.
+        deadline = time.monotonic() + seconds
+        while self._stopping():
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(_CLOSE_POLL_S)
+
+    def _stopping(self) -> bool:
+        """Whether a worker or an executor's shutdown is still under way."""
+        self._retired = [t for t in self._retired if t.is_alive()]
+        return bool(self._retired or self._live())
+
+    def _live(self, generation: int | None = None, *, busy: bool = False) -> list[tuple[int, int]]:
+        """``(pid, birth)`` of the workers alive (of one executor; running a batch)."""
+        status = self._status
+        if status is None:
+            return []
+        found = []
+        width = worker.SLOT_WIDTH
+        for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots)):
+            base = slot * width
+            pid = status[base + worker.SLOT_PID]
+            birth = status[base + worker.SLOT_BIRTH]
+            if not pid or self._dead_slots.get(slot) == (pid, birth):
+                continue
+            if generation is not None and status[base + worker.SLOT_GENERATION] != generation:
+                continue
+            if busy and not status[base + worker.SLOT_BATCH]:
+                continue
+            if _alive(pid, birth):
+                found.append((pid, birth))
+            else:
+                self._dead_slots[slot] = (pid, birth)
+        return found
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of the pool's counters."""
+        cpu_ns = 0
+        if self._status is not None:
+            status = self._status
+            width = worker.SLOT_WIDTH
+            cpu_ns = self._control[worker.CONTROL_RETIRED_CPU_NS] + sum(
+                status[slot * width + worker.SLOT_CPU_NS]
+                for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots))
+            )
         return PoolStatistics(
             workers=self._workers,
             tasks=self._tasks_done,
@@ -342,6 +455,8 @@ class WorkerPool:
             recycles=self._recycles,
             queued=len(self._ready) + len(self._suspects),
             in_flight=sum(len(b.tasks) for b in self._in_flight.values()),
+            worker_cpu_s=cpu_ns / 1e9,
+            pids=tuple(sorted(pid for pid, _ in self._live())),
         )
 
     # -- running tasks -----------------------------------------------------------
@@ -378,6 +493,12 @@ class WorkerPool:
             raise HandlerFailed(f"{listener} raised {kind}: {message}", listener=listener)
         raise _ERRORS.get(code, HandlerFailed)(message, listener=listener)
 
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
         self._scheduled = False
         if self._closed or self._executor is None:
@@ -395,7 +516,7 @@ class WorkerPool:
         cap = self._settings.batch_max
         if self._task_s > 0:
             cap = max(1, min(cap, int(_BATCH_TARGET_S / self._task_s)))
-        while ready and len(self._in_flight) < self._window:
+        while ready and len(self._in_flight) < self._window and self._executor is not None:
             free = self._window - len(self._in_flight)
             size = min(cap, max(1, math.ceil(len(ready) / free)))
             tasks: list[_Task] = []
@@ -412,13 +533,18 @@ class WorkerPool:
         batch = _Batch(next(self._batch_ids), tasks, executor, solo)
         self._in_flight[batch.id] = batch
         self._batches += 1
-        self._since_recycle += len(tasks)
+        executor.submitted += len(tasks)
         try:
-            future = executor.submit(worker.run_batch, batch.id, [t.record for t in tasks])
-        except (BrokenProcessPool, RuntimeError):
-            self._on_break(executor)
-            return
-        future.add_done_callback(lambda f: self._threadsafe(batch, f))
+            try:
+                future = executor.executor.submit(
+                    worker.run_batch, batch.id, [t.record for t in tasks]
+                )
+            except (BrokenProcessPool, RuntimeError):
+                self._on_break(executor)
+                return
+            future.add_done_callback(functools.partial(self._threadsafe, batch))
+        except Exception as exc:
+            self._abandon(batch, exc)
 
     def _threadsafe(self, batch: _Batch, future: ConcurrentFuture[_Answer]) -> None:
         loop = self._loop
@@ -428,6 +554,30 @@ class WorkerPool:
             loop.call_soon_threadsafe(self._on_done, batch, future)
 
     def _on_done(self, batch: _Batch, future: ConcurrentFuture[_Answer]) -> None:
+        try:
+            self._answer(batch, future)
+        except BaseException as exc:
+            self._abandon(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _abandon(self, batch: _Batch, exc: BaseException) -> None:
+        """Handling a batch failed in the pool itself: fail its tasks, never strand them."""
+        logger.error(
+            "internal error in the worker pool, %d message(s) failed: %r",
+            sum(not t.future.done() for t in batch.tasks),
+            exc,
+            exc_info=exc,
+        )
+        if self._in_flight.get(batch.id) is batch:
+            del self._in_flight[batch.id]
+        reason = f"internal error in the worker pool: {type(exc).__name__}: {exc}"
+        for task in batch.tasks:
+            if not task.future.done():
+                task.future.set_result(("error", _INTERNAL, "HandlerFailed", reason, ""))
+        self._schedule()
+
+    def _answer(self, batch: _Batch, future: ConcurrentFuture[_Answer]) -> None:
         if self._closed or self._in_flight.get(batch.id) is not batch:
             return  # answered already (the executor broke, or the pool closed)
         error = None if future.cancelled() else future.exception()
@@ -451,32 +601,37 @@ class WorkerPool:
                     task.future.set_result(result)
             self._tasks_done += len(batch.tasks)
         recycle = self._settings.recycle_after
+        current = self._executor
         if (
             recycle is not None
-            and batch.executor is self._executor
-            and self._since_recycle >= recycle * self._workers
+            and batch.executor is current
+            and current.submitted >= recycle * self._workers
         ):
             self._recycles += 1
-            logger.info("recycling the worker processes after %d tasks", self._since_recycle)
-            self._retire(batch.executor)
+            logger.info("recycling the worker processes after %d tasks", current.submitted)
+            self._retire(current)
             self._executor = self._new_executor()
         self._dispatch()
 
     def _running(self, batches: dict[int, _Batch]) -> set[tuple[int, int]]:
         """(batch id, task index) of what the workers are running now, by the status array."""
         status = self._status
+        width = worker.SLOT_WIDTH
         running = set()
-        for slot in range(min(self._counter.value, self._slots)):
-            base = slot * worker.SLOT_WIDTH
-            batch_id = status[base + 1]
+        for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots)):
+            base = slot * width
+            batch_id = status[base + worker.SLOT_BATCH]
             if batch_id in batches:
-                running.add((batch_id, status[base + 2]))
+                running.add((batch_id, status[base + worker.SLOT_INDEX]))
         return running
 
-    def _on_break(self, executor: ProcessPoolExecutor) -> None:
+    def _on_break(self, executor: _Executor) -> None:
         """The executor broke: answer the culprit, resubmit the rest, replace the executor."""
         batches = {i: b for i, b in self._in_flight.items() if b.executor is executor}
         running = self._running(batches)
+        # Its other workers may be running a batch still (they ignore the SIGTERM the
+        # executor sends them): their tasks go out again, so stop them now.
+        _kill(self._live(executor.generation))
         killed = {key for key in self._timed_out if key[0] in batches}
         self._timed_out -= killed
         self._crashes += 1
@@ -528,20 +683,25 @@ class WorkerPool:
         if executor is self._executor and not self._closed:
             self._executor = self._new_executor()
         self._retire(executor)
-        if not self._scheduled:
-            self._scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._dispatch)
+        self._schedule()
 
     def _fail(self, task: _Task, exc: MessageError) -> None:
         task.future.set_result(("error", exc.code, type(exc).__name__, exc.reason, ""))
 
     # -- timeouts ----------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        while True:
+    async def watch(self) -> None:
+        """Kill the workers running a task past its listener's ``timeout_s``.
+
+        Runs until cancelled (or until the pool is closed): the pool's owner runs it
+        in its task group when a ``cpu_bound`` listener has a timeout. Without it,
+        ``timeout_s`` is not enforced. A killed worker breaks its executor: its task
+        is answered ``HandlerTimeout``, the others are resubmitted.
+        """
+        while not self._closed:
             await asyncio.sleep(self._watch_period())
-            self._check_timeouts()
+            if not self._closed and self._status is not None:
+                self._check_timeouts()
 
     def _watch_period(self) -> float:
         timeouts = [t.timeout for b in self._in_flight.values() for t in b.tasks if t.timeout]
@@ -549,14 +709,15 @@ class WorkerPool:
 
     def _check_timeouts(self) -> None:
         status = self._status
+        width = worker.SLOT_WIDTH
         now = time.monotonic_ns()
-        for slot in range(min(self._counter.value, self._slots)):
-            base = slot * worker.SLOT_WIDTH
-            batch = self._in_flight.get(status[base + 1])
+        for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots)):
+            base = slot * width
+            batch = self._in_flight.get(status[base + worker.SLOT_BATCH])
             if batch is None:
                 continue
-            index = status[base + 2]
-            started = status[base + 3]
+            index = status[base + worker.SLOT_INDEX]
+            started = status[base + worker.SLOT_STARTED_NS]
             if index >= len(batch.tasks):
                 continue
             task = batch.tasks[index]
@@ -564,15 +725,21 @@ class WorkerPool:
                 continue
             if now - started <= task.timeout * 1e9:
                 continue
-            if status[base + 1] != batch.id or status[base + 2] != index:
+            if (
+                status[base + worker.SLOT_BATCH] != batch.id
+                or status[base + worker.SLOT_INDEX] != index
+            ):
                 continue  # it moved on meanwhile
-            pid = status[base]
-            if pid not in _processes(batch.executor):
-                continue
+            if status[base + worker.SLOT_GENERATION] != batch.executor.generation:
+                continue  # a stale slot
             key = (batch.id, index)
             if key in self._timed_out:
                 continue
+            pid = status[base + worker.SLOT_PID]
+            birth = status[base + worker.SLOT_BIRTH]
+            if not _alive(pid, birth):
+                continue
             self._timed_out.add(key)
             self._timeouts += 1
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

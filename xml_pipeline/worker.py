@@ -11,22 +11,42 @@ no lxml objects and no pickled payload models:
   or ``("error", code, exception_type, message, short_traceback)``.
 
 A worker imports each ``cpu_bound`` handler and builds its payload codecs once,
-ignores SIGINT (the pump decides when workers stop), keeps one event loop for async
-handlers, and, when a memory limit is set, caps its address space (RLIMIT_AS) so a
-handler going past it gets a ``MemoryError`` instead of taking the machine down.
+keeps one event loop for async handlers, and, when a memory limit is set, caps its
+address space (RLIMIT_AS) so a handler going past it gets a ``MemoryError`` instead of
+taking the machine down.
 
-Each worker owns four integers of a shared array, ``[pid, batch, index, started_ns]``:
+Lifecycle: a worker ignores SIGINT and SIGTERM, so that a signal sent to the whole
+process group (Ctrl-C, ``kill -- -PGID``, systemd stopping a unit) reaches the pump,
+which drains and then stops its workers itself. A worker never outlives its pump: it
+exits as soon as the pump's process is gone (``kill -9`` included), by two means that
+cost nothing per task. On Linux, ``PR_SET_PDEATHSIG`` has the kernel SIGKILL it when
+its parent dies (the pump with ``spawn``; with ``forkserver``, the fork server, which
+exits once the pump and its workers are gone). Everywhere, a thread blocked on the
+pump's sentinel (``multiprocessing.parent_process().sentinel``, a pipe whose write end
+only the pump holds) ends the process when that pipe reaches EOF.
+
+When multiprocessing's fork server imports this module (the pool adds it to the fork
+server's preload list), it makes the fork server ignore SIGTERM as well: the workers'
+result pipes run through it, and its death would break the pool. Its children get
+SIGTERM's default back, so processes that other code starts through the same fork
+server are unaffected.
+
+Each worker owns ``SLOT_WIDTH`` integers of a shared array (see :data:`SLOT_WIDTH`):
 the pump reads them to know which message a worker is running when it must kill it
-(a timeout) or when a worker dies.
+(a timeout) or when a worker dies, which processes are its workers, and how much CPU
+they used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
@@ -42,7 +62,18 @@ from .parser import parse_trusted
 from .payload import Codec, codec_for
 
 __all__ = [
+    "SLOT_BATCH",
+    "SLOT_BIRTH",
+    "SLOT_CPU_NS",
+    "SLOT_GENERATION",
+    "SLOT_INDEX",
+    "SLOT_PID",
+    "SLOT_STARTED_NS",
     "SLOT_WIDTH",
+    "CONTROL_CLAIMED",
+    "CONTROL_CLOSING",
+    "CONTROL_RETIRED_CPU_NS",
+    "CONTROL_WIDTH",
     "BackendSpec",
     "ListenerSpec",
     "Meta",
@@ -52,11 +83,26 @@ __all__ = [
     "class_path",
     "initialize",
     "ping",
+    "process_birth",
     "run_batch",
 ]
 
-SLOT_WIDTH = 4
-"""Integers per worker in the status array: pid, batch id (0: idle), index, start (ns)."""
+# A worker's slot in the status array: written by the worker, read by the pump.
+SLOT_PID = 0  # the worker's pid
+SLOT_BATCH = 1  # the batch it runs (0: idle)
+SLOT_INDEX = 2  # the task of that batch it runs
+SLOT_STARTED_NS = 3  # when it started that task (time.monotonic_ns)
+SLOT_CPU_NS = 4  # its CPU time so far (time.process_time_ns), after each batch
+SLOT_GENERATION = 5  # the executor it belongs to (the pool numbers them)
+SLOT_BIRTH = 6  # its start time (process_birth): a pid reused by another process differs
+SLOT_WIDTH = 7
+"""Integers per worker in the status array (the ``SLOT_*`` offsets)."""
+
+# The control array a pool shares with its workers.
+CONTROL_CLAIMED = 0  # slots claimed so far (a worker takes this one, modulo the slots)
+CONTROL_RETIRED_CPU_NS = 1  # CPU of workers whose slot was claimed again by a newer one
+CONTROL_CLOSING = 2  # 1 once the pool closes: a worker starting then exits at once
+CONTROL_WIDTH = 3
 
 Meta = tuple[str, str, str, str, bool, int, bool]
 Task = tuple[str, bytes, Meta, list[tuple[Any, ...]] | None]
@@ -81,6 +127,7 @@ class BackendSpec(TypedDict):
 class WorkerSpec(TypedDict):
     """Everything a worker needs, as plain data."""
 
+    module: str  # this module's file in the pump: a worker must run the same code
     paths: list[str]
     listeners: dict[str, ListenerSpec]
     backend: BackendSpec | None
@@ -128,20 +175,47 @@ def _load(spec: ListenerSpec) -> _Entry:
     return entry
 
 
-def initialize(spec: WorkerSpec, status: Any, counter: Any) -> None:
-    """Process initializer: import handlers and codecs once, claim a status slot."""
+def initialize(spec: WorkerSpec, status: Any, control: Any, generation: int) -> None:
+    """Process initializer: claim a status slot, import handlers and codecs once.
+
+    Args:
+        spec: what to import.
+        status: the pool's status array (``SLOT_WIDTH`` integers per slot).
+        control: the pool's control array (``CONTROL_*``).
+        generation: the number of the executor this worker belongs to.
+    """
     global _state
+    # The pump decides when workers stop: a signal sent to the whole process group
+    # must not kill a worker in the middle of a message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for path in reversed(spec["paths"]):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_pump()
+    slots = len(status) // SLOT_WIDTH
+    with control.get_lock():
+        if control[CONTROL_CLOSING]:
+            os._exit(0)  # the pool is closing: nothing will be sent to this worker
+        slot = control[CONTROL_CLAIMED] % slots
+        control[CONTROL_CLAIMED] += 1
+        base = slot * SLOT_WIDTH
+        control[CONTROL_RETIRED_CPU_NS] += status[base + SLOT_CPU_NS]
+        status[base + SLOT_CPU_NS] = 0
+        status[base + SLOT_BATCH] = 0
+        status[base + SLOT_GENERATION] = generation
+        status[base + SLOT_BIRTH] = process_birth(os.getpid()) or 0
+        status[base + SLOT_PID] = os.getpid()
+    # Appended, not put first: an organism's folder must not shadow installed packages.
+    for path in spec["paths"]:
         if path not in sys.path:
-            sys.path.insert(0, path)
+            sys.path.append(path)
     entries = {name: _load(listener) for name, listener in spec["listeners"].items()}
-    with counter.get_lock():
-        slot = counter.value % (len(status) // SLOT_WIDTH)
-        counter.value += 1
-    base = slot * SLOT_WIDTH
-    status[base + 1] = 0
-    status[base] = os.getpid()
+    if os.path.realpath(__file__) != os.path.realpath(spec["module"]):
+        # The fork server preloads this module by its own sys.path, which may find
+        # another copy of xml_pipeline than the pump runs.
+        error = (
+            f"the worker processes run {__file__}, but the pump runs {spec['module']}: "
+            "install xml_pipeline where both find it, or use start_method: spawn"
+        )
+        entries = {name: _Entry(error=error) for name in entries}
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     _state = _State(entries, loop, status, base, spec["backend"])
@@ -153,9 +227,79 @@ def initialize(spec: WorkerSpec, status: Any, counter: Any) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit * 1024 * 1024, hard))
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIFELINE_STACK = 256 * 1024  # the lifeline thread only waits: a small stack (RLIMIT_AS)
+
+
+def _die_with_pump() -> None:
+    """Make sure this worker ends when the pump's process ends, even by ``kill -9``."""
+    pump = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # The kernel SIGKILLs this process when the thread that forked it exits: with
+        # spawn, the pump's thread that submitted to the executor (its event loop's);
+        # with forkserver, the fork server's only thread.
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+            pass
+    if pump is None:
+        return
+    # The sentinel is a pipe whose write end only the pump holds: EOF means the pump is
+    # gone. A thread waiting on it costs nothing per task; it also covers what the
+    # parent-death signal cannot (no prctl; with forkserver, a pump that dies while the
+    # fork server lives on because this worker holds it open).
+    sentinel = pump.sentinel
+
+    def lifeline() -> None:
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)
+
+    previous = threading.stack_size(_LIFELINE_STACK)
+    try:
+        threading.Thread(target=lifeline, name="xml_pipeline lifeline", daemon=True).start()
+    finally:
+        threading.stack_size(previous)
+    # The pump died before the parent-death signal was set: nothing would kill us.
+    if not pump.is_alive():
+        os._exit(1)
+
+
+def process_birth(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``).
+
+    Tells a live worker from another process that got its pid after it died.
+
+    Returns:
+        the start time; None if no such process is alive (a zombie is not); 0 where
+        ``/proc`` is missing (then only whether the pid exists is known).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+    except (OSError, IndexError):
+        return None
+    else:
+        # fields[0] is field 3 of stat(5), the state; field 22 is the start time.
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
 def ping() -> tuple[int, dict[str, str]]:
     """The worker's pid and the listeners whose code it could not import."""
     state = _require_state()
+    state.status[state.base + SLOT_CPU_NS] = time.process_time_ns()
     return os.getpid(), {n: e.error for n, e in state.entries.items() if e.error is not None}
 
 
@@ -168,12 +312,14 @@ def run_batch(batch_id: int, tasks: Sequence[Task]) -> tuple[float, list[Result]
     began = time.perf_counter()
     try:
         for index, task in enumerate(tasks):
-            status[base + 3] = time.monotonic_ns()
-            status[base + 2] = index
-            status[base + 1] = batch_id
+            status[base + SLOT_STARTED_NS] = time.monotonic_ns()
+            status[base + SLOT_INDEX] = index
+            status[base + SLOT_BATCH] = batch_id
             results.append(_run(state, task))
     finally:
-        status[base + 1] = 0
+        status[base + SLOT_BATCH] = 0
+        # Once per batch (one clock read), so the pool can report its workers' CPU.
+        status[base + SLOT_CPU_NS] = time.process_time_ns()
     return time.perf_counter() - began, results
 
 
@@ -279,3 +425,30 @@ def _history_access(
         return state.loop.run_until_complete(shared())
 
     return shared, shared_blocking
+
+
+def _in_fork_server() -> bool:
+    # How multiprocessing.forkserver starts its server (the command is the same since
+    # Python 3.4); the server imports the modules of its preload list before serving.
+    argv = sys.orig_argv
+    return (
+        len(argv) >= 2
+        and argv[-2] == "-c"
+        and argv[-1].startswith("from multiprocessing.forkserver import main")
+    )
+
+
+def _guard_fork_server() -> None:
+    """Make the fork server ignore SIGTERM, as it already ignores SIGINT.
+
+    Workers' results reach the pump through pipes their fork server holds: a fork
+    server killed by a SIGTERM sent to the whole process group breaks the pool, although
+    every worker is alive. It still exits by itself once the pump and its workers are
+    gone (EOF on its "alive" pipe). Its children get the previous disposition back.
+    """
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, previous))
+
+
+if _in_fork_server():
+    _guard_fork_server()
