@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -168,6 +169,22 @@ async def test_concurrent_calls_share_round_trips() -> None:
         after = backend.statistics()
         assert after.calls - before.calls == 100
         assert after.round_trips - before.round_trips < 50, after  # typically 2
+
+
+async def test_a_batch_of_dead_letters_is_one_call_and_one_round_trip() -> None:
+    async with served(HistoryLimits(max_dead_letters=150)) as backend:
+        assert isinstance(backend, ManagerBackend)
+        letters = [DeadLetter("", 1.0, "shutdown", f"r{i}", "l", "t", f"m{i}", b"<x/>")
+                   for i in range(200)]  # fmt: skip
+        before = backend.statistics()
+        ids = await backend.deadletter_add_many(letters)
+        after = backend.statistics()
+        assert (after.calls - before.calls, after.round_trips - before.round_trips) == (1, 1)
+        assert len(set(ids)) == 200
+        assert [x.id for x in await backend.deadletter_list()] == ids[50:]
+        before = backend.statistics()
+        assert await backend.deadletter_add_many([]) == []
+        assert backend.statistics() == before, "an empty batch sends nothing"
 
 
 def _append_many(url: str, worker: int, count: int) -> None:
@@ -484,6 +501,29 @@ def test_the_wire_format(server: ManagerServer) -> None:
             conn.send_bytes(b'{"not": "an array"}')  # not a request: the server hangs up
             with pytest.raises(EOFError):
                 conn.recv_bytes()
+        finally:
+            conn.close()
+
+
+def test_the_wire_format_of_a_batch_of_dead_letters(server: ManagerServer) -> None:
+    letter = DeadLetter("", 1.5, "shutdown", "r", None, "t", "m", b"<x/>")
+    with socket.create_connection(server.address) as sock:
+        conn: Connection[Any, Any] = Connection(os.dup(sock.fileno()))
+        try:
+            answer_challenge(conn, KEY.encode())
+            deliver_challenge(conn, KEY.encode())
+            data = dead_letter_to_bytes(letter)
+            given = dead_letter_to_bytes(dataclasses.replace(letter, id="mine"))
+            conn.send_bytes(
+                b'[["deadletter_add_many",[' + data + b"," + given + b"]],"
+                b'["deadletter_add_many",[1]],["deadletter_add_many",[]],["deadletter_list",null]]'
+            )
+            replies = json.loads(conn.recv_bytes())
+            assert replies[0] == [0, ["dl-1", "mine"]], "one call, the ids in order"
+            assert replies[1][0] == 1 and "deadletter_add_many: bad argument" in replies[1][1]
+            assert replies[2] == [0, []]
+            stored = [dict(json.loads(data), id="dl-1"), json.loads(given)]
+            assert replies[3] == [0, stored], "letters in base.py's JSON format"
         finally:
             conn.close()
 

@@ -297,6 +297,40 @@ async def test_a_lost_reply_is_retried_and_the_slot_recorded_once(
             await backend.aclose()
 
 
+async def test_a_batch_of_dead_letters_is_one_command(redis_server: RedisServer) -> None:
+    async with factory_for(redis_server.url)(HistoryLimits(max_dead_letters=150)) as backend:
+        assert isinstance(backend, RedisBackend)
+        await backend.ping()
+        letters = [DeadLetter("", 1.0, "shutdown", f"r{i}", "l", "t", f"m{i}", b"<x/>")
+                   for i in range(200)]  # fmt: skip
+        before = backend.statistics()
+        ids = await backend.deadletter_add_many(letters)
+        after = backend.statistics()
+        assert (after.commands - before.commands, after.round_trips - before.round_trips) == (1, 1)
+        assert [x.id for x in await backend.deadletter_list()] == ids[50:]
+        assert (await backend.info())["dead_letters_dropped"] == 50
+
+
+async def test_a_lost_reply_to_a_batch_of_dead_letters_stores_it_once(
+    redis_server: RedisServer,
+) -> None:
+    async with LossyProxy(redis_server.port) as proxy:
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
+        try:
+            await backend.ping()
+            proxy.drop_next_reply()
+            letters = [DeadLetter("", 1.0, "shutdown", f"r{i}", None, None, None, b"")
+                       for i in range(3)]  # fmt: skip
+            ids = await backend.deadletter_add_many(letters)
+            assert proxy.dropped == 1 and backend.statistics().retries == 1
+            stored = await backend.deadletter_list()
+            assert [x.id for x in stored] == ids
+            assert [x.reason for x in stored] == ["r0", "r1", "r2"]
+            await backend.deadletter_purge()
+        finally:
+            await backend.aclose()
+
+
 async def test_a_reply_too_slow_is_a_timeout_and_the_append_is_retried(
     redis_server: RedisServer,
 ) -> None:

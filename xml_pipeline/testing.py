@@ -15,12 +15,16 @@
         finally:
             await backend.aclose()
 
-    await check_backend(my_backend)          # raises AssertionError naming the check
+    await check_backend(my_backend)          # raises ConformanceError naming the check
 
 Each check gets a fresh, empty backend from the factory, built with the limits the
 check needs. :data:`CHECKS` lists them, so a test suite can parametrize over them;
 :func:`backend_state_machine` compares a backend with the reference
 :class:`~xml_pipeline.backends.store.Store` under random operations (hypothesis).
+
+No check relies on ``assert``: each compares explicitly and raises
+:class:`ConformanceError` (an ``AssertionError``, so test runners report it as a
+failure), so a broken backend fails under ``python -O`` too.
 """
 
 from __future__ import annotations
@@ -28,16 +32,45 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .backends.base import Backend, DeadLetter, HistoryLimits, Slot
 from .backends.store import Store
 
-__all__ = ["CHECKS", "BackendFactory", "Check", "backend_state_machine", "check_backend"]
+__all__ = [
+    "CHECKS",
+    "BackendFactory",
+    "Check",
+    "ConformanceError",
+    "backend_state_machine",
+    "check_backend",
+    "run_check",
+]
 
 BackendFactory = Callable[[HistoryLimits], AbstractAsyncContextManager[Backend]]
 """Makes a fresh, empty backend with the given limits, closed when the block ends."""
+
+
+class ConformanceError(AssertionError):
+    """A backend does not keep the contract: the message names the check and what differed."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _expect(ok: bool, what: str) -> None:
+    """Raise ConformanceError(``what``) unless ``ok``."""
+    if not ok:
+        raise ConformanceError(what)
+
+
+def _equal(got: Any, expected: Any, what: str) -> None:
+    """Raise ConformanceError naming ``what`` with both values unless they are equal."""
+    if got != expected:
+        raise ConformanceError(f"{what}: got {_show(got)}, expected {_show(expected)}")
 
 
 @dataclass(frozen=True)
@@ -54,98 +87,100 @@ def _slot(mid: str, direction: str = "in", *, sender: str = "a", xml: bytes = b"
 
 
 async def _append_and_read(b: Backend) -> None:
-    assert await b.buffer_get_thread("t1") == []
-    assert not await b.buffer_thread_exists("t1")
+    _equal(await b.buffer_get_thread("t1"), [], "buffer_get_thread of an unknown frame")
+    _expect(not await b.buffer_thread_exists("t1"), "an unknown frame exists")
     for i in range(5):
-        assert await b.buffer_append("t1", _slot(f"m{i}")) == i, "indexes count from 0"
+        _equal(await b.buffer_append("t1", _slot(f"m{i}")), i, "indexes count from 0")
     slots = await b.buffer_get_thread("t1")
-    assert [s.message_id for s in slots] == [f"m{i}" for i in range(5)], "oldest first"
-    assert [s.index for s in slots] == list(range(5))
-    assert await b.buffer_thread_len("t1") == 5
-    assert await b.buffer_thread_exists("t1")
+    _equal([s.message_id for s in slots], [f"m{i}" for i in range(5)], "oldest first")
+    _equal([s.index for s in slots], list(range(5)), "buffer_get_thread indexes")
+    _equal(await b.buffer_thread_len("t1"), 5, "buffer_thread_len")
+    _expect(await b.buffer_thread_exists("t1"), "a frame with slots does not exist")
     got = await b.buffer_get_slot("t1", 3)
-    assert got is not None and got.message_id == "m3" and got.index == 3
-    assert await b.buffer_get_slot("t1", 5) is None
-    assert await b.buffer_get_slot("t1", -1) is None
-    assert await b.buffer_get_slot("nope", 0) is None
+    _equal(
+        None if got is None else (got.message_id, got.index), ("m3", 3), "buffer_get_slot(t1, 3)"
+    )
+    _equal(await b.buffer_get_slot("t1", 5), None, "buffer_get_slot past the end")
+    _equal(await b.buffer_get_slot("t1", -1), None, "buffer_get_slot(-1)")
+    _equal(await b.buffer_get_slot("nope", 0), None, "buffer_get_slot of an unknown frame")
     await b.buffer_append("t2", _slot("x"))
-    assert sorted(await b.buffer_list_threads()) == ["t1", "t2"], "bare thread ids"
-    assert await b.buffer_delete_thread("t1")
-    assert not await b.buffer_delete_thread("t1")
-    assert await b.buffer_get_thread("t1") == []
+    _equal(sorted(await b.buffer_list_threads()), ["t1", "t2"], "bare thread ids")
+    _expect(await b.buffer_delete_thread("t1"), "buffer_delete_thread of a frame: False")
+    _expect(not await b.buffer_delete_thread("t1"), "buffer_delete_thread twice: True")
+    _equal(await b.buffer_get_thread("t1"), [], "a deleted frame's history")
     await b.buffer_clear()
-    assert await b.buffer_list_threads() == []
+    _equal(await b.buffer_list_threads(), [], "threads after buffer_clear")
 
 
 async def _slot_fields_round_trip(b: Backend) -> None:
     slot = Slot(0, "out", "caller é \u2603", None, "{urn:ü}P", "id-\u00e9", 1.5, b"\x00\xff<P/>")
     await b.buffer_append("t", slot)
-    [got] = await b.buffer_get_thread("t")
-    assert got == slot, f"{got!r} != {slot!r}"
-    assert type(got.xml) is bytes and type(got.timestamp) is float
+    got = await b.buffer_get_thread("t")
+    _equal(got, [slot], "the slot read back")
+    _equal((type(got[0].xml), type(got[0].timestamp)), (bytes, float), "field types")
 
 
 async def _append_is_idempotent(b: Backend) -> None:
-    assert await b.buffer_append("t", _slot("m", "in")) == 0
-    assert await b.buffer_append("t", _slot("m", "out")) == 1, "direction is part of the key"
-    assert await b.buffer_append("t", _slot("m", "in", sender="other")) == 0
-    assert await b.buffer_append("t", _slot("m", "out")) == 1
-    assert await b.buffer_thread_len("t") == 2
-    assert await b.buffer_contains("t", "m", "in")
-    assert await b.buffer_contains("t", "m", "out")
-    assert not await b.buffer_contains("t", "n", "in")
-    assert not await b.buffer_contains("u", "m", "in")
-    assert await b.buffer_append("u", _slot("m", "in")) == 0, "keys are per frame"
+    _equal(await b.buffer_append("t", _slot("m", "in")), 0, "first append")
+    _equal(await b.buffer_append("t", _slot("m", "out")), 1, "direction is part of the key")
+    _equal(await b.buffer_append("t", _slot("m", "in", sender="other")), 0, "a retried append")
+    _equal(await b.buffer_append("t", _slot("m", "out")), 1, "a retried append")
+    _equal(await b.buffer_thread_len("t"), 2, "retries stored nothing")
+    _expect(await b.buffer_contains("t", "m", "in"), "buffer_contains(t, m, in) is False")
+    _expect(await b.buffer_contains("t", "m", "out"), "buffer_contains(t, m, out) is False")
+    _expect(not await b.buffer_contains("t", "n", "in"), "buffer_contains(t, n, in) is True")
+    _expect(not await b.buffer_contains("u", "m", "in"), "buffer_contains(u, m, in) is True")
+    _equal(await b.buffer_append("u", _slot("m", "in")), 0, "keys are per frame")
 
 
 async def _trimming_keeps_absolute_indexes(b: Backend) -> None:
     for i in range(7):
-        assert await b.buffer_append("t", _slot(f"m{i}")) == i
+        _equal(await b.buffer_append("t", _slot(f"m{i}")), i, "indexes go on past trimming")
     slots = await b.buffer_get_thread("t")
-    assert [s.index for s in slots] == [4, 5, 6], "the oldest slots are trimmed"
-    assert await b.buffer_thread_len("t") == 3
-    assert await b.buffer_get_slot("t", 3) is None
+    _equal([s.index for s in slots], [4, 5, 6], "the oldest slots are trimmed")
+    _equal(await b.buffer_thread_len("t"), 3, "buffer_thread_len after trimming")
+    _equal(await b.buffer_get_slot("t", 3), None, "a trimmed slot")
     got = await b.buffer_get_slot("t", 5)
-    assert got is not None and got.message_id == "m5"
-    assert await b.buffer_append("t", _slot("m6")) == 6, "idempotent after trimming too"
+    _equal(None if got is None else got.message_id, "m5", "buffer_get_slot(t, 5)")
+    _equal(await b.buffer_append("t", _slot("m6")), 6, "idempotent after trimming too")
 
 
 async def _concurrent_appends(b: Backend) -> None:
     indexes = await asyncio.gather(*(b.buffer_append("t", _slot(f"m{i}")) for i in range(200)))
-    assert sorted(indexes) == list(range(200)), "every append got its own index"
+    _equal(sorted(indexes), list(range(200)), "every append got its own index")
     slots = await b.buffer_get_thread("t")
-    assert [s.index for s in slots] == list(range(200))
+    _equal([s.index for s in slots], list(range(200)), "indexes of the history")
     by_index = dict(zip(indexes, (f"m{i}" for i in range(200)), strict=True))
-    assert [s.message_id for s in slots] == [by_index[i] for i in range(200)]
+    _equal([s.message_id for s in slots], [by_index[i] for i in range(200)], "slots at their index")
     again = await asyncio.gather(*(b.buffer_append("t", _slot(f"m{i}")) for i in range(200)))
-    assert again == indexes, "concurrent retries are idempotent"
+    _equal(again, indexes, "concurrent retries are idempotent")
 
 
 async def _registry(b: Backend) -> None:
     chain = '["caller.x","root",["not","split"],"calc.add"]'
-    assert await b.registry_get_uuid(chain) is None
+    _equal(await b.registry_get_uuid(chain), None, "registry_get_uuid of an unknown chain")
     await b.registry_set(chain, "u1")
-    assert await b.registry_get_uuid(chain) == "u1"
-    assert await b.registry_get_chain("u1") == chain
-    assert await b.registry_setdefault(chain, "u2") == "u1", "setdefault keeps the first"
-    assert await b.registry_setdefault('["a","r"]', "u3") == "u3"
-    assert await b.registry_list_all() == {"u1": chain, "u3": '["a","r"]'}
+    _equal(await b.registry_get_uuid(chain), "u1", "registry_get_uuid after registry_set")
+    _equal(await b.registry_get_chain("u1"), chain, "registry_get_chain after registry_set")
+    _equal(await b.registry_setdefault(chain, "u2"), "u1", "setdefault keeps the first")
+    _equal(await b.registry_setdefault('["a","r"]', "u3"), "u3", "setdefault of a new chain")
+    _equal(await b.registry_list_all(), {"u1": chain, "u3": '["a","r"]'}, "registry_list_all")
     await b.registry_set(chain, "u4")  # replaces u1
-    assert await b.registry_get_uuid(chain) == "u4"
-    assert await b.registry_get_chain("u1") is None
-    assert await b.registry_delete("u4")
-    assert not await b.registry_delete("u4")
-    assert await b.registry_get_uuid(chain) is None
+    _equal(await b.registry_get_uuid(chain), "u4", "registry_set replaces a mapping")
+    _equal(await b.registry_get_chain("u1"), None, "the replaced uuid's chain")
+    _expect(await b.registry_delete("u4"), "registry_delete of a mapping: False")
+    _expect(not await b.registry_delete("u4"), "registry_delete twice: True")
+    _equal(await b.registry_get_uuid(chain), None, "a deleted mapping's chain")
     await b.registry_clear()
-    assert await b.registry_list_all() == {}
+    _equal(await b.registry_list_all(), {}, "registry_list_all after registry_clear")
 
 
 async def _registry_setdefault_races(b: Backend) -> None:
     winners = await asyncio.gather(
         *(b.registry_setdefault('["o","r","x"]', f"u{i}") for i in range(50))
     )
-    assert len(set(winners)) == 1, "racing setdefaults agree on one uuid"
-    assert await b.registry_get_chain(winners[0]) == '["o","r","x"]'
+    _equal(len(set(winners)), 1, "racing setdefaults agree on one uuid")
+    _equal(await b.registry_get_chain(winners[0]), '["o","r","x"]', "the winner's chain")
 
 
 def _letter(reason: str, data: bytes = b"<bad") -> DeadLetter:
@@ -153,30 +188,59 @@ def _letter(reason: str, data: bytes = b"<bad") -> DeadLetter:
 
 
 async def _dead_letters(b: Backend) -> None:
-    assert await b.deadletter_list() == []
+    _equal(await b.deadletter_list(), [], "deadletter_list of an empty store")
     ids = [await b.deadletter_add(_letter(f"r{i}", bytes([i]) * 3)) for i in range(4)]
-    assert len(set(ids)) == 4 and all(ids), "each dead letter gets its own id"
+    _expect(len(set(ids)) == 4 and all(ids), f"each dead letter gets its own id: {ids}")
     letters = await b.deadletter_list()
-    assert [letter.reason for letter in letters] == ["r0", "r1", "r2", "r3"], "oldest first"
-    assert [letter.id for letter in letters] == ids
+    _equal([x.reason for x in letters], ["r0", "r1", "r2", "r3"], "oldest first")
+    _equal([x.id for x in letters], ids, "the ids deadletter_add returned")
     first = letters[0]
-    assert (first.code, first.listener, first.thread_id, first.message_id, first.data) == (
-        "malformed", "x.y", "t", "m", b"\x00\x00\x00",
-    )  # fmt: skip
-    assert first.timestamp == 1_700_000_000.5
-    assert [letter.reason for letter in await b.deadletter_list(limit=2)] == ["r0", "r1"]
-    assert await b.deadletter_delete(ids[1])
-    assert not await b.deadletter_delete(ids[1])
-    assert await b.deadletter_purge() == 3
-    assert await b.deadletter_list() == []
+    _equal(
+        (first.code, first.listener, first.thread_id, first.message_id, first.data),
+        ("malformed", "x.y", "t", "m", b"\x00\x00\x00"),
+        "the fields read back",
+    )
+    _equal(first.timestamp, 1_700_000_000.5, "the timestamp read back")
+    limited = await b.deadletter_list(limit=2)
+    _equal([x.reason for x in limited], ["r0", "r1"], "deadletter_list(limit=2)")
+    _expect(await b.deadletter_delete(ids[1]), "deadletter_delete of a letter: False")
+    _expect(not await b.deadletter_delete(ids[1]), "deadletter_delete twice: True")
+    _equal(await b.deadletter_purge(), 3, "deadletter_purge's count")
+    _equal(await b.deadletter_list(), [], "deadletter_list after deadletter_purge")
 
 
 async def _dead_letters_are_capped(b: Backend) -> None:
     for i in range(5):
         await b.deadletter_add(_letter(f"r{i}", b"0123456789"))
     letters = await b.deadletter_list()
-    assert [letter.reason for letter in letters] == ["r2", "r3", "r4"], "the oldest are dropped"
-    assert all(letter.data == b"01234" for letter in letters), "data is capped"
+    _equal([x.reason for x in letters], ["r2", "r3", "r4"], "the oldest are dropped")
+    _equal([x.data for x in letters], [b"01234"] * 3, "data is capped")
+
+
+async def _dead_letters_in_one_batch(b: Backend) -> None:
+    _equal(await b.deadletter_add_many([]), [], "deadletter_add_many([])")
+    first = await b.deadletter_add(_letter("r0"))
+    batch = [_letter("r1", b"\x01"), replace(_letter("r2"), id="given-2"), _letter("r3")]
+    ids = await b.deadletter_add_many(batch)
+    _equal(len(ids), 3, "deadletter_add_many returns one id per letter")
+    _equal(ids[1], "given-2", "a letter's own id is kept")
+    _expect(len({first, *ids}) == 4 and all(ids), f"each dead letter gets its own id: {ids}")
+    letters = await b.deadletter_list()
+    _equal([x.reason for x in letters], ["r0", "r1", "r2", "r3"], "oldest first, a batch in order")
+    _equal([x.id for x in letters], [first, *ids], "the ids deadletter_add_many returned")
+    _equal(letters[1], replace(batch[0], id=ids[0]), "a letter of a batch read back")
+    again = await b.deadletter_add_many([replace(x, id=i) for x, i in zip(batch, ids, strict=True)])
+    _equal(again, ids, "a retried batch keeps its ids")
+    _equal(len(await b.deadletter_list()), 4, "a retried batch stores nothing twice")
+
+
+async def _dead_letters_in_one_batch_are_capped(b: Backend) -> None:
+    await b.deadletter_add(_letter("r0", b"0123456789"))
+    ids = await b.deadletter_add_many([_letter(f"r{i}", b"0123456789") for i in range(1, 6)])
+    letters = await b.deadletter_list()
+    _equal([x.reason for x in letters], ["r3", "r4", "r5"], "the oldest are dropped")
+    _equal([x.id for x in letters], ids[2:], "the ids of the letters kept")
+    _equal([x.data for x in letters], [b"01234"] * 3, "data is capped")
 
 
 async def _info_and_close(b: Backend) -> None:
@@ -184,10 +248,9 @@ async def _info_and_close(b: Backend) -> None:
     await b.registry_set('["a","t"]', "t")
     await b.deadletter_add(_letter("r"))
     info = await b.info()
-    assert info["buffer_threads"] == 1
-    assert info["registry_entries"] == 1
-    assert info["dead_letters"] == 1
-    assert all(isinstance(v, int) for v in info.values())
+    got = {k: info.get(k) for k in ("buffer_threads", "registry_entries", "dead_letters")}
+    _equal(got, {"buffer_threads": 1, "registry_entries": 1, "dead_letters": 1}, "info()")
+    _expect(all(isinstance(v, int) for v in info.values()), f"info() values are ints: {info}")
 
 
 CHECKS: tuple[Check, ...] = (
@@ -202,27 +265,39 @@ CHECKS: tuple[Check, ...] = (
     Check("dead letters", _dead_letters),
     Check("dead letters are capped", _dead_letters_are_capped,
           HistoryLimits(max_dead_letters=3, dead_letter_bytes=5)),
+    Check("dead letters in one batch", _dead_letters_in_one_batch),
+    Check("dead letters in one batch are capped", _dead_letters_in_one_batch_are_capped,
+          HistoryLimits(max_dead_letters=3, dead_letter_bytes=5)),
     Check("info", _info_and_close),
 )  # fmt: skip
 """Every conformance check, in order."""
 
 
 async def run_check(factory: BackendFactory, check: Check) -> None:
-    """Run one check on a fresh backend; AssertionError names the check."""
-    async with factory(check.limits) as backend:
-        try:
+    """Run one check on a fresh backend.
+
+    Raises:
+        ConformanceError: naming the check and what differed; an exception the
+            backend raised during the check is chained to it.
+    """
+    try:
+        async with factory(check.limits) as backend:
             await check.run(backend)
-        except AssertionError as exc:
-            raise AssertionError(f"conformance check {check.name!r} failed: {exc}") from exc
-        await backend.aclose()
-        await backend.aclose()  # idempotent
+            await backend.aclose()
+            await backend.aclose()  # idempotent
+    except ConformanceError as exc:
+        raise ConformanceError(f"conformance check {check.name!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise ConformanceError(
+            f"conformance check {check.name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 async def check_backend(factory: BackendFactory) -> None:
     """Run every conformance check against backends made by ``factory``.
 
     Raises:
-        AssertionError: naming the first failing check.
+        ConformanceError: naming the first failing check and what differed.
     """
     for check in CHECKS:
         await run_check(factory, check)
@@ -265,19 +340,18 @@ def backend_state_machine(factory: BackendFactory, *, loop_factory: Any = None) 
         @rule(thread=threads, mid=ids, direction=directions)
         def append(self, thread: str, mid: str, direction: str) -> None:
             slot = _slot(mid, direction)
-            assert self.run(self.backend.buffer_append(thread, slot)) == self.model.buffer_append(
-                thread, slot
-            )
+            got = self.run(self.backend.buffer_append(thread, slot))
+            _equal(got, self.model.buffer_append(thread, slot), f"buffer_append({thread!r})")
 
         @rule(thread=threads, index=st.integers(-1, 8))
         def get_slot(self, thread: str, index: int) -> None:
             got = self.run(self.backend.buffer_get_slot(thread, index))
-            assert got == self.model.buffer_get_slot(thread, index)
+            _equal(got, self.model.buffer_get_slot(thread, index), f"buffer_get_slot({index})")
 
         @rule(thread=threads)
         def delete_thread(self, thread: str) -> None:
             got = self.run(self.backend.buffer_delete_thread(thread))
-            assert got == self.model.buffer_delete_thread(thread)
+            _equal(got, self.model.buffer_delete_thread(thread), "buffer_delete_thread")
 
         @rule(chain=chains, uuid=uuids)
         def registry_set(self, chain: str, uuid: str) -> None:
@@ -287,29 +361,46 @@ def backend_state_machine(factory: BackendFactory, *, loop_factory: Any = None) 
         @rule(chain=chains, uuid=uuids)
         def registry_setdefault(self, chain: str, uuid: str) -> None:
             got = self.run(self.backend.registry_setdefault(chain, uuid))
-            assert got == self.model.registry_setdefault(chain, uuid)
+            _equal(got, self.model.registry_setdefault(chain, uuid), "registry_setdefault")
 
         @rule(uuid=uuids)
         def registry_delete(self, uuid: str) -> None:
             got = self.run(self.backend.registry_delete(uuid))
-            assert got == self.model.registry_delete(uuid)
+            _equal(got, self.model.registry_delete(uuid), "registry_delete")
 
         @rule(reason=st.sampled_from(["r1", "r2"]), data=st.binary(max_size=12))
         def deadletter_add(self, reason: str, data: bytes) -> None:
             self.run(self.backend.deadletter_add(_letter(reason, data)))
             self.model.deadletter_add(_letter(reason, data))
 
+        @rule(reasons=st.lists(st.sampled_from(["r1", "r2", "r3"]), max_size=5))
+        def deadletter_add_many(self, reasons: list[str]) -> None:
+            letters = [_letter(reason, reason.encode() * 3) for reason in reasons]
+            ids = self.run(self.backend.deadletter_add_many(letters))
+            _equal(len(ids), len(letters), "deadletter_add_many returns one id per letter")
+            self.model.deadletter_add_many(letters)
+
         @invariant()
         def same_state(self) -> None:
             for thread in ("t1", "t2", "t.3"):
                 got = self.run(self.backend.buffer_get_thread(thread))
-                assert got == self.model.buffer_get_thread(thread), thread
-            assert sorted(self.run(self.backend.buffer_list_threads())) == sorted(
-                self.model.buffer_list_threads()
+                _equal(got, self.model.buffer_get_thread(thread), f"history of {thread!r}")
+            _equal(
+                sorted(self.run(self.backend.buffer_list_threads())),
+                sorted(self.model.buffer_list_threads()),
+                "buffer_list_threads",
             )
-            assert self.run(self.backend.registry_list_all()) == self.model.registry_list_all()
+            _equal(
+                self.run(self.backend.registry_list_all()),
+                self.model.registry_list_all(),
+                "registry_list_all",
+            )
             letters = self.run(self.backend.deadletter_list())
             expected = self.model.deadletter_list()
-            assert [(x.reason, x.data) for x in letters] == [(x.reason, x.data) for x in expected]
+            _equal(
+                [(x.reason, x.data) for x in letters],
+                [(x.reason, x.data) for x in expected],
+                "deadletter_list",
+            )
 
     return BackendComparison

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -193,7 +194,22 @@ class Backend(Protocol):
     # -- dead letters ----------------------------------------------------------
 
     async def deadletter_add(self, letter: DeadLetter) -> str:
-        """Store a dead letter and return its id (``letter.id``, or a new one if empty)."""
+        """Store a dead letter and return its id (``letter.id``, or a new one if empty).
+
+        A letter whose id is already stored replaces it, keeping its place (so a
+        retried write stores nothing twice). ``data`` is cut to ``dead_letter_bytes``.
+        """
+        ...
+
+    async def deadletter_add_many(self, letters: Sequence[DeadLetter]) -> list[str]:
+        """Store several dead letters in one round trip; return their ids, in order.
+
+        The same as calling :meth:`deadletter_add` for each letter in turn (ids are
+        assigned the same way, a letter whose id is already stored replaces it in
+        place, the oldest are dropped past ``max_dead_letters``), but in one call to
+        the store: what a pump stopping with many messages queued writes at once.
+        ``[]`` stores nothing and returns ``[]``.
+        """
         ...
 
     async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:

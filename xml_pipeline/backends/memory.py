@@ -7,6 +7,8 @@ suite in :mod:`xml_pipeline.testing`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .base import DeadLetter, HistoryLimits, Slot
 from .store import Store
 
@@ -76,6 +78,9 @@ class MemoryBackend:
 
     async def deadletter_add(self, letter: DeadLetter) -> str:
         return self._store.deadletter_add(letter)
+
+    async def deadletter_add_many(self, letters: Sequence[DeadLetter]) -> list[str]:
+        return self._store.deadletter_add_many(letters)
 
     async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
         return self._store.deadletter_list(limit)

@@ -22,7 +22,8 @@ text: nothing is pickled. Appending (idempotency check, index, push, trimming pa
 ``max_slots_per_thread``, TTL refresh of the frame's history *and* registry entry) is
 one Lua script, run with EVALSHA (EVAL when the server does not know it yet);
 ``registry_set``/``registry_setdefault``/``registry_delete`` and the dead-letter writes
-are scripts too, so each is atomic. Listing uses SCAN, never KEYS.
+are scripts too, so each is atomic (``deadletter_add_many`` stores its whole batch with
+one script call). Listing uses SCAN, never KEYS.
 
 Limits: ``ttl_s`` (0 or less: never) is set on a frame's four keys when they are
 written first, and the frame's writes refresh it once it has run down by a tenth (by a
@@ -52,6 +53,7 @@ logged once each. A backend instance belongs to the event loop it is first used 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -60,6 +62,7 @@ import random
 import socket
 import uuid as _uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +102,8 @@ _BACKOFF_CAP_S = 2.0
 _SCAN_COUNT = 1000
 _INDEX_0 = b'{"i":0,'
 _REFRESH_SLACK_MS = 60_000
+_MANY_BYTES = 64 << 20
+"""deadletter_add_many sends a batch larger than this as several script calls."""
 
 
 # -- Lua scripts -------------------------------------------------------------------
@@ -206,26 +211,26 @@ end
 return 1
 """)
 
-# KEYS: ids, data, seq, stats. ARGV: id, letter JSON, max dead letters. An id already
-# stored is overwritten in place (so a retry stores nothing twice). Returns the total
-# of dropped letters when this call dropped some, else 0.
+# KEYS: ids, data, seq, stats. ARGV: max dead letters, then (id, letter JSON) pairs,
+# stored in order. An id already stored is overwritten in place (so a retry stores
+# nothing twice). Returns {letters dropped by this call, total dropped so far}.
 _DEAD_LETTER_ADD = _Script("""
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  return 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[3]), ARGV[i])
+  end
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
-redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[3]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess <= 0 then
-  return 0
+  return {0, 0}
 end
 local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
 for _, id in ipairs(old) do
   redis.call('HDEL', KEYS[2], id)
 end
-return redis.call('HINCRBY', KEYS[4], 'dead_letters_dropped', excess)
+return {excess, redis.call('HINCRBY', KEYS[4], 'dead_letters_dropped', excess)}
 """)
 
 # KEYS: ids, data. ARGV: last rank (-1: all). Returns the letters' JSON, oldest first.
@@ -815,32 +820,45 @@ class RedisBackend:
     # -- dead letters ----------------------------------------------------------
 
     async def deadletter_add(self, letter: DeadLetter) -> str:
-        # The id is made here, so a retried add overwrites rather than duplicates.
-        letter_id = letter.id or f"dl-{_uuid.uuid4().hex}"
-        stored = DeadLetter(
-            id=letter_id,
-            timestamp=letter.timestamp,
-            code=letter.code,
-            reason=letter.reason,
-            listener=letter.listener,
-            thread_id=letter.thread_id,
-            message_id=letter.message_id,
-            data=letter.data[: self.limits.dead_letter_bytes],
-        )
-        dropped = await self._eval(
-            _DEAD_LETTER_ADD,
-            (self._dl_ids, self._dl_data, self._dl_seq, self._stats),
-            letter_id.encode(),
-            dead_letter_to_bytes(stored),
-            self.limits.max_dead_letters,
-        )
-        if dropped in (1, 100, 10_000):
-            logger.warning(
-                "dead-letter store full (%d): dropped %d oldest so far",
-                self.limits.max_dead_letters,
-                dropped,
-            )
+        [letter_id] = await self.deadletter_add_many((letter,))
         return letter_id
+
+    async def deadletter_add_many(self, letters: Sequence[DeadLetter]) -> list[str]:
+        """Store the letters with one script call (one command, atomic), ids in order.
+
+        A batch past 64 MiB goes as several calls, sent together in one pipeline.
+        """
+        if not letters:
+            return []
+        cap = self.limits.dead_letter_bytes
+        ids: list[str] = []
+        calls: list[list[bytes]] = [[]]
+        size = 0
+        for letter in letters:
+            # The id is made here, so a retried add overwrites rather than duplicates.
+            letter_id = letter.id or f"dl-{_uuid.uuid4().hex}"
+            ids.append(letter_id)
+            data = dead_letter_to_bytes(
+                dataclasses.replace(letter, id=letter_id, data=letter.data[:cap])
+            )
+            if calls[-1] and size + len(data) > _MANY_BYTES:
+                calls.append([])
+                size = 0
+            calls[-1] += (letter_id.encode(), data)
+            size += len(data)
+        keys = (self._dl_ids, self._dl_data, self._dl_seq, self._stats)
+        replies = await asyncio.gather(
+            *(self._eval(_DEAD_LETTER_ADD, keys, self.limits.max_dead_letters, *args)
+              for args in calls)
+        )  # fmt: skip
+        for dropped, total in replies:
+            if dropped and any(total - dropped < n <= total for n in (1, 100, 10_000)):
+                logger.warning(
+                    "dead-letter store full (%d): dropped %d oldest so far",
+                    self.limits.max_dead_letters,
+                    total,
+                )
+        return ids
 
     async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
         if limit == 0:

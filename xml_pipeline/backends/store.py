@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import Any
 
 from .base import DeadLetter, HistoryLimits, Slot
@@ -200,6 +201,9 @@ class Store:
                     self._counters["dead_letters_dropped"],
                 )
         return letter_id
+
+    def deadletter_add_many(self, letters: Sequence[DeadLetter]) -> list[str]:
+        return [self.deadletter_add(letter) for letter in letters]
 
     def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
         letters = list(self._dead.values())
