@@ -22,7 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .backends.base import HistoryLimits
-from .exceptions import ConfigError
+from .backends.scheme import ManagerOptions, RedisOptions, backend_scheme
+from .exceptions import BackendUnavailable, ConfigError
 from .handler import Handler
 from .parser import ParseLimits
 from .payload import Huh, codec_for
@@ -107,26 +108,13 @@ class _BootSection(_Strict):
     payload: str = Field(min_length=1)
 
 
-class _ManagerSection(_Strict):
-    authkey: str | None = Field(None, min_length=1, repr=False)
-    serve: bool = False
-    connect_timeout_s: float = Field(5.0, gt=0)
-
-
-class _RedisSection(_Strict):
-    prefix: str = Field("xml_pipeline", min_length=1)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    socket_timeout_s: float = Field(5.0, gt=0)
-    retries: int = Field(5, ge=0)
-
-
 class OrganismConfig(_Strict):
     """The whole organism YAML file, validated but not yet imported."""
 
     organism: _OrganismSection
     backend: str = "memory://"
-    manager: _ManagerSection = _ManagerSection()
-    redis: _RedisSection = _RedisSection()
+    manager: ManagerOptions = ManagerOptions()
+    redis: RedisOptions = RedisOptions()
     history: _HistorySection = _HistorySection()
     pump: _PumpSection = _PumpSection()
     process_pool: _ProcessPoolSection = _ProcessPoolSection()
@@ -366,6 +354,23 @@ def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError) -> C
     return ConfigError(f"{_where(path, loc, root)}: {msg}{suffix}")
 
 
+def _backend_options(config: OrganismConfig, url: str, overridden: bool) -> dict[str, Any]:
+    """The options section of the URL's scheme (none for an unknown scheme: opening
+    the backend reports it)."""
+    try:
+        scheme = backend_scheme(url)
+    except BackendUnavailable:
+        return {}
+    if scheme.section is None:
+        return {}
+    options: dict[str, Any] = getattr(config, scheme.section).model_dump()
+    if overridden and "serve" in options:
+        # --backend names another store: join it rather than serve one here (the
+        # URL may still say ?serve=1).
+        options["serve"] = False
+    return options
+
+
 def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
     """Load, validate and import an organism YAML file.
 
@@ -455,16 +460,6 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
     p = config.pump
     h = config.history
     url = backend or config.backend
-    scheme = url.partition("://")[0]
-    options: dict[str, Any] = {}
-    if scheme == "manager":
-        options = config.manager.model_dump()
-        if backend is not None:
-            # --backend names another store: join it rather than serve one here
-            # (a URL may still say ?serve=1).
-            options["serve"] = False
-    elif scheme == "redis":
-        options = config.redis.model_dump()
     try:
         return Organism(
             name=config.organism.name,
@@ -492,7 +487,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             ),
             boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
             path=path,
-            backend_options=options,
+            backend_options=_backend_options(config, url, backend is not None),
             process_pool=ProcessPoolSettings(**config.process_pool.model_dump()),
         )
     except ConfigError as exc:

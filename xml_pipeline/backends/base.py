@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 __all__ = [
     "Backend",
@@ -260,12 +260,29 @@ _json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for showing."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password (if any) replaced by ``***``, for showing.
+
+    Both places a password can be are covered: ``scheme://user:PASSWORD@host`` and
+    a ``password=`` query parameter (``unix:///run/redis.sock?password=PASSWORD``).
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    hide_query = any(key == "password" for key, _ in query)
+    if password is None and not hide_query:
+        return url
+    # Rebuilt by hand: urlunsplit would drop the empty authority of "unix:///path".
+    head, sep, rest = url.partition("?")
+    if password is not None:
+        head = head.replace(f":{password}@", ":***@", 1)
+    if hide_query:
+        tail = "#" + parts.fragment if parts.fragment else ""
+        hidden = [(k, "***" if k == "password" else v) for k, v in query]
+        rest = urlencode(hidden, safe="*") + tail
+    return head + sep + rest
 
 
 _str = json.encoder.encode_basestring_ascii  # what _json does to one string

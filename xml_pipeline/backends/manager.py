@@ -104,6 +104,7 @@ from .base import (
     slot_from_obj,
     slot_to_bytes,
 )
+from .scheme import ManagerOptions, serves
 from .store import Store
 
 __all__ = [
@@ -135,6 +136,7 @@ _DIRECT_BYTES = 16 * 1024  # a caller writes a frame this small itself when noth
 _IDLE_CHECK_S = 1.0
 _JOIN_TIMEOUT_S = 5.0
 
+_OPTIONS = ManagerOptions()  # the defaults of the organism file's manager: section
 _T = TypeVar("_T")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -650,8 +652,8 @@ class ManagerBackend:
         authkey: bytes,
         limits: HistoryLimits | None = None,
         *,
-        serve: bool = False,
-        connect_timeout_s: float = 5.0,
+        serve: bool = _OPTIONS.serve,
+        connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         request_timeout_s: float = 30.0,
     ) -> None:
         if not authkey:
@@ -697,9 +699,9 @@ class ManagerBackend:
         url: str,
         limits: HistoryLimits | None = None,
         *,
-        authkey: str | bytes | None = None,
-        serve: bool = False,
-        connect_timeout_s: float = 5.0,
+        authkey: str | bytes | None = _OPTIONS.authkey,
+        serve: bool = _OPTIONS.serve,
+        connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         request_timeout_s: float = 30.0,
     ) -> ManagerBackend:
         """A backend for ``manager://HOST:PORT`` (``?serve=1`` overrides ``serve``).
@@ -724,11 +726,11 @@ class ManagerBackend:
             raise BackendUnavailable(f"{url!r} is not a manager URL: expected manager://HOST:PORT")
         display = _display((host, port))
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key != "serve" or value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            if key != "serve":
                 raise BackendUnavailable(
                     f"{display}: unknown URL option {key}={value!r} (only serve=1 or serve=0)"
                 )
-            serve = value.lower() in ("1", "true", "yes")
+        serve = serves(url, {"serve": serve})  # the URL's serve= wins
         key_text = authkey if authkey is not None else os.environ.get(AUTHKEY_ENV)
         if not key_text:
             raise BackendUnavailable(

@@ -8,7 +8,9 @@ suite in :mod:`xml_pipeline.testing`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
+from ..exceptions import BackendUnavailable
 from .base import DeadLetter, HistoryLimits, Slot
 from .store import Store
 
@@ -27,6 +29,17 @@ class MemoryBackend:
     def __init__(self, limits: HistoryLimits | None = None) -> None:
         self.limits = limits or HistoryLimits()
         self._store = Store(self.limits)
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", limits: HistoryLimits | None = None) -> MemoryBackend:
+        """The backend ``memory://`` names (a new, empty store; the URL says nothing more).
+
+        Raises:
+            BackendUnavailable: ``url`` is not ``memory://``.
+        """
+        if urlsplit(url).scheme != "memory":
+            raise BackendUnavailable(f"{url!r} is not a memory URL: expected memory://")
+        return cls(limits)
 
     async def buffer_append(self, thread_id: str, slot: Slot) -> int:
         return self._store.buffer_append(thread_id, slot)

@@ -1,6 +1,7 @@
 """The Redis backend: histories, registry and dead letters shared by several processes.
 
-``redis://[[user]:[password]@]HOST:PORT/DB`` (also ``rediss://`` and ``unix://``), on
+``redis://[[user]:[password]@]HOST:PORT/DB`` (also ``rediss://``, Redis over TLS, and
+``unix:///PATH?db=DB``, Redis over a unix socket), on
 ``redis.asyncio`` with the hiredis parser. Only this module imports ``redis``.
 
 Key layout (``P`` is the prefix, ``xml_pipeline`` by default; ids and chains are UTF-8)::
@@ -88,11 +89,13 @@ from .base import (
     slot_from_bytes,
     slot_to_bytes,
 )
+from .scheme import RedisOptions
 
 __all__ = ["RedisBackend", "RedisStatistics"]
 
 logger = logging.getLogger(__name__)
 
+_OPTIONS = RedisOptions()  # the defaults of the organism file's redis: section
 _LANES = 4
 """Connections (pipelines in flight at once)."""
 _MAX_BATCH = 1024
@@ -377,10 +380,10 @@ class RedisBackend:
         url: str,
         limits: HistoryLimits | None = None,
         *,
-        prefix: str = "xml_pipeline",
-        connect_timeout_s: float = 5.0,
-        socket_timeout_s: float = 5.0,
-        retries: int = 5,
+        prefix: str = _OPTIONS.prefix,
+        connect_timeout_s: float = _OPTIONS.connect_timeout_s,
+        socket_timeout_s: float = _OPTIONS.socket_timeout_s,
+        retries: int = _OPTIONS.retries,
     ) -> None:
         self.url = redact_url(url)
         self.limits = limits or HistoryLimits()
@@ -438,10 +441,10 @@ class RedisBackend:
         url: str,
         limits: HistoryLimits | None = None,
         *,
-        prefix: str = "xml_pipeline",
-        connect_timeout_s: float = 5.0,
-        socket_timeout_s: float = 5.0,
-        retries: int = 5,
+        prefix: str = _OPTIONS.prefix,
+        connect_timeout_s: float = _OPTIONS.connect_timeout_s,
+        socket_timeout_s: float = _OPTIONS.socket_timeout_s,
+        retries: int = _OPTIONS.retries,
     ) -> RedisBackend:
         """The backend a ``redis://`` URL names, with the ``redis:`` section's options.
 
