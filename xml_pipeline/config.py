@@ -2,17 +2,30 @@
 
 :func:`load_organism` reads one YAML file, validates it against frozen pydantic
 models (unknown keys are errors), imports every handler and payload class (the
-YAML file's folder is put on ``sys.path``) and returns an :class:`Organism`.
-Every problem becomes one :class:`ConfigError` line naming the file, the key and,
-where known, the line.
+YAML file's folder is appended to ``sys.path``) and returns an :class:`Organism`.
+Every problem becomes one line of the :class:`ConfigError` naming the file, the key
+and, where known, the line; all of them are reported at once.
+
+Each default is written once. The pydantic models of the file hold them, and the
+resolved records (:class:`PumpSettings`, :class:`ProcessPoolSettings`,
+:class:`Listener`, :class:`BootMessage`, :class:`Organism`) take theirs from the
+models; the two records that lower layers own and use without a file
+(:class:`~xml_pipeline.backends.HistoryLimits`, :class:`~xml_pipeline.ParseLimits`)
+are the other way round: the models take their defaults from them. The options of
+each backend scheme (the ``manager:`` and ``redis:`` sections) are the models of
+:mod:`xml_pipeline.backends.scheme`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +33,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from .backends.base import HistoryLimits
 from .backends.scheme import ManagerOptions, RedisOptions, backend_scheme
@@ -40,6 +54,9 @@ __all__ = [
 ]
 
 
+logger = logging.getLogger(__name__)
+
+
 # -- the YAML schema ---------------------------------------------------------------
 
 
@@ -52,21 +69,25 @@ class _OrganismSection(_Strict):
     description: str = ""
 
 
+_HISTORY = HistoryLimits()  # the backends' own defaults
+_PARSE = ParseLimits()  # the parser's own defaults
+
+
 class _HistorySection(_Strict):
-    max_slots_per_thread: int = Field(10_000, ge=1)
-    max_threads: int = Field(100_000, ge=1)
-    ttl_s: float = Field(86_400.0, gt=0)
-    max_dead_letters: int = Field(10_000, ge=1)
+    max_slots_per_thread: int = Field(_HISTORY.max_slots_per_thread, ge=1)
+    max_threads: int = Field(_HISTORY.max_threads, ge=1)
+    ttl_s: float = Field(_HISTORY.ttl_s, gt=0)
+    max_dead_letters: int = Field(_HISTORY.max_dead_letters, ge=1)
 
 
 class _PumpSection(_Strict):
     queue_size: int = Field(1024, ge=1)
     max_depth: int = Field(32, ge=1)
     drain_timeout_s: float = Field(10.0, ge=0)
-    max_message_bytes: int = Field(1024 * 1024, ge=64)
-    max_xml_depth: int = Field(64, ge=3)
-    max_elements: int = Field(10_000, ge=2)
-    max_attributes: int = Field(10_000, ge=0)
+    max_message_bytes: int = Field(_PARSE.max_bytes, ge=64)
+    max_xml_depth: int = Field(_PARSE.max_depth, ge=3)
+    max_elements: int = Field(_PARSE.max_elements, ge=2)
+    max_attributes: int = Field(_PARSE.max_attributes, ge=0)
     sync_threads: int = Field(32, ge=1)
     gc_threshold: int | None = Field(10_000, ge=100)
     max_in_pump: int = Field(100_000, ge=1)
@@ -124,6 +145,30 @@ class OrganismConfig(_Strict):
 
 # -- the resolved organism -----------------------------------------------------------
 
+_PUMP = _PumpSection()
+_POOL = _ProcessPoolSection()
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    """The default of a model's field (for models with required fields)."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+def _check_handler_signature(listener: str, handler: Any) -> None:
+    """ConfigError unless ``handler`` can be called with ``(payload, meta)``."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # no signature to read (some builtins): trust it
+        return
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        name = getattr(handler, "__name__", None) or type(handler).__name__
+        raise ConfigError(
+            f"listener {listener!r}: the handler must accept (payload, meta), "
+            f"and {name}{signature} does not"
+        ) from None
+
 
 @dataclass(frozen=True, slots=True)
 class Listener:
@@ -148,12 +193,12 @@ class Listener:
     name: str
     payloads: tuple[type[BaseModel], ...]
     handler: Handler
-    description: str = ""
+    description: str = _default(_ListenerSection, "description")
     peers: frozenset[str] | None = None
-    concurrency: int = 16
-    timeout_s: float | None = None
-    cpu_bound: bool = False
-    history_snapshot: bool = False
+    concurrency: int = _default(_ListenerSection, "concurrency")
+    timeout_s: float | None = _default(_ListenerSection, "timeout_s")
+    cpu_bound: bool = _default(_ListenerSection, "cpu_bound")
+    history_snapshot: bool = _default(_ListenerSection, "history_snapshot")
     handler_path: str | None = None
     is_async: bool = field(init=False)
 
@@ -164,6 +209,7 @@ class Listener:
             raise ConfigError(f"listener {self.name!r} accepts no payload class")
         if not callable(self.handler):
             raise ConfigError(f"listener {self.name!r}: handler is not callable")
+        _check_handler_signature(self.name, self.handler)
         seen: dict[str, type[BaseModel]] = {}
         for cls in self.payloads:
             qname = codec_for(cls).qname
@@ -192,24 +238,25 @@ class BootMessage:
     """A message injected when the organism starts (a bare payload, wrapped by the pump)."""
 
     payload: bytes
-    to: str | None = None
-    sender: str = "boot"
+    to: str | None = _default(_BootSection, "to")
+    sender: str = _default(_BootSection, "sender")
 
 
 @dataclass(frozen=True, slots=True)
 class PumpSettings:
     """Pump knobs (the ``pump`` section)."""
 
-    queue_size: int = 1024
-    max_depth: int = 32
-    drain_timeout_s: float = 10.0
+    queue_size: int = _PUMP.queue_size
+    max_depth: int = _PUMP.max_depth
+    drain_timeout_s: float = _PUMP.drain_timeout_s
     limits: ParseLimits = field(default_factory=ParseLimits)
-    sync_threads: int = 32
-    max_in_pump: int = 100_000
+    sync_threads: int = _PUMP.sync_threads
+    max_in_pump: int = _PUMP.max_in_pump
     """Messages inside the pump past which a handler's forwards are refused (overloaded)."""
-    gc_threshold: int | None = 10_000
-    """While the pump runs, the garbage collector's generation-0 threshold is raised
-    to at least this (process-wide, restored on exit); None leaves it alone."""
+    gc_threshold: int | None = _PUMP.gc_threshold
+    """The garbage collector's generation-0 threshold an application may raise to at
+    least this while it runs the pump (None: leave it alone). ``StreamPump`` changes
+    no process-wide state and ignores it; the command line (``run``, ``bench``) opts in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,12 +277,12 @@ class ProcessPoolSettings:
             past it gets a ``MemoryError``.
     """
 
-    workers: int | None = None
-    batch_max: int = 64
-    recycle_after: int | None = None
-    max_crashes: int = 2
-    start_method: str = "forkserver"
-    memory_limit_mb: int | None = None
+    workers: int | None = _POOL.workers
+    batch_max: int = _POOL.batch_max
+    recycle_after: int | None = _POOL.recycle_after
+    max_crashes: int = _POOL.max_crashes
+    start_method: str = _POOL.start_method
+    memory_limit_mb: int | None = _POOL.memory_limit_mb
 
     def __post_init__(self) -> None:
         if self.start_method not in ("forkserver", "spawn"):
@@ -261,7 +308,7 @@ class Organism:
 
     name: str
     listeners: tuple[Listener, ...]
-    backend: str = "memory://"
+    backend: str = _default(OrganismConfig, "backend")
     history: HistoryLimits = field(default_factory=HistoryLimits)
     settings: PumpSettings = field(default_factory=PumpSettings)
     boot: tuple[BootMessage, ...] = ()
@@ -271,18 +318,21 @@ class Organism:
     process_pool: ProcessPoolSettings = field(default_factory=ProcessPoolSettings)
 
     def __post_init__(self) -> None:
+        problems: list[str] = []
         names = [listener.name for listener in self.listeners]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"duplicate listener name(s): {', '.join(dupes)}")
+            problems.append(f"duplicate listener name(s): {', '.join(dupes)}")
         known = set(names)
         for listener in self.listeners:
             for peer in sorted(listener.peers or ()):
                 if peer not in known:
-                    raise ConfigError(f"listener {listener.name!r}: unknown peer {peer!r}")
+                    problems.append(f"listener {listener.name!r}: unknown peer {peer!r}")
         for boot in self.boot:
             if boot.to is not None and boot.to not in known:
-                raise ConfigError(f"boot message to unknown listener {boot.to!r}")
+                problems.append(f"boot message to unknown listener {boot.to!r}")
+        if problems:
+            raise ConfigError("\n".join(dict.fromkeys(problems)))
 
     def listener(self, name: str) -> Listener:
         """The listener called ``name``. Raises KeyError."""
@@ -343,15 +393,146 @@ def _where(path: Path, loc: Sequence[int | str], root: yaml.Node | None) -> str:
     return f"{path}: {key or '(top level)'}" + (f" (line {line})" if line else "")
 
 
-def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError) -> ConfigError:
-    err = exc.errors()[0]
-    loc = [p for p in err.get("loc", ()) if not (isinstance(p, str) and p in ("str", "list[str]"))]
-    msg = err.get("msg", "invalid")
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown key"
-    more = exc.error_count() - 1
-    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return ConfigError(f"{_where(path, loc, root)}: {msg}{suffix}")
+def _union_free(errors: list[ErrorDetails]) -> list[tuple[tuple[int | str, ...], str, str]]:
+    """``(loc, type, message)`` of each error, the union branches folded.
+
+    pydantic reports an input that fits no member of a union (``payload: str |
+    list[str]``) once per member, under a ``loc`` naming the member. The branch
+    matching the input's shape is kept (a list: the list's errors); when every
+    branch only says the type is wrong, they become one message.
+    """
+    out: list[tuple[tuple[int | str, ...], str, str]] = []
+    unions: dict[tuple[int | str, ...], dict[str, list[ErrorDetails]]] = {}
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        tag = _union_tag(loc, err["type"])
+        if tag is None:
+            out.append((loc, err.get("type", ""), err.get("msg", "invalid")))
+            continue
+        branches = unions.setdefault(loc[:tag], {})
+        if not branches:
+            out.append((loc[:tag], "union", ""))  # its place in the order
+        branches.setdefault(str(loc[tag]), []).append(err)
+    folded: list[tuple[tuple[int | str, ...], str, str]] = []
+    for loc, kind, msg in out:
+        if kind != "union":
+            folded.append((loc, kind, msg))
+            continue
+        branches = unions[loc]
+        # A branch whose only error is "not this type" does not match the input's shape.
+        kept = [
+            errs
+            for errs in branches.values()
+            if len(errs) > 1
+            or not errs[0]["type"].endswith("_type")
+            or len(errs[0]["loc"]) > len(loc) + 1
+        ]
+        if not kept:
+            msgs = [errs[0]["msg"] for errs in branches.values()]
+            first, rest = msgs[0], [m.removeprefix("Input should be ") for m in msgs[1:]]
+            folded.append((loc, "type", " or ".join([first, *rest])))
+            continue
+        for errs in kept:
+            for err in errs:
+                folded.append(((*loc, *err["loc"][len(loc) + 1 :]), err["type"], err["msg"]))
+    return folded
+
+
+def _union_tag(loc: tuple[int | str, ...], kind: str) -> int | None:
+    """The position in ``loc`` of a union member's name (``str``, ``list[str]``), if any."""
+    for i, part in enumerate(loc):
+        if not isinstance(part, str) or (kind == "extra_forbidden" and i == len(loc) - 1):
+            continue
+        if part not in _keys_at(loc[:i]):
+            return i
+    return None
+
+
+def _item(annotation: Any) -> Any:
+    """The model an annotation holds: ``X``, ``X | None``, ``list[X]`` → X."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            model = _item(arg)
+            if model is not None:
+                return model
+    return None
+
+
+def _keys_at(loc: Sequence[int | str]) -> list[str]:
+    """The keys the organism file allows at ``loc`` (a mapping), or []."""
+    model: Any = OrganismConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # the list's item model was taken with the list's field
+        fields = model.model_fields
+        name = next((n for n, f in fields.items() if part in (n, f.alias)), None)
+        if name is None:
+            return []
+        model = _item(fields[name].annotation)
+        if model is None:
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _problems(path: Path, root: yaml.Node | None, exc: ValidationError) -> list[str]:
+    """One line per problem, naming the file, the key and the line.
+
+    An unknown key close to an allowed one says which it probably meant, and a
+    required key it stands for is not reported missing a second time. Lines come
+    in the order of the file.
+    """
+    errors = _union_free(exc.errors())
+    missing = {loc for loc, kind, _ in errors if kind == "missing"}
+    hints: dict[tuple[int | str, ...], str] = {}
+    for loc, kind, _ in errors:
+        if kind != "extra_forbidden" or not loc or not isinstance(loc[-1], str):
+            continue
+        parent, key = loc[:-1], loc[-1]
+        wanted = [str(m[-1]) for m in missing if m[:-1] == parent and m[-1] not in hints.values()]
+        close = difflib.get_close_matches(key, wanted, n=1) or difflib.get_close_matches(
+            key, _keys_at(parent), n=1
+        )
+        if close:
+            hints[loc] = close[0]
+    claimed = {(*loc[:-1], key) for loc, key in hints.items()}
+    lines: list[tuple[int, str]] = []
+    for loc, kind, msg in errors:
+        if kind == "missing" and loc in claimed:
+            continue
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+            guess = hints.get(loc)
+            if guess is not None:
+                msg += f" \u2014 did you mean {guess!r}?"
+                if (*loc[:-1], guess) in missing:
+                    msg += " (missing)"
+        line = _line_of(root, loc)
+        lines.append((line or sys.maxsize, f"{_where(path, loc, root)}: {msg}"))
+    lines.sort(key=lambda item: item[0])  # in the order of the file
+    return list(dict.fromkeys(text for _, text in lines))
+
+
+def _shadowed(folder: Path, spec: str) -> str | None:
+    """Why ``spec``'s module is not the one next to the organism file, if it is not.
+
+    With the folder appended to ``sys.path``, a module of the same name imported
+    already (or found earlier on ``sys.path``) wins over the file's own.
+    """
+    module_name = spec.partition(":")[0] if ":" in spec else spec.rpartition(".")[0]
+    top = module_name.partition(".")[0]
+    ours = [folder / f"{top}.py", folder / top / "__init__.py"]
+    if not top or not any(p.is_file() for p in ours):
+        return None
+    where = getattr(sys.modules.get(top), "__file__", None)
+    if where is None or Path(where).resolve() in {p.resolve() for p in ours}:
+        return None
+    return (
+        f"module {top!r} is {where}, not the {ours[0].name} next to the organism file (a "
+        "module of that name is imported already or comes earlier on sys.path): rename yours"
+    )
 
 
 def _backend_options(config: OrganismConfig, url: str, overridden: bool) -> dict[str, Any]:
@@ -374,12 +555,16 @@ def _backend_options(config: OrganismConfig, url: str, overridden: bool) -> dict
 def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
     """Load, validate and import an organism YAML file.
 
+    The file's folder is appended to ``sys.path`` (so that ``hello:shout`` finds
+    ``hello.py`` next to it, without shadowing an installed module of that name);
+    nothing else outside the returned organism changes.
+
     Args:
         path: the YAML file.
         backend: a backend URL overriding the file's ``backend``.
 
     Raises:
-        ConfigError: one line naming the file, the key and the line.
+        ConfigError: one line per problem, each naming the file, the key and the line.
     """
     path = Path(path)
     try:
@@ -405,20 +590,30 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
     try:
         config = OrganismConfig.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(path, root, exc) from exc
+        raise ConfigError("\n".join(_problems(path, root, exc))) from exc
 
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    # Appended, not inserted first: a module next to the file must not shadow an
+    # installed one (the reverse is reported by _shadowed).
+    folder = path.resolve().parent
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+
+    problems: list[str] = []
 
     def resolve(loc: Sequence[int | str], spec: str) -> Any:
         try:
-            return import_object(spec)
+            obj = import_object(spec)
         except Exception as exc:  # any import-time failure of user code
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            reason = _shadowed(folder, spec) or f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise ConfigError(
                 f"{_where(path, loc, root)}: cannot import {spec!r}: {reason}"
             ) from exc
+        shadowed = _shadowed(folder, spec)
+        if shadowed is not None:  # perhaps a copy of the same code: say so, and go on
+            logger.warning(
+                "%s: %r comes from elsewhere: %s", _where(path, loc, root), spec, shadowed
+            )
+        return obj
 
     listeners = []
     for i, section in enumerate(config.listeners):
@@ -428,17 +623,27 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             loc: list[int | str] = ["listeners", i, "payload"]
             if isinstance(section.payload, list):
                 loc.append(j)
-            cls = resolve(loc, spec)
-            if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-                raise ConfigError(
-                    f"{_where(path, loc, root)}: {spec!r} is not a pydantic model class"
-                )
             try:
-                codec_for(cls)
+                cls = resolve(loc, spec)
+                if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+                    raise ConfigError(
+                        f"{_where(path, loc, root)}: {spec!r} is not a pydantic model class"
+                    )
+                try:
+                    codec_for(cls)
+                except ConfigError as exc:
+                    raise ConfigError(f"{_where(path, loc, root)}: {exc}") from exc
             except ConfigError as exc:
-                raise ConfigError(f"{_where(path, loc, root)}: {exc}") from exc
+                problems.append(str(exc))
+                continue
             classes.append(cls)
-        handler = resolve(["listeners", i, "handler"], section.handler)
+        try:
+            handler = resolve(["listeners", i, "handler"], section.handler)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if len(classes) < len(specs):
+            continue  # reported above
         try:
             listeners.append(
                 Listener(
@@ -455,7 +660,9 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                 )
             )
         except ConfigError as exc:
-            raise ConfigError(f"{_where(path, ['listeners', i], root)}: {exc}") from exc
+            problems.append(f"{_where(path, ['listeners', i], root)}: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
     p = config.pump
     h = config.history
@@ -491,4 +698,4 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             process_pool=ProcessPoolSettings(**config.process_pool.model_dump()),
         )
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from exc
