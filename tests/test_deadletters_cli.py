@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from xml_pipeline import ConfigError, StreamPump, load_organism, open_backend
+from xml_pipeline._deadletters import joining_organism, replay_letters
+
 ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-deadletters-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 HANDLERS = """
     from pathlib import Path
@@ -85,7 +100,7 @@ def test_memory_backend_is_refused(tmp_path: Path) -> None:
     path = organism(tmp_path, "memory://")
     result = cli("deadletters", str(path), "list")
     assert result.returncode == 2
-    assert b"needs a manager:// or redis:// backend" in result.stderr
+    assert b"memory:// keeps no dead letters between runs" in result.stderr
     assert result.stderr.count(b"\n") == 1
 
 
@@ -102,3 +117,50 @@ def test_check_never_shows_a_password(tmp_path: Path) -> None:
     result = cli("check", str(path))
     assert result.returncode == 0, result.stderr
     assert b"s3cret" not in result.stdout + result.stderr and b":***@" in result.stdout
+
+
+# -- joining the store ---------------------------------------------------------------
+
+
+def test_joining_organism(tmp_path: Path) -> None:
+    base = load_organism(organism(tmp_path, "memory://"))
+    with pytest.raises(ConfigError, match=r"^memory:// keeps no dead letters between runs"):
+        joining_organism(base)
+
+    options = {"authkey": KEY, "serve": True, "connect_timeout_s": 2.0}
+    serving = dataclasses.replace(
+        base, backend="manager://127.0.0.1:50555?serve=1", backend_options=options
+    )
+    joined = joining_organism(serving)
+    assert joined.backend == "manager://127.0.0.1:50555"
+    assert joined.backend_options == {**options, "serve": False}
+    assert joined.listeners == base.listeners
+
+    at_port_0 = dataclasses.replace(serving, backend="manager://127.0.0.1:0?serve=1")
+    with pytest.raises(ConfigError, match=r"port 0 .*--backend manager://HOST:PORT"):
+        joining_organism(at_port_0)
+
+    redis = dataclasses.replace(base, backend="rediss://:pw@h:6380/0", backend_options={"a": 1})
+    assert joining_organism(redis) == redis
+
+
+async def test_a_running_pumps_own_store_is_joined_not_served(tmp_path: Path) -> None:
+    port = free_port()
+    base = load_organism(organism(tmp_path, "memory://"))
+    serving = dataclasses.replace(
+        base, backend=f"manager://127.0.0.1:{port}?serve=true", backend_options={"authkey": KEY}
+    )
+    async with StreamPump(serving) as pump:
+        await pump.inject(b"<oops", to="worker", sender="test")
+        joined = joining_organism(serving)
+        backend = open_backend(joined.backend, joined.history, **joined.backend_options)
+        try:
+            letters = await backend.deadletter_list()
+            assert [letter.code for letter in letters] == ["malformed"]
+            assert "serving" not in repr(backend)
+        finally:
+            await backend.aclose()
+        # Replay joins the store too (serving it again would find the address in use).
+        accepted, refused = await replay_letters(serving, [], timeout_s=5)
+        assert (accepted, refused) == (0, 1), "malformed again: replaced by its new refusal"
+        assert [x.code for x in await pump.backend.deadletter_list()] == ["malformed"]

@@ -1,23 +1,52 @@
 """``python -m xml_pipeline deadletters organism.yaml list|replay|purge``.
 
-Dead letters live in the organism's backend; this works on the shared ones
-(``manager://`` and ``redis://``), whose dead letters outlive the pump that wrote them.
+Dead letters live in the organism's backend; this works on the persistent ones
+(``manager://``, ``redis://``, ``rediss://``, ``unix://``), whose dead letters outlive
+the pump that wrote them. It joins the store as any other process does
+(:func:`~xml_pipeline.backends.client_url`), never serving it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
 from typing import IO
 
-from .backends import Backend, DeadLetter
+from .backends import SCHEMES, Backend, DeadLetter, backend_scheme, client_url, redact_url
 from .config import Organism
-from .exceptions import MessageError
+from .exceptions import BackendUnavailable, ConfigError, MessageError
 from .pump import Reply, StreamPump
 
-__all__ = ["list_letters", "purge_letters", "replay_letters"]
+__all__ = ["joining_organism", "list_letters", "purge_letters", "replay_letters"]
+
+
+def joining_organism(organism: Organism) -> Organism:
+    """The organism with its backend replaced by how another process joins the store.
+
+    A file that serves its own ``manager://`` store at a fixed address joins the
+    store a running pump serves there; ``list``, ``purge`` and ``replay`` all work on
+    the result, and none of them serves a store of its own.
+
+    Raises:
+        ConfigError: one line: the backend keeps no dead letters between runs
+            (``memory://``), or it is served at a port only the serving pump knows.
+    """
+    url = organism.backend
+    try:
+        scheme = backend_scheme(url)
+        if not scheme.persistent:
+            kept = ", ".join(f"{s.name}://" for s in SCHEMES.values() if s.persistent)
+            raise ConfigError(
+                f"{redact_url(url)} keeps no dead letters between runs; deadletters needs "
+                f"a backend that does ({kept})"
+            )
+        joined, options = client_url(url, organism.backend_options)
+    except BackendUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
+    return dataclasses.replace(organism, backend=joined, backend_options=options)
 
 
 def _select(letters: list[DeadLetter], ids: Sequence[str]) -> list[DeadLetter]:
@@ -77,9 +106,16 @@ async def replay_letters(
     that ingress accepts is deleted; one refused again is replaced by the dead letter
     of its new refusal.
 
+    The pump joins the organism's store (see :func:`joining_organism`): it never
+    serves one of its own.
+
     Returns:
         (replayed and accepted, refused again)
+
+    Raises:
+        ConfigError: as :func:`joining_organism`.
     """
+    organism = joining_organism(organism)
     out = sys.stdout.buffer
 
     def egress(reply: Reply) -> None:
