@@ -334,3 +334,23 @@ async def test_an_absent_unix_socket_is_one_line(tmp_path: Path) -> None:
             await asyncio.wait_for(backend.ping(), 10)
     finally:
         await backend.aclose()
+
+
+def test_a_missing_redis_package_is_one_line_naming_the_extra() -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["redis"] = None  # as if it were not installed
+        from xml_pipeline.backends import BackendUnavailable, open_backend
+        for url in ("redis://h:1/0", "unix:///r.sock"):
+            try:
+                open_backend(url)
+            except BackendUnavailable as exc:
+                print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    lines = out.stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "redis:// needs the redis package: pip install 'xml-pipeline[redis]'",
+        "unix:// needs the redis package: pip install 'xml-pipeline[redis]'",
+    ], out.stdout

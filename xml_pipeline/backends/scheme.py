@@ -129,9 +129,10 @@ class BackendScheme:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
+            package = (exc.name or module_name).partition(".")[0]
             hint = f": pip install 'xml-pipeline[{self.extra}]'" if self.extra else ""
             raise BackendUnavailable(
-                f"{self.name}:// needs the {exc.name or module_name} package{hint} ({exc})"
+                f"{self.name}:// needs the {package} package{hint} ({exc})"
             ) from exc
         return cast(_BackendClass, getattr(module, attr))
 
