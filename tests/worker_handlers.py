@@ -62,6 +62,10 @@ def faulty(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
         time.sleep(0.05)
     if payload.text == "busy":
         time.sleep(0.001)
+    if payload.text == "burn":  # n ms of CPU time
+        end = time.process_time() + payload.n / 1000
+        while time.process_time() < end:
+            pass
     if payload.text == "memory":
         hog = bytearray(2 * 1024**3)
         return _pong(payload, meta, str(len(hog)))
@@ -86,6 +90,13 @@ def stubborn(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
     """Like marked, but its worker ignores SIGTERM first (as a hung C extension might)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return marked(payload, meta)
+
+
+def module_file(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Answers with the file the module named by ``text`` is imported from in the worker."""
+    import importlib
+
+    return _pong(payload, meta, str(importlib.import_module(payload.text).__file__))
 
 
 class Listy(Payload):
