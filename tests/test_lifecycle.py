@@ -61,7 +61,7 @@ def _organism(**settings: Any) -> Organism:
 
 
 def _descendants() -> set[int]:
-    """Pids of this process's descendants, from /proc (the fork server excluded)."""
+    """Pids of this process's live descendants, from /proc."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -79,17 +79,7 @@ def _descendants() -> set[int]:
         children = {pid for pid, ppid in parents.items() if ppid in frontier}
         frontier = children - found
         found |= children
-    return {pid for pid in found if not _is_fork_server(pid)}
-
-
-def _is_fork_server(pid: int) -> bool:
-    # multiprocessing's fork server is one per process, shared by every pool, and
-    # exits with this process; worker processes are its children.
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"forkserver" in f.read()
-    except OSError:
-        return False
+    return found
 
 
 def _pump_tasks() -> list[asyncio.Task[Any]]:
@@ -118,9 +108,10 @@ async def _busy(pump: StreamPump) -> set[int]:
     for i in range(20):
         await pump.inject(ping_xml(100 + i), to="inline")  # queued behind the others
     await _wait_for(lambda: _started.is_set() and pump.statistics().listeners["cpu"].in_flight > 0)
-    workers = _descendants()
-    if not workers:
-        raise AssertionError("no worker process is running")
+    pool = pump.statistics().pool
+    workers = set(pool.pids) if pool is not None else set()
+    if not workers or not workers <= _descendants():
+        raise AssertionError(f"the worker processes {workers} are not running")
     return workers
 
 

@@ -8,7 +8,17 @@ Users import what they need from here::
 from __future__ import annotations
 
 from ._pool import PoolStatistics
-from .backends import Backend, DeadLetter, HistoryLimits, Slot, open_backend
+from .backends import (
+    Backend,
+    BackendScheme,
+    DeadLetter,
+    HistoryLimits,
+    Slot,
+    backend_scheme,
+    client_url,
+    open_backend,
+    serves,
+)
 from .config import (
     BootMessage,
     Listener,
@@ -60,6 +70,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendFailed",
+    "BackendScheme",
     "BackendUnavailable",
     "BootMessage",
     "ConfigError",
@@ -102,11 +113,14 @@ __all__ = [
     "WorkerCrashed",
     "XmlPipelineError",
     "__version__",
+    "backend_scheme",
     "build_envelope",
+    "client_url",
     "codec_for",
     "error_for_code",
     "load_organism",
     "open_backend",
     "parse_envelope",
     "payload_from_xml",
+    "serves",
 ]

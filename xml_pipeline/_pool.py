@@ -45,12 +45,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from . import worker
 from .config import Organism, ProcessPoolSettings, import_object
@@ -152,12 +152,16 @@ def _checked_path(obj: Any, given: str | None, what: str) -> str:
     return path
 
 
-def worker_spec(organism: Organism, backend_url: str | None = None) -> WorkerSpec:
+def worker_spec(
+    organism: Organism, backend: tuple[str, Mapping[str, Any]] | None = None
+) -> WorkerSpec:
     """The plain-data description a worker builds its ``cpu_bound`` listeners from.
 
     Args:
         organism: the organism.
-        backend_url: the shared backend workers read history from (None: no access).
+        backend: the URL and options of the shared store workers read history from,
+            as another process joins it (see :func:`~xml_pipeline.backends.client_url`);
+            None: no access.
 
     Raises:
         ConfigError: a handler or payload class cannot be imported by path.
@@ -180,19 +184,17 @@ def worker_spec(organism: Organism, backend_url: str | None = None) -> WorkerSpe
     if organism.path is not None:
         paths.append(str(organism.path.resolve().parent))
     paths.extend(p for p in sys.path if isinstance(p, str) and p and p not in paths)
-    backend: BackendSpec | None = None
-    if backend_url is not None:
-        parts = urlsplit(backend_url)
-        url = urlunsplit(parts._replace(query="")) if parts.scheme == "manager" else backend_url
-        options = dict(organism.backend_options)
-        if parts.scheme == "manager":
-            options["serve"] = False
-        backend = BackendSpec(url=url, limits=dataclasses.asdict(organism.history), options=options)
+    store: BackendSpec | None = None
+    if backend is not None:
+        url, options = backend
+        store = BackendSpec(
+            url=url, limits=dataclasses.asdict(organism.history), options=dict(options)
+        )
     return WorkerSpec(
         module=worker.__file__,
         paths=paths,
         listeners=listeners,
-        backend=backend,
+        backend=store,
         memory_limit_mb=organism.process_pool.memory_limit_mb,
     )
 

@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 from anyio.abc import TaskStatus
@@ -42,7 +41,7 @@ from pydantic import BaseModel
 
 from ._pool import PoolStatistics, WorkerPool, worker_spec
 from ._sync import SyncRunner
-from .backends import Backend, DeadLetter, Slot, open_backend
+from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
 from .envelope import (
@@ -528,16 +527,19 @@ class StreamPump:
         if not offloaded:
             return
         url = self.organism.backend
-        if urlsplit(url).scheme == "manager":
-            url = getattr(self.backend, "url", url)
         # Workers read a shared store directly only when it is the one the pump uses
-        # (a backend object passed in may not be what the organism's URL names).
-        shared = urlsplit(url).scheme in ("manager", "redis", "rediss") and (
+        # (a backend object passed in may not be what the organism's URL names); they
+        # join it as any other process does (a store this pump serves included).
+        shared = backend_scheme(url).shared and (
             self._owns_backend or not isinstance(self.backend, MemoryBackend)
         )
-        pool = None
         try:
-            spec = worker_spec(self.organism, url if shared else None)
+            joined = (
+                client_url(url, self.organism.backend_options, backend=self.backend)
+                if shared
+                else None
+            )
+            spec = worker_spec(self.organism, joined)
             pool = WorkerPool(self.organism.process_pool, spec)
             self._pool = pool
             await pool.start()
