@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import fcntl
+import gc
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cli_process import SIGNALS, CliProcess, closed_pipe, wait_for_file, wait_until
 from lxml import etree
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
+from xml_pipeline.cli import gc_tuning
 from xml_pipeline.parser import parse_trusted
 from xml_pipeline.payload import codec_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "organisms" / "hello.yaml"
+CORE = "https://xml-pipeline.org/ns/core/v1"
 GREETING = b'<Greeting xmlns="https://example.org/hello"><name>%s</name></Greeting>'
 
 
@@ -236,12 +245,15 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], expected: by
     assert expected in result.stderr and result.stderr.count(b"\n") == 1, result.stderr
 
 
-# -- signals -------------------------------------------------------------------------
+# -- signals and exit statuses --------------------------------------------------------
 
 
 SLOW = """
     import asyncio
+    from pathlib import Path
     from xml_pipeline import Payload, HandlerResponse
+
+    STARTED = Path(__file__).with_name("started")
 
     class Ping(Payload):
         xml_ns = "urn:t"
@@ -249,32 +261,27 @@ SLOW = """
 
     async def echo(payload, meta):
         if payload.n < 0:
+            with STARTED.open("a") as log:  # a readiness signal for the test
+                log.write(f"{payload.n}\\n")
             await asyncio.sleep(-payload.n)
         return HandlerResponse.respond(payload)
 """
 
 
-def start(path: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "xml_pipeline", str(path), "--input", "-", "--to", "e", *extra],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
+def start(path: Path, *extra: str) -> CliProcess:
+    return CliProcess(path, "--input", "-", "--to", "e", *extra)
 
 
-def send(proc: subprocess.Popen[bytes], n: int) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write(b'<Ping xmlns="urn:t"><n>%d</n></Ping>\n' % n)
-    proc.stdin.flush()
+def send(proc: CliProcess, n: int) -> None:
+    proc.send(b'<Ping xmlns="urn:t"><n>%d</n></Ping>\n' % n)
 
 
-def slow_organism(tmp_path: Path, drain: float) -> Path:
+def slow_organism(tmp_path: Path, drain: float, backend: str = "") -> Path:
     return write_organism(
         tmp_path,
         f"""
         organism: {{name: slow}}
+        {backend}
         pump: {{drain_timeout_s: {drain}}}
         listeners: [{{name: e, payload: handlers:Ping, handler: handlers:echo}}]
         """,
@@ -282,68 +289,114 @@ def slow_organism(tmp_path: Path, drain: float) -> Path:
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def wait_until_started(tmp_path: Path, count: int = 1) -> None:
+    """Wait until ``count`` slow messages are inside their handler."""
+    started = tmp_path / "started"
+    wait_until(
+        lambda: started.exists() and started.read_text().count("\n") >= count,
+        f"{count} slow message(s) in the handler",
+    )
+
+
+def summaries(err: bytes) -> list[str]:
+    return [line for line in err.decode().splitlines() if "dead-letter" in line]
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
 def test_signal_stops_ingress_drains_and_exits_zero(tmp_path: Path, signum: int) -> None:
-    proc = start(slow_organism(tmp_path, 10))
-    try:
+    with start(slow_organism(tmp_path, 10)) as proc:
         send(proc, 1)
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # the reply proves the pump is up and serving
-        assert b"<n>1</n>" in first
+        assert b"<n>1</n>" in proc.readline()  # the reply proves the pump is up and serving
         send(proc, -1)  # a message that takes one second
-        time.sleep(0.3)
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        proc.kill()
+        wait_until_started(tmp_path)
+        proc.signal(signum)
+        out, err = proc.finish(timeout=20)
     assert proc.returncode == 0, err
     assert b"<n>-1</n>" in out, "the in-flight message was drained, not dropped"
     assert b"draining" in err and b"Traceback" not in err
+    assert not summaries(err)
 
 
-def test_drain_timeout_then_exit(tmp_path: Path) -> None:
-    proc = start(slow_organism(tmp_path, 0.5))
-    try:
+def test_drain_timeout_exits_1_with_one_summary_line(tmp_path: Path) -> None:
+    with start(slow_organism(tmp_path, 0.5)) as proc:
         send(proc, 1)
-        assert proc.stdout is not None and b"<n>1</n>" in proc.stdout.readline()
-        send(proc, -30)
-        time.sleep(0.3)
+        assert b"<n>1</n>" in proc.readline()
+        for _ in range(3):
+            send(proc, -30)
+        wait_until_started(tmp_path, 3)
         began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        proc.signal(signal.SIGTERM)
+        _, err = proc.finish(timeout=20)
         elapsed = time.monotonic() - began
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 1, err
     assert elapsed < 15
-    assert b"drain timeout" in err and b"dead-letter" in err
+    lines = err.decode().splitlines()
+    assert len(lines) == 2, err  # one line for the signal, one summary: not one per message
+    assert lines[0].endswith("SIGTERM: stopping ingress, draining")
+    (summary,) = summaries(err)
+    assert summary == lines[1]
+    assert "WARNING" in summary
+    assert "3 accepted message(s) dead-lettered at shutdown" in summary
+    assert "the drain timed out after 0.5 s" in summary and "code shutdown" in summary
+    assert "memory:// keeps dead letters only while this process runs" in summary
+    assert "Traceback" not in err.decode()
 
 
-def test_second_signal_cancels_at_once(tmp_path: Path) -> None:
-    proc = start(slow_organism(tmp_path, 60))
-    try:
+def test_drain_timeout_summary_says_how_to_read_the_letters(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    backend = f"backend: {redis_server.url}\n        redis: {{prefix: cli-{tmp_path.name}}}"
+    path = slow_organism(tmp_path, 0.2, backend)
+    with start(path) as proc:
         send(proc, 1)
-        assert proc.stdout is not None and b"<n>1</n>" in proc.stdout.readline()
+        assert b"<n>1</n>" in proc.readline()
         send(proc, -30)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        assert proc.poll() is None, "still draining after the first signal"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+        send(proc, -31)
+        wait_until_started(tmp_path, 2)
+        proc.signal(signal.SIGINT)
+        _, err = proc.finish(timeout=20)
+    assert proc.returncode == 1, err
+    (summary,) = summaries(err)
+    assert "2 accepted message(s) dead-lettered at shutdown" in summary
+    assert f"they are kept in {redis_server.url}" in summary
+    command = summary.split("read them with: ", 1)[1]
+    assert command == f"python -m xml_pipeline deadletters {path} list"
+    listed = cli(*shlex.split(command)[3:], "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(letter["code"] for letter in letters) == ["shutdown", "shutdown"]
+    assert sorted(b"<n>-3" in letter["data"].encode() for letter in letters) == [True, True]
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_second_signal_cancels_at_once_with_128_plus_signal(tmp_path: Path, signum: int) -> None:
+    with start(slow_organism(tmp_path, 60)) as proc:
+        send(proc, 1)
+        assert b"<n>1</n>" in proc.readline()
+        send(proc, -30)
+        wait_until_started(tmp_path)
+        proc.signal(signum)
+        proc.wait_for_stderr(b"stopping ingress, draining")
+        assert proc.running(), "still draining after the first signal"
+        began = time.monotonic()
+        proc.signal(signum)
+        _, err = proc.finish(timeout=20)
+        elapsed = time.monotonic() - began
+    assert proc.returncode == 128 + signum, err  # 130 for SIGINT, 143 for SIGTERM
+    assert elapsed < 10
     assert b"second signal" in err and b"Traceback" not in err
+    (summary,) = summaries(err)
+    assert (
+        "1 accepted message(s) dead-lettered at shutdown (cancelled by a second signal" in summary
+    )
 
 
-def test_exits_when_stdin_closes(tmp_path: Path) -> None:
-    proc = start(slow_organism(tmp_path, 10))
-    try:
-        out, err = proc.communicate(b'<Ping xmlns="urn:t"><n>4</n></Ping>', timeout=20)
-    finally:
-        proc.kill()
+def test_exits_zero_when_stdin_closes(tmp_path: Path) -> None:
+    with start(slow_organism(tmp_path, 10)) as proc:
+        proc.send(b'<Ping xmlns="urn:t"><n>4</n></Ping>')
+        out, err = proc.finish(timeout=20)
     assert proc.returncode == 0, err
+    assert err == b""
     assert out.count(b"\n") == 1 and b"<n>4</n>" in out
 
 
@@ -393,3 +446,211 @@ def test_dev_null_as_input_and_closed_stdout_at_start() -> None:
         preexec_fn=lambda: os.close(1),
     )  # fmt: skip
     assert result.returncode == 2 and b"standard output is closed" in result.stderr
+
+
+# -- stdout: a slow reader, a full disk ---------------------------------------------
+
+CLOG = """
+    import asyncio
+    import time
+    from pathlib import Path
+    from xml_pipeline import Payload, HandlerResponse
+
+    HERE = Path(__file__).parent
+
+    class Blob(Payload):
+        xml_ns = "urn:t"
+        n: int
+        text: str
+
+    class Tick(Payload):
+        xml_ns = "urn:t"
+        n: int
+
+    class Hang(Payload):
+        xml_ns = "urn:t"
+        n: int
+
+    async def echo(payload, meta):
+        return HandlerResponse.respond(payload)
+
+    async def tick(payload, meta):
+        began = time.monotonic()
+        await asyncio.sleep(0.2)
+        (HERE / "tick").write_text(f"{time.monotonic() - began}")
+        return HandlerResponse.respond(payload)
+
+    async def hang(payload, meta):
+        began = time.monotonic()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            (HERE / "hang").write_text(f"{time.monotonic() - began}")
+"""
+
+
+def unread_bytes(fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+def test_a_slow_reader_of_stdout_stalls_neither_timers_nor_timeouts(tmp_path: Path) -> None:
+    path = write_organism(
+        tmp_path,
+        """
+        organism: {name: clog}
+        listeners:
+          - {name: echo, payload: handlers:Blob, handler: handlers:echo}
+          - {name: tick, payload: handlers:Tick, handler: handlers:tick}
+          - {name: hang, payload: handlers:Hang, handler: handlers:hang, timeout_s: 0.3}
+        """,
+        CLOG,
+    )
+    count = 200  # replies of 8 kB each: far more than the pipe to this test holds
+    blob = b'<Blob xmlns="urn:t"><n>%d</n><text>' + b"x" * 8000 + b"</text></Blob>\n"
+    with CliProcess(path, "--input", "-", "--no-boot") as proc:
+        for n in range(count):
+            proc.send(blob % n)
+        assert proc.proc.stdout is not None
+        fd = proc.proc.stdout.fileno()
+        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        # The test reads nothing: wait until the pipe is full and the writer is stuck.
+        wait_until(lambda: unread_bytes(fd) > capacity - 9000, "stdout pipe full")
+        proc.send(b'<Tick xmlns="urn:t"><n>1</n></Tick>\n<Hang xmlns="urn:t"><n>2</n></Hang>\n')
+        slept = float(wait_for_file(tmp_path / "tick", timeout=20))
+        hung = float(wait_for_file(tmp_path / "hang", timeout=20))
+        assert unread_bytes(fd) > capacity - 9000, "the reader still has not read"
+        assert slept < 1.0, "a 0.2 s timer fired late"
+        assert 0.3 <= hung < 1.5, "the handler's timeout_s fired late"
+        out, err = proc.finish(timeout=30)
+    assert proc.returncode == 0, err
+    lines = replies(out)
+    blobs = sorted(int(r[1].findtext("{urn:t}n") or -1) for r in lines if r[1].tag == "{urn:t}Blob")
+    assert blobs == list(range(count)), "nothing is lost once the reader resumes"
+    assert [r[1].tag for r in lines if r[1].tag != "{urn:t}Blob"].count("{urn:t}Tick") == 1
+    codes = [r[1].findtext(f"{{{CORE}}}code") for r in lines if r[1].tag == f"{{{CORE}}}huh"]
+    assert codes == ["timeout"]
+
+
+def test_a_write_error_on_stdout_stops_with_status_1() -> None:
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "xml_pipeline", str(HELLO)],
+            stdout=full, stderr=subprocess.PIPE, timeout=30, cwd=ROOT, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert b"cannot write to standard output (No space left on device): stopping" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["schema", "check"])
+def test_closed_stdout_or_a_reader_gone_is_one_line(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "xml_pipeline", command, str(HELLO)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30, cwd=ROOT, check=False,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == b"xml_pipeline: error: standard output is closed\n"
+    gone = closed_pipe()  # like `| head -1` once head has exited
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "xml_pipeline", command, str(HELLO)],
+            stdout=gone, stderr=subprocess.PIPE, timeout=30, cwd=ROOT, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(gone)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(b"\n") == 1, result.stderr
+    assert result.stderr.endswith(
+        b"WARNING xml_pipeline.cli: standard output is closed: stopping\n"
+    )
+
+
+# -- usage errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "give an organism file to run, such as: python -m xml_pipeline organisms/hello.yaml"),
+        (["run"], "run: missing the organism file (usage: python -m xml_pipeline run ORGANISM"),
+        (["check"], "check: missing the organism file (usage: python -m xml_pipeline check "),
+        (["schema"], "schema: missing the organism file"),
+        (["bench"], "bench: missing the organism file"),
+        (["deadletters"], "deadletters: missing the organism file and the action (list, replay"),
+        (["deadletters", str(HELLO)], "deadletters: missing the action (list, replay or purge)"),
+        (["deadletters", str(HELLO), "frob"],
+         "deadletters: 'frob' is not a valid action; choose from 'list', 'replay', 'purge'"),
+        (["manager"], "manager: missing --address (usage: python -m xml_pipeline manager "),
+        ([str(HELLO), "--frob"], "run: unknown option --frob (see python -m xml_pipeline run"),
+        (["check", str(HELLO), "extra"], "check: unexpected argument 'extra'"),
+        ([str(HELLO), "--input"], "run: --input needs a value"),
+        ([str(HELLO), "--framing", "json"], "argument --framing: invalid choice: 'json'"),
+        ([str(HELLO), "--framing", "xml"], "--framing applies to --input"),
+        ([str(HELLO), "--workers", "two"], "argument --workers: expected a whole number"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_in_the_users_terms(args: list[str], expected: str) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.decode()
+    assert err.startswith(f"xml_pipeline: error: {expected}"), err
+    assert err.count("\n") == 1, err
+    for internal in ("argument command", "arguments are required", "Traceback"):
+        assert internal not in err, err
+
+
+# -- GC tuning is the application's ----------------------------------------------------
+
+GC_HANDLERS = """
+    import gc
+    from xml_pipeline import Payload, HandlerResponse
+
+    class Ping(Payload):
+        xml_ns = "urn:t"
+        n: int
+
+    async def threshold(payload, meta):
+        return HandlerResponse.respond(Ping(n=gc.get_threshold()[0]))
+"""
+
+
+@pytest.mark.parametrize("setting", ["12345", "null"])
+def test_run_applies_the_gc_threshold_of_the_organism(tmp_path: Path, setting: str) -> None:
+    path = write_organism(
+        tmp_path,
+        f"""
+        organism: {{name: gc}}
+        pump: {{gc_threshold: {setting}}}
+        listeners: [{{name: g, payload: handlers:Ping, handler: handlers:threshold}}]
+        """,
+        GC_HANDLERS,
+    )
+    result = cli(
+        str(path), "--input", "-", "--to", "g", stdin=b'<Ping xmlns="urn:t"><n>0</n></Ping>'
+    )
+    assert result.returncode == 0, result.stderr
+    (reply,) = replies(result.stdout)
+    default = subprocess.run([sys.executable, "-c", "import gc; print(gc.get_threshold()[0])"],
+                             capture_output=True, check=True).stdout  # fmt: skip
+    expected = 12345 if setting != "null" else int(default)
+    assert reply[1].findtext("{urn:t}n") == str(expected)
+
+
+def test_gc_tuning_restores_the_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, before[1], before[2])
+        with gc_tuning(50_000):
+            assert gc.get_threshold() == (50_000, before[1], before[2])
+        assert gc.get_threshold() == (700, before[1], before[2])
+        with gc_tuning(None):
+            assert gc.get_threshold()[0] == 700
+        gc.set_threshold(90_000, before[1], before[2])
+        with gc_tuning(50_000):  # a higher threshold already in place is kept
+            assert gc.get_threshold()[0] == 90_000
+        with pytest.raises(RuntimeError), gc_tuning(50_000):
+            raise RuntimeError
+        assert gc.get_threshold()[0] == 90_000
+    finally:
+        gc.set_threshold(*before)
