@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_process import SIGNALS, CliProcess, wait_until
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
 from xml_pipeline._bench import BenchMessage, BenchOptions, run_bench
@@ -107,9 +108,11 @@ def test_bench_runs_every_example_organism(
     if name == "wordcount":  # cpu_bound: the workers' CPU is counted apart
         assert report["pool"]["tasks"] == messages
         assert report["options"]["workers"] == 2
-        assert report["workers_cpu_s"]["total"] > 0.2  # ~65 ms of hashing per message
-        assert report["cpu_s"]["total"] < report["workers_cpu_s"]["total"]
-        assert "workers CPU s" in result.stdout
+        assert report["workers_cpu_s"] > 0.2  # ~65 ms of hashing per message
+        assert report["cpu_s"]["total"] < report["workers_cpu_s"]
+        assert report["pool"]["worker_cpu_s"] >= report["workers_cpu_s"]
+        assert report["workers_peak_rss_mb"] > 10  # read while the workers were alive
+        assert "workers CPU s" in result.stdout and "workers RSS MB" in result.stdout
     else:
         assert report["pool"] is None and report["workers_cpu_s"] is None
         assert "workers CPU s" not in result.stdout
@@ -318,21 +321,110 @@ def test_progress_bar_only_on_a_terminal() -> None:
     assert b"bench relay " in stdout  # the table still goes to stdout
 
 
-def test_first_sigint_stops_injecting_and_reports(tmp_path: Path) -> None:
+READY = """
+import asyncio
+from pathlib import Path
+
+from xml_pipeline import HandlerMetadata, HandlerResponse, Payload
+
+HERE = Path(__file__).parent
+
+
+class Job(Payload):
+    xml_ns = "https://example.org/bench-ready"
+    n: int = 0
+
+
+async def work(payload: Job, meta: HandlerMetadata) -> HandlerResponse:
+    (HERE / "ready").touch()  # the bench is sending: a readiness signal for the test
+    if payload.n < 0:
+        (HERE / "stuck").touch()
+        await asyncio.sleep(-payload.n)
+    return HandlerResponse.respond(payload)
+"""
+
+
+def ready_organism(tmp_path: Path, n: int) -> Path:
+    (tmp_path / "bench_ready_handlers.py").write_text(READY)
+    path = tmp_path / "ready.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        organism:
+          name: ready
+        listeners:
+          - name: worker
+            payload: bench_ready_handlers:Job
+            handler: bench_ready_handlers:work
+        boot:
+          - to: worker
+            payload: '<Job xmlns="https://example.org/bench-ready"><n>{n}</n></Job>'
+        """))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_first_signal_stops_injecting_and_reports(tmp_path: Path, signum: int) -> None:
     out = tmp_path / "bench.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "xml_pipeline", "bench", "organisms/relay.yaml",
-         "--duration", "60", "--json", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True,
-    )  # fmt: skip
-    time.sleep(1.5)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
+    with CliProcess("bench", ready_organism(tmp_path, 1), "--duration", "60",
+                    "--json", out) as process:  # fmt: skip
+        wait_for_file_to_exist(tmp_path / "ready")
+        process.signal(signum)
+        stdout, stderr = process.finish(timeout=30)
     assert process.returncode == 0, stderr
+    name = signal.Signals(signum).name
+    assert stderr.decode() == (
+        f"xml_pipeline: {name}: stopping; waiting for the messages in flight "
+        "(a second signal stops at once)\n"
+    )
     report = json.loads(out.read_text())
     assert report["interrupted"] is True
     assert report["messages"] > 0 and report["ok"] == report["messages"]
-    assert "(interrupted)" in stdout
+    assert b"(interrupted)" in stdout
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_second_signal_stops_at_once_with_128_plus_signal(tmp_path: Path, signum: int) -> None:
+    with CliProcess("bench", ready_organism(tmp_path, -60), "--messages", "5",
+                    "--timeout", "120") as process:  # fmt: skip
+        wait_for_file_to_exist(tmp_path / "stuck")
+        process.signal(signum)
+        process.wait_for_stderr(b"waiting for the messages in flight")
+        assert process.running()
+        process.signal(signum)
+        stdout, stderr = process.finish(timeout=30)
+    assert process.returncode == 128 + signum, stderr  # 130 for SIGINT, 143 for SIGTERM
+    assert stdout == b""
+    assert stderr.endswith(b"xml_pipeline: error: interrupted twice: stopped without results\n")
+    assert b"Traceback" not in stderr
+
+
+def test_bench_applies_the_gc_threshold_of_the_organism(tmp_path: Path) -> None:
+    (tmp_path / "bench_gc_handlers.py").write_text(textwrap.dedent("""\
+        import gc
+        from pathlib import Path
+        from xml_pipeline import HandlerResponse, Payload
+
+        class Job(Payload):
+            xml_ns = "https://example.org/bench-gc"
+            n: int = 0
+
+        async def work(payload, meta):
+            Path(__file__).with_name("threshold").write_text(str(gc.get_threshold()[0]))
+            return HandlerResponse.respond(payload)
+        """))  # fmt: skip
+    path = tmp_path / "gc.yaml"
+    path.write_text(textwrap.dedent("""\
+        organism: {name: gc}
+        pump: {gc_threshold: 23456}
+        listeners: [{name: w, payload: bench_gc_handlers:Job, handler: bench_gc_handlers:work}]
+        boot: [{to: w, payload: '<Job xmlns="https://example.org/bench-gc"/>'}]
+        """))  # fmt: skip
+    result = bench(path, "--messages", 3)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "threshold").read_text() == "23456"
+
+
+def wait_for_file_to_exist(path: Path) -> None:
+    wait_until(path.exists, f"file {path}")
 
 
 # -- in process, on asyncio and uvloop -----------------------------------------------
@@ -373,7 +465,7 @@ async def test_run_bench_in_process() -> None:
     assert len(result.latencies_s) == 300
     p = result.percentiles_ms()
     assert p["p50"] is not None and p["max"] is not None and p["p50"] <= p["max"]
-    assert result.workers_cpu_user_s is None
+    assert result.workers_cpu_s is None and result.workers_peak_rss_mb is None
     assert result.cpu_user_s + result.cpu_system_s > 0
 
 

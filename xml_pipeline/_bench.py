@@ -8,7 +8,14 @@ memory and per-listener counters (see docs/bench.md for how to read them).
 
 Each message goes in with :meth:`StreamPump.request`, so a conversation's first
 reply ends its measurement; a reply whose payload is a ``Huh`` still ends it but
-counts as an error, and so do refusals at ingress and timeouts.
+counts as an error, and so do refusals at ingress (a ``Huh`` without a
+conversation), conversations that end without a reply (``NoReply``, known as soon
+as nothing of them is left in the pump) and timeouts.
+
+The workers' CPU comes from the pool's statistics (what the worker processes
+report), their peak memory from ``/proc`` while they are alive (Linux). Like
+``run``, the command applies ``pump.gc_threshold`` for the duration of the run
+(:func:`xml_pipeline.cli.gc_tuning`); :func:`run_bench` alone does not.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from typing import IO, Any
 
 from . import __version__
 from .backends import redact_url
+from .cli import gc_tuning
 from .config import Organism, load_organism
 from .envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
-from .exceptions import Abandoned, MessageError, XmlPipelineError
+from .exceptions import Abandoned, MessageError, NoReply, XmlPipelineError
 from .parser import parse_bytes
 from .payload import Huh
 from .pump import PumpStatistics, StreamPump
@@ -45,12 +53,10 @@ from .pump import PumpStatistics, StreamPump
 __all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 DEFAULT_MESSAGES = 10_000
 _MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
 _PROGRESS_EVERY_S = 0.2
 _BAR_WIDTH = 30
-_IDLE_LOOK_S = 0.02
 
 
 # -- options -------------------------------------------------------------------------
@@ -145,8 +151,7 @@ class BenchResult:
     latencies_s: array[float] = dataclasses.field(default_factory=lambda: array("d"))
     cpu_user_s: float = 0.0
     cpu_system_s: float = 0.0
-    workers_cpu_user_s: float | None = None
-    workers_cpu_system_s: float | None = None
+    workers_cpu_s: float | None = None
     peak_rss_mb: float = 0.0
     workers_peak_rss_mb: float | None = None
     interrupted: bool = False
@@ -182,20 +187,19 @@ def _rss_mb(kilobytes_or_bytes: int) -> float:
     return kilobytes_or_bytes / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
-def _stop_fork_server() -> None:
-    """Stop multiprocessing's fork server, if this process started one.
-
-    Worker processes forked by it are its children, not ours: their CPU time only
-    reaches ``RUSAGE_CHILDREN`` once the fork server itself has exited and been
-    waited for. A later pool starts a new one.
-    """
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    stop = getattr(server, "_stop", None)
-    if callable(stop) and getattr(server, "_forkserver_pid", None) is not None:
-        with contextlib.suppress(Exception):  # without it, workers' CPU is only partial
-            stop()
+def _workers_peak_rss_mb(pids: Sequence[int]) -> float | None:
+    """The largest peak resident memory of the processes ``pids`` (Linux), or None."""
+    peaks = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peaks.append(int(line.split()[1]) / 1024)  # kB
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(peaks) if peaks else None
 
 
 class _Bench:
@@ -218,10 +222,6 @@ class _Bench:
         self.deadline: float | None = None
         self.expired = False
         self.stop = stop
-        # Per client: the index of the message it waits on (-1: none) and its timeout.
-        self.waiting: list[int] = []
-        self.scopes: list[asyncio.Timeout | None] = []
-        self.given_up: set[int] = set()
 
     async def client(self) -> None:
         pump = self.pump
@@ -231,11 +231,6 @@ class _Bench:
         result = self.result
         latencies = result.latencies_s
         clock = time.perf_counter
-        slot = len(self.waiting)
-        waiting = self.waiting
-        scopes = self.scopes
-        waiting.append(-1)
-        scopes.append(None)
         while not (self.expired or self.stop.is_set()):
             index = self.started
             if self.limit is not None and index >= self.limit:
@@ -245,67 +240,32 @@ class _Bench:
                 return
             self.started = index + 1
             message = messages[index % count]
-            waiting[slot] = index
             t0 = clock()
             try:
-                async with asyncio.timeout(timeout) as scope:
-                    scopes[slot] = scope
+                async with asyncio.timeout(timeout):  # admission included
                     reply = await pump.request(message.data, to=message.to, sender=message.sender)
             except TimeoutError:
-                if index in self.given_up:
-                    self.given_up.discard(index)
-                    result.no_reply += 1
-                else:
-                    result.timeouts += 1
+                result.timeouts += 1
+            except NoReply:  # the conversation ended without a reply: known at once
+                result.no_reply += 1
             except Abandoned:
                 result.abandoned += 1
             except MessageError as exc:
                 result.rejected += 1
                 result.error_codes[exc.code] += 1
             else:
-                latencies.append(clock() - t0)
-                if self.given_up:  # its reply came just as it was given up
-                    self.given_up.discard(index)
                 payload = reply.payload
                 if isinstance(payload, Huh):
-                    result.huh += 1
                     result.error_codes[payload.code] += 1
+                    if reply.thread_id is None:  # refused at ingress: no conversation
+                        result.rejected += 1
+                    else:
+                        latencies.append(clock() - t0)
+                        result.huh += 1
                 else:
+                    latencies.append(clock() - t0)
                     result.ok += 1
-            waiting[slot] = -1
-            scopes[slot] = None
             self.finished += 1
-
-    async def unanswered(self) -> None:
-        """Give up at once on messages whose conversation ended without a reply.
-
-        A request suspends only once its message is inside the pump, and a reply
-        can only come from a delivery the pump still holds: a message waited for
-        while the pump is idle will never be answered, unless its reply came just
-        before and was not read yet. So one still waited for a moment later is
-        given up (counted as "no reply"), without waiting for ``--timeout``.
-        """
-        loop = asyncio.get_running_loop()
-        candidates: dict[int, int] = {}
-        while True:
-            await asyncio.sleep(_IDLE_LOOK_S)
-            for slot, index in candidates.items():
-                scope = self.scopes[slot]
-                if self.waiting[slot] == index and scope is not None:
-                    self.given_up.add(index)
-                    scope.reschedule(loop.time())
-            candidates = {}
-            if await self._idle():
-                candidates = {slot: i for slot, i in enumerate(self.waiting) if i >= 0}
-
-    async def _idle(self) -> bool:
-        """Whether nothing is queued or being handled in the pump right now."""
-        try:
-            async with asyncio.timeout(0):
-                await self.pump.wait_idle()  # returns without suspending when idle
-        except TimeoutError:
-            return False
-        return True
 
     async def progress(self, out: IO[str]) -> None:
         try:
@@ -341,7 +301,6 @@ async def run_bench(
     options: BenchOptions,
     *,
     progress: IO[str] | None = None,
-    collect_workers: bool = False,
     stop: asyncio.Event | None = None,
 ) -> BenchResult:
     """Run the benchmark on a pump of ``organism``; return its figures.
@@ -351,8 +310,6 @@ async def run_bench(
         messages: replayed in turn, each as a new conversation (no thread id).
         options: how many, how long, how many at once, the timeout of one message.
         progress: a terminal to draw a progress bar on, or None.
-        collect_workers: stop the fork server after the pump closes, so the CPU
-            time of its worker processes can be counted (see :func:`_stop_fork_server`).
         stop: set it to stop injecting early (what is in flight is still awaited).
 
     Raises:
@@ -361,8 +318,6 @@ async def run_bench(
     if not messages:
         raise ValueError("nothing to replay")
     result = BenchResult()
-    has_pool = any(lst.cpu_bound for lst in organism.listeners)
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     pump = StreamPump(organism)
     async with pump:
         if stop is None:
@@ -372,11 +327,12 @@ async def run_bench(
         if options.messages is not None:
             clients = min(clients, options.messages)
         gc.collect()
+        pool_before = pump.statistics().pool
         self_before = resource.getrusage(resource.RUSAGE_SELF)
         bench.start = time.perf_counter()
         if options.duration_s is not None:
             bench.deadline = bench.start + options.duration_s
-        helpers = [asyncio.create_task(bench.unanswered(), name="bench unanswered")]
+        helpers = []
         if progress is not None:
             helpers.append(asyncio.create_task(bench.progress(progress), name="bench progress"))
         try:
@@ -393,18 +349,17 @@ async def run_bench(
         result.interrupted = stop.is_set()
         result.cpu_user_s = self_after.ru_utime - self_before.ru_utime
         result.cpu_system_s = self_after.ru_stime - self_before.ru_stime
+        if result.stats.pool is not None:  # before the pool stops its workers
+            result.workers_peak_rss_mb = _workers_peak_rss_mb(result.stats.pool.pids)
         if result.stats.in_pump and not result.timeouts:
             # Work that goes on after a first reply: let it finish, as ``run`` does.
             # After timeouts, what is left is likely stuck: it is dead-lettered.
             await pump.drain()
     result.peak_rss_mb = _rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    if has_pool:
-        if collect_workers:
-            _stop_fork_server()
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        result.workers_cpu_user_s = children.ru_utime - children_before.ru_utime
-        result.workers_cpu_system_s = children.ru_stime - children_before.ru_stime
-        result.workers_peak_rss_mb = _rss_mb(children.ru_maxrss)
+    pool_after = pump.statistics().pool  # the last figures, once the workers reported
+    if pool_after is not None:
+        before = pool_before.worker_cpu_s if pool_before is not None else 0.0
+        result.workers_cpu_s = pool_after.worker_cpu_s - before
     return result
 
 
@@ -517,11 +472,17 @@ def main(args: argparse.Namespace) -> int:
             if args.loop == "uvloop":
                 return fail("uvloop is not installed")
     progress = sys.stderr if sys.stderr is not None and sys.stderr.isatty() else None
+    signals: list[int] = []
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            result = runner.run(_bench_with_signals(organism, messages, options, progress))
+        with (
+            gc_tuning(organism.settings.gc_threshold),
+            asyncio.Runner(loop_factory=loop_factory) as runner,
+        ):
+            result = runner.run(_bench_with_signals(organism, messages, options, progress, signals))
     except asyncio.CancelledError:  # a second SIGINT/SIGTERM
-        return fail("interrupted twice: stopped without results", EXIT_INTERRUPTED)
+        if len(signals) < 2:
+            raise
+        return fail("interrupted twice: stopped without results", 128 + signals[1])
     except XmlPipelineError as exc:
         return fail(str(exc))
     except OSError as exc:
@@ -541,27 +502,33 @@ async def _bench_with_signals(
     messages: Sequence[BenchMessage],
     options: BenchOptions,
     progress: IO[str] | None,
+    signals: list[int],
 ) -> BenchResult:
-    """``run_bench``; the first SIGINT/SIGTERM stops injecting, a second stops at once."""
+    """``run_bench``; the first SIGINT/SIGTERM stops injecting, a second stops at once.
+
+    The signals received are appended to ``signals``.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     main_task = asyncio.current_task()
 
-    def on_signal() -> None:
-        if not stop.is_set():
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        name = signal.Signals(signum).name
+        if len(signals) == 1:
+            print(f"xml_pipeline: {name}: stopping; waiting for the messages in flight "
+                  "(a second signal stops at once)", file=sys.stderr, flush=True)  # fmt: skip
             stop.set()
-        elif main_task is not None:
+        elif len(signals) == 2 and main_task is not None:
             main_task.cancel()
 
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, on_signal)
+            loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
     try:
-        return await run_bench(
-            organism, messages, options, progress=progress, collect_workers=True, stop=stop
-        )
+        return await run_bench(organism, messages, options, progress=progress, stop=stop)
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -584,13 +551,6 @@ def _report(
     elapsed = result.elapsed_s
     hops = result.hops
     cpu = result.cpu_user_s + result.cpu_system_s
-    workers_cpu = None
-    if result.workers_cpu_user_s is not None and result.workers_cpu_system_s is not None:
-        workers_cpu = {
-            "user": result.workers_cpu_user_s,
-            "system": result.workers_cpu_system_s,
-            "total": result.workers_cpu_user_s + result.workers_cpu_system_s,
-        }
     listeners = {
         name: {
             "received": s.received,
@@ -648,7 +608,7 @@ def _report(
             "total": cpu,
             "percent_of_one_core": 100 * _rate(cpu, elapsed),
         },
-        "workers_cpu_s": workers_cpu,
+        "workers_cpu_s": result.workers_cpu_s,
         "peak_rss_mb": result.peak_rss_mb,
         "workers_peak_rss_mb": result.workers_peak_rss_mb,
         "listeners": listeners,
@@ -710,7 +670,7 @@ def _print_table(report: dict[str, Any], out: IO[str]) -> None:
     share = f"{cpu['percent_of_one_core']:.0f}% of one core"
     rows.append(("CPU s", f"{cpu['total']:.3f} pump process ({share})"))
     if report["workers_cpu_s"] is not None:
-        total = report["workers_cpu_s"]["total"]
+        total = report["workers_cpu_s"]
         rows.append(("workers CPU s", f"{total:.3f} ({opts['workers']} worker processes)"))
     rows.append(("peak RSS MB", f"{report['peak_rss_mb']:.1f} pump process"))
     if report["workers_peak_rss_mb"] is not None:
