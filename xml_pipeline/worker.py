@@ -308,16 +308,19 @@ def run_batch(batch_id: int, tasks: Sequence[Task]) -> tuple[float, list[Result]
     state = _require_state()
     status = state.status
     base = state.base
+    at_started = base + SLOT_STARTED_NS
+    at_index = base + SLOT_INDEX
+    at_batch = base + SLOT_BATCH
     results: list[Result] = []
     began = time.perf_counter()
     try:
         for index, task in enumerate(tasks):
-            status[base + SLOT_STARTED_NS] = time.monotonic_ns()
-            status[base + SLOT_INDEX] = index
-            status[base + SLOT_BATCH] = batch_id
+            status[at_started] = time.monotonic_ns()
+            status[at_index] = index
+            status[at_batch] = batch_id
             results.append(_run(state, task))
     finally:
-        status[base + SLOT_BATCH] = 0
+        status[at_batch] = 0
         # Once per batch (one clock read), so the pool can report its workers' CPU.
         status[base + SLOT_CPU_NS] = time.process_time_ns()
     return time.perf_counter() - began, results
