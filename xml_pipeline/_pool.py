@@ -276,6 +276,7 @@ class WorkerPool:
         self._slots = 0
         self._status: Any = None
         self._control: Any = None
+        self._shared: Any = None
         self._dead_slots: dict[int, tuple[int, int]] = {}  # slot -> (pid, birth) seen dead
         self._generations = itertools.count(1)
         self._executor: _Executor | None = None
@@ -308,6 +309,9 @@ class WorkerPool:
         self._slots = max(1024, _SLOTS_PER_WORKER * self._workers)
         self._status = self._ctx.RawArray("q", worker.SLOT_WIDTH * self._slots)
         self._control = self._ctx.Array("q", worker.CONTROL_WIDTH)
+        # Read without its lock (which only the workers take, to claim a slot): a worker
+        # killed while holding it must not hang the pool.
+        self._shared = self._control.get_obj()
         if self._settings.start_method == "forkserver":
             # Process-global, and read only when the fork server starts (with the
             # first pool of the process): a fork server started earlier by other code
@@ -392,8 +396,8 @@ class WorkerPool:
             self._executor = None
         for executor in executors.values():
             self._retire(executor, cancel=True)
-        if self._control is not None:
-            self._control[worker.CONTROL_CLOSING] = 1  # a worker starting now exits
+        if self._shared is not None:
+            self._shared[worker.CONTROL_CLOSING] = 1  # a worker starting now exits
         _kill(self._live(busy=True))
         try:
             await self._wait_stopped(_CLOSE_GRACE_S)
@@ -422,7 +426,7 @@ class WorkerPool:
             return []
         found = []
         width = worker.SLOT_WIDTH
-        for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots)):
+        for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots)):
             base = slot * width
             pid = status[base + worker.SLOT_PID]
             birth = status[base + worker.SLOT_BIRTH]
@@ -444,9 +448,9 @@ class WorkerPool:
         if self._status is not None:
             status = self._status
             width = worker.SLOT_WIDTH
-            cpu_ns = self._control[worker.CONTROL_RETIRED_CPU_NS] + sum(
+            cpu_ns = self._shared[worker.CONTROL_RETIRED_CPU_NS] + sum(
                 status[slot * width + worker.SLOT_CPU_NS]
-                for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots))
+                for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots))
             )
         return PoolStatistics(
             workers=self._workers,
@@ -620,7 +624,7 @@ class WorkerPool:
         status = self._status
         width = worker.SLOT_WIDTH
         running = set()
-        for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots)):
+        for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots)):
             base = slot * width
             batch_id = status[base + worker.SLOT_BATCH]
             if batch_id in batches:
@@ -713,7 +717,7 @@ class WorkerPool:
         status = self._status
         width = worker.SLOT_WIDTH
         now = time.monotonic_ns()
-        for slot in range(min(self._control[worker.CONTROL_CLAIMED], self._slots)):
+        for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots)):
             base = slot * width
             batch = self._in_flight.get(status[base + worker.SLOT_BATCH])
             if batch is None:

@@ -191,18 +191,28 @@ def initialize(spec: WorkerSpec, status: Any, control: Any, generation: int) -> 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_pump()
     slots = len(status) // SLOT_WIDTH
-    with control.get_lock():
-        if control[CONTROL_CLOSING]:
-            os._exit(0)  # the pool is closing: nothing will be sent to this worker
-        slot = control[CONTROL_CLAIMED] % slots
-        control[CONTROL_CLAIMED] += 1
-        base = slot * SLOT_WIDTH
-        control[CONTROL_RETIRED_CPU_NS] += status[base + SLOT_CPU_NS]
-        status[base + SLOT_CPU_NS] = 0
-        status[base + SLOT_BATCH] = 0
-        status[base + SLOT_GENERATION] = generation
-        status[base + SLOT_BIRTH] = process_birth(os.getpid()) or 0
-        status[base + SLOT_PID] = os.getpid()
+    shared = control.get_obj()  # read and written under the lock below, never through it
+    lock = control.get_lock()
+    # With a timeout: a worker killed while holding the lock must not keep every later
+    # one from starting (a claim without the lock risks no more than a shared slot).
+    locked = lock.acquire(timeout=_CLAIM_LOCK_S)
+    try:
+        closing = shared[CONTROL_CLOSING]
+        if not closing:
+            slot = shared[CONTROL_CLAIMED] % slots
+            shared[CONTROL_CLAIMED] += 1
+            base = slot * SLOT_WIDTH
+            shared[CONTROL_RETIRED_CPU_NS] += status[base + SLOT_CPU_NS]
+            status[base + SLOT_CPU_NS] = 0
+    finally:
+        if locked:
+            lock.release()
+    if closing:
+        os._exit(0)  # the pool is closing: nothing will be sent to this worker
+    status[base + SLOT_BATCH] = 0
+    status[base + SLOT_GENERATION] = generation
+    status[base + SLOT_BIRTH] = process_birth(os.getpid()) or 0
+    status[base + SLOT_PID] = os.getpid()  # last: the pool looks at slots with a pid
     # Appended, not put first: an organism's folder must not shadow installed packages.
     for path in spec["paths"]:
         if path not in sys.path:
@@ -227,6 +237,7 @@ def initialize(spec: WorkerSpec, status: Any, control: Any, generation: int) -> 
         resource.setrlimit(resource.RLIMIT_AS, (limit * 1024 * 1024, hard))
 
 
+_CLAIM_LOCK_S = 2.0
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIFELINE_STACK = 256 * 1024  # the lifeline thread only waits: a small stack (RLIMIT_AS)
 
