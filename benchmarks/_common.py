@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -27,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,11 @@ from xml_pipeline import (  # noqa: E402
     HistoryLimits,
     Listener,
     Organism,
+    StreamPump,
     build_envelope,
     load_organism,
 )
+from xml_pipeline.cli import gc_tuning  # noqa: E402
 from xml_pipeline.envelope import (  # noqa: E402
     ENVELOPE_NAMESPACE,
     Envelope,
@@ -185,6 +188,12 @@ def relay_organism(last: int, history: HistoryLimits | None = None) -> Organism:
     if loaded is not None and Path(loaded.__file__ or "").parent != ROOT / "organisms":
         # benchmarks/relay.py imported as "relay" would shadow organisms/relay.py.
         raise RuntimeError(f"module 'relay' is {loaded.__file__}, not organisms/relay.py")
+    # The organism's modules come first for this script (an application may choose
+    # so; load_organism only appends their folder): benchmarks/ holds a relay.py too.
+    organisms = str(ROOT / "organisms")
+    if organisms in sys.path:
+        sys.path.remove(organisms)
+    sys.path.insert(0, organisms)
     base = load_organism(ROOT / "organisms" / "relay.yaml")
     template = base.listeners[0]
     hop_cls, done_cls = template.payloads
@@ -351,3 +360,15 @@ def write_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     return report
+
+
+@contextlib.asynccontextmanager
+async def running(organism: Organism, **kwargs: Any) -> AsyncIterator[StreamPump]:
+    """``StreamPump(organism, **kwargs)`` with the collector tuned as ``run`` tunes it.
+
+    GC tuning is process-wide, so the library leaves it to applications: a benchmark
+    is one, and measures the pump as the command line runs it (``pump.gc_threshold``).
+    """
+    with gc_tuning(organism.settings.gc_threshold):
+        async with StreamPump(organism, **kwargs) as pump:
+            yield pump

@@ -42,9 +42,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import Floor, emit, hop_envelope, parser, percentile, run_on, write_report  # noqa: E402
+from _common import (  # noqa: E402
+    Floor,
+    emit,
+    hop_envelope,
+    parser,
+    percentile,
+    run_on,
+    running,
+    write_report,
+)
 
-from xml_pipeline import Reply, StreamPump, load_organism  # noqa: E402
+from xml_pipeline import Reply, load_organism  # noqa: E402
 from xml_pipeline.backends import Backend, HistoryLimits, Slot, open_backend  # noqa: E402
 
 
@@ -149,7 +158,7 @@ async def relay(backend: Backend, messages: list[bytes], producers: int) -> floa
         if count == len(messages):
             done.set()
 
-    async with StreamPump(organism, backend=backend, egress=egress) as pump:
+    async with running(organism, backend=backend, egress=egress) as pump:
         t0 = time.perf_counter()
 
         async def produce(part: list[bytes]) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import Floor, aim, emit, organism_of, parser, run_on, write_report
+from _common import Floor, aim, emit, organism_of, parser, run_on, running, write_report
 from lxml import etree
 
 from xml_pipeline import (
@@ -45,7 +45,6 @@ from xml_pipeline import (
     Listener,
     Organism,
     Payload,
-    StreamPump,
     build_envelope,
 )
 
@@ -91,7 +90,7 @@ def fan_envelope(seq: int) -> bytes:
 
 async def throughput(org: Organism, messages: list[bytes]) -> dict[str, Any]:
     """Every message injected as fast as the pump admits it, then wait until idle."""
-    async with StreamPump(org) as pump:
+    async with running(org) as pump:
         gc.collect()
         start = time.perf_counter()
         for data in messages:

@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
     parser,
     percentile,
     run_on,
+    running,
     write_report,
 )
 from _offload_handlers import NS, Job, heavy, heavy_async, trivial, trivial_async, work  # noqa: E402
@@ -51,7 +52,6 @@ from xml_pipeline import (  # noqa: E402
     ProcessPoolSettings,
     PumpSettings,
     Reply,
-    StreamPump,
 )
 
 
@@ -83,7 +83,7 @@ async def throughput(org: Organism, messages: int, rounds: int = 0) -> dict[str,
         if count == messages:
             done.set()
 
-    async with StreamPump(org, egress=egress) as pump:
+    async with running(org, egress=egress) as pump:
         cpu0 = time.process_time()
         start = time.perf_counter()
         for i in range(messages):
@@ -105,7 +105,7 @@ async def throughput(org: Organism, messages: int, rounds: int = 0) -> dict[str,
 
 async def responsiveness(org: Organism, heavy_messages: int, rounds: int) -> dict[str, Any]:
     """Latency of a plain listener while the cpu_bound one is saturated."""
-    async with StreamPump(org) as pump:
+    async with running(org) as pump:
         backlog = [
             asyncio.ensure_future(pump.request(job(i, rounds), to="work"))
             for i in range(heavy_messages)

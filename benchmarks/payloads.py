@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import Floor, emit, organism_of, parser, run_on, write_report
+from _common import Floor, emit, organism_of, parser, run_on, running, write_report
 from lxml import etree
 from pydantic import BaseModel
 from pydantic_xml import BaseXmlModel, element
@@ -49,7 +49,6 @@ from xml_pipeline import (
     Organism,
     Payload,
     Reply,
-    StreamPump,
     build_envelope,
     codec_for,
 )
@@ -122,7 +121,7 @@ async def throughput(org: Organism, messages: list[bytes]) -> dict[str, Any]:
         if count == n:
             done.set()
 
-    async with StreamPump(org, egress=egress) as pump:
+    async with running(org, egress=egress) as pump:
         gc.collect()
         start = time.perf_counter()
         for data in messages:

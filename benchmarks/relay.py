@@ -48,10 +48,11 @@ from _common import (
     percentile,
     relay_organism,
     run_on,
+    running,
     write_report,
 )
 
-from xml_pipeline import Organism, Reply, StreamPump
+from xml_pipeline import Organism, Reply
 
 
 def hops_of(last: int) -> int:
@@ -80,7 +81,7 @@ async def saturated(org: Organism, messages: list[bytes], hops: int) -> dict[str
     replies = _Replies(n)
     starts, latencies, done = replies.starts, replies.latencies, replies.done
 
-    async with StreamPump(org, egress=replies.egress) as pump:
+    async with running(org, egress=replies.egress) as pump:
         gc.collect()
         start = time.perf_counter()
         for seq, data in enumerate(messages):
@@ -110,7 +111,7 @@ async def paced(org: Organism, messages: list[bytes], rate: float) -> dict[str, 
     replies = _Replies(n)
     starts, latencies, done = replies.starts, replies.latencies, replies.done
 
-    async with StreamPump(org, egress=replies.egress) as pump:
+    async with running(org, egress=replies.egress) as pump:
         gc.collect()
         with GcPauses() as pauses:
             start = time.perf_counter()

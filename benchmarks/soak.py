@@ -37,10 +37,11 @@ from _common import (
     parser,
     relay_organism,
     run_on,
+    running,
     write_report,
 )
 
-from xml_pipeline import HistoryLimits, Organism, Reply, StreamPump
+from xml_pipeline import HistoryLimits, Organism, Reply
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -85,7 +86,7 @@ async def soak(org: Organism, total: int, every: int) -> dict[str, Any]:
         replies += 1
 
     samples: list[dict[str, Any]] = []
-    async with StreamPump(org, egress=egress) as pump:
+    async with running(org, egress=egress) as pump:
         gc.collect()
         samples.append(sample(0, 0.0, await pump.backend.info(), 0))
         print(line(samples[-1], None), flush=True)
