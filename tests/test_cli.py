@@ -1,7 +1,8 @@
-"""The command line, run as a real process: run, check, schema, errors, signals."""
+"""The command line, run as a real process: run, check, schema, errors, signals, exit statuses."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import gc
 import json
@@ -13,6 +14,7 @@ import sys
 import termios
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from cli_process import SIGNALS, CliProcess, closed_pipe, wait_for_file, wait_un
 from lxml import etree
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
-from xml_pipeline.cli import gc_tuning
+from xml_pipeline.cli import _ReplyWriter, gc_tuning
 from xml_pipeline.parser import parse_trusted
 from xml_pipeline.payload import codec_for
 
@@ -259,8 +261,11 @@ SLOW = """
         xml_ns = "urn:t"
         n: int
 
+    class Mark(Payload):
+        xml_ns = "urn:t"
+
     async def echo(payload, meta):
-        if payload.n < 0:
+        if getattr(payload, "n", 0) < 0:
             with STARTED.open("a") as log:  # a readiness signal for the test
                 log.write(f"{payload.n}\\n")
             await asyncio.sleep(-payload.n)
@@ -283,10 +288,27 @@ def slow_organism(tmp_path: Path, drain: float, backend: str = "") -> Path:
         organism: {{name: slow}}
         {backend}
         pump: {{drain_timeout_s: {drain}}}
-        listeners: [{{name: e, payload: handlers:Ping, handler: handlers:echo}}]
+        listeners:
+          - {{name: e, payload: handlers:Ping, handler: handlers:echo}}
+          - {{name: m, payload: handlers:Mark, handler: handlers:echo}}
         """,
         SLOW,
     )
+
+
+def wait_until_accepted(proc: CliProcess) -> None:
+    """Wait until every message sent so far is inside the pump.
+
+    Input is read in order: the reply to a marker sent last (to a listener of its
+    own, so it waits behind nothing) shows that what came before it was accepted.
+    """
+    proc.send(
+        f'<message xmlns="{ENVELOPE_NAMESPACE}"><meta><from>t</from><to>m</to></meta>'
+        '<Mark xmlns="urn:t"/></message>\n'.encode()
+    )
+    line = proc.readline()
+    if b"<Mark" not in line:
+        raise RuntimeError(f"expected the marker's reply, got {line!r}")
 
 
 def wait_until_started(tmp_path: Path, count: int = 1) -> None:
@@ -323,12 +345,14 @@ def test_drain_timeout_exits_1_with_one_summary_line(tmp_path: Path) -> None:
         assert b"<n>1</n>" in proc.readline()
         for _ in range(3):
             send(proc, -30)
-        wait_until_started(tmp_path, 3)
+        wait_until_accepted(proc)
+        wait_until_started(tmp_path)  # at least one hangs in its handler (all 3 may not:
+        # messages of different conversations share a listener's workers by hash)
         began = time.monotonic()
         proc.signal(signal.SIGTERM)
-        _, err = proc.finish(timeout=20)
+        out, err = proc.finish(timeout=20)
         elapsed = time.monotonic() - began
-    assert proc.returncode == 1, err
+    assert proc.returncode == 1, (err, out)
     assert elapsed < 15
     lines = err.decode().splitlines()
     assert len(lines) == 2, err  # one line for the signal, one summary: not one per message
@@ -336,7 +360,7 @@ def test_drain_timeout_exits_1_with_one_summary_line(tmp_path: Path) -> None:
     (summary,) = summaries(err)
     assert summary == lines[1]
     assert "WARNING" in summary
-    assert "3 accepted message(s) dead-lettered at shutdown" in summary
+    assert "3 accepted message(s) dead-lettered at shutdown" in summary, (summary, elapsed, out)
     assert "the drain timed out after 0.5 s" in summary and "code shutdown" in summary
     assert "memory:// keeps dead letters only while this process runs" in summary
     assert "Traceback" not in err.decode()
@@ -352,7 +376,8 @@ def test_drain_timeout_summary_says_how_to_read_the_letters(
         assert b"<n>1</n>" in proc.readline()
         send(proc, -30)
         send(proc, -31)
-        wait_until_started(tmp_path, 2)
+        wait_until_accepted(proc)
+        wait_until_started(tmp_path)
         proc.signal(signal.SIGINT)
         _, err = proc.finish(timeout=20)
     assert proc.returncode == 1, err
@@ -654,3 +679,61 @@ def test_gc_tuning_restores_the_thresholds() -> None:
         assert gc.get_threshold()[0] == 90_000
     finally:
         gc.set_threshold(*before)
+
+
+# -- the reply writer, in process on asyncio and uvloop ------------------------------
+
+
+def small_pipe() -> tuple[int, int, int]:
+    """A pipe shrunk to one page: (read end, write end, capacity)."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    return read_end, write_end, fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+
+
+async def test_reply_writer_waits_for_the_reader_and_loses_nothing() -> None:
+    read_end, write_end, capacity = small_pipe()
+    errors: list[OSError] = []
+    try:
+        writer = _ReplyWriter(write_end, errors.append, high_water=2000, low_water=500)
+        chunks = [bytes([65 + n % 26]) * 700 for n in range(40)]  # 28 kB: 7 pipes full
+        waits = [writer.write(chunk) for chunk in chunks]
+        blocked = [w for w in waits if w is not None]
+        assert waits[0] is None and blocked, "past high_water, write() returns a wait"
+        tasks = [asyncio.ensure_future(w) for w in blocked]
+        # Nothing is read yet: the pipe fills, and the waits stay pending meanwhile.
+        await wait_until_async(lambda: unread_bytes(read_end) == capacity, "pipe full")
+        assert not any(task.done() for task in tasks)
+        received = bytearray()
+        loop = asyncio.get_running_loop()
+        while len(received) < sum(map(len, chunks)):
+            received += await loop.run_in_executor(None, os.read, read_end, 65536)
+        await asyncio.gather(*tasks)  # the reader caught up: every wait is over
+        assert bytes(received) == b"".join(chunks), "in order, nothing lost"
+        await writer.aclose()
+        assert errors == []
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_reply_writer_reports_a_reader_gone_and_refuses_more() -> None:
+    read_end, write_end, _ = small_pipe()
+    os.close(read_end)
+    errors: list[OSError] = []
+    try:
+        writer = _ReplyWriter(write_end, errors.append)
+        assert writer.write(b"<reply/>\n") is None  # queued: the thread finds out
+        await wait_until_async(lambda: bool(errors), "the write error reported")
+        assert isinstance(errors[0], BrokenPipeError)
+        with pytest.raises(BrokenPipeError):
+            writer.write(b"<another/>\n")
+        await writer.aclose()
+    finally:
+        os.close(write_end)
+
+
+async def wait_until_async(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
