@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from . import __version__
 from .backends import redact_url
-from .cli import gc_tuning
+from .cli import _error, gc_tuning
 from .config import Organism, load_organism
 from .envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
 from .exceptions import Abandoned, MessageError, NoReply, XmlPipelineError
@@ -419,7 +419,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the ``bench`` subcommand with parsed arguments. Returns the exit status."""
 
     def fail(message: str, status: int = EXIT_USAGE) -> int:
-        print(f"xml_pipeline: error: {message}", file=sys.stderr)
+        _error(message)
         return status
 
     try:
