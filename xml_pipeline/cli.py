@@ -1111,7 +1111,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
             _error(str(exc))
             failed = True
         stats = pump.statistics()
-        abandoned: int = getattr(stats, "abandoned", 0)
+        abandoned = stats.abandoned
         if abandoned:
             if cancelled:
                 cause = "cancelled by a second signal"
