@@ -65,10 +65,11 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from . import __version__
+from ._deadletters import joining_organism, list_letters, purge_letters, replay_letters
 from ._pool import worker_spec
-from .backends import check_backend_url, open_backend, redact_url
+from .backends import backend_scheme, check_backend_url, open_backend, redact_url, serves
 from .config import Organism, load_organism
-from .exceptions import MessageTooLarge, XmlPipelineError
+from .exceptions import BackendUnavailable, ConfigError, MessageTooLarge, XmlPipelineError
 from .pump import PumpStatistics, Reply, StreamPump
 from .routing import RoutingTable
 from .schema import xsd_for
@@ -382,9 +383,11 @@ def _silence_stdout() -> None:
 
 def _keeps_dead_letters(organism: Organism) -> bool:
     """Whether the backend keeps dead letters after this process exits."""
-    if organism.backend.partition("://")[0] not in ("manager", "redis", "rediss"):
+    try:
+        scheme = backend_scheme(organism.backend)
+        return scheme.persistent and not serves(organism.backend, organism.backend_options)
+    except BackendUnavailable:
         return False
-    return not (organism.backend_options.get("serve") or "serve=1" in organism.backend)
 
 
 # -- check / schema ----------------------------------------------------------------
@@ -1177,25 +1180,17 @@ def _print_stats(stats: PumpStatistics) -> None:
 
 
 def _deadletters(organism: Organism, args: argparse.Namespace) -> int:
-    if organism.backend.partition("://")[0] not in ("manager", "redis", "rediss"):
-        _error(
-            f"{organism.backend} keeps no dead letters between runs; "
-            "deadletters needs a manager:// or redis:// backend"
-        )
-        return EXIT_USAGE
-    if not _keeps_dead_letters(organism):
-        _error(
-            "this organism serves its own manager store; name the "
-            "running one with --backend manager://HOST:PORT"
-        )
+    try:
+        # Join the store as any other process does; never serve one here.
+        organism = joining_organism(organism)
+    except ConfigError as exc:
+        _error(str(exc))
         return EXIT_USAGE
     with asyncio.Runner() as runner:
         return runner.run(_deadletters_async(organism, args))
 
 
 async def _deadletters_async(organism: Organism, args: argparse.Namespace) -> int:
-    from ._deadletters import list_letters, purge_letters, replay_letters
-
     if args.action == "replay":
         accepted, refused = await replay_letters(
             organism, args.ids, timeout_s=organism.settings.drain_timeout_s
