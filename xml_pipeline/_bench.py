@@ -43,6 +43,7 @@ from typing import IO, Any
 from . import __version__
 from .backends import redact_url
 from .cli import _error, gc_tuning
+from .cli import _positive as _count
 from .config import Organism, load_organism
 from .envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
 from .exceptions import Abandoned, MessageError, NoReply, XmlPipelineError
@@ -60,16 +61,6 @@ _BAR_WIDTH = 30
 
 
 # -- options -------------------------------------------------------------------------
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def _seconds(text: str) -> float:
