@@ -717,6 +717,41 @@ async def test_reply_writer_waits_for_the_reader_and_loses_nothing() -> None:
         os.close(write_end)
 
 
+async def test_reply_writer_stays_blocked_when_it_fills_up_again_before_the_loop_runs() -> None:
+    """The thread's "room again" must not reopen a buffer that filled up meanwhile."""
+    read_end, write_end, capacity = small_pipe()
+    errors: list[OSError] = []
+    try:
+        writer = _ReplyWriter(write_end, errors.append, high_water=100, low_water=50)
+        first = writer.write(b"x" * capacity)  # blocked; the thread fills the pipe exactly
+        assert first is not None
+        # Without yielding to the loop: the thread wrote it all and asked the loop to
+        # open the room; then the buffer fills up again before that request runs.
+        # (A blocking poll on purpose: the loop must not run in between.)
+        wait_until(lambda: not writer._blocked, "room decided", timeout=10)
+        assert unread_bytes(read_end) == capacity
+        second = writer.write(b"y" * 200)
+        assert second is not None
+        await asyncio.sleep(0)  # the loop runs the thread's request now
+        await asyncio.sleep(0)
+        third = writer.write(b"z" * 200)
+        assert third is not None
+        waiting = asyncio.ensure_future(third)
+        await asyncio.sleep(0)
+        assert not writer._room.is_set(), "the buffer is over high_water: no room"
+        assert not waiting.done()
+        loop = asyncio.get_running_loop()
+        received = 0
+        while received < capacity + 400:
+            received += len(await loop.run_in_executor(None, os.read, read_end, 65536))
+        await asyncio.gather(first, second, waiting)
+        await writer.aclose()
+        assert errors == []
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_reply_writer_reports_a_reader_gone_and_refuses_more() -> None:
     read_end, write_end, _ = small_pipe()
     os.close(read_end)

@@ -103,6 +103,18 @@ def test_broken_documents_do_not_swallow_the_rest() -> None:
                            b"</x>", b"<d/>", b"<e"]  # fmt: skip
 
 
+def test_a_declaration_after_an_over_long_document_starts_the_next_one_in_any_chunks() -> None:
+    # While skipping, the splitter keeps no bytes: a declaration at the very start of
+    # what it keeps (a chunk boundary) still begins the next document.
+    truncated = b'<?xml version="1.0"?><a>' + b"x" * 300
+    following = b'<?xml version="1.0"?><b/>'
+    data = truncated + following
+    expected = [TOO_LARGE, following]
+    assert split(data, cap=100) == expected
+    for cut in range(len(truncated) - 4, len(truncated) + 6):
+        assert split(data, cap=100, chunks=[cut]) == expected, cut
+
+
 # Well-formed documents with the constructs the splitter must step over.
 _names = st.sampled_from(["a", "b", "d-e", "f.g", "h_1"])
 _texts = st.text(alphabet="ab <>&'\"]-?\n", max_size=12)

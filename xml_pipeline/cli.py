@@ -508,6 +508,10 @@ async def _chunks(source: str) -> AsyncIterator[bytes]:
             return
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
+        # The loop's pipe reader makes the descriptor non-blocking, a flag of the open
+        # file description (which a terminal shares with stdout, stderr and the shell):
+        # put it back as it was when done.
+        blocking = os.get_blocking(stream.fileno())
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), stream
         )
@@ -515,6 +519,8 @@ async def _chunks(source: str) -> AsyncIterator[bytes]:
             while chunk := await reader.read(65536):
                 yield chunk
         finally:
+            with contextlib.suppress(OSError, ValueError):
+                os.set_blocking(stream.fileno(), blocking)
             transport.close()
     finally:
         if close:
@@ -721,7 +727,10 @@ class _DocumentSplitter:
                 elif opens == _OPEN_CDATA:
                     self._mode, i = _CDATA, lt + 9
                 elif opens in (_OPEN_PI, _OPEN_XML_DECL):
-                    if opens == _OPEN_XML_DECL and lt != self._start:
+                    # (While skipping, the item's start was moved up to the bytes
+                    # still kept, so it may equal lt: a declaration there starts
+                    # the next document all the same.)
+                    if opens == _OPEN_XML_DECL and (self._skipping or lt != self._start):
                         self._finish(lt)  # a truncated document: a new one begins here
                         self._begin(lt, _TEXT)
                     self._mode, i = _PI, lt + 2
@@ -960,11 +969,18 @@ class _ReplyWriter:
                     if room:
                         self._blocked = False
                 if room:
-                    self._call(self._room.set)
+                    self._call(self._open_room)
         except OSError as exc:
             error = exc
         finally:
             self._call(self._end, error)
+
+    def _open_room(self) -> None:
+        # On the loop: write() may have filled the buffer again since the thread
+        # decided there was room, so decide again, under the lock.
+        with self._lock:
+            if not self._blocked:
+                self._room.set()
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -1052,7 +1068,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
     main_task = asyncio.current_task()
     stop = asyncio.Event()
     signals: list[int] = []
-    finished = output_failed = False
+    finished = output_failed = flushing = cancel_sent = False
 
     def on_output_error(exc: OSError) -> None:
         nonlocal output_failed
@@ -1066,20 +1082,27 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
         stop.set()
 
     def on_signal(signum: int) -> None:
+        nonlocal cancel_sent
         if finished:
             return
         signals.append(signum)
         name = signal.Signals(signum).name
-        if len(signals) == 1:
+        if len(signals) == 1 and not flushing:
             logger.warning("%s: stopping ingress, draining", name)
             stop.set()
-        elif len(signals) == 2 and main_task is not None:
-            logger.warning("second signal (%s): cancelling at once", name)
+        elif not cancel_sent and main_task is not None:
+            # A second signal, or one while only the replies are still being written
+            # (to a reader that may never read them): stop at once.
+            cancel_sent = True
+            if len(signals) > 1:
+                logger.warning("second signal (%s): cancelling at once", name)
+            else:
+                logger.warning("%s while the last replies are written: stopping at once", name)
             main_task.cancel()
 
     def cancelled_by_signal() -> bool:
-        """Whether the cancellation being handled is a second signal's (then it is done)."""
-        if len(signals) < 2 or main_task is None:
+        """Whether the cancellation being handled is a signal's (then it is done)."""
+        if not cancel_sent or main_task is None:
             return False
         main_task.uncancel()
         return True
@@ -1124,6 +1147,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
                 cause = "the pump stopped"
             logger.warning(_shutdown_summary(abandoned, cause, organism, args))
         if not cancelled:
+            flushing = True
             try:
                 await writer.aclose()  # the replies still queued reach the reader
             except asyncio.CancelledError:
@@ -1138,7 +1162,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
     if args.stats:
         _print_stats(stats)
     if cancelled:
-        return 128 + signals[1]
+        return 128 + signals[-1]
     if abandoned or failed or output_failed:
         return EXIT_FAILURE
     return EXIT_OK
