@@ -323,6 +323,165 @@ async def test_request_raises_no_reply_when_the_conversation_ends_silently(run_p
         assert await dead_codes(h.pump) == []
 
 
+async def test_no_reply_waits_for_what_the_request_itself_caused(run_pump) -> None:
+    # Other work of the conversation ending does not end the request's wait.
+    gates = {"quiet": asyncio.Event(), "answer": asyncio.Event()}
+
+    async def quiet(payload: Ping, meta: HandlerMetadata) -> None:
+        await gates["quiet"].wait()
+
+    async def answer(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        await gates["answer"].wait()
+        return HandlerResponse.respond(Pong(n=payload.n))
+
+    listeners = [Listener("quiet", (Ping,), quiet), Listener("answer", (Ping,), answer)]
+    async with run_pump(listeners) as h:
+        conv = await h.pump.inject(ping_xml(1), to="quiet", thread="conv-1")
+        request = asyncio.ensure_future(
+            h.pump.request(ping_xml(2), to="answer", thread=conv, timeout=10)
+        )
+        await wait_for(lambda: h.pump.statistics().listeners["answer"].in_flight == 1)
+        gates["quiet"].set()
+        await wait_for(lambda: h.pump.statistics().listeners["quiet"].handled == 1)
+        await asyncio.sleep(0)
+        assert not request.done(), "the request's own message is still being handled"
+        gates["answer"].set()
+        assert (await request).payload == Pong(n=2)
+
+
+async def test_concurrent_requests_on_one_conversation_get_their_own_replies(run_pump) -> None:
+    # Two listeners of one conversation (two frames, so no order between them): the
+    # later request is answered first, and still each gets the reply to its message.
+    gates = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    async def gated(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        await gates[payload.n].wait()
+        return HandlerResponse.respond(Pong(n=payload.n, by=meta.own_name))
+
+    listeners = [Listener("g1", (Ping,), gated), Listener("g2", (Ping,), gated)]
+    async with run_pump(listeners) as h:
+        first = asyncio.ensure_future(
+            h.pump.request(ping_xml(1), to="g1", thread="c-2", timeout=10)
+        )
+        await wait_for(lambda: h.pump.statistics().listeners["g1"].in_flight == 1)
+        second = asyncio.ensure_future(
+            h.pump.request(ping_xml(2), to="g2", thread="c-2", timeout=10)
+        )
+        await wait_for(lambda: h.pump.statistics().listeners["g2"].in_flight == 1)
+        gates[2].set()
+        await wait_for(lambda: h.pump.statistics().egress == 1)
+        gates[1].set()
+        one, two = await asyncio.gather(first, second)
+        assert (one.payload, two.payload) == (Pong(n=1, by="g1"), Pong(n=2, by="g2"))
+        assert one.thread_id == two.thread_id == "c-2"
+
+
+class _FailingAppend(MemoryBackend):
+    """buffer_append fails (or hangs) until told otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+        self.hang: asyncio.Event | None = None
+
+    async def buffer_append(self, thread_id: str, slot: Any) -> int:
+        if self.hang is not None:
+            await self.hang.wait()
+        if self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("a transient outage")
+        return await super().buffer_append(thread_id, slot)
+
+
+async def test_an_ingest_that_failed_or_was_cancelled_does_not_block_its_retry() -> None:
+    backend = _FailingAppend()
+    organism = Organism("t", (Listener("e", (Ping,), pong),))
+    data = envelope("client", ping_xml(1), to="e", id="m-1")
+    async with StreamPump(organism, backend=backend) as pump:
+        backend.failures = 1
+        with pytest.raises(BackendUnavailable):
+            await pump.request(data, timeout=5)
+        reply = await pump.request(data, timeout=5)  # the retry is not a duplicate
+        assert reply.payload == Pong(n=1, by="e")
+
+        backend.hang = asyncio.Event()
+        other = envelope("client", ping_xml(2), to="e", id="m-2")
+        stuck = asyncio.ensure_future(pump.request(other, timeout=5))
+        await wait_for(lambda: pump._ingesting == 1)
+        await asyncio.sleep(0)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        backend.hang.set()
+        backend.hang = None
+        reply = await pump.request(other, timeout=5)
+        assert reply.payload == Pong(n=2, by="e")
+        assert pump.statistics().duplicates == 0
+        # A retry of an answered message is still one.
+        with pytest.raises(Duplicate):
+            await pump.request(data, timeout=5)
+
+
+async def test_aclose_from_a_handler_stops_the_pump_at_once() -> None:
+    box: list[StreamPump] = []
+
+    async def stop(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        await box[0].aclose()
+        return HandlerResponse.respond(Pong(n=payload.n))
+
+    organism = Organism("t", (Listener("stop", (Ping,), stop),))
+    async with asyncio.timeout(5), StreamPump(organism) as pump:
+        box.append(pump)
+        await pump.inject(ping_xml(1), to="stop")
+        await pump._closed.wait()
+    stats = pump.statistics()
+    assert stats.listeners["stop"].handled == 1 and stats.abandoned == 0
+
+
+async def test_aclose_while_the_pump_is_starting_waits_for_it_then_stops_it() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    class SlowPing(MemoryBackend):
+        async def ping(self) -> None:
+            started.set()
+            await release.wait()
+
+    organism = Organism("t", (Listener("e", (Ping,), pong),))
+    pump = StreamPump(organism, backend=SlowPing())
+
+    async def close_soon() -> None:
+        await started.wait()
+        closing = asyncio.ensure_future(pump.aclose())
+        await asyncio.sleep(0)
+        release.set()
+        await closing
+
+    async with asyncio.timeout(10):
+        closer = asyncio.ensure_future(close_soon())
+        async with pump:
+            await closer
+            with pytest.raises(PumpClosed):
+                await pump.request(ping_xml(1), to="e", timeout=5)
+
+
+async def test_a_sync_handler_raising_stop_iteration_fails_only_its_message(run_pump) -> None:
+    def stops(payload: Ping, meta: HandlerMetadata) -> None:
+        raise StopIteration
+
+    async with run_pump([Listener("s", (Ping,), stops), Listener("e", (Ping,), pong)]) as h:
+        reply = await h.pump.request(ping_xml(1), to="s", timeout=5)
+        assert isinstance(reply.payload, Huh) and reply.payload.code == "handler-error"
+        assert "StopIteration" in reply.payload.message
+        assert (await h.pump.request(ping_xml(2), to="e", timeout=5)).payload.n == 2  # type: ignore[attr-defined]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 async def test_failures_come_back_as_huh_replies_and_raise_for_huh(run_pump) -> None:
     async with run_pump([Listener("b", (Ping,), boom)]) as h:
         failed = await h.pump.request(ping_xml(1, "boom"), to="b", timeout=5)

@@ -96,6 +96,34 @@ def test_list_replay_purge(tmp_path: Path, redis_server: Any) -> None:
     assert b"purged 1" in cli("deadletters", str(path), "purge").stderr
 
 
+def test_replay_runs_again_a_letter_whose_message_had_an_id(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    # The message's (sender, <id>) was reserved when it was first accepted: the
+    # replay must not take it for a retry of itself (and delete the letter unrun).
+    path = organism(tmp_path, redis_server.url)
+    (tmp_path / "broken").touch()
+    lines = b"".join(
+        b'<message xmlns="https://xml-pipeline.org/ns/envelope/v1"><meta><from>client</from>'
+        b"<to>worker</to><id>job-%d</id></meta>"
+        b'<Job xmlns="urn:jobs"><n>%d</n></Job></message>\n' % (n, n)
+        for n in (1, 2)
+    )
+    run = cli(str(path), "--input", "-", stdin=lines)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count(b"<huh") == 2
+    (tmp_path / "broken").unlink()
+    replayed = cli("deadletters", str(path), "replay")
+    assert replayed.returncode == 0, replayed.stderr
+    assert b"replayed 2" in replayed.stderr
+    assert replayed.stdout.count(b"<Job") == 2, replayed.stdout
+    assert b"<re>job-1</re>" in replayed.stdout and b"<re>job-2</re>" in replayed.stdout
+    assert cli("deadletters", str(path), "list").stdout == b""
+    # A client's retry of an answered message is still ignored.
+    again = cli(str(path), "--input", "-", stdin=lines[: lines.index(b"\n") + 1])
+    assert again.returncode == 0 and again.stdout == b"", again.stdout
+
+
 def test_memory_backend_is_refused(tmp_path: Path) -> None:
     path = organism(tmp_path, "memory://")
     result = cli("deadletters", str(path), "list")

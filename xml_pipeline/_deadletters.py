@@ -129,7 +129,10 @@ async def replay_letters(
             is_envelope = b"https://xml-pipeline.org/ns/envelope/v1" in letter.data[:400]
             to = None if is_envelope else letter.listener
             try:
-                root = await pump.inject(letter.data, to=to, sender="replay")
+                # Not taken for a retry of itself: the letter's <id> was reserved
+                # when the message was first accepted.
+                root = await pump._ingest(letter.data, to=to, sender="replay", thread=None,
+                                          reserve=False)  # fmt: skip
             except MessageError:
                 root = None
             if root is None:

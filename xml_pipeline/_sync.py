@@ -76,6 +76,12 @@ class SyncRunner:
                 continue
             try:
                 ok, value = True, fn(*args)
+            except (StopIteration, StopAsyncIteration) as exc:
+                # A future cannot hold these (set_exception refuses StopIteration):
+                # the awaiting coroutine would wait forever.
+                error = RuntimeError(f"{type(exc).__name__} raised: {exc}")
+                error.__cause__ = exc
+                ok, value = False, error
             except BaseException as exc:  # handed to the awaiting coroutine
                 ok, value = False, exc
             finally:

@@ -197,8 +197,9 @@ class Duplicate(MessageError):
 class BackendFailed(MessageError):
     """The backend failed while the pump recorded or routed this message.
 
-    None of the message's outputs was delivered: the pump writes every output's
-    history and frames first, and enqueues them only once all of that succeeded.
+    When it fails while routing what a handler returned, none of those outputs was
+    delivered: the pump writes every output's history and frames first, and
+    enqueues them only once all of that succeeded.
     """
 
     code = "backend-unavailable"

@@ -18,7 +18,6 @@ unless a target decodes the payload with another class.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import difflib
 import functools
@@ -46,7 +45,6 @@ from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
 from .envelope import (
     ENVELOPE_NAMESPACE,
-    Envelope,
     _envelope_around,
     build_envelope,
     envelope_from_element,
@@ -92,7 +90,6 @@ _MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
 _HUH_QNAME = codec_for(Huh).qname
 _EXCERPT_CHARS = 200
 _LATENCY_SAMPLES = 4096
-_FIRST_IDS_KEPT = 65_536
 
 
 def _xml_safe(text: str) -> str:
@@ -211,7 +208,7 @@ class PumpStatistics:
         ingress: messages offered to ingress.
         rejected: ingress messages refused (malformed, too large, bad envelope, no route).
         duplicates: ingress messages ignored as retries of one already accepted
-            (same ``<id>`` on the same conversation).
+            (same sender label and ``<id>``).
         egress: replies that reached external senders.
         dead_letters: dead letters written.
         abandoned: messages dead-lettered because the pump stopped before handling
@@ -239,6 +236,7 @@ class _Message:
         "_element",
         "_xml",
         "after_huh",
+        "cause",
         "id",
         "model",
         "path",
@@ -261,10 +259,13 @@ class _Message:
         xml: bytes | None = None,
         path: str | None = None,
         re: str | None = None,
+        cause: str | None = None,
     ) -> None:
         self.id = id
-        # The id of the external message this one descends from (egress's <re>).
+        # The id of the external message this one descends from (egress's <re>), and
+        # a pump-unique name of that message, which request() matches replies by.
         self.re = re
+        self.cause = cause
         self.sender = sender
         self.to = to
         self.qname = qname
@@ -332,7 +333,7 @@ class _Runtime:
 
 
 class _Delivery:
-    __slots__ = ("enqueued", "frame", "message", "reply_frame", "reply_to", "runtime")
+    __slots__ = ("enqueued", "frame", "message", "reply_frame", "reply_to", "routed", "runtime")
 
     def __init__(
         self,
@@ -348,6 +349,9 @@ class _Delivery:
         self.reply_frame = reply_frame
         self.reply_to = reply_to
         self.enqueued = time.perf_counter()
+        # Its outcome is settled (outputs enqueued, or a dead letter written): a stop
+        # that catches its worker afterwards must not dead-letter it as well.
+        self.routed = False
 
 
 Egress = Callable[[Reply], Awaitable[None] | None]
@@ -356,6 +360,7 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
+_WARNED_KEPT = 1024
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
 # bounded token, so that clients can name their conversations (and retry them).
 _THREAD_TOKEN = _regex.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -381,8 +386,7 @@ async def _complete(aw: Coroutine[Any, Any, None]) -> None:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
-                if not task.done():
-                    cancelled = True
+                cancelled = True  # raised below, once the work is over
     if cancelled:
         task.result()  # its own error first
         raise asyncio.CancelledError
@@ -436,9 +440,10 @@ class StreamPump:
         self._idle = asyncio.Event()
         self._idle.set()
         self._space.set()
-        self._waiters: dict[str, collections.deque[asyncio.Future[Reply]]] = {}
-        # Messages inside the pump per conversation that a request() waits on: when
-        # it drops to 0 without a reply, the waiters get NoReply.
+        # request() waiters by the cause of the replies they wait for (see _Message),
+        # and how many messages with that cause are inside the pump: when it drops to
+        # 0 without a reply, the waiter gets NoReply.
+        self._waiters: dict[str, asyncio.Future[Reply]] = {}
         self._open: dict[str, int] = {}
         self._ingesting = 0
         self._ingest_done = asyncio.Event()
@@ -453,7 +458,10 @@ class StreamPump:
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._scope: anyio.CancelScope | None = None  # cancels the listener workers
         self._served = asyncio.Event()  # set once every worker task has ended
+        self._started = asyncio.Event()  # set once __aenter__ is over, in any way
         self._closed = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None
+        self._worker_tasks: set[asyncio.Task[Any]] = set()
         self._abandoned: list[tuple[_Delivery, str]] = []
         self._warned: set[tuple[str, str]] = set()  # (listener, target) of bad forwards
         self._abandoned_count = 0
@@ -473,7 +481,7 @@ class StreamPump:
                 if self._state == "running"
                 else "this StreamPump was closed; create a new one"
             )
-        self._state = "running"
+        self._state = "starting"
         self._loop = asyncio.get_running_loop()
         try:
             await self.backend.ping()
@@ -492,13 +500,17 @@ class StreamPump:
             await task_group.start(self._serve, name="xml_pipeline pump")
         except BaseException:
             try:
+                self._begin_close()
                 await _complete(self._shutdown())
             finally:
+                self._started.set()
                 entered, self._exit_stack = self._exit_stack, None
                 if entered is not None:
                     await entered.aclose()
             raise
+        self._state = "running"
         self._running = True
+        self._started.set()
         return self
 
     async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -576,18 +588,29 @@ class StreamPump:
             self._state = "closed"
             self._closed.set()
             return
+        if self._state == "starting":  # another task is entering: let it finish first
+            await _complete(self._wait(self._started))
         if self._state != "running":
-            await _complete(self._wait_closed())
+            await _complete(self._wait(self._closed))
+            return
+        self._begin_close()
+        if asyncio.current_task() in self._worker_tasks:
+            # Called by a handler: the shutdown waits for every worker, this one
+            # included, so it runs on its own; this message is abandoned with the rest.
+            self._closer = asyncio.ensure_future(self._shutdown())
             return
         await _complete(self._shutdown())
 
-    async def _wait_closed(self) -> None:
-        await self._closed.wait()
+    @staticmethod
+    async def _wait(event: asyncio.Event) -> None:
+        await event.wait()
 
-    async def _shutdown(self) -> None:
+    def _begin_close(self) -> None:
         self._state = "closing"
         self._running = False
         self._space.set()  # wake ingress waiting for room: it will refuse
+
+    async def _shutdown(self) -> None:
         try:
             # Ingress calls under way finish (or refuse) first, so that nothing is
             # enqueued once the inboxes are emptied below.
@@ -629,7 +652,7 @@ class StreamPump:
                 while not inbox.empty():
                     abandoned.append((inbox.get_nowait(), "queued"))
                     self._release()
-        waiters = [w for ws in self._waiters.values() for w in ws]
+        waiters = list(self._waiters.values())
         self._waiters.clear()
         self._open.clear()
         for waiter in waiters:
@@ -647,7 +670,6 @@ class StreamPump:
             letters.append(
                 self._letter(Abandoned(reason), data, d.runtime.name, d.frame.uuid, msg.id)
             )
-        self._dead_letters += len(letters)
         written = 0
         # Bounded even when the backend is slow or down: what is not written by the
         # deadline is counted and logged once.
@@ -663,6 +685,7 @@ class StreamPump:
                     )  # fmt: skip
                     return
                 written += len(batch)
+        self._dead_letters += written
         if written < len(letters):
             logger.error(
                 "could not write %d dead letter(s) at shutdown within %g s",
@@ -759,26 +782,30 @@ class StreamPump:
         Every failure to handle the message, at ingress or in a handler, comes back
         the same way: as a reply whose payload is a :class:`Huh` (what the caller
         would get on the wire). Call :meth:`Reply.raise_for_huh` to turn it into the
-        matching :class:`MessageError`. Concurrent requests on one conversation get
-        its replies in order of arrival.
+        matching :class:`MessageError`. A request gets the first reply caused by its
+        own message (matched by cause, not by arrival, so concurrent requests on one
+        conversation never swap replies). That first reply may be a ``Huh`` about a
+        side branch (a forward that went nowhere, say) while other work of the
+        conversation goes on: later replies still reach egress.
 
         Raises:
             Duplicate: a retry of a message already accepted (same sender and
                 ``<id>``); the original's reply went to the original's caller.
-            NoReply: the conversation ended (nothing of it left inside the pump)
-                without a reply for the caller.
+            NoReply: everything the message caused ended (nothing of it left inside
+                the pump) without a reply for the caller.
             Abandoned: the pump stopped before a reply came.
             PumpClosed: the pump is not running.
             TimeoutError: no reply within ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        roots: list[str] = []
+        causes: list[str] = []
 
-        def watch(frame: Frame) -> None:
-            roots.append(frame.uuid)
-            self._waiters.setdefault(frame.uuid, collections.deque()).append(future)
-            self._open.setdefault(frame.uuid, 0)
+        def watch(msg: _Message) -> None:
+            cause = msg.cause or msg.id  # set at ingress
+            causes.append(cause)
+            self._waiters[cause] = future
+            self._open[cause] = 0
 
         rejected: list[MessageError] = []
         try:
@@ -787,7 +814,7 @@ class StreamPump:
                 to=to,
                 sender=sender,
                 thread=thread,
-                on_root=watch,
+                on_accept=watch,
                 on_reject=rejected.append,
                 on_reply=future,
             )
@@ -796,14 +823,10 @@ class StreamPump:
             async with asyncio.timeout(timeout):
                 return await future
         finally:
-            for root in roots:
-                waiters = self._waiters.get(root)
-                if waiters is not None:
-                    if future in waiters:
-                        waiters.remove(future)
-                    if not waiters:
-                        del self._waiters[root]
-                        self._open.pop(root, None)
+            for cause in causes:
+                if self._waiters.get(cause) is future:
+                    del self._waiters[cause]
+                    self._open.pop(cause, None)
 
     async def _admit(self) -> None:
         cap = self._settings.queue_size
@@ -829,14 +852,15 @@ class StreamPump:
         to: str | None,
         sender: str,
         thread: str | None,
-        on_root: Callable[[Frame], None] | None = None,
+        on_accept: Callable[[_Message], None] | None = None,
         on_reject: Callable[[MessageError], None] | None = None,
         on_reply: asyncio.Future[Reply] | None = None,
+        reserve: bool = True,
     ) -> str | None:
         if not self._running:
             raise PumpClosed(
                 "the pump is not running (use 'async with StreamPump(...)')"
-                if self._state == "new"
+                if self._state in ("new", "starting")
                 else "the pump is stopping or stopped"
             )
         self._ingress += 1
@@ -851,9 +875,10 @@ class StreamPump:
                 to=to,
                 sender=sender,
                 thread=thread,
-                on_root=on_root,
+                on_accept=on_accept,
                 on_reject=on_reject,
                 on_reply=on_reply,
+                reserve=reserve,
             )
         finally:
             self._ingesting -= 1
@@ -867,45 +892,52 @@ class StreamPump:
         to: str | None,
         sender: str,
         thread: str | None,
-        on_root: Callable[[Frame], None] | None,
+        on_accept: Callable[[_Message], None] | None,
         on_reject: Callable[[MessageError], None] | None,
         on_reply: asyncio.Future[Reply] | None,
+        reserve: bool,
     ) -> str | None:
         self._hold()
         raw: bytes | None = None
         root: Frame | None = None
-        env: Envelope | None = None
+        label: str | None = None  # the envelope's <from>, once known
+        given_id: str | None = None  # the envelope's <id>
         try:
             try:
                 if isinstance(message, BaseModel):
-                    codec = codec_for(type(message))
-                    env = Envelope(sender, to, thread, None, codec.encode(message))
-                    msg = _Message(self._new_id(), sender, to, codec.qname, model=message)
+                    label = sender
+                    msg = _Message(
+                        self._new_id(), sender, to, codec_for(type(message)).qname, model=message
+                    )
                 else:
                     raw = self._raw_bytes(message)
                     element = parse_bytes(raw, self._settings.limits)
                     if element.tag == _MESSAGE_TAG:
                         env = envelope_from_element(element)
-                        if env.to is None and to is not None:
-                            env = Envelope(env.sender, to, env.thread, env.id, env.payload)
+                        label, given_id, thread = env.sender, env.id, env.thread
+                        to = env.to if env.to is not None else to
+                        element = env.payload
                     else:
-                        env = Envelope(sender, to, thread, None, element)
+                        label = sender
                     msg = _Message(
-                        env.id or self._new_id(), env.sender, env.to, env.qname,
-                        element=env.payload, raw=raw,
+                        given_id or self._new_id(), label, to, str(element.tag),
+                        element=element, raw=raw,
                     )  # fmt: skip
+                # What the replies answer (<re>), and what a request() matches them by:
+                # the pump's own id when the sender's <id> might not be unique here.
                 msg.re = msg.id
-                if _xml_safe(env.sender) != env.sender:
+                msg.cause = msg.id if given_id is None else self._new_id()
+                if _xml_safe(label) != label:
                     raise EnvelopeError("the sender label holds characters XML cannot carry")
                 targets = self._ingress_targets(msg)
                 new_thread = None
-                if env.thread is not None:
-                    known = await self._frames.resolve(env.thread)
+                if thread is not None:
+                    known = await self._frames.resolve(thread)
                     if known is not None:
                         # A frame inside a conversation is no conversation: a new one.
                         root = None if known.hops else known
-                    elif _THREAD_TOKEN.fullmatch(env.thread) is not None:
-                        new_thread = env.thread
+                    elif _THREAD_TOKEN.fullmatch(thread) is not None:
+                        new_thread = thread
                     else:
                         raise EnvelopeError(
                             "a new conversation's <thread> must be a token of 1 to 128 "
@@ -916,39 +948,50 @@ class StreamPump:
                 self._rejected += 1
                 if on_reject is not None:
                     on_reject(exc)
-                label = env.sender if env is not None and _xml_safe(env.sender) == env.sender else (
-                    sender if _xml_safe(sender) == sender else None
-                )  # fmt: skip
+                if label is None or _xml_safe(label) != label:
+                    label = sender if _xml_safe(sender) == sender else None
                 if raw is None and isinstance(message, str):
                     raw = message[: self.organism.history.dead_letter_bytes].encode("utf-8")
-                re_id = env.id if env is not None else None
-                await self._reject(exc, raw, label, re_id, on_reply)
+                await self._reject(exc, raw, label, given_id, on_reply)
                 return None
             uuid = root.uuid if root is not None else (new_thread or self._frames.new_uuid())
-            if env.id is not None:
+            mark = None
+            if given_id is not None and reserve:
                 # Reserve (sender, <id>) atomically: of concurrent retries, on any
-                # backend and across processes, exactly one goes on.
-                key = _RESERVED_PREFIX + _json([env.sender, env.id])
-                # The mark names this attempt (pump-unique id) and its conversation.
-                mark = f"{_RESERVED_PREFIX}{uuid} {self._new_id()}"
+                # backend and across processes, exactly one goes on. The mark names
+                # this attempt (pump-unique) and its conversation.
+                key = _RESERVED_PREFIX + _json([label, given_id])
+                mark = f"{_RESERVED_PREFIX}{uuid} {msg.cause}"
                 taken = await self.backend.registry_setdefault(key, mark)
                 if taken != mark:
                     self._duplicates += 1
-                    logger.info("message %r from %r is a retry; ignored", env.id, env.sender)
+                    logger.info("message %r from %r is a retry; ignored", given_id, label)
                     if on_reject is not None:
-                        on_reject(Duplicate(f"message {env.id!r} was already accepted"))
+                        on_reject(Duplicate(f"message {given_id!r} was already accepted"))
                     return taken[len(_RESERVED_PREFIX) :].partition(" ")[0]
-            if root is None:
-                root = await self._frames.new_root(env.sender, uuid)
-            if on_root is not None:
-                on_root(root)
-            await self._record(root, "out", msg, msg.to)
-            children = [await self._frames.child(root, rt.name) for rt in targets]
+            try:
+                if root is None:
+                    root = await self._frames.new_root(msg.sender, uuid)
+                await self._record(root, "out", msg, msg.to)
+                children = [await self._frames.child(root, rt.name) for rt in targets]
+                if not self._running:  # stopped meanwhile: the inboxes were emptied
+                    raise PumpClosed("the pump stopped before accepting this message")
+            except BaseException:
+                if mark is not None:
+                    # Not accepted after all: a retry must be able to go on.
+                    await _complete(self._unreserve(mark))
+                raise
+            if on_accept is not None:
+                on_accept(msg)
             for rt, child in zip(targets, children, strict=True):
                 self._enqueue(_Delivery(msg, rt, child, root, None))
             return root.uuid
         finally:
             self._release()
+
+    async def _unreserve(self, mark: str) -> None:
+        with contextlib.suppress(XmlPipelineError):
+            await self.backend.registry_delete(mark)  # only this attempt's reservation
 
     def _raw_bytes(self, message: bytes | str) -> bytes:
         cap = self._settings.limits.max_bytes
@@ -995,28 +1038,33 @@ class StreamPump:
         self._hold()
         rt.received += 1
         if self._open:
-            root = delivery.frame.root
-            if root in self._open:
-                self._open[root] += 1
+            cause = delivery.message.cause
+            if cause in self._open:
+                self._open[cause] += 1
         inboxes = rt.inboxes
         inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
 
     def _done_with(self, delivery: _Delivery) -> None:
-        """A delivery left the pump: a request() waiting on a conversation that has
-        nothing left inside the pump and no reply gets NoReply."""
-        root = delivery.frame.root
-        left = self._open.get(root)
-        if left is None or not self._running:
+        """A delivery left the pump: a request() whose message caused nothing that is
+        still inside the pump, and no reply, gets NoReply."""
+        cause = delivery.message.cause
+        if cause is None or not self._running:
+            return
+        left = self._open.get(cause)
+        if left is None:
             return
         if left > 1:
-            self._open[root] = left - 1
+            self._open[cause] = left - 1
             return
-        self._open[root] = 0
-        for waiter in self._waiters.get(root, ()):
-            if not waiter.done():
-                waiter.set_exception(
-                    NoReply(f"conversation {root} ended without a reply to its caller")
+        del self._open[cause]
+        waiter = self._waiters.pop(cause, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                NoReply(
+                    f"message {delivery.message.re} to conversation {delivery.frame.root} "
+                    "caused no reply to its caller"
                 )
+            )
 
     async def _worker(
         self,
@@ -1024,6 +1072,9 @@ class StreamPump:
         inbox: asyncio.Queue[_Delivery],
         deliver: Callable[[_Delivery], Awaitable[None]],
     ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._worker_tasks.add(task)
         while True:
             delivery = await inbox.get()
             rt.in_flight += 1
@@ -1031,7 +1082,8 @@ class StreamPump:
                 await deliver(delivery)
             except asyncio.CancelledError:
                 # Dead-lettered by the shutdown, with the others, in one batch.
-                self._abandoned.append((delivery, "running"))
+                if not delivery.routed:
+                    self._abandoned.append((delivery, "running"))
                 raise
             except Exception as exc:
                 if isinstance(exc, BackendError):
@@ -1106,6 +1158,7 @@ class StreamPump:
                 codec_for(type(payload)).qname,
                 model=payload,
                 re=msg.re,
+                cause=msg.cause,
             )
             out.after_huh = after_huh
             outs.append((response.is_response, out))
@@ -1167,6 +1220,7 @@ class StreamPump:
             return
         for delivery in route.deliveries:
             self._enqueue(delivery)
+        d.routed = True
         rt.handled += 1
         for reply, out in route.replies:
             await self._emit(reply, out, recorded=True)
@@ -1197,7 +1251,10 @@ class StreamPump:
         after_huh = msg.qname == _HUH_QNAME
         outs: list[tuple[bool, _Message]] = []
         for to, is_response, qname, path, xml in results:
-            out = _Message(self._new_id(), listener.name, to, qname, xml=xml, path=path, re=msg.re)
+            out = _Message(
+                self._new_id(), listener.name, to, qname, xml=xml, path=path,
+                re=msg.re, cause=msg.cause,
+            )  # fmt: skip
             out.after_huh = after_huh
             outs.append((is_response, out))
         await self._send_outs(d, outs)
@@ -1275,11 +1332,15 @@ class StreamPump:
                 target = self._runtimes.get(out.to)
                 if target is None or out.qname not in target.codecs:
                     error = self._no_route(out.to, out.qname, listener.name)
+                    # Once per (listener, target) at WARNING; a handler (an LLM's
+                    # output, say) can invent targets without end, so only so many.
                     key = (listener.name, out.to)
-                    if key not in self._warned:
+                    first = key not in self._warned and len(self._warned) < _WARNED_KEPT
+                    if first:
                         self._warned.add(key)
-                        logger.warning("%s forwarded to %r: %s", listener.name, out.to,
-                                       error.reason)  # fmt: skip
+                    logger.log(logging.WARNING if first else logging.DEBUG,
+                               "%s forwarded to %r: %s", listener.name, out.to,
+                               error.reason)  # fmt: skip
                     raise error
                 if peers is not None and out.to not in peers:
                     raise PeerDenied(
@@ -1374,7 +1435,7 @@ class StreamPump:
         """A message a handler emitted cannot be routed: dead letter, and Huh to its sender."""
         await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
         if not out.after_huh:
-            await self._send_huh(exc, out.xml(), frame, rt, PUMP_SENDER, re=out.re)
+            await self._send_huh(exc, out, frame, rt, PUMP_SENDER)
 
     async def _emit(self, reply: Reply, msg: _Message | None, *, recorded: bool = False) -> None:
         """Hand a reply to the external sender (and to a request() waiting for it)."""
@@ -1388,17 +1449,12 @@ class StreamPump:
         if msg is not None and msg._xml is not None and msg.qname[0] == "{":
             object.__setattr__(reply, "_payload_xml", msg._xml)  # a cache, set once
         self._egress_count += 1
-        if self._waiters and reply.thread_id is not None:
-            waiters = self._waiters.get(reply.thread_id)
-            if waiters is not None:
-                while waiters:
-                    waiter = waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_result(reply)
-                        break
-                if not waiters:
-                    del self._waiters[reply.thread_id]
-                    self._open.pop(reply.thread_id, None)
+        if self._waiters and msg is not None and msg.cause is not None:
+            waiter = self._waiters.pop(msg.cause, None)
+            if waiter is not None:
+                self._open.pop(msg.cause, None)
+                if not waiter.done():
+                    waiter.set_result(reply)
         if self._egress is not None:
             try:
                 result = self._egress(reply)
@@ -1437,6 +1493,7 @@ class StreamPump:
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
         await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id)
+        d.routed = True
         if msg.qname == _HUH_QNAME or msg.after_huh:
             logger.warning(
                 "%s failed (%s) on a message about an earlier error; dead-lettered only",
@@ -1444,28 +1501,29 @@ class StreamPump:
                 exc.code,
             )
             return
-        await self._send_huh(
-            exc, msg.xml(), d.reply_frame, d.reply_to, rt.name, about=d.frame, re=msg.re
-        )
+        await self._send_huh(exc, msg, d.reply_frame, d.reply_to, rt.name, about=d.frame)
 
     async def _send_huh(
         self,
         exc: MessageError,
-        data: bytes | None,
+        concerned: _Message,
         frame: Frame,
         to: _Runtime | None,
         sender: str,
         *,
         about: Frame | None = None,
-        re: str | None = None,
     ) -> None:
-        """Send a Huh to ``to`` on ``frame`` (to the external sender if ``to`` is None).
+        """Send a Huh about ``concerned`` to ``to`` on ``frame`` (to the external sender
+        if ``to`` is None).
 
         A listener that does not accept ``Huh`` cannot be told: the Huh then goes
         to the conversation's external sender, so the error is never silent.
         """
-        huh = _huh(exc, data)
-        msg = _Message(self._new_id(), sender, None, _HUH_QNAME, model=huh, re=re)
+        huh = _huh(exc, concerned.xml())
+        msg = _Message(
+            self._new_id(), sender, None, _HUH_QNAME, model=huh,
+            re=concerned.re, cause=concerned.cause,
+        )  # fmt: skip
         if to is not None and _HUH_QNAME not in to.codecs:
             logger.info(
                 "%s does not accept Huh: the %s error goes to the conversation's caller",
@@ -1475,7 +1533,7 @@ class StreamPump:
             frame = await self._root_of(frame)
         if to is None:
             msg.to = frame.origin
-            await self._emit(Reply(frame.root, sender, frame.origin, msg.id, huh, re), msg)
+            await self._emit(Reply(frame.root, sender, frame.origin, msg.id, huh, msg.re), msg)
             return
         msg.to = to.name
         self._enqueue(_Delivery(msg, to, frame, about or frame, None))
