@@ -136,22 +136,24 @@ class FrameRegistry:
         """A fresh random frame id."""
         return self._new_uuid()
 
-    async def new_root(self, origin: str, uuid: str | None = None) -> Frame:
+    async def new_root(self, origin: str, uuid: str | None = None, *, named: bool = False) -> Frame:
         """Open a root frame for a new conversation from ``origin``.
 
         Args:
             origin: the external sender's label.
-            uuid: the conversation's id (default: a fresh random one). A name given
-                by a client is registered with ``registry_setdefault``, so that
-                concurrent openers of one name share one conversation.
+            uuid: the conversation's id (default: a fresh random one, see
+                :meth:`new_uuid`).
+            named: ``uuid`` is a name a client gave: it is registered with
+                ``registry_setdefault``, so that concurrent openers of one name
+                share one conversation.
         """
         if uuid is None:
             uuid = self._new_uuid()
-            frame = Frame(uuid, origin, uuid, ())
-            await self._backend.registry_set(frame.chain, uuid)
-        else:
-            frame = Frame(uuid, origin, uuid, ())
+        frame = Frame(uuid, origin, uuid, ())
+        if named:
             await self._backend.registry_setdefault(frame.chain, uuid)
+        else:
+            await self._backend.registry_set(frame.chain, uuid)
         return self._remember(frame)
 
     async def resolve(self, uuid: str) -> Frame | None:

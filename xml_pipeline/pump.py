@@ -971,7 +971,9 @@ class StreamPump:
                     return taken[len(_RESERVED_PREFIX) :].partition(" ")[0]
             try:
                 if root is None:
-                    root = await self._frames.new_root(msg.sender, uuid)
+                    root = await self._frames.new_root(
+                        msg.sender, uuid, named=new_thread is not None
+                    )
                 await self._record(root, "out", msg, msg.to)
                 children = [await self._frames.child(root, rt.name) for rt in targets]
                 if not self._running:  # stopped meanwhile: the inboxes were emptied
@@ -1222,10 +1224,12 @@ class StreamPump:
             self._enqueue(delivery)
         d.routed = True
         rt.handled += 1
-        for reply, out in route.replies:
-            await self._emit(reply, out, recorded=True)
-        for error, out in route.refusals:
-            await self._refuse(error, out, frame, rt)
+        if route.replies is not None:
+            for reply, out in route.replies:
+                await self._emit(reply, out, recorded=True)
+        if route.refusals is not None:
+            for error, out in route.refusals:
+                await self._refuse(error, out, frame, rt)
 
     async def _deliver_offloaded(self, d: _Delivery) -> None:
         """Deliver to a cpu_bound listener: its handler runs in a worker process."""
@@ -1370,7 +1374,7 @@ class StreamPump:
             self._check_room(len(route.deliveries) + len(targets), listener.name)
         except MessageError as exc:
             await self._record(frame, "out", out, out.to)
-            route.refusals.append((exc, out))
+            route.refuse(exc, out)
             return
         await self._record(frame, "out", out, out.to)
         for target in targets:
@@ -1390,11 +1394,11 @@ class StreamPump:
                         f"{rt.name} answered with a payload the pump cannot decode: {exc}",
                         listener=rt.name,
                     )
-                    route.refusals.append((error, out))
+                    route.refuse(error, out)
                     return
             await self._record(parent, "in", out, parent.origin)
             reply = Reply(parent.uuid, out.sender, parent.origin, out.id, out.model, out.re)
-            route.replies.append((reply, out))
+            route.reply(reply, out)
             return
         await self._record(frame, "out", out, owner)
         target = self._runtimes.get(owner)
@@ -1406,7 +1410,7 @@ class StreamPump:
                 )
             self._check_room(len(route.deliveries) + 1, rt.name)
         except MessageError as exc:
-            route.refusals.append((exc, out))
+            route.refuse(exc, out)
             return
         route.deliveries.append(_Delivery(out, target, parent, frame, rt))
 
@@ -1578,11 +1582,24 @@ class StreamPump:
 
 
 class _Route:
-    """What a handler's outputs do, worked out before any of it is done."""
+    """What a handler's outputs do, worked out before any of it is done.
+
+    (Replies and refusals are rare on most hops: their lists are made on demand.)
+    """
 
     __slots__ = ("deliveries", "refusals", "replies")
 
     def __init__(self) -> None:
         self.deliveries: list[_Delivery] = []
-        self.replies: list[tuple[Reply, _Message]] = []
-        self.refusals: list[tuple[MessageError, _Message]] = []
+        self.replies: list[tuple[Reply, _Message]] | None = None
+        self.refusals: list[tuple[MessageError, _Message]] | None = None
+
+    def reply(self, reply: Reply, out: _Message) -> None:
+        if self.replies is None:
+            self.replies = []
+        self.replies.append((reply, out))
+
+    def refuse(self, error: MessageError, out: _Message) -> None:
+        if self.refusals is None:
+            self.refusals = []
+        self.refusals.append((error, out))
