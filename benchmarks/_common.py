@@ -47,6 +47,7 @@ from xml_pipeline import (  # noqa: E402
     build_envelope,
     load_organism,
 )
+from xml_pipeline._stats import percentile as _percentile  # noqa: E402
 from xml_pipeline.cli import gc_tuning  # noqa: E402
 from xml_pipeline.envelope import (  # noqa: E402
     ENVELOPE_NAMESPACE,
@@ -73,8 +74,8 @@ def hop_envelope(seq: int, last: int) -> bytes:
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1)))]
+    """The package's percentile (the same rank rule everywhere), of unsorted samples."""
+    return _percentile(sorted(samples), q)
 
 
 # -- the floor -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import __version__
+from ._stats import percentile, table
 from .backends import redact_url
 from .cli import _error, gc_tuning
 from .cli import _positive as _count
@@ -162,9 +163,9 @@ class BenchResult:
         if not n:
             return {"p50": None, "p90": None, "p99": None, "max": None}
         return {
-            "p50": samples[int(0.50 * (n - 1))] * 1e3,
-            "p90": samples[int(0.90 * (n - 1))] * 1e3,
-            "p99": samples[int(0.99 * (n - 1))] * 1e3,
+            "p50": percentile(samples, 0.50) * 1e3,
+            "p90": percentile(samples, 0.90) * 1e3,
+            "p99": percentile(samples, 0.99) * 1e3,
             "max": samples[-1] * 1e3,
         }
 
@@ -669,13 +670,14 @@ def _print_table(report: dict[str, Any], out: IO[str]) -> None:
     for label, value in rows:
         print(f"{label:<15} {value}", file=out)
     print(file=out)
-    width = max([8, *(len(name) for name in report["listeners"])])
-    head = ("received", "handled", "failed", "p50 ms", "p99 ms")
-    print(f"{'listener':<{width}} " + " ".join(f"{h:>10}" for h in head), file=out)
-    for name, s in report["listeners"].items():
-        cells = (f"{s['received']:,}", f"{s['handled']:,}", f"{s['failed']:,}",
-                 _ms(s["p50_ms"]), _ms(s["p99_ms"]))  # fmt: skip
-        print(f"{name:<{width}} " + " ".join(f"{c:>10}" for c in cells), file=out)
+    head = ("listener", "received", "handled", "failed", "p50 ms", "p99 ms")
+    per_listener = [
+        (name, f"{s['received']:,}", f"{s['handled']:,}", f"{s['failed']:,}",
+         _ms(s["p50_ms"]), _ms(s["p99_ms"]))
+        for name, s in report["listeners"].items()
+    ]  # fmt: skip
+    for line in table(head, per_listener):
+        print(line, file=out)
     print(file=out)
     print(
         f"bench {report['organism']} {report['messages']} msgs  "

@@ -67,6 +67,7 @@ from typing import IO, NoReturn
 from . import __version__
 from ._deadletters import joining_organism, list_letters, purge_letters, replay_letters
 from ._pool import worker_spec
+from ._stats import table
 from .backends import backend_scheme, check_backend_url, open_backend, redact_url, serves
 from .config import Organism, load_organism
 from .exceptions import BackendUnavailable, ConfigError, MessageTooLarge, XmlPipelineError
@@ -1183,16 +1184,15 @@ def _print_stats(stats: PumpStatistics) -> None:
     err = sys.stderr
     print(f"ingress {stats.ingress}  rejected {stats.rejected}  egress {stats.egress}  "
           f"dead letters {stats.dead_letters}", file=err)  # fmt: skip
-    header = (
-        f"{'listener':<24} {'received':>9} {'handled':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}"
-    )
-    print(header, file=err)
-    for name, s in stats.listeners.items():
-        p50 = f"{s.latency_p50_ms:.3f}" if s.latency_p50_ms is not None else "-"
-        p99 = f"{s.latency_p99_ms:.3f}" if s.latency_p99_ms is not None else "-"
-        print(
-            f"{name:<24} {s.received:>9} {s.handled:>9} {s.failed:>7} {p50:>8} {p99:>8}", file=err
-        )
+    rows = [
+        (name, str(s.received), str(s.handled), str(s.failed),
+         f"{s.latency_p50_ms:.3f}" if s.latency_p50_ms is not None else "-",
+         f"{s.latency_p99_ms:.3f}" if s.latency_p99_ms is not None else "-")
+        for name, s in stats.listeners.items()
+    ]  # fmt: skip
+    head = ("listener", "received", "handled", "failed", "p50 ms", "p99 ms")
+    for line in table(head, rows, min_width=24):
+        print(line, file=err)
     pool = stats.pool
     if pool is not None:
         print(f"worker pool: {pool.workers} workers  tasks {pool.tasks}  batches {pool.batches}  "

@@ -39,6 +39,7 @@ from lxml import etree
 from pydantic import BaseModel
 
 from ._pool import PoolStatistics, WorkerPool, worker_spec
+from ._stats import percentile
 from ._sync import SyncRunner
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
@@ -720,8 +721,8 @@ class StreamPump:
             p50 = p99 = None
             if n:
                 samples = sorted(rt.latencies[:n])
-                p50 = samples[int(0.50 * (n - 1))] * 1e3
-                p99 = samples[int(0.99 * (n - 1))] * 1e3
+                p50 = percentile(samples, 0.50) * 1e3
+                p99 = percentile(samples, 0.99) * 1e3
             listeners[name] = ListenerStatistics(
                 received=rt.received,
                 handled=rt.handled,
