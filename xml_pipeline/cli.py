@@ -225,9 +225,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("organism", type=Path, help="the organism YAML file")
     check.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
 
-    schema = sub.add_parser("schema", help="print the XSD of every payload class")
-    schema.add_argument("organism", type=Path, help="the organism YAML file")
+    schema = sub.add_parser(
+        "schema",
+        help="print the XSD of every payload class, or the organism file's JSON Schema",
+    )
+    schema.add_argument("organism", type=Path, help="the organism YAML file (not with --organism)")
     schema.add_argument("--out", metavar="DIR", type=Path, help="write one .xsd file per class")
+    schema.add_argument(
+        "--organism",
+        action=_OrganismSchemaAction,
+        nargs=0,
+        help="print the JSON Schema of organism files on stdout (for editors) and exit; "
+        "no organism file is read",
+    )
     manager = sub.add_parser(
         "manager",
         help="serve one history store to the pumps of this machine (manager:// backends)",
@@ -421,7 +431,38 @@ def _check(organism: Organism) -> int:
     return EXIT_OK
 
 
-def _schema(organism: Organism, out_dir: Path | None) -> int:
+class _OrganismSchemaAction(argparse.Action):
+    """``schema --organism``: print the JSON Schema and exit while the arguments are
+    parsed, so that the organism file, required otherwise, is not asked for."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        parser.exit(_schema(None, None))
+
+
+def _schema(organism: Organism | None, out_dir: Path | None) -> int:
+    """The XSD of every payload class of ``organism``, or with None (``--organism``)
+    the JSON Schema of organism files, made from the models of :mod:`.config`."""
+    if organism is None:
+        import json
+
+        from .config import _json_schema
+
+        if not _stream_open(sys.stdout):
+            _error("standard output is closed")
+            return EXIT_USAGE
+        try:
+            sys.stdout.write(json.dumps(_json_schema(), indent=2) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head -1`, as main() handles it for the other commands
+            _silence_stdout()
+            print("xml_pipeline: standard output is closed: stopping", file=sys.stderr)
+        return EXIT_OK
     seen = []
     for lst in organism.listeners:
         for cls in lst.payloads:

@@ -14,6 +14,11 @@ models; the two records that lower layers own and use without a file
 are the other way round: the models take their defaults from them. The options of
 each backend scheme (the ``manager:`` and ``redis:`` sections) are the models of
 :mod:`xml_pipeline.backends.scheme`.
+
+The models are also the only place a key is documented: its ``description``, with its
+default and bounds, makes the key tables of ``docs/organisms.md`` (rewritten by
+``scripts/gen_reference``, checked by a test) and the JSON Schema that
+``python -m xml_pipeline schema --organism`` prints for editors.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -33,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from .backends.base import HistoryLimits
@@ -65,8 +73,8 @@ class _Strict(BaseModel):
 
 
 class _OrganismSection(_Strict):
-    name: str = Field(min_length=1)
-    description: str = ""
+    name: str = Field(min_length=1, description="the organism's name, shown by `check`")
+    description: str = Field("", description="free text")
 
 
 _HISTORY = HistoryLimits()  # the backends' own defaults
@@ -74,35 +82,133 @@ _PARSE = ParseLimits()  # the parser's own defaults
 
 
 class _HistorySection(_Strict):
-    max_slots_per_thread: int = Field(_HISTORY.max_slots_per_thread, ge=1)
-    max_threads: int = Field(_HISTORY.max_threads, ge=1)
-    ttl_s: float = Field(_HISTORY.ttl_s, gt=0)
-    max_dead_letters: int = Field(_HISTORY.max_dead_letters, ge=1)
+    max_slots_per_thread: int = Field(
+        _HISTORY.max_slots_per_thread,
+        ge=1,
+        description="slots kept per frame; the oldest are trimmed",
+    )
+    max_threads: int = Field(
+        _HISTORY.max_threads,
+        ge=1,
+        description="frames kept; the least recently written are evicted (`redis://` "
+        "enforces it by `ttl_s` only)",
+    )
+    ttl_s: float = Field(
+        _HISTORY.ttl_s,
+        gt=0,
+        description="`redis://` only: a frame's keys expire about this long after its last "
+        "write; `memory://` and `manager://` ignore it",
+    )
+    max_dead_letters: int = Field(
+        _HISTORY.max_dead_letters,
+        ge=1,
+        description="dead letters kept; the oldest are dropped",
+    )
 
 
 class _PumpSection(_Strict):
-    queue_size: int = Field(1024, ge=1)
-    max_depth: int = Field(32, ge=1)
-    drain_timeout_s: float = Field(10.0, ge=0)
-    max_message_bytes: int = Field(_PARSE.max_bytes, ge=64)
-    max_xml_depth: int = Field(_PARSE.max_depth, ge=3)
-    max_elements: int = Field(_PARSE.max_elements, ge=2)
-    max_attributes: int = Field(_PARSE.max_attributes, ge=0)
-    sync_threads: int = Field(32, ge=1)
-    gc_threshold: int | None = Field(10_000, ge=100)
-    max_in_pump: int = Field(100_000, ge=1)
+    queue_size: int = Field(
+        1024,
+        ge=1,
+        description="ingress waits while this many messages are inside the pump (see "
+        "[design](design.md#admission-control))",
+    )
+    max_depth: int = Field(
+        32,
+        ge=1,
+        description="deepest frame a forward may create; deeper is `Huh(depth-exceeded)`",
+    )
+    drain_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="on SIGINT/SIGTERM, how long to wait for messages inside the pump",
+    )
+    max_message_bytes: int = Field(
+        _PARSE.max_bytes,
+        ge=64,
+        description="size limit of one message from outside (also of one `--input` line)",
+    )
+    max_xml_depth: int = Field(
+        _PARSE.max_depth,
+        ge=3,
+        description="element nesting limit of one message from outside; the root element "
+        "(`<message>` for an envelope) is depth 1",
+    )
+    max_elements: int = Field(
+        _PARSE.max_elements,
+        ge=2,
+        description="element count limit of one message from outside, envelope included",
+    )
+    max_attributes: int = Field(
+        _PARSE.max_attributes,
+        ge=0,
+        description="attribute count limit of one message from outside (`0`: no attributes "
+        "at all; namespace declarations are not attributes)",
+    )
+    sync_threads: int = Field(
+        32,
+        ge=1,
+        description="thread limit of sync listeners: each runs its handler in daemon threads "
+        "of its own, at most its `concurrency` or this, whichever is smaller (see "
+        "[handlers](handlers.md#async-and-sync))",
+    )
+    gc_threshold: int | None = Field(
+        10_000,
+        ge=100,
+        description="the garbage collector's generation-0 threshold, raised to this value "
+        "(if it is lower) by applications that opt in, for as long as they run the pump: the "
+        "command line's `run` and `bench` do, restoring it when they stop; `StreamPump` "
+        "itself changes no process-wide state and ignores this key. Null leaves it alone "
+        "(see [design](design.md#garbage-collector))",
+    )
+    max_in_pump: int = Field(
+        100_000,
+        ge=1,
+        description="a handler's forward, or respond to a listener, that would bring the "
+        "messages inside the pump above this is refused with `Huh(overloaded)`; a value "
+        "below `queue_size` is raised to `queue_size`",
+    )
 
 
 class _ListenerSection(_Strict):
-    name: str = Field(min_length=1, max_length=256)
-    payload: str | list[str]
-    handler: str = Field(min_length=1)
-    description: str = ""
-    peers: list[str] | None = None
-    concurrency: int = Field(16, ge=1, le=100_000)
-    timeout_s: float | None = Field(None, gt=0)
-    cpu_bound: bool = False
-    history_snapshot: bool = False
+    name: str = Field(
+        min_length=1,
+        max_length=256,
+        description="unique; printable, no leading or trailing spaces; dots allowed",
+    )
+    payload: str | list[str] = Field(
+        description="the payload class(es) accepted, each `module:attr`"
+    )
+    handler: str = Field(min_length=1, description="the handler, `module:attr`")
+    description: str = Field("", description="free text, shown by `check`")
+    peers: list[str] | None = Field(
+        None,
+        description="listeners this one may forward to; null means any, `[]` means none",
+    )
+    concurrency: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="messages handled at once (on different frames); a sync listener also "
+        "gets up to this many threads, at most `pump.sync_threads`; a `cpu_bound` listener "
+        "has at most this many messages in the worker processes",
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="time limit per message; past it, `Huh(timeout)` (a `cpu_bound` "
+        "handler's worker process is killed)",
+    )
+    cpu_bound: bool = Field(
+        False,
+        description="run the handler in the worker processes of `process_pool` (see "
+        "[cpu_bound](cpu_bound.md))",
+    )
+    history_snapshot: bool = Field(
+        False,
+        description="`cpu_bound` only: ship the frame's history with each message, so that "
+        "`meta.history()` works in a worker on the `memory://` backend",
+    )
 
     @field_validator("name")
     @classmethod
@@ -113,34 +219,88 @@ class _ListenerSection(_Strict):
 
 
 class _ProcessPoolSection(_Strict):
-    workers: int | None = Field(None, ge=1, le=1024)
-    batch_max: int = Field(64, ge=1, le=100_000)
-    recycle_after: int | None = Field(None, ge=1)
-    max_crashes: int = Field(2, ge=1, le=100)
-    start_method: Literal["forkserver", "spawn"] = "forkserver"
-    memory_limit_mb: int | None = Field(None, ge=64)
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="worker processes; null means the CPU count. `run --workers N` overrides it",
+    )
+    batch_max: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="most messages in one submission to a worker (see "
+        "[micro-batching](cpu_bound.md#micro-batching))",
+    )
+    recycle_after: int | None = Field(
+        None,
+        ge=1,
+        description="replace the workers after about this many messages per worker; null: never",
+    )
+    max_crashes: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="crashes of a worker after which a message is answered "
+        "`Huh(worker-crashed)` (see [cpu_bound](cpu_bound.md#when-a-worker-dies))",
+    )
+    start_method: Literal["forkserver", "spawn"] = Field(
+        "forkserver", description="how worker processes start; `fork` is refused"
+    )
+    memory_limit_mb: int | None = Field(
+        None,
+        ge=64,
+        description="address-space limit (`RLIMIT_AS`) per worker: past it, the handler "
+        "gets a `MemoryError`; null: none",
+    )
 
 
 class _BootSection(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    to: str | None = None
-    sender: str = Field("boot", alias="from", min_length=1)
-    payload: str = Field(min_length=1)
+    payload: str = Field(
+        min_length=1,
+        description="the XML of a bare payload element (a full `<message>` envelope is "
+        "accepted too)",
+    )
+    to: str | None = Field(
+        None,
+        description="the listener to send it to; null means every listener accepting it",
+    )
+    sender: str = Field(
+        "boot", alias="from", min_length=1, description="the external sender's label"
+    )
 
 
 class OrganismConfig(_Strict):
-    """The whole organism YAML file, validated but not yet imported."""
+    """An organism file of xml_pipeline: its listeners and the settings of its pump."""
 
-    organism: _OrganismSection
-    backend: str = "memory://"
-    manager: ManagerOptions = ManagerOptions()
-    redis: RedisOptions = RedisOptions()
-    history: _HistorySection = _HistorySection()
-    pump: _PumpSection = _PumpSection()
-    process_pool: _ProcessPoolSection = _ProcessPoolSection()
-    listeners: list[_ListenerSection] = Field(min_length=1)
-    boot: list[_BootSection] = []
+    organism: _OrganismSection = Field(description="the organism's name and description")
+    backend: str = Field(
+        "memory://",
+        description="where frame histories, the thread registry and dead letters are kept, "
+        "as a URL",
+    )
+    manager: ManagerOptions = Field(
+        ManagerOptions(), description="options of a `manager://` backend"
+    )
+    redis: RedisOptions = Field(
+        RedisOptions(), description="options of a `redis://`, `rediss://` or `unix://` backend"
+    )
+    history: _HistorySection = Field(
+        _HistorySection(), description="bounds on what the backend keeps"
+    )
+    pump: _PumpSection = Field(
+        _PumpSection(), description="the pump's queue, depth, size and thread limits"
+    )
+    process_pool: _ProcessPoolSection = Field(
+        _ProcessPoolSection(), description="the worker processes of `cpu_bound` listeners"
+    )
+    listeners: list[_ListenerSection] = Field(
+        min_length=1,
+        description="the named handlers and the payload classes each accepts",
+    )
+    boot: list[_BootSection] = Field([], description="messages injected when the organism starts")
 
 
 # -- the resolved organism -----------------------------------------------------------
@@ -699,3 +859,196 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
         )
     except ConfigError as exc:
         raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from exc
+
+
+# -- the reference: docs/organisms.md's tables and the JSON Schema ---------------------
+
+_JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _json_schema() -> dict[str, Any]:
+    """The JSON Schema of an organism file, for editors (``schema --organism``)."""
+    schema = OrganismConfig.model_json_schema()
+    schema["title"] = "xml_pipeline organism file"
+    # A section model whose fields have no description (the backends' options) has
+    # their meanings in its docstring: give them to the editor too.
+    for info in OrganismConfig.model_fields.values():
+        model = _item(info.annotation)
+        if model is None:
+            continue
+        properties = schema["$defs"][model.__name__]["properties"]
+        for name, meaning in _docstring_attributes(model).items():
+            field_info = model.model_fields[name]
+            properties[field_info.alias or name].setdefault("description", meaning)
+    return {"$schema": _JSON_SCHEMA_DIALECT, **schema}
+
+
+_PLURAL = {"string": "strings", "mapping": "mappings", "int": "ints", "float": "floats"}
+
+
+def _type_text(annotation: Any) -> str:
+    """How the reference names a field's type: ``int or null``, ``list of strings``."""
+    if annotation is None or annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    named = {str: "string", int: "int", float: "float", bool: "bool"}
+    if annotation in named:
+        return named[annotation]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " or ".join(f"`{arg}`" for arg in args)
+    if origin is list:
+        item = _type_text(args[0])
+        return f"list of {_PLURAL.get(item, item)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(arg) for arg in args)
+    raise TypeError(f"no reference wording for the type {annotation!r}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+_SIGN = {"ge": "\u2265", "gt": ">", "le": "\u2264", "lt": "<"}
+
+
+def _bounds_text(info: FieldInfo) -> str:
+    """A field's bounds (``≥ 1``, ``1-1024`` with an en dash, ``not empty``), or ``""``."""
+    bound: dict[str, Any] = {}
+    for item in info.metadata:
+        for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            value = getattr(item, name, None)
+            if value is not None:
+                bound[name] = value
+    low = ("ge", bound["ge"]) if "ge" in bound else ("gt", bound["gt"]) if "gt" in bound else None
+    high = ("le", bound["le"]) if "le" in bound else ("lt", bound["lt"]) if "lt" in bound else None
+    parts: list[str] = []
+    if low and high and low[0] == "ge" and high[0] == "le":
+        parts.append(f"{_number(low[1])}\u2013{_number(high[1])}")
+    else:
+        if low:
+            parts.append(f"{_SIGN[low[0]]} {_number(low[1])}")
+        if high:
+            parts.append(f"{_SIGN[high[0]]} {_number(high[1])}")
+    shortest, longest = bound.get("min_length"), bound.get("max_length")
+    is_list = typing.get_origin(info.annotation) is list
+    if shortest is not None and longest is not None:
+        parts.append(f"{shortest}\u2013{longest} {'items' if is_list else 'chars'}")
+    elif shortest == 1:
+        parts.append("at least one" if is_list else "not empty")
+    elif shortest is not None:
+        parts.append(f"at least {shortest} {'items' if is_list else 'chars'}")
+    elif longest is not None:
+        parts.append(f"at most {longest} {'items' if is_list else 'chars'}")
+    return ", ".join(parts)
+
+
+def _default_text(info: FieldInfo) -> str:
+    """A field's default as the reference shows it (``required``, ``null``, `` `16` ``)."""
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "all defaults"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return f"`{_number(value)}`"
+    return f"`{json.dumps(value)}`"  # "text", 16, []
+
+
+def _docstring_attributes(model: type[BaseModel]) -> dict[str, str]:
+    """The ``Attributes:`` entries of a model's docstring, by name (the meaning of a
+    field without a ``description``)."""
+    entries: dict[str, str] = {}
+    current: str | None = None
+    inside = False
+    own = model.__dict__.get("__doc__")  # not BaseModel's, as inspect.getdoc would give
+    for line in inspect.cleandoc(own or "").splitlines():
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line and not line.startswith(" "):
+            break
+        name, colon, text = line.strip().partition(": ")
+        if line.startswith("    ") and not line.startswith("     ") and colon:
+            current = name
+            entries[name] = text
+        elif current is not None and line.strip():
+            entries[current] += " " + line.strip()
+    return {
+        name: re.sub(r"\bNone\b", "null", text.replace("``", "`")).removesuffix(".")
+        for name, text in entries.items()
+    }
+
+
+def _reference_table(model: type[BaseModel]) -> str:
+    """One Markdown table of a section's keys: key, type, default, bounds, meaning."""
+    fallback = _docstring_attributes(model)
+    rows = ["| key | type | default | bounds | meaning |", "|---|---|---|---|---|"]
+    for name, info in model.model_fields.items():
+        meaning = info.description or fallback.get(name)
+        if not meaning:
+            raise ValueError(f"{model.__name__}.{name} has no description")
+        cells = [
+            f"`{info.alias or name}`",
+            _type_text(info.annotation),
+            _default_text(info),
+            _bounds_text(info),
+            meaning.replace("|", "\\|"),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _reference_tables() -> dict[str, str]:
+    """The key reference of the organism file: one Markdown table per section, by
+    section name (``""`` for the top level)."""
+    tables = {"": _reference_table(OrganismConfig)}
+    for name, info in OrganismConfig.model_fields.items():
+        model = _item(info.annotation)
+        if model is not None:
+            tables[name] = _reference_table(model)
+    return tables
+
+
+_GENERATED = re.compile(
+    r"(<!-- generated: organism keys(?:: (?P<section>\w+))? -->\n)(?P<body>.*?)"
+    r"(<!-- end generated -->)",
+    re.DOTALL,
+)
+
+
+def _reference_markdown(doc: str) -> str:
+    """``doc`` with the body of each generated block replaced by its section's table.
+
+    A block opens with ``<!-- generated: organism keys -->`` (the top level) or
+    ``<!-- generated: organism keys: SECTION -->`` and closes with
+    ``<!-- end generated -->``; ``scripts/gen_reference`` rewrites
+    ``docs/organisms.md`` with it.
+
+    Raises:
+        ValueError: a block names an unknown section, or a section has no block.
+    """
+    tables = _reference_tables()
+    seen: list[str] = []
+
+    def fill(match: re.Match[str]) -> str:
+        section = match["section"] or ""
+        if section not in tables:
+            raise ValueError(f"no section {section!r} in the organism file")
+        seen.append(section)
+        # Blank lines around the table: every Markdown renderer ends it before the comment.
+        return f"{match[1]}\n{tables[section]}\n{match[4]}"
+
+    out = _GENERATED.sub(fill, doc)
+    missing = [name or "(top level)" for name in tables if name not in seen]
+    if missing:
+        raise ValueError(f"no generated block for: {', '.join(missing)}")
+    return out
