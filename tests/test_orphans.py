@@ -36,9 +36,18 @@ from test_worker import (
 
 from xml_pipeline import HandlerFailed, Organism, ProcessPoolSettings, StreamPump
 from xml_pipeline._pool import WorkerPool, worker_spec
+from xml_pipeline.worker import Meta
 
 ROOT = Path(__file__).resolve().parent.parent
-META = ("thread-1", "api", "cpu", "m-1", False, 1, True)
+META = Meta(
+    thread_id="thread-1",
+    from_id="api",
+    own_name="cpu",
+    message_id="m-1",
+    is_self_call=False,
+    depth=1,
+    from_external=True,
+)
 
 # -- the command line ------------------------------------------------------------------
 

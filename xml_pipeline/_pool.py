@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import worker
+from .backends.base import Slot
 from .config import Organism, ProcessPoolSettings, import_object
 from .exceptions import (
     ConfigError,
@@ -64,7 +65,7 @@ from .exceptions import (
     PayloadInvalid,
     WorkerCrashed,
 )
-from .worker import BackendSpec, ListenerSpec, Meta, Result, WorkerSpec
+from .worker import Answer, BackendSpec, Failure, ListenerSpec, Meta, Output, Result, WorkerSpec
 
 __all__ = ["PoolStatistics", "WorkerPool", "worker_spec"]
 
@@ -90,7 +91,6 @@ _CLOSE_POLL_S = 0.01
 _FORKSERVER_PRELOAD = ["__main__", worker.__name__]
 # A task failed by the pool itself (a bug, never the handler): answered HandlerFailed.
 _INTERNAL = "internal"
-_Answer = tuple[float, list[Result]]
 _ERRORS: dict[str, type[MessageError]] = {
     "validation": PayloadInvalid,
     "malformed": MalformedMessage,
@@ -211,18 +211,15 @@ class _Executor:
 
 
 class _Task:
-    __slots__ = ("breaks", "crashes", "future", "listener", "record", "timeout")
+    """A task in the pool: what goes to a worker, and what the pool keeps of it."""
+
+    __slots__ = ("breaks", "crashes", "future", "record", "timeout")
 
     def __init__(
-        self,
-        record: worker.Task,
-        future: asyncio.Future[Result],
-        listener: str,
-        timeout: float | None,
+        self, record: worker.Task, future: asyncio.Future[Result], timeout: float | None
     ) -> None:
         self.record = record
         self.future = future
-        self.listener = listener
         self.timeout = timeout
         self.crashes = 0
         self.breaks = 0
@@ -334,8 +331,8 @@ class WorkerPool:
                     "if __name__ == '__main__':"
                 ) from exc
             raise
-        for _, errors in answers:
-            for name, error in sorted(errors.items()):
+        for answer in answers:
+            for name, error in sorted(answer.errors.items()):
                 await self.aclose()
                 raise ConfigError(f"listener {name!r} in a worker process: {error}")
         # One submit starts one process, but one worker may have answered two pings:
@@ -472,10 +469,10 @@ class WorkerPool:
         listener: str,
         xml: bytes,
         meta: Meta,
-        history: list[tuple[Any, ...]] | None,
+        history: list[Slot] | None,
         timeout: float | None,
-    ) -> list[tuple[str | None, bool, str, str, bytes]]:
-        """Run one task; its responses as ``(to, is_response, qname, class_path, xml)``.
+    ) -> list[Output]:
+        """Run one task; its handler's responses, encoded.
 
         Raises:
             MessageError: the handler failed (the subclass names how).
@@ -484,20 +481,23 @@ class WorkerPool:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         future: asyncio.Future[Result] = self._loop.create_future()
-        self._ready.append(_Task((listener, xml, meta, history), future, listener, timeout))
+        self._ready.append(_Task(worker.Task(listener, xml, meta, history), future, timeout))
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch)
         result = await future
-        if result[0] == "ok":
-            outs: list[tuple[str | None, bool, str, str, bytes]] = result[1]
-            return outs
-        _, code, kind, message, trace = result
-        if code == "handler-error":
+        if not isinstance(result, Failure):
+            return result
+        if result.code == "handler-error":
+            trace = result.traceback
             detail = f"\n{trace}" if trace and logger.isEnabledFor(logging.DEBUG) else ""
-            logger.warning("handler of %s raised %s: %s%s", listener, kind, message, detail)
-            raise HandlerFailed(f"{listener} raised {kind}: {message}", listener=listener)
-        raise _ERRORS.get(code, HandlerFailed)(message, listener=listener)
+            logger.warning(
+                "handler of %s raised %s: %s%s", listener, result.kind, result.message, detail
+            )
+            raise HandlerFailed(
+                f"{listener} raised {result.kind}: {result.message}", listener=listener
+            )
+        raise _ERRORS.get(result.code, HandlerFailed)(result.message, listener=listener)
 
     def _schedule(self) -> None:
         if not self._scheduled and not self._closed:
@@ -552,14 +552,14 @@ class WorkerPool:
         except Exception as exc:
             self._abandon(batch, exc)
 
-    def _threadsafe(self, batch: _Batch, future: ConcurrentFuture[_Answer]) -> None:
+    def _threadsafe(self, batch: _Batch, future: ConcurrentFuture[Answer]) -> None:
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(self._on_done, batch, future)
 
-    def _on_done(self, batch: _Batch, future: ConcurrentFuture[_Answer]) -> None:
+    def _on_done(self, batch: _Batch, future: ConcurrentFuture[Answer]) -> None:
         try:
             self._answer(batch, future)
         except BaseException as exc:
@@ -580,10 +580,10 @@ class WorkerPool:
         reason = f"internal error in the worker pool: {type(exc).__name__}: {exc}"
         for task in batch.tasks:
             if not task.future.done():
-                task.future.set_result(("error", _INTERNAL, "HandlerFailed", reason, ""))
+                task.future.set_result(Failure(_INTERNAL, "HandlerFailed", reason, ""))
         self._schedule()
 
-    def _answer(self, batch: _Batch, future: ConcurrentFuture[_Answer]) -> None:
+    def _answer(self, batch: _Batch, future: ConcurrentFuture[Answer]) -> None:
         if self._closed or self._in_flight.get(batch.id) is not batch:
             return  # answered already (the executor broke, or the pool closed)
         error = None if future.cancelled() else future.exception()
@@ -596,11 +596,12 @@ class WorkerPool:
             for task in batch.tasks:
                 if not task.future.done():
                     task.future.set_result(
-                        ("error", "handler-error", type(error).__name__, str(error), "")
+                        Failure("handler-error", type(error).__name__, str(error), "")
                     )
         else:
-            seconds, results = future.result()
-            mean = seconds / len(batch.tasks)
+            answer = future.result()
+            results = answer.results
+            mean = answer.seconds / len(batch.tasks)
             self._task_s = mean if self._task_s == 0 else 0.8 * self._task_s + 0.2 * mean
             for task, result in zip(batch.tasks, results, strict=True):
                 if not task.future.done():
@@ -652,10 +653,10 @@ class WorkerPool:
                 if key in killed:
                     assert task.timeout is not None
                     reason = (
-                        f"{task.listener} did not finish within {task.timeout:g} s "
+                        f"{task.record.listener} did not finish within {task.timeout:g} s "
                         "(its worker process was killed)"
                     )
-                    self._fail(task, HandlerTimeout(reason, listener=task.listener))
+                    self._fail(task, HandlerTimeout(reason, listener=task.record.listener))
                     continue
                 task.breaks += 1
                 suspect = not killed and (key in running or batch.solo)
@@ -663,16 +664,16 @@ class WorkerPool:
                     task.crashes += 1
                 if suspect and batch.solo and task.crashes >= max_crashes:
                     reason = (
-                        f"the worker process running {task.listener} died "
+                        f"the worker process running {task.record.listener} died "
                         f"({task.crashes} times with this message, the last time alone)"
                     )
-                    self._fail(task, WorkerCrashed(reason, listener=task.listener))
+                    self._fail(task, WorkerCrashed(reason, listener=task.record.listener))
                 elif task.breaks > 10 * max_crashes + 10:
                     reason = (
-                        f"the worker pool broke {task.breaks} times while {task.listener} "
+                        f"the worker pool broke {task.breaks} times while {task.record.listener} "
                         "had this message; giving up"
                     )
-                    self._fail(task, WorkerCrashed(reason, listener=task.listener))
+                    self._fail(task, WorkerCrashed(reason, listener=task.record.listener))
                 elif suspect:
                     self._suspects.append(task)
                 else:
@@ -692,7 +693,7 @@ class WorkerPool:
         self._schedule()
 
     def _fail(self, task: _Task, exc: MessageError) -> None:
-        task.future.set_result(("error", exc.code, type(exc).__name__, exc.reason, ""))
+        task.future.set_result(Failure(exc.code, type(exc).__name__, exc.reason, ""))
 
     # -- timeouts ----------------------------------------------------------------
 

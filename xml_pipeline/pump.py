@@ -1241,13 +1241,15 @@ class StreamPump:
         pool = self._pool
         if pool is None:
             raise PumpClosed("the worker pool is closed")
+        from .worker import Meta  # the records a worker is sent (plain values only)
+
         await self._record(frame, "in", msg, listener.name)
         history = None
         if listener.history_snapshot:
-            history = [tuple(s) for s in await self.backend.buffer_get_thread(frame.uuid)]
-        meta = self._meta_of(d)
+            history = list(await self.backend.buffer_get_thread(frame.uuid))
+        meta = Meta._make(self._meta_of(d))
         try:
-            results = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
+            outputs = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
         except MessageError as exc:
             if isinstance(exc, InvalidReturn):
                 logger.warning("handler of %s: %s", listener.name, exc.reason)
@@ -1255,13 +1257,13 @@ class StreamPump:
             return
         after_huh = msg.qname == _HUH_QNAME
         outs: list[tuple[bool, _Message]] = []
-        for to, is_response, qname, path, xml in results:
+        for output in outputs:
             out = _Message(
-                self._new_id(), listener.name, to, qname, xml=xml, path=path,
-                re=msg.re, cause=msg.cause,
+                self._new_id(), listener.name, output.to, output.qname, xml=output.xml,
+                path=output.class_path, re=msg.re, cause=msg.cause,
             )  # fmt: skip
             out.after_huh = after_huh
-            outs.append((is_response, out))
+            outs.append((output.is_response, out))
         await self._send_outs(d, outs)
 
     async def _call(self, listener: Listener, model: BaseModel, meta: HandlerMetadata) -> Any:

@@ -1,14 +1,16 @@
 """The worker process of ``cpu_bound`` listeners.
 
 The pump's process pool starts each worker with :func:`initialize` and sends it
-batches through :func:`run_batch`. Only plain records cross the process boundary;
-no lxml objects and no pickled payload models:
+batches through :func:`run_batch`. Only small named records of plain values
+(``typing.NamedTuple``: they pickle as tuples do, with the class named once per batch)
+cross the process boundary; no lxml objects and no payload models:
 
-- a **task** is ``(listener, payload_xml, meta, history)`` where ``meta`` is
-  ``(thread_id, from_id, own_name, message_id, is_self_call, depth, from_external)``
-  and ``history`` is None or a list of slot tuples (a snapshot of the frame's history);
-- a **result** is ``("ok", [(to, is_response, qname, class_path, payload_xml), ...])``
-  or ``("error", code, exception_type, message, short_traceback)``.
+- a :class:`Task`: the listener's name, the payload's XML, its :class:`Meta` (the plain
+  fields of :class:`~xml_pipeline.HandlerMetadata`) and, with ``history_snapshot``, the
+  frame's history as :class:`~xml_pipeline.backends.Slot` records;
+- one result per task: a list of :class:`Output` (each response, its XML encoded in the
+  worker), or a :class:`Failure` (an error code and what the handler raised);
+- per batch, an :class:`Answer`: the seconds the batch took and its results.
 
 A worker imports each ``cpu_bound`` handler and builds its payload codecs once,
 keeps one event loop for async handlers, and, when a memory limit is set, caps its
@@ -51,7 +53,7 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from pydantic import BaseModel
 
@@ -74,9 +76,13 @@ __all__ = [
     "CONTROL_CLOSING",
     "CONTROL_RETIRED_CPU_NS",
     "CONTROL_WIDTH",
+    "Answer",
     "BackendSpec",
+    "Failure",
     "ListenerSpec",
     "Meta",
+    "Output",
+    "Ping",
     "Result",
     "Task",
     "WorkerSpec",
@@ -104,9 +110,68 @@ CONTROL_RETIRED_CPU_NS = 1  # CPU of workers whose slot was claimed again by a n
 CONTROL_CLOSING = 2  # 1 once the pool closes: a worker starting then exits at once
 CONTROL_WIDTH = 3
 
-Meta = tuple[str, str, str, str, bool, int, bool]
-Task = tuple[str, bytes, Meta, list[tuple[Any, ...]] | None]
-Result = tuple[Any, ...]
+
+# The records below cross the process boundary. NamedTuple, not a slotted dataclass:
+# pickling one costs about 0.7 us per record each way, a frozen slotted dataclass
+# about twice that (its __getstate__/__setstate__ run in Python).
+
+
+class Meta(NamedTuple):
+    """What a handler learns about its message: ``HandlerMetadata``'s plain fields."""
+
+    thread_id: str
+    from_id: str
+    own_name: str
+    message_id: str
+    is_self_call: bool
+    depth: int
+    from_external: bool
+
+
+class Task(NamedTuple):
+    """One message for a ``cpu_bound`` listener, as the pump sends it to a worker."""
+
+    listener: str
+    xml: bytes  # the payload element
+    meta: Meta
+    history: list[Slot] | None  # the frame's history (history_snapshot), or None
+
+
+class Output(NamedTuple):
+    """One response of a handler, encoded in the worker."""
+
+    to: str | None
+    is_response: bool  # respond (to the caller), not forward
+    qname: str  # the payload's routing key {namespace}local
+    class_path: str  # module:qualname of its payload class
+    xml: bytes
+
+
+class Failure(NamedTuple):
+    """A task that failed in the worker."""
+
+    code: str  # a MessageError code: "handler-error", "validation", "invalid-return"...
+    kind: str  # the exception's type name
+    message: str
+    traceback: str  # the last frames, for a handler's own exception; else ""
+
+
+Result = list[Output] | Failure
+"""A task's result: its handler's responses, or why it failed."""
+
+
+class Answer(NamedTuple):
+    """What :func:`run_batch` returns: one result per task, in order."""
+
+    seconds: float  # how long the batch ran in the worker
+    results: list[Result]
+
+
+class Ping(NamedTuple):
+    """What :func:`ping` returns."""
+
+    pid: int
+    errors: dict[str, str]  # listener name -> why its code did not import
 
 
 class ListenerSpec(TypedDict):
@@ -307,14 +372,15 @@ def process_birth(pid: int) -> int | None:
     return 0
 
 
-def ping() -> tuple[int, dict[str, str]]:
+def ping() -> Ping:
     """The worker's pid and the listeners whose code it could not import."""
     state = _require_state()
     state.status[state.base + SLOT_CPU_NS] = time.process_time_ns()
-    return os.getpid(), {n: e.error for n, e in state.entries.items() if e.error is not None}
+    errors = {n: e.error for n, e in state.entries.items() if e.error is not None}
+    return Ping(os.getpid(), errors)
 
 
-def run_batch(batch_id: int, tasks: Sequence[Task]) -> tuple[float, list[Result]]:
+def run_batch(batch_id: int, tasks: Sequence[Task]) -> Answer:
     """Run each task in order: the seconds it took, and one result per task (never raises)."""
     state = _require_state()
     status = state.status
@@ -334,7 +400,7 @@ def run_batch(batch_id: int, tasks: Sequence[Task]) -> tuple[float, list[Result]
         status[at_batch] = 0
         # Once per batch (one clock read), so the pool can report its workers' CPU.
         status[base + SLOT_CPU_NS] = time.process_time_ns()
-    return time.perf_counter() - began, results
+    return Answer(time.perf_counter() - began, results)
 
 
 def _require_state() -> _State:
@@ -343,33 +409,34 @@ def _require_state() -> _State:
     return _state
 
 
-def _error(code: str, exc: BaseException, *, trace: bool = False) -> Result:
+def _error(code: str, exc: BaseException, *, trace: bool = False) -> Failure:
     text = ""
     if trace:
         text = "".join(traceback.format_exception(exc, limit=-4))[-2000:]
     message = exc.reason if isinstance(exc, MessageError) else str(exc)
-    return ("error", code, type(exc).__name__, message, text)
+    return Failure(code, type(exc).__name__, message, text)
 
 
 def _run(state: _State, task: Task) -> Result:
-    name, xml, meta, history = task
+    name = task.listener
+    meta = task.meta
     entry = state.entries.get(name)
     if entry is None or entry.handler is None:
         reason = entry.error if entry is not None else f"no cpu_bound listener {name!r}"
-        return ("error", "handler-error", "ImportError", reason or "not loaded", "")
+        return Failure("handler-error", "ImportError", reason or "not loaded", "")
     try:
-        element = parse_trusted(xml)
+        element = parse_trusted(task.xml)
         codec = entry.codecs.get(element.tag)
         if codec is None:
             expected = ", ".join(sorted(entry.codecs))
-            return ("error", "validation", "PayloadInvalid",
-                    f"{name} accepts {expected}, not {element.tag}", "")  # fmt: skip
+            reason = f"{name} accepts {expected}, not {element.tag}"
+            return Failure("validation", "PayloadInvalid", reason, "")
         model = codec.decode(element)
     except MessageError as exc:
         return _error(exc.code, exc)
     except Exception as exc:  # a validator that raised something else: this message only
         return _error("handler-error", exc, trace=True)
-    hist, blocking = _history_access(state, name, meta[0], history)
+    hist, blocking = _history_access(state, name, meta.thread_id, task.history)
     info = HandlerMetadata(*meta, hist, None, blocking)
     try:
         result = entry.handler(model, info)
@@ -380,7 +447,7 @@ def _run(state: _State, task: Task) -> Result:
         return _error(exc.code, exc)
     except BaseException as exc:  # SystemExit and the like too: one message fails, not a batch
         return _error("handler-error", exc, trace=True)
-    outs = []
+    outs: list[Output] = []
     try:
         for response in responses:
             cls = type(response.payload)
@@ -389,20 +456,19 @@ def _run(state: _State, task: Task) -> Result:
                 path = state.paths[cls] = class_path(cls)
             out_codec = codec_for(cls)
             data = out_codec.encode_bytes(response.payload)
-            outs.append((response.to, response.is_response, out_codec.qname, path, data))
+            outs.append(Output(response.to, response.is_response, out_codec.qname, path, data))
     except ValueError as exc:
         failure = InvalidReturn(f"{name} returned a payload XML cannot carry: {exc}")
         return _error(failure.code, failure)
     except Exception as exc:  # MemoryError, a serializer's own error: this message only
         return _error("handler-error", exc, trace=True)
-    return ("ok", outs)
+    return outs
 
 
 def _history_access(
-    state: _State, name: str, thread_id: str, history: list[tuple[Any, ...]] | None
+    state: _State, name: str, thread_id: str, slots: list[Slot] | None
 ) -> tuple[Callable[[], Coroutine[Any, Any, list[Slot]]], Callable[[], list[Slot]]]:
-    if history is not None:
-        slots = [Slot(*item) for item in history]
+    if slots is not None:
 
         async def snapshot() -> list[Slot]:
             return list(slots)
