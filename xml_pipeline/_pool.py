@@ -304,8 +304,8 @@ class WorkerPool:
         """
         self._loop = asyncio.get_running_loop()
         self._slots = max(1024, _SLOTS_PER_WORKER * self._workers)
-        self._status = self._ctx.RawArray("q", worker.SLOT_WIDTH * self._slots)
-        self._control = self._ctx.Array("q", worker.CONTROL_WIDTH)
+        self._status = self._ctx.RawArray(worker.WorkerStatus, self._slots)
+        self._control = self._ctx.Value(worker.Control)
         # Read without its lock (which only the workers take, to claim a slot): a worker
         # killed while holding it must not hang the pool.
         self._shared = self._control.get_obj()
@@ -394,7 +394,7 @@ class WorkerPool:
         for executor in executors.values():
             self._retire(executor, cancel=True)
         if self._shared is not None:
-            self._shared[worker.CONTROL_CLOSING] = 1  # a worker starting now exits
+            self._shared.closing = 1  # a worker starting now exits
         _kill(self._live(busy=True))
         try:
             await self._wait_stopped(_CLOSE_GRACE_S)
@@ -416,22 +416,24 @@ class WorkerPool:
         self._retired = [t for t in self._retired if t.is_alive()]
         return bool(self._retired or self._live())
 
+    def _claimed(self) -> list[worker.WorkerStatus]:
+        """The status slots workers claimed so far (views of the shared array)."""
+        if self._status is None:
+            return []
+        slots: list[worker.WorkerStatus] = self._status[: min(self._shared.claimed, self._slots)]
+        return slots
+
     def _live(self, generation: int | None = None, *, busy: bool = False) -> list[tuple[int, int]]:
         """``(pid, birth)`` of the workers alive (of one executor; running a batch)."""
-        status = self._status
-        if status is None:
-            return []
         found = []
-        width = worker.SLOT_WIDTH
-        for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots)):
-            base = slot * width
-            pid = status[base + worker.SLOT_PID]
-            birth = status[base + worker.SLOT_BIRTH]
+        for slot, status in enumerate(self._claimed()):
+            pid = status.pid
+            birth = status.birth
             if not pid or self._dead_slots.get(slot) == (pid, birth):
                 continue
-            if generation is not None and status[base + worker.SLOT_GENERATION] != generation:
+            if generation is not None and status.generation != generation:
                 continue
-            if busy and not status[base + worker.SLOT_BATCH]:
+            if busy and not status.batch:
                 continue
             if _alive(pid, birth):
                 found.append((pid, birth))
@@ -443,12 +445,7 @@ class WorkerPool:
         """A snapshot of the pool's counters."""
         cpu_ns = 0
         if self._status is not None:
-            status = self._status
-            width = worker.SLOT_WIDTH
-            cpu_ns = self._shared[worker.CONTROL_RETIRED_CPU_NS] + sum(
-                status[slot * width + worker.SLOT_CPU_NS]
-                for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots))
-            )
+            cpu_ns = self._shared.retired_cpu_ns + sum(s.cpu_ns for s in self._claimed())
         return PoolStatistics(
             workers=self._workers,
             tasks=self._tasks_done,
@@ -622,14 +619,11 @@ class WorkerPool:
 
     def _running(self, batches: dict[int, _Batch]) -> set[tuple[int, int]]:
         """(batch id, task index) of what the workers are running now, by the status array."""
-        status = self._status
-        width = worker.SLOT_WIDTH
         running = set()
-        for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots)):
-            base = slot * width
-            batch_id = status[base + worker.SLOT_BATCH]
+        for status in self._claimed():
+            batch_id = status.batch
             if batch_id in batches:
-                running.add((batch_id, status[base + worker.SLOT_INDEX]))
+                running.add((batch_id, status.index))
         return running
 
     def _on_break(self, executor: _Executor) -> None:
@@ -715,16 +709,13 @@ class WorkerPool:
         return min(0.25, max(0.005, min(timeouts, default=1.0) / 10))
 
     def _check_timeouts(self) -> None:
-        status = self._status
-        width = worker.SLOT_WIDTH
         now = time.monotonic_ns()
-        for slot in range(min(self._shared[worker.CONTROL_CLAIMED], self._slots)):
-            base = slot * width
-            batch = self._in_flight.get(status[base + worker.SLOT_BATCH])
+        for status in self._claimed():
+            batch = self._in_flight.get(status.batch)
             if batch is None:
                 continue
-            index = status[base + worker.SLOT_INDEX]
-            started = status[base + worker.SLOT_STARTED_NS]
+            index = status.index
+            started = status.started_ns
             if index >= len(batch.tasks):
                 continue
             task = batch.tasks[index]
@@ -732,18 +723,15 @@ class WorkerPool:
                 continue
             if now - started <= task.timeout * 1e9:
                 continue
-            if (
-                status[base + worker.SLOT_BATCH] != batch.id
-                or status[base + worker.SLOT_INDEX] != index
-            ):
+            if status.batch != batch.id or status.index != index:
                 continue  # it moved on meanwhile
-            if status[base + worker.SLOT_GENERATION] != batch.executor.generation:
+            if status.generation != batch.executor.generation:
                 continue  # a stale slot
             key = (batch.id, index)
             if key in self._timed_out:
                 continue
-            pid = status[base + worker.SLOT_PID]
-            birth = status[base + worker.SLOT_BIRTH]
+            pid = status.pid
+            birth = status.birth
             if not _alive(pid, birth):
                 continue
             self._timed_out.add(key)

@@ -33,15 +33,16 @@ result pipes run through it, and its death would break the pool. Its children ge
 SIGTERM's default back, so processes that other code starts through the same fork
 server are unaffected.
 
-Each worker owns ``SLOT_WIDTH`` integers of a shared array (see :data:`SLOT_WIDTH`):
+Each worker owns one :class:`WorkerStatus` of a shared array, and writes its fields:
 the pump reads them to know which message a worker is running when it must kill it
 (a timeout) or when a worker dies, which processes are its workers, and how much CPU
-they used.
+they used. A :class:`Control` record, shared too, numbers the slots workers claim.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import multiprocessing
 import multiprocessing.connection
@@ -64,20 +65,9 @@ from .parser import parse_trusted
 from .payload import Codec, codec_for
 
 __all__ = [
-    "SLOT_BATCH",
-    "SLOT_BIRTH",
-    "SLOT_CPU_NS",
-    "SLOT_GENERATION",
-    "SLOT_INDEX",
-    "SLOT_PID",
-    "SLOT_STARTED_NS",
-    "SLOT_WIDTH",
-    "CONTROL_CLAIMED",
-    "CONTROL_CLOSING",
-    "CONTROL_RETIRED_CPU_NS",
-    "CONTROL_WIDTH",
     "Answer",
     "BackendSpec",
+    "Control",
     "Failure",
     "ListenerSpec",
     "Meta",
@@ -86,6 +76,7 @@ __all__ = [
     "Result",
     "Task",
     "WorkerSpec",
+    "WorkerStatus",
     "class_path",
     "initialize",
     "ping",
@@ -93,22 +84,56 @@ __all__ = [
     "run_batch",
 ]
 
-# A worker's slot in the status array: written by the worker, read by the pump.
-SLOT_PID = 0  # the worker's pid
-SLOT_BATCH = 1  # the batch it runs (0: idle)
-SLOT_INDEX = 2  # the task of that batch it runs
-SLOT_STARTED_NS = 3  # when it started that task (time.monotonic_ns)
-SLOT_CPU_NS = 4  # its CPU time so far (time.process_time_ns), after each batch
-SLOT_GENERATION = 5  # the executor it belongs to (the pool numbers them)
-SLOT_BIRTH = 6  # its start time (process_birth): a pid reused by another process differs
-SLOT_WIDTH = 7
-"""Integers per worker in the status array (the ``SLOT_*`` offsets)."""
 
-# The control array a pool shares with its workers.
-CONTROL_CLAIMED = 0  # slots claimed so far (a worker takes this one, modulo the slots)
-CONTROL_RETIRED_CPU_NS = 1  # CPU of workers whose slot was claimed again by a newer one
-CONTROL_CLOSING = 2  # 1 once the pool closes: a worker starting then exits at once
-CONTROL_WIDTH = 3
+class WorkerStatus(ctypes.Structure):
+    """A worker's slot in the pool's status array: written by the worker, read by the pump.
+
+    Attributes:
+        pid: the worker's pid (0: the slot was never claimed).
+        batch: the batch it runs (0: idle).
+        index: the task of that batch it runs.
+        started_ns: when it started that task (``time.monotonic_ns``).
+        cpu_ns: its CPU time so far (``time.process_time_ns``), after each batch.
+        generation: the executor it belongs to (the pool numbers them).
+        birth: its start time (:func:`process_birth`): a pid reused by another process
+            has another.
+    """
+
+    _fields_ = [
+        ("pid", ctypes.c_int64),
+        ("batch", ctypes.c_int64),
+        ("index", ctypes.c_int64),
+        ("started_ns", ctypes.c_int64),
+        ("cpu_ns", ctypes.c_int64),
+        ("generation", ctypes.c_int64),
+        ("birth", ctypes.c_int64),
+    ]
+    pid: int
+    batch: int
+    index: int
+    started_ns: int
+    cpu_ns: int
+    generation: int
+    birth: int
+
+
+class Control(ctypes.Structure):
+    """What a pool shares with all its workers (read and written under its lock).
+
+    Attributes:
+        claimed: status slots claimed so far (a worker takes the next, modulo the slots).
+        retired_cpu_ns: CPU of the workers whose slot a newer one claimed again.
+        closing: 1 once the pool closes: a worker starting then exits at once.
+    """
+
+    _fields_ = [
+        ("claimed", ctypes.c_int64),
+        ("retired_cpu_ns", ctypes.c_int64),
+        ("closing", ctypes.c_int64),
+    ]
+    claimed: int
+    retired_cpu_ns: int
+    closing: int
 
 
 # The records below cross the process boundary. NamedTuple, not a slotted dataclass:
@@ -215,8 +240,7 @@ class _Entry:
 class _State:
     entries: dict[str, _Entry]
     loop: asyncio.AbstractEventLoop
-    status: Any
-    base: int
+    status: WorkerStatus  # this worker's slot
     backend_spec: BackendSpec | None
     backend: Backend | None = None
     paths: dict[type[BaseModel], str] = field(default_factory=dict)
@@ -245,8 +269,8 @@ def initialize(spec: WorkerSpec, status: Any, control: Any, generation: int) -> 
 
     Args:
         spec: what to import.
-        status: the pool's status array (``SLOT_WIDTH`` integers per slot).
-        control: the pool's control array (``CONTROL_*``).
+        status: the pool's status array (shared :class:`WorkerStatus` records).
+        control: the pool's :class:`Control` record (shared, with a lock).
         generation: the number of the executor this worker belongs to.
     """
     global _state
@@ -255,29 +279,27 @@ def initialize(spec: WorkerSpec, status: Any, control: Any, generation: int) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_pump()
-    slots = len(status) // SLOT_WIDTH
-    shared = control.get_obj()  # read and written under the lock below, never through it
+    shared: Control = control.get_obj()  # used under the lock below, never through it
     lock = control.get_lock()
     # With a timeout: a worker killed while holding the lock must not keep every later
     # one from starting (a claim without the lock risks no more than a shared slot).
     locked = lock.acquire(timeout=_CLAIM_LOCK_S)
     try:
-        closing = shared[CONTROL_CLOSING]
+        closing = shared.closing
         if not closing:
-            slot = shared[CONTROL_CLAIMED] % slots
-            shared[CONTROL_CLAIMED] += 1
-            base = slot * SLOT_WIDTH
-            shared[CONTROL_RETIRED_CPU_NS] += status[base + SLOT_CPU_NS]
-            status[base + SLOT_CPU_NS] = 0
+            mine: WorkerStatus = status[shared.claimed % len(status)]  # a view, not a copy
+            shared.claimed += 1
+            shared.retired_cpu_ns += mine.cpu_ns
+            mine.cpu_ns = 0
     finally:
         if locked:
             lock.release()
     if closing:
         os._exit(0)  # the pool is closing: nothing will be sent to this worker
-    status[base + SLOT_BATCH] = 0
-    status[base + SLOT_GENERATION] = generation
-    status[base + SLOT_BIRTH] = process_birth(os.getpid()) or 0
-    status[base + SLOT_PID] = os.getpid()  # last: the pool looks at slots with a pid
+    mine.batch = 0
+    mine.generation = generation
+    mine.birth = process_birth(os.getpid()) or 0
+    mine.pid = os.getpid()  # last: the pool looks at slots with a pid
     # Appended, not put first: an organism's folder must not shadow installed packages.
     for path in spec["paths"]:
         if path not in sys.path:
@@ -293,7 +315,7 @@ def initialize(spec: WorkerSpec, status: Any, control: Any, generation: int) -> 
         entries = {name: _Entry(error=error) for name in entries}
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    _state = _State(entries, loop, status, base, spec["backend"])
+    _state = _State(entries, loop, mine, spec["backend"])
     limit = spec["memory_limit_mb"]
     if limit is not None:
         import resource
@@ -375,7 +397,7 @@ def process_birth(pid: int) -> int | None:
 def ping() -> Ping:
     """The worker's pid and the listeners whose code it could not import."""
     state = _require_state()
-    state.status[state.base + SLOT_CPU_NS] = time.process_time_ns()
+    state.status.cpu_ns = time.process_time_ns()
     errors = {n: e.error for n, e in state.entries.items() if e.error is not None}
     return Ping(os.getpid(), errors)
 
@@ -384,22 +406,18 @@ def run_batch(batch_id: int, tasks: Sequence[Task]) -> Answer:
     """Run each task in order: the seconds it took, and one result per task (never raises)."""
     state = _require_state()
     status = state.status
-    base = state.base
-    at_started = base + SLOT_STARTED_NS
-    at_index = base + SLOT_INDEX
-    at_batch = base + SLOT_BATCH
     results: list[Result] = []
     began = time.perf_counter()
     try:
         for index, task in enumerate(tasks):
-            status[at_started] = time.monotonic_ns()
-            status[at_index] = index
-            status[at_batch] = batch_id
+            status.started_ns = time.monotonic_ns()
+            status.index = index
+            status.batch = batch_id
             results.append(_run(state, task))
     finally:
-        status[at_batch] = 0
+        status.batch = 0
         # Once per batch (one clock read), so the pool can report its workers' CPU.
-        status[base + SLOT_CPU_NS] = time.process_time_ns()
+        status.cpu_ns = time.process_time_ns()
     return Answer(time.perf_counter() - began, results)
 
 
