@@ -37,8 +37,12 @@ other and answers them in the order they came::
 
 ``SLOT`` and ``LETTER`` are exactly the JSON objects of
 :func:`~xml_pipeline.backends.base.slot_to_bytes` and
-:func:`~xml_pipeline.backends.base.dead_letter_to_bytes`. The calls are the
-``Store`` methods, each one server-side method call::
+:func:`~xml_pipeline.backends.base.dead_letter_to_bytes`; a ``ROW`` is a slot as
+an array of the same values in :class:`~xml_pipeline.backends.base.Slot`'s order,
+``[i, d, f, t, p, m, ts, x]``, which a client parses about twice as fast (the
+client reads histories with ``buffer_get_rows``, and with ``buffer_get_thread``
+from a server that does not know it). The calls are the ``Store`` methods, each
+one server-side method call::
 
     call                   arguments                     result
     hello                  protocol (1)                  {"protocol": 1, "limits": {...}}
@@ -46,6 +50,7 @@ other and answers them in the order they came::
     buffer_append          thread, SLOT                  index
     buffer_contains        thread, message id, direction true | false
     buffer_get_thread      thread                        [SLOT, ...]
+    buffer_get_rows        thread                        [ROW, ...]
     buffer_get_slot        thread, index                 SLOT | null
     buffer_thread_len      thread                        count
     buffer_thread_exists   thread                        true | false
@@ -76,6 +81,7 @@ address (the server warns otherwise).
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import collections
 import contextlib
@@ -144,10 +150,38 @@ _JOIN_TIMEOUT_S = 5.0
 _OPTIONS = ManagerOptions()  # the defaults of the organism file's manager: section
 _T = TypeVar("_T")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+_str = json.encoder.encode_basestring_ascii  # what _dumps does to one string
+_SLOT_KEYS = ("i", "d", "f", "t", "p", "m", "ts", "x")  # slot_to_bytes's, in Slot's order
+_slot_fields = operator.itemgetter(*_SLOT_KEYS)
+_new_slot = tuple.__new__
+_a2b = binascii.a2b_base64
 
 
 def _encode(value: Any) -> bytes:
     return _dumps(value).encode()
+
+
+def _encode_result(value: Any) -> bytes:
+    # Most results are integers, booleans or None: ~0.2 µs here, ~2.5 µs through
+    # the JSON encoder, per call of a batch.
+    kind = type(value)
+    if kind is int:
+        return b"%d" % value
+    if kind is bool:
+        return b"true" if value else b"false"
+    if value is None:
+        return b"null"
+    return _encode(value)
+
+
+def _loads(frame: bytes) -> Any:
+    # pydantic-core's parser (a dependency already) is about twice as fast as the json
+    # module on frames of slots, keys cached; json covers what it refuses (lone
+    # surrogates that json.dumps escaped).
+    try:
+        return pydantic_core.from_json(frame, cache_strings="keys")
+    except ValueError:
+        return json.loads(frame)
 
 
 def _reason(exc: BaseException) -> str:
@@ -213,6 +247,23 @@ def _arg_opt_int(value: Any) -> int | None:
 def _arg_slot(value: Any) -> Slot:
     if type(value) is not dict:
         raise TypeError("expected a slot object")
+    # What clients send (slot_to_bytes) takes this path, ~4 times cheaper than
+    # slot_from_obj, which checks and converts anything else.
+    try:
+        i, d, f, t, p, m, ts, x = _slot_fields(value)
+    except KeyError:
+        return slot_from_obj(value)
+    if (
+        type(i) is int
+        and (d == "in" or d == "out")
+        and type(f) is str
+        and (t is None or type(t) is str)
+        and type(p) is str
+        and type(m) is str
+        and type(ts) is float
+        and type(x) is str
+    ):
+        return _new_slot(Slot, (i, d, f, t, p, m, ts, _a2b(x)))
     return slot_from_obj(value)
 
 
@@ -236,6 +287,12 @@ def _out_slots(value: list[Slot]) -> bytes:
     return b"[" + b",".join(map(slot_to_bytes, value)) + b"]"
 
 
+def _out_rows(value: list[Slot]) -> bytes:
+    # [index, direction, sender, to, payload, message id, timestamp, base64 of the
+    # XML]: a client parses arrays about twice as fast as the objects of slot_to_bytes.
+    return _encode([(*slot[:7], base64.b64encode(slot.xml).decode("ascii")) for slot in value])
+
+
 def _out_letters(value: list[DeadLetter]) -> bytes:
     return b"[" + b",".join(map(dead_letter_to_bytes, value)) + b"]"
 
@@ -245,30 +302,31 @@ _S, _I = _arg_str, _arg_int
 
 # name → (argument checks, result encoder); the names are Store's methods.
 _CALLS: dict[str, tuple[tuple[_Arg, ...], Callable[[Any], bytes]]] = {
-    "buffer_append": ((_S, _arg_slot), _encode),
-    "buffer_contains": ((_S, _S, _S), _encode),
+    "buffer_append": ((_S, _arg_slot), _encode_result),
+    "buffer_contains": ((_S, _S, _S), _encode_result),
     "buffer_get_thread": ((_S,), _out_slots),
+    "buffer_get_rows": ((_S,), _out_rows),
     "buffer_get_slot": ((_S, _I), _out_slot),
-    "buffer_thread_len": ((_S,), _encode),
-    "buffer_thread_exists": ((_S,), _encode),
-    "buffer_delete_thread": ((_S,), _encode),
-    "buffer_list_threads": ((), _encode),
-    "buffer_clear": ((), _encode),
-    "registry_set": ((_S, _S), _encode),
-    "registry_setdefault": ((_S, _S), _encode),
-    "registry_get_uuid": ((_S,), _encode),
-    "registry_get_chain": ((_S,), _encode),
-    "registry_delete": ((_S,), _encode),
-    "registry_list_all": ((), _encode),
-    "registry_clear": ((), _encode),
-    "deadletter_add": ((_arg_letter,), _encode),
-    "deadletter_add_many": ((_arg_letters,), _encode),
+    "buffer_thread_len": ((_S,), _encode_result),
+    "buffer_thread_exists": ((_S,), _encode_result),
+    "buffer_delete_thread": ((_S,), _encode_result),
+    "buffer_list_threads": ((), _encode_result),
+    "buffer_clear": ((), _encode_result),
+    "registry_set": ((_S, _S), _encode_result),
+    "registry_setdefault": ((_S, _S), _encode_result),
+    "registry_get_uuid": ((_S,), _encode_result),
+    "registry_get_chain": ((_S,), _encode_result),
+    "registry_delete": ((_S,), _encode_result),
+    "registry_list_all": ((), _encode_result),
+    "registry_clear": ((), _encode_result),
+    "deadletter_add": ((_arg_letter,), _encode_result),
+    "deadletter_add_many": ((_arg_letters,), _encode_result),
     "deadletter_list": ((_arg_opt_int,), _out_letters),
-    "deadletter_delete": ((_S,), _encode),
-    "deadletter_purge": ((), _encode),
-    "info": ((), _encode),
-    "hello": ((_I,), _encode),
-    "ping": ((), _encode),
+    "deadletter_delete": ((_S,), _encode_result),
+    "deadletter_purge": ((), _encode_result),
+    "info": ((), _encode_result),
+    "hello": ((_I,), _encode_result),
+    "ping": ((), _encode_result),
 }
 
 
@@ -303,7 +361,11 @@ class ManagerServer:
         self._handshake_timeout = handshake_timeout_s
         self._store = Store(self.limits)
         self._lock = threading.Lock()
-        own = {"hello": self._hello, "ping": self._ping}
+        own = {
+            "hello": self._hello,
+            "ping": self._ping,
+            "buffer_get_rows": self._store.buffer_get_thread,
+        }
         self._calls = {
             name: (own.get(name) or getattr(self._store, name), checks, encode)
             for name, (checks, encode) in _CALLS.items()
@@ -470,7 +532,7 @@ class ManagerServer:
 
     def _run(self, frame: bytes) -> bytes:
         """Run one request frame; return the response frame. ValueError: not a request."""
-        calls = json.loads(frame)
+        calls = _loads(frame)
         if type(calls) is not list:
             raise ValueError("a request is a JSON array of calls")
         prepared: list[tuple[Any, list[Any], Callable[[Any], bytes], str] | str] = []
@@ -642,20 +704,6 @@ async def _handshake(
 # A call waiting for its answer: (request bytes, decoder, future).
 _Item = tuple[bytes, Callable[[Any], Any], asyncio.Future[Any]]
 
-_slot_fields = operator.itemgetter("i", "d", "f", "t", "p", "m", "ts", "x")
-_new_slot = tuple.__new__
-_a2b = binascii.a2b_base64
-
-
-def _loads(frame: bytes) -> Any:
-    # pydantic-core's parser (a dependency already) is about twice as fast as the json
-    # module on frames of slots, keys cached; json covers what it refuses (lone
-    # surrogates that json.dumps escaped).
-    try:
-        return pydantic_core.from_json(frame, cache_strings="keys")
-    except ValueError:
-        return json.loads(frame)
-
 
 def _as_bool(value: Any) -> bool:
     return bool(value)
@@ -696,6 +744,25 @@ def _as_slots(value: Any) -> list[Slot]:
         except (KeyError, TypeError, ValueError):
             pass
         append(slot_from_obj(obj))
+    return slots
+
+
+def _as_rows(value: Any) -> list[Slot]:
+    # A worker's read of its history: one tuple.__new__ and one base64 decoding a
+    # slot for what the server writes (_out_rows); slot_from_obj checks anything else.
+    slots: list[Slot] = []
+    append = slots.append
+    for row in value:
+        try:
+            i, d, f, t, p, m, ts, x = row
+            if type(i) is int and type(ts) is float and (d == "in" or d == "out"):
+                append(_new_slot(Slot, (i, d, f, t, p, m, ts, _a2b(x))))
+                continue
+        except (TypeError, ValueError):
+            pass
+        if type(row) is not list or len(row) != 8:
+            raise ValueError(f"not a slot row: {str(row)[:80]!r}")
+        append(slot_from_obj(dict(zip(_SLOT_KEYS, row, strict=True))))
     return slots
 
 
@@ -961,6 +1028,7 @@ class ManagerBackend:
         self._connecting: asyncio.Lock | None = None
         self._connecting_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._rows = True  # the server knows buffer_get_rows (until it says otherwise)
         self._server: ManagerServer | None = None
         self._calls = 0
         self._round_trips = 0
@@ -1147,7 +1215,7 @@ class ManagerBackend:
             logger.warning("%s: the server's limits apply: %s", self.url, ", ".join(differ))
 
     async def buffer_append(self, thread_id: str, slot: Slot) -> int:
-        request = b'["buffer_append",' + _encode(thread_id) + b"," + slot_to_bytes(slot) + b"]"
+        request = b'["buffer_append",%s,%s]' % (_str(thread_id).encode(), slot_to_bytes(slot))
         return await self._call(request, _as_int)
 
     async def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
@@ -1155,6 +1223,13 @@ class ManagerBackend:
         return await self._call(request, _as_bool)
 
     async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
+        if self._rows:
+            try:
+                return await self._call(_request("buffer_get_rows", thread_id), _as_rows)
+            except BackendError as exc:
+                if "unknown call" not in str(exc) or isinstance(exc, BackendUnavailable):
+                    raise
+                self._rows = False  # a server from before buffer_get_rows: a read, asked again
         return await self._call(_request("buffer_get_thread", thread_id), _as_slots)
 
     async def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
