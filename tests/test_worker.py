@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from xml_pipeline import (
     ProcessPoolSettings,
     Reply,
     StreamPump,
+    worker,
 )
+from xml_pipeline.backends import Slot
 from xml_pipeline.backends.memory import MemoryBackend
 
 POOL = ProcessPoolSettings(workers=2)
@@ -135,6 +139,34 @@ async def test_payload_invalid_in_the_worker_is_a_validation_huh(run_pump: Any) 
         assert await dead_codes(h.pump) == ["validation"]
         ok = await h.pump.request(ping_xml(1), to="cpu")
         assert isinstance(ok.payload, Pong)
+
+
+RECORDS = [
+    worker.Task(
+        "cpu",
+        b"<Ping/>",
+        worker.Meta("t", "api", "cpu", "m-1", False, 2, True),
+        [Slot(0, "in", "api", "cpu", "{urn:x}Ping", "m-1", 1.5, b"<Ping/>")],
+    ),
+    worker.Output(None, True, "{urn:x}Pong", "support:Pong", b"<Pong/>"),
+    worker.Failure("validation", "PayloadInvalid", "cpu accepts Ping", ""),
+    worker.Answer(
+        0.25,
+        [[worker.Output("a", False, "{urn:x}P", "m:P", b"")], worker.Failure("x", "E", "m", "tb")],
+    ),
+    worker.Ping(12, {"cpu": "cannot import"}),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
+def test_records_cross_the_process_boundary_as_themselves(record: tuple[Any, ...]) -> None:
+    # The executor pickles with multiprocessing's pickler, which has a reducer of its own
+    # for these records; plain pickle uses NamedTuple's.
+    for data in (bytes(ForkingPickler.dumps(record)), pickle.dumps(record)):
+        back = pickle.loads(data)
+        assert back == record
+        assert type(back) is type(record)
+        assert [type(f) for f in back] == [type(f) for f in record]
 
 
 # -- errors ----------------------------------------------------------------------------
