@@ -652,3 +652,210 @@ def test_two_pumps_share_one_store() -> None:
         pids, info = asyncio.run(read())
         assert pids == {pump.pid for pump in pumps}, "both pumps wrote histories to the store"
         assert info["buffer_threads"] >= 4 and info["registry_entries"] >= 4
+
+
+# -- the client on asyncio streams ------------------------------------------------------------
+
+READER = "xml_pipeline manager reader"
+
+
+def _readers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == READER and not t.done()]
+
+
+async def test_the_reader_task_ends_with_aclose() -> None:
+    async with served(HistoryLimits()):
+        assert len(_readers()) == 1, "one reader task per connection, named"
+    assert _readers() == []
+
+
+async def test_the_reader_task_ends_when_the_connection_is_lost() -> None:
+    server = ManagerServer(("127.0.0.1", 0), KEY.encode())
+    server.start()
+    backend = client(server)
+    try:
+        await backend.ping()
+        [reader] = _readers()
+        server.close()
+        await asyncio.wait_for(asyncio.wait([reader]), 5)  # EOF, noticed while idle
+        assert reader.exception() is None
+        with pytest.raises(BackendUnavailable, match="connection refused"):
+            await backend.ping()
+    finally:
+        server.close()
+        await backend.aclose()
+    assert _readers() == []
+
+
+async def test_a_cancelled_reader_fails_its_calls_and_the_next_call_reconnects(
+    server: ManagerServer,
+) -> None:
+    backend = client(server)
+    try:
+        await backend.ping()
+        [reader] = _readers()
+        call = asyncio.ensure_future(backend.buffer_thread_len("t"))
+        reader.cancel()
+        with pytest.raises(BackendUnavailable):
+            await call
+        assert await backend.buffer_thread_len("t") == 0
+        assert backend.statistics().connects == 2
+    finally:
+        await backend.aclose()
+    assert _readers() == []
+
+
+async def test_a_cancelled_call_leaves_the_connection_usable(server: ManagerServer) -> None:
+    backend = client(server)
+    try:
+        await backend.ping()
+        calls = [
+            asyncio.ensure_future(backend.buffer_append("t", _slot(f"m{i}"))) for i in range(3)
+        ]
+        calls[1].cancel()
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        assert done[0] == 0 and isinstance(done[1], asyncio.CancelledError)
+        # The cancelled call may have been sent: the answers stay matched either way.
+        assert await backend.buffer_thread_len("t") == done[2] + 1
+    finally:
+        await backend.aclose()
+
+
+async def test_calls_are_pipelined_on_one_connection() -> None:
+    async with served(HistoryLimits()) as backend:
+        assert isinstance(backend, ManagerBackend)
+        first = asyncio.ensure_future(backend.buffer_append("t", _slot("m0")))
+        await asyncio.sleep(0)  # its frame is written: the next ones go behind it
+        rest = [backend.buffer_append("t", _slot(f"m{i}")) for i in range(1, 4)]
+        before = backend.statistics()
+        assert await asyncio.gather(first, *rest) == [0, 1, 2, 3]
+        after = backend.statistics()
+        assert after.round_trips - before.round_trips == 2, "one frame, then the next tick's"
+        assert after.connects == 1
+
+
+def test_one_backend_used_from_one_loop_then_another(server: ManagerServer) -> None:
+    backend = client(server)
+    assert asyncio.run(backend.buffer_append("t", _slot("m0"))) == 0
+    assert asyncio.run(backend.buffer_append("t", _slot("m1"))) == 1, "connects again there"
+    asyncio.run(backend.aclose())
+    assert backend.statistics().connects == 2
+
+
+def test_history_reads_as_rows(server: ManagerServer) -> None:
+    with socket.create_connection(server.address) as sock:
+        conn: Connection[Any, Any] = Connection(os.dup(sock.fileno()))
+        try:
+            answer_challenge(conn, KEY.encode())
+            deliver_challenge(conn, KEY.encode())
+            conn.send_bytes(
+                b'[["buffer_append","t",' + slot_to_bytes(_slot("m1")) + b"],"
+                b'["buffer_get_rows","t"],["buffer_get_rows","none"],["buffer_get_rows"]]'
+            )
+            replies = json.loads(conn.recv_bytes())
+            row = [0, "in", "a", "b", "{urn:x}P", "m1", 1.5, "PFA+PC9QPg=="]
+            assert replies[:3] == [[0, 0], [0, [row]], [0, []]], "Slot's order, base64 XML"
+            assert replies[3][0] == 1 and "expected 1 argument(s)" in replies[3][1]
+        finally:
+            conn.close()
+
+
+async def test_a_server_without_rows_is_read_with_buffer_get_thread(
+    server: ManagerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(server._calls, "buffer_get_rows")  # as a server from before it
+    backend = client(server)
+    try:
+        await backend.buffer_append("t", _slot("m1"))
+        for _ in range(2):
+            [slot] = await backend.buffer_get_thread("t")
+            assert slot == _slot("m1")
+        assert backend.statistics().calls == 4, "asked once with rows, then never again"
+    finally:
+        await backend.aclose()
+
+
+@contextmanager
+def modern_handshake_server() -> Iterator[int]:
+    """A server speaking the handshake of Python 3.12+ (``{sha256}`` challenges)."""
+    import hashlib
+    import hmac
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    conns: list[Connection[Any, Any]] = []
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        conn: Connection[Any, Any] = Connection(sock.detach())
+        conns.append(conn)
+        key = KEY.encode()
+        message = b"{sha256}" + os.urandom(40)
+        conn.send_bytes(b"#CHALLENGE#" + message)
+        answer = conn.recv_bytes(256)
+        expected = b"{sha256}" + hmac.new(key, message, hashlib.sha256).digest()
+        conn.send_bytes(b"#WELCOME#" if answer == expected else b"#FAILURE#")
+        challenge = conn.recv_bytes(256)[len(b"#CHALLENGE#") :]
+        assert challenge.startswith(b"{sha256}")
+        conn.send_bytes(b"{sha256}" + hmac.new(key, challenge, hashlib.sha256).digest())
+        assert conn.recv_bytes(256) == b"#WELCOME#"
+        conn.recv_bytes()
+        conn.send_bytes(b'[[0,{"protocol":1,"limits":{}}]]')
+        conn.recv_bytes()
+        conn.send_bytes(b"[[0,null]]")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        thread.join(10)
+        for conn in conns:
+            conn.close()
+        listener.close()
+
+
+async def test_the_handshake_of_newer_pythons() -> None:
+    with modern_handshake_server() as port:
+        backend = ManagerBackend.from_url(f"manager://127.0.0.1:{port}", authkey=KEY)
+        try:
+            await backend.ping()
+        finally:
+            await backend.aclose()
+
+
+def _read_history_in_workers(url: str) -> tuple[str, str, str]:
+    """A cpu_bound listener on the manager store, sync (history_blocking) and async."""
+    import worker_handlers as wh
+    from support import Ping, ping_xml
+
+    from xml_pipeline import Huh, Listener, Organism, ProcessPoolSettings, StreamPump
+
+    listeners = (
+        Listener(name="sync", payloads=(Ping, Huh), handler=wh.read_history, cpu_bound=True),
+        Listener(name="async", payloads=(Ping, Huh), handler=wh.read_history_async,
+                 cpu_bound=True),
+    )  # fmt: skip
+    organism = Organism(
+        name="t",
+        listeners=listeners,
+        backend=url,
+        backend_options={"authkey": KEY},
+        process_pool=ProcessPoolSettings(workers=1),
+    )
+
+    async def main() -> tuple[str, str, str]:
+        async with StreamPump(organism) as pump:
+            first = await pump.request(ping_xml(1), to="sync")
+            again = await pump.request(ping_xml(2), to="sync", thread=first.thread_id)
+            other = await pump.request(ping_xml(3), to="async")
+            return first.payload.text, again.payload.text, other.payload.text
+
+    return asyncio.run(main())
+
+
+def test_history_from_the_manager_in_a_worker(server: ManagerServer) -> None:
+    host, port = server.address
+    first, again, other = _read_history_in_workers(f"manager://{host}:{port}")
+    assert first == "in:api"
+    assert again == "in:api,out:sync,in:api"
+    assert other == "in:api"
