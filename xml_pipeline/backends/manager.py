@@ -1225,7 +1225,8 @@ class ManagerBackend:
     async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
         if self._rows:
             try:
-                return await self._call(_request("buffer_get_rows", thread_id), _as_rows)
+                request = b'["buffer_get_rows",%s]' % _str(thread_id).encode()
+                return await self._call(request, _as_rows)
             except BackendError as exc:
                 if "unknown call" not in str(exc) or isinstance(exc, BackendUnavailable):
                     raise
