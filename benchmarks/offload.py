@@ -10,6 +10,10 @@ Cases (one summary line each, JSON to ``benchmarks/results/offload.json``):
 - ``responsive``: while the heavy listener is saturated (2 workers, a backlog), a
   plain listener answers one request every 5 ms; its latency p50/p99 show whether
   the event loop stays free.
+- ``worker``: in one worker process, initialized as the pool does, the cost per task
+  of ``run_batch`` (trivial handler, batches of ``--batch-max``) and of pickling a
+  batch's tasks and its answer with multiprocessing's pickler, both ways. The pump's
+  share of a round trip is ``tasks dumps`` + ``answer loads``.
 
 Floors (see _common.py), measured in the same run: ``floor`` is the minimal loop on the
 trivial case's ``Job`` documents; ``floor heavy`` is the same loop whose handler does
@@ -25,8 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import pickle
 import sys
 import time
+import timeit
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +61,9 @@ from xml_pipeline import (  # noqa: E402
     ProcessPoolSettings,
     PumpSettings,
     Reply,
+    worker,
 )
+from xml_pipeline._pool import worker_spec  # noqa: E402
 
 
 def job(seq: int, rounds: int = 0) -> bytes:
@@ -124,6 +135,52 @@ async def responsiveness(org: Organism, heavy_messages: int, rounds: int) -> dic
         "p99_ms": percentile(latencies, 0.99),
         "max_ms": max(latencies),
     }
+
+
+def in_worker(size: int, batches: int) -> dict[str, float]:
+    """Run in a worker process: microseconds per task of run_batch and of pickling."""
+    tasks = [
+        worker.Task("work", job(i), worker.Meta(f"t-{i}", "api", "work", f"m-{i}", False, 1, True),
+                    None)
+        for i in range(size)
+    ]  # fmt: skip
+
+    def dumps(obj: Any) -> bytes:
+        return bytes(ForkingPickler.dumps(obj))  # what the executor pickles with
+
+    def per_task(fn: Any) -> float:
+        return min(timeit.repeat(fn, number=batches, repeat=5)) / batches / size * 1e6
+
+    answer = worker.run_batch(1, tasks)
+    failed = [r for r in answer.results if isinstance(r, worker.Failure)]
+    assert not failed, failed
+    sent, back = dumps((1, tasks)), dumps(answer)
+    return {
+        "run_batch_us": per_task(lambda: worker.run_batch(1, tasks)),
+        "tasks_dumps_us": per_task(lambda: dumps((1, tasks))),
+        "tasks_loads_us": per_task(lambda: pickle.loads(sent)),
+        "answer_dumps_us": per_task(lambda: dumps(answer)),
+        "answer_loads_us": per_task(lambda: pickle.loads(back)),
+        "tasks_bytes": len(sent) / size,
+        "answer_bytes": len(back) / size,
+    }
+
+
+def worker_costs(cases: list[Any], args: argparse.Namespace) -> None:
+    """The ``worker`` case: one worker process, started as the pool starts them."""
+    org = organism(trivial, cpu_bound=True, workers=1)
+    ctx = multiprocessing.get_context(org.process_pool.start_method)
+    status, control = ctx.RawArray(worker.WorkerStatus, 1), ctx.Value(worker.Control)
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.initialize,
+                             initargs=(worker_spec(org), status, control, 1)) as pool:  # fmt: skip
+        c = pool.submit(in_worker, args.batch_max, max(1, 20_000 // args.batch_max)).result()
+    pump_us = c["tasks_dumps_us"] + c["answer_loads_us"]
+    emit(cases, "worker",
+         f"worker      run_batch {c['run_batch_us']:.1f} us/task (trivial, batches of "
+         f"{args.batch_max})  pickling per task: tasks {c['tasks_dumps_us']:.2f} + "
+         f"{c['tasks_loads_us']:.2f} us, answer {c['answer_dumps_us']:.2f} + "
+         f"{c['answer_loads_us']:.2f} us (pump side {pump_us:.2f} us)",
+         pump_pickling_us=pump_us, **c)  # fmt: skip
 
 
 def calibrate(target_ms: float) -> int:
@@ -207,6 +264,7 @@ def main() -> None:
     for f in floors.values():
         f.run()
     cases = run_on(args.loop, run, args, rounds, floors)
+    worker_costs(cases, args)
     for f in floors.values():
         print(f.summary(f.label), flush=True)
     write_report(args.json, "offload", args, cases, floors["trivial"].best,
