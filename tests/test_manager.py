@@ -859,3 +859,22 @@ def test_history_from_the_manager_in_a_worker(server: ManagerServer) -> None:
     assert first == "in:api"
     assert again == "in:api,out:sync,in:api"
     assert other == "in:api"
+
+
+def test_a_backend_left_open_on_an_idle_loop_ends_quietly_at_exit(server: ManagerServer) -> None:
+    # As a cpu_bound worker leaves its backend: made on the worker's own loop, used
+    # with run_until_complete, never closed. Its reader task must not be reported
+    # destroyed while pending when the interpreter exits.
+    host, port = server.address
+    script = (
+        "import asyncio\n"
+        "from xml_pipeline.backends.manager import ManagerBackend\n"
+        f"backend = ManagerBackend.from_url('manager://{host}:{port}', authkey={KEY!r})\n"
+        "loop = asyncio.new_event_loop()\n"
+        "asyncio.set_event_loop(loop)\n"
+        "print(loop.run_until_complete(backend.buffer_thread_len('t')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=30, cwd=ROOT, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"0\n", b"")
