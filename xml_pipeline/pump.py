@@ -79,6 +79,7 @@ from .handler import HandlerMetadata, responses_of
 from .parser import parse_bytes, parse_trusted
 from .payload import Codec, Huh, codec_for
 from .routing import RoutingTable
+from .worker import Meta
 
 __all__ = ["ListenerStatistics", "PumpStatistics", "Reply", "StreamPump"]
 
@@ -1241,7 +1242,6 @@ class StreamPump:
         pool = self._pool
         if pool is None:
             raise PumpClosed("the worker pool is closed")
-        from .worker import Meta  # the records a worker is sent (plain values only)
 
         await self._record(frame, "in", msg, listener.name)
         history = None
