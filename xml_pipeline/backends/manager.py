@@ -946,11 +946,13 @@ class _Connection:
             self._flush_handle.cancel()
             self._flush()
         futures = [item[2] for batch in self._inflight for item in batch]
-        if futures and self.lost is None:
-            await asyncio.wait(futures)  # the reader answers or fails each
-        self._task.cancel()
+        try:
+            if futures and self.lost is None:
+                await asyncio.wait(futures)  # the reader answers or fails each
+        finally:  # cancelled meanwhile too: the reader task ends
+            self._task.cancel()
+            self._transport.close()
         await asyncio.wait([self._task])
-        self._transport.close()
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
 
