@@ -2,9 +2,11 @@
 several processes on one machine.
 
 A :class:`ManagerServer` keeps the reference ``Store`` behind a lock and serves it
-over TCP; :class:`ManagerBackend` is the async client the pump uses. Either a pump
-serves the store itself (``serve``: a thread in that process) or a standalone
-server runs it::
+over TCP (threads: one accepting, one per connection); :class:`ManagerBackend` is
+the async client the pump and its workers use, on the caller's event loop with
+asyncio streams (pipelined calls, one reader task per connection, the loop's own
+timeouts). Either a pump serves the store itself (``serve``: threads in that
+process) or a standalone server runs it::
 
     XML_PIPELINE_MANAGER_AUTHKEY=... python -m xml_pipeline manager --address 127.0.0.1:50555
     XML_PIPELINE_MANAGER_AUTHKEY=... python -m xml_pipeline organism.yaml \\
@@ -22,8 +24,9 @@ Transport: one TCP connection per client, framed by :mod:`multiprocessing.connec
 (``Connection.send_bytes``/``recv_bytes``: a 4-byte big-endian length, then the
 bytes; never ``send``/``recv``, which pickle). On connect both sides prove they hold
 the authkey with its HMAC challenge (``deliver_challenge``/``answer_challenge``: the
-server challenges first), every read bounded in time, so a silent peer cannot hold
-either side. After that every frame is UTF-8 JSON; nothing is pickled.
+server challenges first; the client speaks the same exchange on asyncio streams),
+every read bounded in time, so a silent peer cannot hold either side. After that
+every frame is UTF-8 JSON; nothing is pickled.
 
 A request is a JSON array of calls, run in order under the store's lock (a batch:
 the calls a client made in one event-loop tick); the response has one
