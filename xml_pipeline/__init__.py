@@ -59,7 +59,8 @@ from .frame import Frame
 from .handler import HandlerMetadata, HandlerResponse
 from .parser import ParseLimits
 from .payload import CORE_NAMESPACE, Huh, Payload, codec_for, payload_from_xml
-from .pump import ListenerStatistics, PumpStatistics, Reply, StreamPump
+from .pump import StreamPump
+from .reply import ListenerStatistics, PumpStatistics, Reply
 
 __version__ = "0.1.0"
 

@@ -50,7 +50,8 @@ from .envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
 from .exceptions import Abandoned, MessageError, NoReply, XmlPipelineError
 from .parser import parse_bytes
 from .payload import Huh
-from .pump import PumpStatistics, StreamPump
+from .pump import StreamPump
+from .reply import PumpStatistics
 
 __all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
 

@@ -71,7 +71,8 @@ from ._stats import table
 from .backends import backend_scheme, check_backend_url, open_backend, redact_url, serves
 from .config import Organism, load_organism
 from .exceptions import BackendUnavailable, ConfigError, MessageTooLarge, XmlPipelineError
-from .pump import PumpStatistics, Reply, StreamPump
+from .pump import StreamPump
+from .reply import PumpStatistics, Reply
 from .routing import RoutingTable
 from .schema import xsd_for
 

@@ -29,7 +29,6 @@ import time
 import uuid as _uuid
 from array import array
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -46,8 +45,6 @@ from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
 from .envelope import (
     ENVELOPE_NAMESPACE,
-    _envelope_around,
-    build_envelope,
     envelope_from_element,
 )
 from .exceptions import (
@@ -72,16 +69,16 @@ from .exceptions import (
     PumpClosed,
     PumpError,
     XmlPipelineError,
-    error_for_code,
 )
 from .frame import Frame, FrameRegistry
 from .handler import HandlerMetadata, responses_of
 from .parser import parse_bytes, parse_trusted
 from .payload import Codec, Huh, codec_for
+from .reply import ListenerStatistics, PumpStatistics, Reply
 from .routing import RoutingTable
 from .worker import Meta
 
-__all__ = ["ListenerStatistics", "PumpStatistics", "Reply", "StreamPump"]
+__all__ = ["StreamPump"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,117 +115,6 @@ def _huh(exc: MessageError, data: bytes | None) -> Huh:
         listener=None if exc.listener is None else _xml_safe(exc.listener),
         excerpt=_excerpt(data),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A message that left the pump for an external sender.
-
-    Attributes:
-        thread_id: the conversation's root frame (None if the input never got one).
-        sender: the listener that answered (or ``xml_pipeline`` for a rejection).
-        to: the external sender's label, if known.
-        message_id: the reply's id.
-        payload: the payload model (a :class:`Huh` for errors).
-        re: the id of the external message this reply answers (its ``<id>``, or
-            the one the pump gave it): what a client matches replies by.
-    """
-
-    thread_id: str | None
-    sender: str
-    to: str | None
-    message_id: str
-    payload: BaseModel
-    re: str | None = None
-    # The payload as the pump serialized it for the history, when it is namespaced:
-    # the envelope is then built around these bytes instead of encoding it again.
-    _payload_xml: bytes | None = field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def is_huh(self) -> bool:
-        """Whether the reply is an error report (a :class:`Huh`)."""
-        return isinstance(self.payload, Huh)
-
-    def raise_for_huh(self) -> Reply:
-        """Raise the error a ``Huh`` reply reports; return the reply itself otherwise.
-
-        ::
-
-            reply = (await pump.request(data, to="greeter")).raise_for_huh()
-
-        Raises:
-            MessageError: the subclass named by the Huh's ``code`` (:class:`HandlerFailed`
-                for ``handler-error``, :class:`MalformedMessage` for ``malformed``, …),
-                with the Huh's message and listener.
-        """
-        payload = self.payload
-        if isinstance(payload, Huh):
-            raise error_for_code(payload.code, payload.message, listener=payload.listener)
-        return self
-
-    def to_xml(self) -> bytes:
-        """The reply as one envelope document."""
-        if self._payload_xml is not None:
-            data = _envelope_around(
-                self._payload_xml,
-                sender=self.sender,
-                to=self.to,
-                thread=self.thread_id,
-                id=self.message_id,
-                re=self.re,
-            )
-            if data is not None:
-                return data
-        return build_envelope(
-            sender=self.sender,
-            to=self.to,
-            thread=self.thread_id,
-            id=self.message_id,
-            re=self.re,
-            payload=codec_for(type(self.payload)).encode(self.payload),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerStatistics:
-    """Counters of one listener (a snapshot)."""
-
-    received: int
-    handled: int
-    failed: int
-    in_flight: int
-    queued: int
-    latency_p50_ms: float | None
-    latency_p99_ms: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class PumpStatistics:
-    """A snapshot of the pump's counters.
-
-    Attributes:
-        ingress: messages offered to ingress.
-        rejected: ingress messages refused (malformed, too large, bad envelope, no route).
-        duplicates: ingress messages ignored as retries of one already accepted
-            (same sender label and ``<id>``).
-        egress: replies that reached external senders.
-        dead_letters: dead letters written.
-        abandoned: messages dead-lettered because the pump stopped before handling
-            them (code ``shutdown``; counted in ``dead_letters`` too).
-        in_pump: messages queued or being handled right now.
-        listeners: per listener, by name.
-        pool: the worker process pool of ``cpu_bound`` listeners (None without one).
-    """
-
-    ingress: int
-    rejected: int
-    duplicates: int
-    egress: int
-    dead_letters: int
-    in_pump: int
-    listeners: MappingProxyType[str, ListenerStatistics]
-    pool: PoolStatistics | None = None
-    abandoned: int = 0
 
 
 class _Message:
