@@ -84,7 +84,6 @@ address (the server warns otherwise).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import base64
 import binascii
 import collections
@@ -101,7 +100,6 @@ import socket
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
@@ -822,7 +820,6 @@ class _Connection:
         self._flush_handle: asyncio.Handle | None = None
         self._deadline: asyncio.Timeout | None = None
         self._task = self.loop.create_task(self._read_loop(), name="xml_pipeline manager reader")
-        _remember(self)
 
     # -- writing ---------------------------------------------------------------
 
@@ -966,31 +963,6 @@ class _Connection:
             return  # its loop closed its transport
         with contextlib.suppress(RuntimeError):  # closed meanwhile
             self.loop.call_soon_threadsafe(self._task.cancel)
-
-
-_open: weakref.WeakSet[_Connection] = weakref.WeakSet()
-
-
-def _remember(conn: _Connection) -> None:
-    if not _open:
-        atexit.unregister(_close_at_exit)  # registered once
-        atexit.register(_close_at_exit)
-    _open.add(conn)
-
-
-def _close_at_exit() -> None:
-    """End the connections left open on event loops that are idle at exit.
-
-    A cpu_bound worker keeps its backend (and the loop it made it on) for its whole
-    life and never closes it: its reader task would still be pending when the
-    interpreter shuts down, and asyncio would report it destroyed. A connection on a
-    running or closed loop is left alone (asyncio.run cancels its own tasks).
-    """
-    for conn in list(_open):
-        loop = conn.loop
-        if conn.lost is None and not loop.is_closed() and not loop.is_running():
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(conn.aclose())
 
 
 def _copy(error: BackendUnavailable) -> BackendUnavailable:
