@@ -65,6 +65,7 @@ import uuid as _uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
@@ -113,157 +114,28 @@ _MANY_BYTES = 64 << 20
 
 
 class _Script:
+    """A Lua script shipped as a file in ``xml_pipeline/backends/lua/``, and its SHA-1."""
+
     __slots__ = ("sha", "source")
 
     def __init__(self, source: str) -> None:
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
 
+    @classmethod
+    def load(cls, name: str) -> _Script:
+        return cls(resources.files(__package__).joinpath("lua", name).read_text("utf-8"))
 
-# KEYS: hist, hidx, uuid key, stats. ARGV: field, slot JSON after '{"i":0,', max slots,
-# ttl ms, chain key prefix, refresh below (ms). Returns the slot's index.
-_APPEND = _Script("""
-local hist, hidx = KEYS[1], KEYS[2]
-local got = redis.call('HMGET', hidx, ARGV[1], 'next')
-local index = got[1]
-if index then
-  index = tonumber(index)
-else
-  index = tonumber(got[2] or '0')
-  local kept = redis.call('RPUSH', hist, '{"i":' .. string.format('%d', index) .. ',' .. ARGV[2])
-  redis.call('HSET', hidx, ARGV[1], index, '#' .. index, ARGV[1], 'next', index + 1)
-  local drop = kept - tonumber(ARGV[3])
-  if drop > 0 then
-    local oldest = index + 1 - kept
-    redis.call('LTRIM', hist, drop, -1)
-    for i = oldest, oldest + drop - 1 do
-      local field = redis.call('HGET', hidx, '#' .. i)
-      if field then
-        redis.call('HDEL', hidx, field, '#' .. i)
-      end
-    end
-    redis.call('HINCRBY', KEYS[4], 'slots_trimmed', drop)
-  end
-end
-local ttl = tonumber(ARGV[4])
-if ttl > 0 and redis.call('PTTL', hist) < tonumber(ARGV[6]) then
-  redis.call('PEXPIRE', hist, ttl)
-  redis.call('PEXPIRE', hidx, ttl)
-  local chain = redis.call('GET', KEYS[3])
-  if chain then
-    redis.call('PEXPIRE', KEYS[3], ttl)
-    redis.call('PEXPIRE', ARGV[5] .. chain, ttl)
-  end
-end
-return index
-""")
 
-# KEYS: hist, hidx. ARGV: absolute index. Returns the slot bytes or nil.
-_GET_SLOT = _Script("""
-local next = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
-local pos = tonumber(ARGV[1]) - (next - redis.call('LLEN', KEYS[1]))
-if pos < 0 then
-  return false
-end
-return redis.call('LINDEX', KEYS[1], pos)
-""")
-
-# KEYS: chain key, uuid key. ARGV: chain, uuid, ttl ms, chain key prefix, uuid key
-# prefix, "1" for setdefault. Returns the uuid the chain maps to afterwards.
-_REGISTRY_SET = _Script("""
-local current = redis.call('GET', KEYS[1])
-if current and ARGV[6] == '1' then
-  return current
-end
-local chain, uuid = ARGV[1], ARGV[2]
-if current and current ~= uuid then
-  local other = ARGV[5] .. current
-  if redis.call('GET', other) == chain then
-    redis.call('DEL', other)
-  end
-end
-local old = redis.call('GET', KEYS[2])
-if old and old ~= chain then
-  local other = ARGV[4] .. old
-  if redis.call('GET', other) == uuid then
-    redis.call('DEL', other)
-  end
-end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  redis.call('SET', KEYS[1], uuid, 'PX', ttl)
-  redis.call('SET', KEYS[2], chain, 'PX', ttl)
-else
-  redis.call('SET', KEYS[1], uuid)
-  redis.call('SET', KEYS[2], chain)
-end
-return uuid
-""")
-
-# KEYS: uuid key. ARGV: chain key prefix, uuid. Returns 1 if the entry existed.
-_REGISTRY_DELETE = _Script("""
-local chain = redis.call('GET', KEYS[1])
-if not chain then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-local other = ARGV[1] .. chain
-if redis.call('GET', other) == ARGV[2] then
-  redis.call('DEL', other)
-end
-return 1
-""")
-
-# KEYS: ids, data, seq, stats. ARGV: max dead letters, then (id, letter JSON) pairs,
-# stored in order. An id already stored is overwritten in place (so a retry stores
-# nothing twice). Returns {letters dropped by this call, total dropped so far}.
-_DEAD_LETTER_ADD = _Script("""
-for i = 2, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
-    redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[3]), ARGV[i])
-  end
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-end
-local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
-if excess <= 0 then
-  return {0, 0}
-end
-local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
-for _, id in ipairs(old) do
-  redis.call('HDEL', KEYS[2], id)
-end
-return {excess, redis.call('HINCRBY', KEYS[4], 'dead_letters_dropped', excess)}
-""")
-
-# KEYS: ids, data. ARGV: last rank (-1: all). Returns the letters' JSON, oldest first.
-_DEAD_LETTER_LIST = _Script("""
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]))
-local out = {}
-for _, id in ipairs(ids) do
-  local data = redis.call('HGET', KEYS[2], id)
-  if data then
-    out[#out + 1] = data
-  end
-end
-return out
-""")
-
-# KEYS: ids, data. ARGV: id. Returns 1 if it existed.
-_DEAD_LETTER_DELETE = _Script("""
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
-  return 0
-end
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-""")
-
-# KEYS: ids, data. Returns how many there were.
-_DEAD_LETTER_PURGE = _Script("""
-local n = redis.call('ZCARD', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2])
-return n
-""")
+# Each script's KEYS and ARGV are described at the top of its file.
+_APPEND = _Script.load("append.lua")
+_GET_SLOT = _Script.load("get_slot.lua")
+_REGISTRY_SET = _Script.load("registry_set.lua")
+_REGISTRY_DELETE = _Script.load("registry_delete.lua")
+_DEAD_LETTER_ADD = _Script.load("deadletter_add.lua")
+_DEAD_LETTER_LIST = _Script.load("deadletter_list.lua")
+_DEAD_LETTER_DELETE = _Script.load("deadletter_delete.lua")
+_DEAD_LETTER_PURGE = _Script.load("deadletter_purge.lua")
 
 
 # -- the pipeline ------------------------------------------------------------------

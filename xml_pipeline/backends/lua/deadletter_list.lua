@@ -1,0 +1,11 @@
+-- deadletter_list.lua, run by xml_pipeline/backends/redis.py (_DEAD_LETTER_LIST).
+-- KEYS: ids, data. ARGV: last rank (-1: all). Returns the letters' JSON, oldest first.
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]))
+local out = {}
+for _, id in ipairs(ids) do
+  local data = redis.call('HGET', KEYS[2], id)
+  if data then
+    out[#out + 1] = data
+  end
+end
+return out
