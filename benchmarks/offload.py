@@ -63,7 +63,7 @@ from xml_pipeline import (  # noqa: E402
     Reply,
     worker,
 )
-from xml_pipeline._pool import worker_spec  # noqa: E402
+from xml_pipeline.offload import worker_spec  # noqa: E402
 
 
 def job(seq: int, rounds: int = 0) -> bytes:

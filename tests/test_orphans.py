@@ -35,7 +35,7 @@ from test_worker import (
 )
 
 from xml_pipeline import HandlerFailed, Organism, ProcessPoolSettings, StreamPump
-from xml_pipeline._pool import WorkerPool, worker_spec
+from xml_pipeline.offload import WorkerPool, worker_spec
 from xml_pipeline.worker import Meta
 
 ROOT = Path(__file__).resolve().parent.parent

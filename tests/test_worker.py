@@ -351,7 +351,7 @@ async def test_history_from_redis_in_a_worker(redis_server: Any) -> None:
 
 
 def test_a_local_function_cannot_be_cpu_bound() -> None:
-    from xml_pipeline._pool import worker_spec
+    from xml_pipeline.offload import worker_spec
 
     def local(payload: Ping, meta: HandlerMetadata) -> None:
         return None
@@ -386,7 +386,7 @@ async def test_a_handler_workers_cannot_import_stops_the_start(
 def test_a_handler_without_a_module_level_name_needs_handler_path() -> None:
     import functools
 
-    from xml_pipeline._pool import worker_spec
+    from xml_pipeline.offload import worker_spec
 
     organism = Organism(name="t", listeners=(offloaded(functools.partial(wh.echo)),))
     with pytest.raises(ConfigError, match="handler_path"):

@@ -7,7 +7,6 @@ Users import what they need from here::
 
 from __future__ import annotations
 
-from ._pool import PoolStatistics
 from .backends import (
     Backend,
     BackendScheme,
@@ -57,6 +56,7 @@ from .exceptions import (
 )
 from .frame import Frame
 from .handler import HandlerMetadata, HandlerResponse
+from .offload import PoolStatistics
 from .parser import ParseLimits
 from .payload import CORE_NAMESPACE, Huh, Payload, codec_for, payload_from_xml
 from .pump import StreamPump

@@ -66,11 +66,11 @@ from typing import IO, NoReturn
 
 from . import __version__
 from ._deadletters import joining_organism, list_letters, purge_letters, replay_letters
-from ._pool import worker_spec
 from ._stats import table
 from .backends import backend_scheme, check_backend_url, open_backend, redact_url, serves
 from .config import Organism, load_organism
 from .exceptions import BackendUnavailable, ConfigError, MessageTooLarge, XmlPipelineError
+from .offload import worker_spec
 from .pump import StreamPump
 from .reply import PumpStatistics, Reply
 from .routing import RoutingTable

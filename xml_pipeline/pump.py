@@ -37,9 +37,7 @@ from anyio.abc import TaskStatus
 from lxml import etree
 from pydantic import BaseModel
 
-from ._pool import PoolStatistics, WorkerPool, worker_spec
 from ._stats import percentile
-from ._sync import SyncRunner
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
@@ -72,6 +70,7 @@ from .exceptions import (
 )
 from .frame import Frame, FrameRegistry
 from .handler import HandlerMetadata, responses_of
+from .offload import PoolStatistics, SyncRunner, WorkerPool, worker_spec
 from .parser import parse_bytes, parse_trusted
 from .payload import Codec, Huh, codec_for
 from .reply import ListenerStatistics, PumpStatistics, Reply

@@ -10,9 +10,9 @@ from types import MappingProxyType
 
 from pydantic import BaseModel
 
-from ._pool import PoolStatistics
 from .envelope import _envelope_around, build_envelope
 from .exceptions import error_for_code
+from .offload import PoolStatistics
 from .payload import Huh, codec_for
 
 __all__ = ["ListenerStatistics", "PumpStatistics", "Reply"]

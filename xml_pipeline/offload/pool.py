@@ -52,10 +52,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from . import worker
-from .backends.base import Slot
-from .config import Organism, ProcessPoolSettings, import_object
-from .exceptions import (
+from .. import worker
+from ..backends.base import Slot
+from ..config import Organism, ProcessPoolSettings, import_object
+from ..exceptions import (
     ConfigError,
     HandlerFailed,
     HandlerTimeout,
@@ -65,7 +65,7 @@ from .exceptions import (
     PayloadInvalid,
     WorkerCrashed,
 )
-from .worker import Answer, BackendSpec, Failure, ListenerSpec, Meta, Output, Result, WorkerSpec
+from ..worker import Answer, BackendSpec, Failure, ListenerSpec, Meta, Output, Result, WorkerSpec
 
 __all__ = ["PoolStatistics", "WorkerPool", "worker_spec"]
 
