@@ -18,7 +18,7 @@ import pytest
 from cli_process import SIGNALS, CliProcess, wait_until
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
-from xml_pipeline._bench import BenchMessage, BenchOptions, run_bench
+from xml_pipeline.cli.bench import BenchMessage, BenchOptions, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 ORGANISMS = ROOT / "organisms"

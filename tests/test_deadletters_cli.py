@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from xml_pipeline import ConfigError, StreamPump, load_organism, open_backend
-from xml_pipeline._deadletters import joining_organism, replay_letters
+from xml_pipeline.cli.deadletters import joining_organism, replay_letters
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-deadletters-key"

@@ -15,11 +15,11 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
-from .backends import SCHEMES, Backend, DeadLetter, backend_scheme, client_url, redact_url
-from .config import Organism
-from .exceptions import BackendUnavailable, ConfigError, MessageError
-from .pump import StreamPump
-from .reply import Reply
+from ..backends import SCHEMES, Backend, DeadLetter, backend_scheme, client_url, redact_url
+from ..config import Organism
+from ..exceptions import BackendUnavailable, ConfigError, MessageError
+from ..pump import StreamPump
+from ..reply import Reply
 
 __all__ = ["joining_organism", "list_letters", "purge_letters", "replay_letters"]
 

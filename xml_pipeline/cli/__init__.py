@@ -64,17 +64,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from pathlib import Path
 from typing import IO, NoReturn
 
-from . import __version__
-from ._deadletters import joining_organism, list_letters, purge_letters, replay_letters
-from ._stats import table
-from .backends import backend_scheme, check_backend_url, open_backend, redact_url, serves
-from .config import Organism, load_organism
-from .exceptions import BackendUnavailable, ConfigError, MessageTooLarge, XmlPipelineError
-from .offload import worker_spec
-from .pump import StreamPump
-from .reply import PumpStatistics, Reply
-from .routing import RoutingTable
-from .schema import xsd_for
+from .. import __version__
+from .._stats import table
+from ..backends import backend_scheme, check_backend_url, open_backend, redact_url, serves
+from ..config import Organism, load_organism
+from ..exceptions import BackendUnavailable, ConfigError, MessageTooLarge, XmlPipelineError
+from ..offload import worker_spec
+from ..pump import StreamPump
+from ..reply import PumpStatistics, Reply
+from ..routing import RoutingTable
+from ..schema import xsd_for
+from .deadletters import joining_organism, list_letters, purge_letters, replay_letters
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "gc_tuning", "main"]
 
@@ -175,7 +175,7 @@ def _usage_error(command: str, message: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import _bench
+    from . import bench
 
     parser = _Parser(
         prog=_PROG,
@@ -274,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="list: one JSON object per line")
     dead.add_argument("--limit", type=_positive, metavar="N", help="list: at most N")
     dead.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS)
-    _bench.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -323,9 +323,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "manager":
         return _manager(args)
     if args.command == "bench":
-        from . import _bench
+        from . import bench
 
-        return _bench.main(args)
+        return bench.main(args)
     try:
         organism = load_organism(args.organism, backend=getattr(args, "backend", None))
         writes_stdout = args.command in ("check", "run") or (
@@ -452,7 +452,7 @@ def _schema(organism: Organism | None, out_dir: Path | None) -> int:
     if organism is None:
         import json
 
-        from .config import _json_schema
+        from ..config import _json_schema
 
         if not _stream_open(sys.stdout):
             _error("standard output is closed")
@@ -487,8 +487,8 @@ def _schema(organism: Organism | None, out_dir: Path | None) -> int:
 
 
 def _manager(args: argparse.Namespace) -> int:
-    from .backends import HistoryLimits
-    from .backends.manager import parse_address, serve_forever
+    from ..backends import HistoryLimits
+    from ..backends.manager import parse_address, serve_forever
 
     def fail(message: str, status: int = EXIT_USAGE) -> int:
         _error(message)

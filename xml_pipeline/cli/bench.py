@@ -40,18 +40,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from . import __version__
-from ._stats import percentile, table
-from .backends import redact_url
-from .cli import _error, gc_tuning
-from .cli import _positive as _count
-from .config import Organism, load_organism
-from .envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
-from .exceptions import Abandoned, MessageError, NoReply, XmlPipelineError
-from .parser import parse_bytes
-from .payload import Huh
-from .pump import StreamPump
-from .reply import PumpStatistics
+from .. import __version__
+from .._stats import percentile, table
+from ..backends import redact_url
+from ..config import Organism, load_organism
+from ..envelope import ENVELOPE_NAMESPACE, build_envelope, envelope_from_element
+from ..exceptions import Abandoned, MessageError, NoReply, XmlPipelineError
+from ..parser import parse_bytes
+from ..payload import Huh
+from ..pump import StreamPump
+from ..reply import PumpStatistics
+from . import _error, gc_tuning
+from . import _positive as _count
 
 __all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
 
