@@ -23,7 +23,8 @@ from cli_process import SIGNALS, CliProcess, closed_pipe, wait_for_file, wait_un
 from lxml import etree
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
-from xml_pipeline.cli import _ReplyWriter, gc_tuning
+from xml_pipeline.cli import gc_tuning
+from xml_pipeline.cli.writer import _ReplyWriter
 from xml_pipeline.parser import parse_trusted
 from xml_pipeline.payload import codec_for
 

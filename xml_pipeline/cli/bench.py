@@ -50,12 +50,11 @@ from ..parser import parse_bytes
 from ..payload import Huh
 from ..pump import StreamPump
 from ..reply import PumpStatistics
-from . import _error, gc_tuning
-from . import _positive as _count
+from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _loop_factory, gc_tuning
+from ._common import _positive as _count
 
 __all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
 
-EXIT_USAGE = 2
 DEFAULT_MESSAGES = 10_000
 _MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
 _PROGRESS_EVERY_S = 0.2
@@ -102,7 +101,7 @@ def add_parser(sub: Any) -> None:
         help="event loop; auto (default) uses uvloop when it is installed")  # fmt: skip
     add("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     add("--log-level", default="ERROR", type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        choices=_LOG_LEVELS,
         help="logging level on stderr (default ERROR: the table counts failures)")  # fmt: skip
 
 
@@ -453,17 +452,10 @@ def main(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         timeout_s=args.timeout,
     )
-    loop_factory = None
-    loop_name = "asyncio"
-    if args.loop in ("auto", "uvloop"):
-        try:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-            loop_name = "uvloop"
-        except ImportError:
-            if args.loop == "uvloop":
-                return fail("uvloop is not installed")
+    try:
+        loop_factory, loop_name = _loop_factory(args.loop)
+    except ImportError:
+        return fail("uvloop is not installed")
     progress = sys.stderr if sys.stderr is not None and sys.stderr.isatty() else None
     signals: list[int] = []
     try:
@@ -487,7 +479,7 @@ def main(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             return fail(f"--json {args.json}: {exc.strerror or exc}", 1)
-    return 0
+    return EXIT_OK
 
 
 async def _bench_with_signals(

@@ -8,20 +8,95 @@ the pump that wrote them. It joins the store as any other process does
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
-from ..backends import SCHEMES, Backend, DeadLetter, backend_scheme, client_url, redact_url
+from ..backends import (
+    SCHEMES,
+    Backend,
+    DeadLetter,
+    backend_scheme,
+    client_url,
+    open_backend,
+    redact_url,
+)
 from ..config import Organism
 from ..exceptions import BackendUnavailable, ConfigError, MessageError
 from ..pump import StreamPump
 from ..reply import Reply
+from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _positive
 
-__all__ = ["joining_organism", "list_letters", "purge_letters", "replay_letters"]
+__all__ = [
+    "add_parser",
+    "joining_organism",
+    "list_letters",
+    "main",
+    "purge_letters",
+    "replay_letters",
+]
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``deadletters`` subcommand to the subparsers ``sub`` of the command line."""
+    dead = sub.add_parser(
+        "deadletters",
+        help="list, replay or purge the dead letters of a shared backend",
+        description="Dead letters of the organism's backend (manager:// or redis://).",
+    )
+    dead.add_argument("organism", type=Path, help="the organism YAML file")
+    dead.add_argument("action", choices=("list", "replay", "purge"))
+    dead.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
+    dead.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                      help="only this dead letter (repeatable); default: all")  # fmt: skip
+    dead.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    dead.add_argument("--limit", type=_positive, metavar="N", help="list: at most N")
+    dead.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS)
+
+
+def main(organism: Organism, args: argparse.Namespace) -> int:
+    """Run the ``deadletters`` action of the parsed arguments. Returns the exit status."""
+    try:
+        # Join the store as any other process does; never serve one here.
+        organism = joining_organism(organism)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    with asyncio.Runner() as runner:
+        return runner.run(_main_async(organism, args))
+
+
+async def _main_async(organism: Organism, args: argparse.Namespace) -> int:
+    if args.action == "replay":
+        accepted, refused = await replay_letters(
+            organism, args.ids, timeout_s=organism.settings.drain_timeout_s
+        )
+        print(f"replayed {accepted} dead letter(s); {refused} refused again", file=sys.stderr)
+        return EXIT_OK
+    backend = open_backend(organism.backend, organism.history, **organism.backend_options)
+    try:
+        await backend.ping()
+        if args.action == "list":
+            await list_letters(backend, sys.stdout, as_json=args.json, limit=args.limit)
+            sys.stdout.flush()
+        else:
+            count = await purge_letters(backend, args.ids)
+            print(f"purged {count} dead letter(s)", file=sys.stderr)
+    finally:
+        await backend.aclose()
+    return EXIT_OK
+
+
+# -- the actions ---------------------------------------------------------------------
 
 
 def joining_organism(organism: Organism) -> Organism:

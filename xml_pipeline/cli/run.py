@@ -1,0 +1,351 @@
+"""``python -m xml_pipeline run organism.yaml`` (the default command).
+
+``run`` injects the organism's boot messages and then the messages of
+``--input FILE`` (``-`` for stdin; cut as :mod:`.framing` says), writes every reply
+that reaches the external sender to stdout, one envelope per line (through
+:mod:`.writer`), and exits once the input is exhausted and the organism is idle.
+
+Exit statuses (the other commands use 0, 1 and 2 the same way):
+
+- 0: the input was exhausted and every accepted message was handled, or a
+  signal (or a closed stdout) stopped the run and the drain finished in time.
+- 1: accepted messages were dead-lettered at shutdown because the drain timed out
+  (``pump.drain_timeout_s``), or an error occurred while running (I/O, backend).
+- 2: usage or configuration error, reported as one line per problem, before
+  anything runs (this includes a backend that cannot be reached at start).
+- 128 + signal number (130 for SIGINT, 143 for SIGTERM): a second signal
+  cancelled the run at once.
+
+SIGINT/SIGTERM stop ingress and drain within ``drain_timeout_s``; what is left
+is dead-lettered (code ``shutdown``) and one WARNING line gives the count and
+where the letters are. GC tuning (``pump.gc_threshold``) is applied for the
+duration of the run (:func:`~._common.gc_tuning`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from .._stats import table
+from ..backends import backend_scheme, redact_url, serves
+from ..config import Organism
+from ..exceptions import BackendUnavailable, MessageTooLarge, XmlPipelineError
+from ..pump import StreamPump
+from ..reply import PumpStatistics, Reply
+from ._common import (
+    _LOG_LEVELS,
+    _PROG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    _error,
+    _loop_factory,
+    _positive,
+    _silence_stdout,
+    _stream_open,
+    gc_tuning,
+    logger,
+)
+from .framing import _TOO_LARGE, _items
+from .writer import _ReplyWriter
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``run`` subcommand to the subparsers ``sub`` of the command line."""
+    run = sub.add_parser(
+        "run",
+        help="run an organism (the default command)",
+        description="Run an organism: boot messages, then --input; replies on stdout. "
+        "Exit status: 0 done, 1 messages dead-lettered at shutdown or an error while "
+        "running, 2 usage or configuration error, 128+N stopped by a second signal N.",
+    )
+    run.add_argument("organism", type=Path, help="the organism YAML file")
+    run.add_argument("--input", metavar="FILE", help="XML messages to inject ('-' for stdin)")
+    run.add_argument(
+        "--framing",
+        choices=("lines", "xml"),
+        help="how --input is cut into messages: lines (default, one per line) or xml "
+        "(consecutive XML documents, pretty-printed or not)",
+    )
+    run.add_argument("--to", metavar="NAME", help="send bare payloads to this listener")
+    run.add_argument("--sender", default="console", help="label of the external sender")
+    run.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
+    run.add_argument("--stats", action="store_true", help="print per-listener statistics at exit")
+    run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="worker processes for cpu_bound listeners (process_pool.workers)",
+    )
+    run.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    run.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=_LOG_LEVELS,
+        help="logging level on stderr (default WARNING)",
+    )
+
+
+def main(organism: Organism, args: argparse.Namespace) -> int:
+    """Run ``organism`` with the parsed arguments. Returns the exit status."""
+    problem = _run_usage_problem(organism, args)
+    if problem:
+        _error(problem)
+        return EXIT_USAGE
+    if args.workers is not None:
+        pool = dataclasses.replace(organism.process_pool, workers=args.workers)
+        organism = dataclasses.replace(organism, process_pool=pool)
+    return _run(organism, args)
+
+
+def _run_usage_problem(organism: Organism, args: argparse.Namespace) -> str | None:
+    if args.to is not None and args.to not in {lst.name for lst in organism.listeners}:
+        return f"--to {args.to!r} names no listener"
+    if args.framing is not None and args.input is None:
+        return "--framing applies to --input: give --input FILE (or - for stdin)"
+    if args.input not in (None, "-") and (
+        os.path.isdir(args.input) or not os.access(args.input, os.R_OK)
+    ):
+        return f"--input {args.input}: cannot read"
+    if args.input == "-" and not _stream_open(sys.stdin):
+        return "--input -: standard input is closed"
+    if not args.sender or not args.sender.isprintable():
+        return "--sender must be printable text"
+    return None
+
+
+def _keeps_dead_letters(organism: Organism) -> bool:
+    """Whether the backend keeps dead letters after this process exits."""
+    try:
+        scheme = backend_scheme(organism.backend)
+        return scheme.persistent and not serves(organism.backend, organism.backend_options)
+    except BackendUnavailable:
+        return False
+
+
+# -- input ---------------------------------------------------------------------------
+
+
+async def _feed(pump: StreamPump, organism: Organism, args: argparse.Namespace) -> None:
+    if not args.no_boot:
+        for boot in organism.boot:
+            await pump.inject(boot.payload, to=boot.to, sender=boot.sender)
+    if args.input is None:
+        return
+    framing = args.framing or "lines"
+    cap = organism.settings.limits.max_bytes
+    what = "document" if framing == "xml" else "line"
+    number = 0
+    async for item in _items(args.input, framing, cap):
+        number += 1
+        if item is _TOO_LARGE:
+            await pump.reject(
+                MessageTooLarge(f"input {what} {number} is longer than {cap} bytes"),
+                sender=args.sender,
+            )
+            continue
+        assert isinstance(item, bytes)
+        if framing == "lines":
+            item = item.rstrip(b"\r")
+            if not item.strip():
+                continue
+        await pump.inject(item, to=args.to, sender=args.sender)
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+def _run(organism: Organism, args: argparse.Namespace) -> int:
+    try:
+        loop_factory, _ = _loop_factory(args.loop)
+    except ImportError:
+        _error("uvloop is not installed")
+        return EXIT_USAGE
+    with (
+        gc_tuning(organism.settings.gc_threshold),
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
+        return runner.run(_run_async(organism, args))
+
+
+async def _until_stopped(aw: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await ``aw`` unless ``stop`` is set first (then cancel it); True if it completed.
+
+    An exception of ``aw`` is raised; a cancellation of the caller propagates.
+    """
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for helper in (task, stopper):
+            helper.cancel()
+        await asyncio.wait({task, stopper})
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
+def _shutdown_summary(
+    abandoned: int, cause: str, organism: Organism, args: argparse.Namespace
+) -> str:
+    """One line: how many accepted messages were dead-lettered, and where they are."""
+    url = redact_url(organism.backend)
+    head = f"{abandoned} accepted message(s) dead-lettered at shutdown ({cause}; code shutdown)"
+    if not _keeps_dead_letters(organism):
+        return (
+            f"{head}: {url} keeps dead letters only while this process runs; "
+            "a manager:// or redis:// backend keeps them"
+        )
+    command = f"{_PROG} deadletters {shlex.quote(str(args.organism))} list"
+    if args.backend is not None:
+        command += f" --backend {shlex.quote(url)}"
+    return f"{head}: they are kept in {url}; read them with: {command}"
+
+
+async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    stop = asyncio.Event()
+    signals: list[int] = []
+    finished = output_failed = flushing = cancel_sent = False
+
+    def on_output_error(exc: OSError) -> None:
+        nonlocal output_failed
+        if isinstance(exc, BrokenPipeError | ConnectionResetError):
+            # Whoever read our output is gone (`| head -1`): stop as on SIGTERM.
+            _silence_stdout()
+            logger.warning("standard output is closed: stopping")
+        else:
+            output_failed = True
+            logger.error("cannot write to standard output (%s): stopping", exc.strerror or exc)
+        stop.set()
+
+    def on_signal(signum: int) -> None:
+        nonlocal cancel_sent
+        if finished:
+            return
+        signals.append(signum)
+        name = signal.Signals(signum).name
+        if len(signals) == 1 and not flushing:
+            logger.warning("%s: stopping ingress, draining", name)
+            stop.set()
+        elif not cancel_sent and main_task is not None:
+            # A second signal, or one while only the replies are still being written
+            # (to a reader that may never read them): stop at once.
+            cancel_sent = True
+            if len(signals) > 1:
+                logger.warning("second signal (%s): cancelling at once", name)
+            else:
+                logger.warning("%s while the last replies are written: stopping at once", name)
+            main_task.cancel()
+
+    def cancelled_by_signal() -> bool:
+        """Whether the cancellation being handled is a signal's (then it is done)."""
+        if not cancel_sent or main_task is None:
+            return False
+        main_task.uncancel()
+        return True
+
+    sys.stdout.flush()
+    writer = _ReplyWriter(sys.stdout.fileno(), on_output_error)
+
+    def egress(reply: Reply) -> Awaitable[None] | None:
+        return writer.write(reply.to_xml() + b"\n")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    pump = StreamPump(organism, egress=egress)
+    started = drained = failed = cancelled = False
+    try:
+        try:
+            async with pump:
+                started = True
+                source = {None: "no input", "-": "standard input"}.get(args.input, args.input)
+                logger.info(
+                    "organism %s is running (backend %s); reading %s",
+                    organism.name, redact_url(organism.backend), source,
+                )  # fmt: skip
+                drained = await _serve(pump, organism, args, stop)
+        except asyncio.CancelledError:
+            if not cancelled_by_signal():
+                raise
+            cancelled = True
+        except (XmlPipelineError, OSError) as exc:
+            if not started:
+                raise  # the organism could not start
+            _error(str(exc))
+            failed = True
+        stats = pump.statistics()
+        abandoned = stats.abandoned
+        if abandoned:
+            if cancelled:
+                cause = "cancelled by a second signal"
+            elif not drained:
+                cause = f"the drain timed out after {organism.settings.drain_timeout_s:g} s"
+            else:
+                cause = "the pump stopped"
+            logger.warning(_shutdown_summary(abandoned, cause, organism, args))
+        if not cancelled:
+            flushing = True
+            try:
+                await writer.aclose()  # the replies still queued reach the reader
+            except asyncio.CancelledError:
+                if not cancelled_by_signal():
+                    raise
+                cancelled = True
+        finished = True
+    finally:
+        writer.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    if args.stats:
+        _print_stats(stats)
+    if cancelled:
+        return 128 + signals[-1]
+    if abandoned or failed or output_failed:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _serve(
+    pump: StreamPump, organism: Organism, args: argparse.Namespace, stop: asyncio.Event
+) -> bool:
+    """Feed the input, then wait until idle; on ``stop``, drain. True if nothing was left."""
+    if await _until_stopped(_feed(pump, organism, args), stop) and await _until_stopped(
+        pump.wait_idle(), stop
+    ):
+        return True
+    return await pump.drain()
+
+
+def _print_stats(stats: PumpStatistics) -> None:
+    err = sys.stderr
+    print(f"ingress {stats.ingress}  rejected {stats.rejected}  egress {stats.egress}  "
+          f"dead letters {stats.dead_letters}", file=err)  # fmt: skip
+    rows = [
+        (name, str(s.received), str(s.handled), str(s.failed),
+         f"{s.latency_p50_ms:.3f}" if s.latency_p50_ms is not None else "-",
+         f"{s.latency_p99_ms:.3f}" if s.latency_p99_ms is not None else "-")
+        for name, s in stats.listeners.items()
+    ]  # fmt: skip
+    head = ("listener", "received", "handled", "failed", "p50 ms", "p99 ms")
+    for line in table(head, rows, min_width=24):
+        print(line, file=err)
+    pool = stats.pool
+    if pool is not None:
+        print(f"worker pool: {pool.workers} workers  tasks {pool.tasks}  batches {pool.batches}  "
+              f"crashes {pool.crashes}  timeouts {pool.timeouts}  recycles {pool.recycles}",
+              file=err)  # fmt: skip
