@@ -1,0 +1,697 @@
+"""The manager client: :class:`ManagerBackend`, on the caller's event loop.
+
+``asyncio.open_connection``, length-prefixed frames read with ``readexactly``, the
+loop's own timeouts, and natural pipelining: calls made in one loop tick go as one
+request frame, behind the frames already in flight on the same connection, and one
+reader task per connection matches the answers to them in order. No thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing import AuthenticationError
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from ...exceptions import BackendError, BackendUnavailable
+from ..base import (
+    DeadLetter,
+    HistoryLimits,
+    Slot,
+    dead_letter_from_obj,
+    dead_letter_to_bytes,
+    slot_from_obj,
+    slot_to_bytes,
+)
+from ..scheme import ManagerOptions, serves
+from .protocol import (
+    AUTHKEY_ENV,
+    MAX_REQUEST_BYTES,
+    PROTOCOL,
+    answer_challenge,
+    decode_rows,
+    decode_slots,
+    deliver_challenge,
+    display,
+    dumps,
+    encode_string,
+    frame,
+    loads,
+    read_frame,
+    reason,
+)
+from .server import ManagerServer
+
+__all__ = ["ManagerBackend", "ManagerStatistics"]
+
+logger = logging.getLogger(__name__)
+
+_BATCH_BYTES = 1 << 20  # a client stops adding calls to a batch past this many bytes
+_BATCH_CALLS = 1024
+_MANY_BYTES = 64 << 20  # deadletter_add_many splits a batch into calls of this size
+_HELLO_BYTES = 1 << 16  # the largest answer to hello read
+
+_OPTIONS = ManagerOptions()  # the defaults of the organism file's manager: section
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatistics:
+    """What a :class:`ManagerBackend` has sent.
+
+    Attributes:
+        calls: backend calls answered by the server.
+        round_trips: request frames answered (calls made in one loop tick share one).
+        connects: connections made (reconnects after a lost connection count too).
+    """
+
+    calls: int
+    round_trips: int
+    connects: int
+
+
+# A call waiting for its answer: (request bytes, decoder, future).
+_Item = tuple[bytes, Callable[[Any], Any], asyncio.Future[Any]]
+
+
+def _as_bool(value: Any) -> bool:
+    return bool(value)
+
+
+def _as_int(value: Any) -> int:
+    return int(value)
+
+
+def _as_str(value: Any) -> str:
+    return str(value)
+
+
+def _as_opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _as_none(value: Any) -> None:
+    return None
+
+
+def _as_slot(value: Any) -> Slot | None:
+    return None if value is None else slot_from_obj(value)
+
+
+def _as_letters(value: Any) -> list[DeadLetter]:
+    return [dead_letter_from_obj(obj) for obj in value]
+
+
+def _as_strs(value: Any) -> list[str]:
+    return [str(x) for x in value]
+
+
+def _as_str_dict(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _as_int_dict(value: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in value.items()}
+
+
+def _request(*call: Any) -> bytes:
+    return dumps(call)
+
+
+class _Connection:
+    """One authenticated connection on one event loop: one writer, one reader task.
+
+    Calls are written at once when nothing is in flight; calls made while frames are
+    in flight are gathered until the end of the loop tick and written as one frame.
+    Frames are answered in the order they were written (the server runs one
+    connection's frames one after the other), so the reader task matches each answer
+    to the oldest frame in flight. A frame in flight with no answer for
+    ``timeout`` seconds (the loop's own timer) loses the connection.
+    """
+
+    def __init__(
+        self,
+        backend: ManagerBackend,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout: float,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.lost: BackendUnavailable | None = None
+        self._backend = backend
+        self._url = backend.url
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
+        self._timeout = timeout
+        self._inflight: collections.deque[list[_Item]] = collections.deque()
+        self._pending: list[_Item] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._deadline: asyncio.Timeout | None = None
+        self._task = self.loop.create_task(self._read_loop(), name="xml_pipeline manager reader")
+
+    # -- writing ---------------------------------------------------------------
+
+    def enqueue(self, item: _Item) -> None:
+        """Send one call: now if nothing is in flight, else at the end of this tick."""
+        if self.lost is not None:
+            raise _copy(self.lost)
+        if self._flush_handle is None and not self._inflight:
+            self._write([item])  # idle: no reason to wait for company
+            return
+        self._pending.append(item)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        pending, self._pending = self._pending, []
+        while pending:
+            size = 0
+            for n, item in enumerate(pending):
+                size += len(item[0])
+                if n + 1 >= _BATCH_CALLS or size >= _BATCH_BYTES:
+                    break
+            batch, pending = pending[: n + 1], pending[n + 1 :]
+            self._write(batch)
+
+    def _write(self, batch: list[_Item]) -> None:
+        if self.lost is not None:
+            self._fail(batch, self.lost)
+            return
+        if len(batch) == 1:
+            data = b"[" + batch[0][0] + b"]"
+        else:
+            data = b"[" + b",".join([item[0] for item in batch]) + b"]"
+        self._inflight.append(batch)
+        if len(self._inflight) == 1:
+            self._arm()
+        self._transport.write(frame(data))
+
+    def _arm(self) -> None:
+        deadline = self._deadline
+        if deadline is not None and not deadline.expired():
+            if self._inflight:
+                deadline.reschedule(self.loop.time() + self._timeout)
+            else:
+                deadline.reschedule(None)
+
+    # -- reading ---------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        try:
+            async with asyncio.timeout(None) as deadline:
+                self._deadline = deadline
+                self._arm()
+                while True:
+                    self._answer(await read_frame(reader, MAX_REQUEST_BYTES))
+        except TimeoutError as exc:
+            self.lose(f"no answer within {self._timeout:g}s", exc)
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            self.lose("connection lost", None if isinstance(exc, EOFError) else exc)
+        except ValueError as exc:
+            self.lose("the server's answer does not match the request", exc)
+        except asyncio.CancelledError:
+            self.lose("the backend is closed", None)
+            raise
+        except Exception as exc:  # a bug: fail every call rather than leave one waiting
+            logger.exception("%s: the client's reader failed", self._url)
+            self.lose("internal error", exc)
+
+    def _answer(self, data: bytes) -> None:
+        if not self._inflight:
+            raise ValueError("an answer to no request")
+        batch = self._inflight.popleft()
+        self._arm()
+        try:
+            replies = loads(data)
+        except (ValueError, RecursionError):
+            replies = None
+        if type(replies) is not list or len(replies) != len(batch):
+            raise ValueError("an answer of another length")
+        backend = self._backend
+        backend._round_trips += 1
+        backend._calls += len(batch)
+        for (_, decode, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            try:
+                status, value = reply
+                if status == 0:
+                    future.set_result(decode(value))
+                else:
+                    future.set_exception(BackendError(f"{self._url}: {value}"))
+            except Exception as exc:
+                error = BackendError(f"{self._url}: bad answer {str(reply)[:80]!r}: {exc}")
+                future.set_exception(error)
+
+    # -- ending ----------------------------------------------------------------
+
+    def lose(self, what: str, cause: BaseException | None) -> None:
+        """The connection is unusable: close it and fail every call not answered."""
+        if self.lost is None:
+            why = f" ({reason(cause)})" if cause is not None and str(cause) else ""
+            self.lost = BackendUnavailable(f"{self._url}: {what}{why}")
+            self.lost.__cause__ = cause
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        waiting = [item for batch in self._inflight for item in batch] + self._pending
+        self._inflight.clear()
+        self._pending = []
+        self._fail(waiting, self.lost)
+        self._transport.close()
+
+    @staticmethod
+    def _fail(items: list[_Item], error: BackendUnavailable) -> None:
+        for _, _, future in items:
+            if not future.done():
+                future.set_exception(_copy(error))
+
+    async def aclose(self) -> None:
+        """Finish the calls already made (each within the timeout), then disconnect."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
+        futures = [item[2] for batch in self._inflight for item in batch]
+        try:
+            if futures and self.lost is None:
+                await asyncio.wait(futures)  # the reader answers or fails each
+        finally:  # cancelled meanwhile too: the reader task ends
+            self._task.cancel()
+            self._transport.close()
+        await asyncio.wait([self._task])
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+    def abandon(self) -> None:
+        """Drop a connection whose event loop is not the caller's (from any thread)."""
+        self.lost = self.lost or BackendUnavailable(f"{self._url}: the backend is closed")
+        if self.loop.is_closed():
+            return  # its loop closed its transport
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            self.loop.call_soon_threadsafe(self._task.cancel)
+
+
+def _copy(error: BackendUnavailable) -> BackendUnavailable:
+    """One exception object per waiting task, so that tracebacks do not pile up."""
+    copy = BackendUnavailable(str(error))
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+class ManagerBackend:
+    """The async client of a :class:`ManagerServer` (see the module docs).
+
+    The client runs on the caller's event loop (asyncio's or uvloop's), with
+    ``asyncio.open_connection`` and no thread of its own: calls never block the
+    loop. A call made while nothing is in flight writes its frame at once; calls
+    made while frames are in flight are gathered until the end of the loop tick and
+    go as one frame, pipelined behind the others on the same connection. One reader
+    task per connection (``xml_pipeline manager reader``) matches the answers to the
+    frames in the order they were written, and ends with the connection
+    (:meth:`aclose`, a lost connection, cancellation). Calls made in order run on the
+    server in that order.
+
+    The connection is made on first use (see :meth:`ping`) and remade by the next
+    call after it is lost; a call in flight when it is lost fails with
+    BackendUnavailable and is not sent again (no call is retried: the caller's policy
+    decides). The connection belongs to the event loop that made it: a backend used
+    later from another loop (a new ``asyncio.run``) connects again there; calls from
+    two loops at once are refused. A synchronous caller in a worker process uses
+    the worker's own loop (``loop.run_until_complete``), and a handler thread of
+    the pump goes through the pump's loop (``run_coroutine_threadsafe``).
+
+    Prefer :meth:`from_url`. Args:
+        address: ``(host, port)`` of the server.
+        authkey: the shared secret.
+        limits: the bounds of the store this process serves (``serve``); a server
+            elsewhere applies its own, and a difference is logged.
+        serve: start the server in this process (threads), stopped by :meth:`aclose`.
+        connect_timeout_s: bound on connecting and authenticating.
+        request_timeout_s: bound on a silent server while a request is in flight.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        authkey: bytes,
+        limits: HistoryLimits | None = None,
+        *,
+        serve: bool = _OPTIONS.serve,
+        connect_timeout_s: float = _OPTIONS.connect_timeout_s,
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        if not authkey:
+            raise BackendUnavailable(f"{display(address)}: the authkey is empty")
+        if connect_timeout_s <= 0 or request_timeout_s <= 0:
+            raise BackendUnavailable(f"{display(address)}: timeouts must be positive")
+        if address[1] == 0 and not serve:
+            raise BackendUnavailable(
+                f"{display(address)}: port 0 (a free port) needs serve: name the server's port"
+            )
+        self._explicit_limits = limits
+        self.limits = limits or HistoryLimits()
+        self._address = address
+        self._authkey = authkey
+        self._serve = serve
+        self._connect_timeout = connect_timeout_s
+        self._request_timeout = request_timeout_s
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._connecting_loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._rows = True  # the server knows buffer_get_rows (until it says otherwise)
+        self._server: ManagerServer | None = None
+        self._calls = 0
+        self._round_trips = 0
+        self._connects = 0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        limits: HistoryLimits | None = None,
+        *,
+        authkey: str | bytes | None = _OPTIONS.authkey,
+        serve: bool = _OPTIONS.serve,
+        connect_timeout_s: float = _OPTIONS.connect_timeout_s,
+        request_timeout_s: float = 30.0,
+    ) -> ManagerBackend:
+        """A backend for ``manager://HOST:PORT`` (``?serve=1`` overrides ``serve``).
+
+        Nothing is connected yet. The authkey is ``authkey`` or else the
+        ``XML_PIPELINE_MANAGER_AUTHKEY`` environment variable.
+
+        Raises:
+            BackendUnavailable: a malformed URL, or no authkey.
+        """
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            raise BackendUnavailable(
+                "manager:// URLs carry no credentials: set the authkey in "
+                f"{AUTHKEY_ENV} or the organism's manager.authkey"
+            )
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host = port = None
+        if parts.scheme != "manager" or not host or port is None or parts.path not in ("", "/"):
+            raise BackendUnavailable(f"{url!r} is not a manager URL: expected manager://HOST:PORT")
+        shown = display((host, port))
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key != "serve":
+                raise BackendUnavailable(
+                    f"{shown}: unknown URL option {key}={value!r} (only serve=1 or serve=0)"
+                )
+        serve = serves(url, {"serve": serve})  # the URL's serve= wins
+        key_text = authkey if authkey is not None else os.environ.get(AUTHKEY_ENV)
+        if not key_text:
+            raise BackendUnavailable(
+                f"{shown}: no authkey: set the {AUTHKEY_ENV} environment variable "
+                "(the same secret for the server and every client) or manager.authkey "
+                "in the organism file"
+            )
+        return cls(
+            (host, port),
+            key_text.encode() if isinstance(key_text, str) else bytes(key_text),
+            limits,
+            serve=serve,
+            connect_timeout_s=connect_timeout_s,
+            request_timeout_s=request_timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"<ManagerBackend {self.url}{' serving' if self._serve else ''}>"
+
+    @property
+    def url(self) -> str:
+        """``manager://HOST:PORT`` (with the actual port once serving at port 0)."""
+        return display(self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The server's address (with the actual port once serving at port 0)."""
+        server = self._server
+        return server.address if server is not None else self._address
+
+    def statistics(self) -> ManagerStatistics:
+        """Counters of calls, round trips and connections so far."""
+        return ManagerStatistics(self._calls, self._round_trips, self._connects)
+
+    # -- calls -------------------------------------------------------------------
+
+    async def _call(self, request: bytes, decode: Callable[[Any], _T]) -> _T:
+        conn = self._conn
+        if conn is None or conn.lost is not None or conn.loop is not asyncio.get_running_loop():
+            conn = await self._connected()
+        future: asyncio.Future[_T] = conn.loop.create_future()
+        conn.enqueue((request, decode, future))
+        return await future
+
+    async def _connected(self) -> _Connection:
+        """The connection on the running loop: made now if there is none."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise BackendUnavailable(f"{self.url}: the backend is closed")
+        if self._connecting is None or self._connecting_loop is not loop:
+            self._connecting, self._connecting_loop = asyncio.Lock(), loop
+        async with self._connecting:
+            conn = self._conn
+            if conn is not None and conn.loop is not loop and conn.lost is None:
+                if not conn.loop.is_closed() and conn.loop.is_running():
+                    raise BackendUnavailable(
+                        f"{self.url}: in use from another event loop; open one backend per loop"
+                    )
+                conn.abandon()
+            if conn is None or conn.lost is not None or conn.loop is not loop:
+                self._conn = None
+                conn = await self._connect()
+                if self._closed:  # aclose() ran meanwhile
+                    await conn.aclose()
+                    raise BackendUnavailable(f"{self.url}: the backend is closed")
+                self._conn = conn
+            return conn
+
+    async def _connect(self) -> _Connection:
+        if self._serve and self._server is None:
+            server = ManagerServer(self._address, self._authkey, self.limits)
+            try:
+                server.start()
+            except OSError as exc:
+                raise BackendUnavailable(
+                    f"cannot serve {display(self._address)}: {reason(exc)}"
+                ) from exc
+            self._server = server
+        url = self.url
+        timeout = self._connect_timeout
+        host, port = self.address
+        writer: asyncio.StreamWriter | None = None
+        stage = "connect"
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+                stage = "handshake"
+                await answer_challenge(reader, writer, self._authkey)
+                await deliver_challenge(reader, writer, self._authkey)
+                writer.write(frame(dumps([["hello", PROTOCOL]])))
+                [[status, hello]] = loads(await read_frame(reader, _HELLO_BYTES))
+        except ConnectionRefusedError as exc:
+            raise BackendUnavailable(
+                f"{url}: connection refused: no manager server there "
+                "(start one: python -m xml_pipeline manager --address HOST:PORT)"
+            ) from exc
+        except TimeoutError as exc:
+            _close(writer)
+            if stage == "connect":
+                raise BackendUnavailable(f"{url}: no connection within {timeout:g}s") from exc
+            raise BackendUnavailable(
+                f"{url}: no answer within {timeout:g}s: is a manager server listening there?"
+            ) from exc
+        except AuthenticationError as exc:
+            _close(writer)
+            raise BackendUnavailable(
+                f"{url}: authentication failed: the authkey differs from the server's"
+            ) from exc
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            _close(writer)
+            raise BackendUnavailable(f"{url}: the server closed the connection") from exc
+        except OSError as exc:
+            _close(writer)
+            if stage == "connect":
+                raise BackendUnavailable(f"{url}: cannot connect: {reason(exc)}") from exc
+            raise BackendUnavailable(f"{url}: connection lost ({reason(exc)})") from exc
+        except BaseException as exc:
+            _close(writer)
+            if not isinstance(exc, Exception):  # cancelled
+                raise
+            # garbage from something else listening there
+            raise BackendUnavailable(
+                f"{url}: not an xml_pipeline manager server ({reason(exc)})"
+            ) from exc
+        if status != 0:
+            _close(writer)
+            raise BackendUnavailable(f"{url}: the server refused: {hello}")
+        self._check_limits(hello.get("limits") if isinstance(hello, dict) else None)
+        self._connects += 1
+        return _Connection(self, reader, writer, self._request_timeout)
+
+    def _check_limits(self, served: Any) -> None:
+        wanted = self._explicit_limits
+        if wanted is None or self._serve or not isinstance(served, dict):
+            return
+        differ = [
+            f"{name} {served[name]} (not {value})"
+            for name, value in dataclasses.asdict(wanted).items()
+            if name in served and name != "ttl_s" and served[name] != value
+        ]
+        if differ:
+            logger.warning("%s: the server's limits apply: %s", self.url, ", ".join(differ))
+
+    async def buffer_append(self, thread_id: str, slot: Slot) -> int:
+        thread = encode_string(thread_id).encode()
+        request = b'["buffer_append",%s,%s]' % (thread, slot_to_bytes(slot))
+        return await self._call(request, _as_int)
+
+    async def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
+        request = _request("buffer_contains", thread_id, message_id, direction)
+        return await self._call(request, _as_bool)
+
+    async def buffer_get_thread(self, thread_id: str) -> list[Slot]:
+        if self._rows:
+            try:
+                request = b'["buffer_get_rows",%s]' % encode_string(thread_id).encode()
+                return await self._call(request, decode_rows)
+            except BackendError as exc:
+                if "unknown call" not in str(exc) or isinstance(exc, BackendUnavailable):
+                    raise
+                self._rows = False  # a server from before buffer_get_rows: a read, asked again
+        return await self._call(_request("buffer_get_thread", thread_id), decode_slots)
+
+    async def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
+        return await self._call(_request("buffer_get_slot", thread_id, index), _as_slot)
+
+    async def buffer_thread_len(self, thread_id: str) -> int:
+        return await self._call(_request("buffer_thread_len", thread_id), _as_int)
+
+    async def buffer_thread_exists(self, thread_id: str) -> bool:
+        return await self._call(_request("buffer_thread_exists", thread_id), _as_bool)
+
+    async def buffer_delete_thread(self, thread_id: str) -> bool:
+        return await self._call(_request("buffer_delete_thread", thread_id), _as_bool)
+
+    async def buffer_list_threads(self) -> list[str]:
+        return await self._call(_request("buffer_list_threads"), _as_strs)
+
+    async def buffer_clear(self) -> None:
+        return await self._call(_request("buffer_clear"), _as_none)
+
+    async def registry_set(self, chain: str, uuid: str) -> None:
+        return await self._call(_request("registry_set", chain, uuid), _as_none)
+
+    async def registry_setdefault(self, chain: str, uuid: str) -> str:
+        return await self._call(_request("registry_setdefault", chain, uuid), _as_str)
+
+    async def registry_get_uuid(self, chain: str) -> str | None:
+        return await self._call(_request("registry_get_uuid", chain), _as_opt_str)
+
+    async def registry_get_chain(self, uuid: str) -> str | None:
+        return await self._call(_request("registry_get_chain", uuid), _as_opt_str)
+
+    async def registry_delete(self, uuid: str) -> bool:
+        return await self._call(_request("registry_delete", uuid), _as_bool)
+
+    async def registry_list_all(self) -> dict[str, str]:
+        return await self._call(_request("registry_list_all"), _as_str_dict)
+
+    async def registry_clear(self) -> None:
+        return await self._call(_request("registry_clear"), _as_none)
+
+    async def deadletter_add(self, letter: DeadLetter) -> str:
+        request = b'["deadletter_add",' + dead_letter_to_bytes(letter) + b"]"
+        return await self._call(request, _as_str)
+
+    async def deadletter_add_many(self, letters: Sequence[DeadLetter]) -> list[str]:
+        """Store the letters with one server-side call (one round trip), ids in order.
+
+        A batch past 64 MiB of JSON goes as several calls, so that no request frame
+        comes near :data:`MAX_REQUEST_BYTES`.
+        """
+        if not letters:
+            return []
+        requests: list[bytes] = []
+        chunk: list[bytes] = []
+        size = 0
+        for letter in letters:
+            data = dead_letter_to_bytes(letter)
+            if chunk and size + len(data) > _MANY_BYTES:
+                requests.append(b'["deadletter_add_many",[' + b",".join(chunk) + b"]]")
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data) + 1
+        requests.append(b'["deadletter_add_many",[' + b",".join(chunk) + b"]]")
+        if len(requests) == 1:
+            return await self._call(requests[0], _as_strs)
+        conn = await self._connected()
+        futures: list[asyncio.Future[list[str]]] = []
+        for request in requests:  # enqueued together, in order: pipelined back to back
+            futures.append(conn.loop.create_future())
+            conn.enqueue((request, _as_strs, futures[-1]))
+        parts = [await future for future in futures]
+        return [letter_id for part in parts for letter_id in part]
+
+    async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
+        return await self._call(_request("deadletter_list", limit), _as_letters)
+
+    async def deadletter_delete(self, letter_id: str) -> bool:
+        return await self._call(_request("deadletter_delete", letter_id), _as_bool)
+
+    async def deadletter_purge(self) -> int:
+        return await self._call(_request("deadletter_purge"), _as_int)
+
+    async def info(self) -> dict[str, int]:
+        return await self._call(_request("info"), _as_int_dict)
+
+    async def ping(self) -> None:
+        """Connect if needed (serving first if ``serve``) and make one round trip.
+
+        Raises:
+            BackendUnavailable: one line: refused, no answer within the timeout,
+                wrong authkey, address in use (``serve``), ...
+        """
+        return await self._call(_request("ping"), _as_none)
+
+    async def aclose(self) -> None:
+        """Finish the calls already made, disconnect, and stop the server if this
+        process serves it. Idempotent; later calls raise BackendUnavailable."""
+        if self._closed:
+            return
+        self._closed = True
+        conn, self._conn = self._conn, None
+        try:
+            if conn is not None:
+                if conn.loop is asyncio.get_running_loop():
+                    await conn.aclose()
+                else:
+                    conn.abandon()
+        finally:
+            server, self._server = self._server, None
+            if server is not None:
+                server.close()
+
+    async def close(self) -> None:
+        """Alias of :meth:`aclose`."""
+        await self.aclose()
+
+
+def _close(writer: asyncio.StreamWriter | None) -> None:
+    if writer is not None:
+        writer.close()
