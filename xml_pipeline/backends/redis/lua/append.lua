@@ -1,4 +1,4 @@
--- append.lua, run by xml_pipeline/backends/redis.py (_APPEND).
+-- append.lua, run by xml_pipeline/backends/redis/backend.py (APPEND).
 -- KEYS: hist, hidx, uuid key, stats. ARGV: field, slot JSON after '{"i":0,', max slots,
 -- ttl ms, chain key prefix, refresh below (ms). Returns the slot's index.
 local hist, hidx = KEYS[1], KEYS[2]

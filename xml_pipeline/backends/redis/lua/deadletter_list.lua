@@ -1,4 +1,4 @@
--- deadletter_list.lua, run by xml_pipeline/backends/redis.py (_DEAD_LETTER_LIST).
+-- deadletter_list.lua, run by xml_pipeline/backends/redis/backend.py (DEAD_LETTER_LIST).
 -- KEYS: ids, data. ARGV: last rank (-1: all). Returns the letters' JSON, oldest first.
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]))
 local out = {}

@@ -1,4 +1,4 @@
--- registry_delete.lua, run by xml_pipeline/backends/redis.py (_REGISTRY_DELETE).
+-- registry_delete.lua, run by xml_pipeline/backends/redis/backend.py (REGISTRY_DELETE).
 -- KEYS: uuid key. ARGV: chain key prefix, uuid. Returns 1 if the entry existed.
 local chain = redis.call('GET', KEYS[1])
 if not chain then

@@ -1,4 +1,4 @@
--- registry_set.lua, run by xml_pipeline/backends/redis.py (_REGISTRY_SET).
+-- registry_set.lua, run by xml_pipeline/backends/redis/backend.py (REGISTRY_SET).
 -- KEYS: chain key, uuid key. ARGV: chain, uuid, ttl ms, chain key prefix, uuid key
 -- prefix, "1" for setdefault. Returns the uuid the chain maps to afterwards.
 local current = redis.call('GET', KEYS[1])

@@ -1,4 +1,4 @@
--- deadletter_add.lua, run by xml_pipeline/backends/redis.py (_DEAD_LETTER_ADD).
+-- deadletter_add.lua, run by xml_pipeline/backends/redis/backend.py (DEAD_LETTER_ADD).
 -- KEYS: ids, data, seq, stats. ARGV: max dead letters, then (id, letter JSON) pairs,
 -- stored in order. An id already stored is overwritten in place (so a retry stores
 -- nothing twice). Returns {letters dropped by this call, total dropped so far}.

@@ -1,0 +1,53 @@
+"""The Lua scripts the Redis backend runs, shipped as ``.lua`` files in ``lua/``.
+
+Each script's KEYS and ARGV are described at the top of its file. A :class:`Script`
+carries its source and SHA-1, so :meth:`Pipeline.eval
+<xml_pipeline.backends.redis.pipeline.Pipeline.eval>` can send EVALSHA and fall back
+to EVAL when the server does not know the script yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+
+__all__ = [
+    "APPEND",
+    "DEAD_LETTER_ADD",
+    "DEAD_LETTER_DELETE",
+    "DEAD_LETTER_LIST",
+    "DEAD_LETTER_PURGE",
+    "GET_SLOT",
+    "REGISTRY_DELETE",
+    "REGISTRY_SET",
+    "Script",
+]
+
+
+class Script:
+    """A Lua script and its SHA-1 (both bytes, as EVAL and EVALSHA send them).
+
+    Args:
+        source: the script's text.
+    """
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
+
+    @classmethod
+    def load(cls, name: str) -> Script:
+        """The script shipped as ``xml_pipeline/backends/redis/lua/<name>``."""
+        return cls(resources.files(__package__).joinpath("lua", name).read_text("utf-8"))
+
+
+APPEND = Script.load("append.lua")
+GET_SLOT = Script.load("get_slot.lua")
+REGISTRY_SET = Script.load("registry_set.lua")
+REGISTRY_DELETE = Script.load("registry_delete.lua")
+DEAD_LETTER_ADD = Script.load("deadletter_add.lua")
+DEAD_LETTER_LIST = Script.load("deadletter_list.lua")
+DEAD_LETTER_DELETE = Script.load("deadletter_delete.lua")
+DEAD_LETTER_PURGE = Script.load("deadletter_purge.lua")
