@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -44,6 +45,8 @@ from xml_pipeline.backends.manager import (
     ManagerBackend,
     ManagerServer,
 )
+from xml_pipeline.backends.manager.client import TASK_NAME
+from xml_pipeline.backends.manager.protocol import decode_rows, encode_rows, loads
 from xml_pipeline.exceptions import BackendError
 from xml_pipeline.testing import CHECKS, Check, backend_state_machine, run_check
 
@@ -656,53 +659,97 @@ def test_two_pumps_share_one_store() -> None:
 
 # -- the client on asyncio streams ------------------------------------------------------------
 
-READER = "xml_pipeline manager reader"
+
+def _connections_to(port: int) -> int:
+    """This process's TCP sockets connected to ``port`` (open, in any state)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[9] in inodes:
+                    count += 1
+    return count
 
 
-def _readers() -> list[asyncio.Task[Any]]:
-    return [t for t in asyncio.all_tasks() if t.get_name() == READER and not t.done()]
+def _watchers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == TASK_NAME and not t.done()]
 
 
-async def test_the_reader_task_ends_with_aclose() -> None:
-    async with served(HistoryLimits()):
-        assert len(_readers()) == 1, "one reader task per connection, named"
-    assert _readers() == []
+async def test_the_connection_and_its_task_end_with_aclose(server: ManagerServer) -> None:
+    port = server.address[1]
+    backend = client(server)
+    await backend.ping()
+    assert _connections_to(port) == 1
+    assert len(_watchers()) == 1, "one idle task per connection, named"
+    await backend.aclose()
+    assert _connections_to(port) == 0
+    assert _watchers() == []
 
 
-async def test_the_reader_task_ends_when_the_connection_is_lost() -> None:
+async def test_a_lost_connection_is_noticed_while_idle() -> None:
     server = ManagerServer(("127.0.0.1", 0), KEY.encode())
     server.start()
+    port = server.address[1]
     backend = client(server)
     try:
         await backend.ping()
-        [reader] = _readers()
+        [watcher] = _watchers()
         server.close()
-        await asyncio.wait_for(asyncio.wait([reader]), 5)  # EOF, noticed while idle
-        assert reader.exception() is None
+        await asyncio.wait_for(asyncio.wait([watcher]), 5)  # EOF, noticed while idle
+        assert watcher.exception() is None
+        assert _connections_to(port) == 0
         with pytest.raises(BackendUnavailable, match="connection refused"):
             await backend.ping()
     finally:
         server.close()
         await backend.aclose()
-    assert _readers() == []
+    assert _watchers() == []
 
 
-async def test_a_cancelled_reader_fails_its_calls_and_the_next_call_reconnects(
+async def test_a_cancelled_connection_task_fails_its_calls_and_the_next_call_reconnects(
     server: ManagerServer,
 ) -> None:
     backend = client(server)
     try:
         await backend.ping()
-        [reader] = _readers()
+        [watcher] = _watchers()
         call = asyncio.ensure_future(backend.buffer_thread_len("t"))
-        reader.cancel()
+        await asyncio.sleep(0)  # written, not answered yet
+        watcher.cancel()
         with pytest.raises(BackendUnavailable):
             await call
         assert await backend.buffer_thread_len("t") == 0
         assert backend.statistics().connects == 2
     finally:
         await backend.aclose()
-    assert _readers() == []
+    assert _watchers() == []
+
+
+async def test_a_connection_reset_mid_call_fails_the_call_and_the_next_call_reconnects(
+    server: ManagerServer,
+) -> None:
+    backend = client(server)
+    try:
+        await backend.ping()
+        call = asyncio.ensure_future(backend.buffer_thread_len("t"))
+        await asyncio.sleep(0)  # written, not answered yet
+        assert backend._conn is not None
+        backend._conn._transport.abort()  # as a reset connection would
+        with pytest.raises(BackendUnavailable, match="connection lost"):
+            await call
+        assert await backend.buffer_thread_len("t") == 0
+        assert backend.statistics().connects == 2
+    finally:
+        await backend.aclose()
 
 
 async def test_a_cancelled_call_leaves_the_connection_usable(server: ManagerServer) -> None:
@@ -753,11 +800,19 @@ def test_history_reads_as_rows(server: ManagerServer) -> None:
                 b'["buffer_get_rows","t"],["buffer_get_rows","none"],["buffer_get_rows"]]'
             )
             replies = json.loads(conn.recv_bytes())
-            row = [0, "in", "a", "b", "{urn:x}P", "m1", 1.5, "PFA+PC9QPg=="]
-            assert replies[:3] == [[0, 0], [0, [row]], [0, []]], "Slot's order, base64 XML"
+            row = [0, "in", "a", "b", "{urn:x}P", "m1", 1.5, "<P></P>"]
+            assert replies[:3] == [[0, 0], [0, [row]], [0, []]], "Slot's order, XML as text"
             assert replies[3][0] == 1 and "expected 1 argument(s)" in replies[3][1]
         finally:
             conn.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(xml=st.binary(max_size=64))
+def test_rows_carry_any_bytes(xml: bytes) -> None:
+    slot = Slot(3, "out", "a", None, "{urn:x}P", "m1", 2.5, xml)
+    assert decode_rows(loads(encode_rows([slot]))) == [slot]
+    assert decode_rows(json.loads(encode_rows([slot]))) == [slot], "any JSON parser"
 
 
 async def test_a_server_without_rows_is_read_with_buffer_get_thread(

@@ -42,9 +42,11 @@ other and answers them in the order they came::
 :func:`~xml_pipeline.backends.base.slot_to_bytes` and
 :func:`~xml_pipeline.backends.base.dead_letter_to_bytes`; a ``ROW`` is a slot as
 an array of the same values in :class:`~xml_pipeline.backends.base.Slot`'s order,
-``[i, d, f, t, p, m, ts, x]``, which a client parses about twice as fast (the
-client reads histories with ``buffer_get_rows``, and with ``buffer_get_thread``
-from a server that does not know it). The calls are the ``Store`` methods, each
+except that the XML is a string, not base64 (its bytes decoded as UTF-8 with
+``surrogateescape``: any bytes survive), ``[i, d, f, t, p, m, ts, xml]``, which a
+client parses about twice as fast (the client reads histories with
+``buffer_get_rows``, and with ``buffer_get_thread`` from a server that does not
+know it). The calls are the ``Store`` methods, each
 one server-side method call::
 
     call                   arguments                     result

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
@@ -57,6 +58,11 @@ _BATCH_BYTES = 1 << 20  # a client stops adding calls to a batch past this many 
 _BATCH_CALLS = 1024
 _MANY_BYTES = 64 << 20  # deadletter_add_many splits a batch into calls of this size
 _HELLO_BYTES = 1 << 16  # the largest answer to hello read
+TASK_NAME = "xml_pipeline manager connection"
+"""The name of the one idle task a connection keeps (see :class:`_Connection`)."""
+
+_HEADER = struct.Struct("!i")  # protocol.frame's length header
+_LONG_HEADER = struct.Struct("!Q")
 
 _OPTIONS = ManagerOptions()  # the defaults of the organism file's manager: section
 _T = TypeVar("_T")
@@ -125,21 +131,23 @@ def _request(*call: Any) -> bytes:
     return dumps(call)
 
 
-class _Connection:
-    """One authenticated connection on one event loop: one writer, one reader task.
+class _Connection(asyncio.Protocol):
+    """One authenticated connection on one event loop, as the transport's protocol.
 
     Calls are written at once when nothing is in flight; calls made while frames are
     in flight are gathered until the end of the loop tick and written as one frame.
     Frames are answered in the order they were written (the server runs one
-    connection's frames one after the other), so the reader task matches each answer
-    to the oldest frame in flight. A frame in flight with no answer for
-    ``timeout`` seconds (the loop's own timer) loses the connection.
+    connection's frames one after the other), so each answer is matched to the
+    oldest frame in flight, in ``data_received``: no reader task, no future per
+    read (measured: a round trip costs ~20 µs less client CPU than
+    ``StreamReader.readexactly`` in a reader task, ~40 instead of ~60). A frame in
+    flight with no answer for ``timeout`` seconds (the loop's own timer) loses the
+    connection. One idle task (:data:`TASK_NAME`) ends with the connection.
     """
 
     def __init__(
         self,
         backend: ManagerBackend,
-        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         timeout: float,
     ) -> None:
@@ -147,15 +155,20 @@ class _Connection:
         self.lost: BackendUnavailable | None = None
         self._backend = backend
         self._url = backend.url
-        self._reader = reader
         self._writer = writer
         self._transport = writer.transport
         self._timeout = timeout
         self._inflight: collections.deque[list[_Item]] = collections.deque()
         self._pending: list[_Item] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._deadline: asyncio.Timeout | None = None
-        self._task = self.loop.create_task(self._read_loop(), name="xml_pipeline manager reader")
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress = 0.0  # loop time of the last answer, or of a write from idle
+        self._buffer = b""
+        self._ended = self.loop.create_future()  # set by connection_lost
+        self._transport.set_protocol(self)
+        # An idle task per connection, so that the end of its event loop (asyncio.run
+        # cancels what is left) closes the connection too; it reads nothing.
+        self._task = self.loop.create_task(self._watch(), name=TASK_NAME)
 
     # -- writing ---------------------------------------------------------------
 
@@ -192,45 +205,76 @@ class _Connection:
             data = b"[" + b",".join([item[0] for item in batch]) + b"]"
         self._inflight.append(batch)
         if len(self._inflight) == 1:
-            self._arm()
+            self._progress = self.loop.time()
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._progress + self._timeout, self._expire)
         self._transport.write(frame(data))
 
-    def _arm(self) -> None:
-        deadline = self._deadline
-        if deadline is not None and not deadline.expired():
-            if self._inflight:
-                deadline.reschedule(self.loop.time() + self._timeout)
-            else:
-                deadline.reschedule(None)
+    def _expire(self) -> None:
+        # One timer while frames are in flight, moved on lazily: an answer only
+        # notes the time (an answer per timer reschedule would cost more than it).
+        self._timer = None
+        if not self._inflight or self.lost is not None:
+            return
+        due = self._progress + self._timeout
+        if self.loop.time() >= due:
+            self.lose(f"no answer within {self._timeout:g}s", None)
+        else:
+            self._timer = self.loop.call_at(due, self._expire)
 
-    # -- reading ---------------------------------------------------------------
+    # -- reading (the protocol's callbacks) ------------------------------------
 
-    async def _read_loop(self) -> None:
-        reader = self._reader
+    def data_received(self, data: bytes) -> None:
+        if self._buffer:
+            data = self._buffer + data
+        size = len(data)
+        pos = 0
         try:
-            async with asyncio.timeout(None) as deadline:
-                self._deadline = deadline
-                self._arm()
-                while True:
-                    self._answer(await read_frame(reader, MAX_REQUEST_BYTES))
-        except TimeoutError as exc:
-            self.lose(f"no answer within {self._timeout:g}s", exc)
-        except (asyncio.IncompleteReadError, OSError) as exc:
-            self.lose("connection lost", None if isinstance(exc, EOFError) else exc)
+            while size - pos >= 4:
+                (length,) = _HEADER.unpack_from(data, pos)
+                start = pos + 4
+                if length == -1:
+                    if size - start < 8:
+                        break
+                    (length,) = _LONG_HEADER.unpack_from(data, start)
+                    start += 8
+                if length < 0 or length > MAX_REQUEST_BYTES:
+                    raise ValueError(f"a frame of {length} bytes")
+                end = start + length
+                if end > size:
+                    break
+                self._answer(data[start:end])
+                pos = end
         except ValueError as exc:
             self.lose("the server's answer does not match the request", exc)
-        except asyncio.CancelledError:
-            self.lose("the backend is closed", None)
-            raise
+            return
         except Exception as exc:  # a bug: fail every call rather than leave one waiting
             logger.exception("%s: the client's reader failed", self._url)
             self.lose("internal error", exc)
+            return
+        self._buffer = data[pos:] if pos < size else b""
+
+    def eof_received(self) -> bool:
+        self.lose("connection lost", None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lose("connection lost", exc)
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+    async def _watch(self) -> None:
+        try:
+            await self._ended
+        except asyncio.CancelledError:
+            self.lose("the backend is closed", None)
+            raise
 
     def _answer(self, data: bytes) -> None:
         if not self._inflight:
             raise ValueError("an answer to no request")
         batch = self._inflight.popleft()
-        self._arm()
+        self._progress = self.loop.time()
         try:
             replies = loads(data)
         except (ValueError, RecursionError):
@@ -264,6 +308,9 @@ class _Connection:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiting = [item for batch in self._inflight for item in batch] + self._pending
         self._inflight.clear()
         self._pending = []
@@ -284,19 +331,16 @@ class _Connection:
         futures = [item[2] for batch in self._inflight for item in batch]
         try:
             if futures and self.lost is None:
-                await asyncio.wait(futures)  # the reader answers or fails each
-        finally:  # cancelled meanwhile too: the reader task ends
-            self._task.cancel()
-            self._transport.close()
+                await asyncio.wait(futures)  # answered, or failed by lose()
+        finally:  # cancelled meanwhile too: the connection ends
+            self.lose("the backend is closed", None)
         await asyncio.wait([self._task])
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
 
     def abandon(self) -> None:
         """Drop a connection whose event loop is not the caller's (from any thread)."""
         self.lost = self.lost or BackendUnavailable(f"{self._url}: the backend is closed")
         if self.loop.is_closed():
-            return  # its loop closed its transport
+            return  # the end of its loop cancelled _watch, which closed the connection
         with contextlib.suppress(RuntimeError):  # closed meanwhile
             self.loop.call_soon_threadsafe(self._task.cancel)
 
@@ -542,7 +586,7 @@ class ManagerBackend:
             raise BackendUnavailable(f"{url}: the server refused: {hello}")
         self._check_limits(hello.get("limits") if isinstance(hello, dict) else None)
         self._connects += 1
-        return _Connection(self, reader, writer, self._request_timeout)
+        return _Connection(self, writer, self._request_timeout)
 
     def _check_limits(self, served: Any) -> None:
         wanted = self._explicit_limits

@@ -79,6 +79,7 @@ _MD5_LEN = 16
 _slot_fields = operator.itemgetter(*SLOT_KEYS)
 _new_slot = tuple.__new__
 _a2b = binascii.a2b_base64
+_ESCAPE = "surrogateescape"
 
 
 # -- values ----------------------------------------------------------------------------
@@ -101,19 +102,21 @@ def loads(data: bytes) -> Any:
 
 
 def encode_rows(slots: list[Slot]) -> bytes:
-    """Slots as ``ROW`` arrays: ``[i, d, f, t, p, m, ts, base64 of the XML]``.
+    """Slots as ``ROW`` arrays: ``[i, d, f, t, p, m, ts, xml]``, the XML as a string
+    (its bytes decoded as UTF-8 with ``surrogateescape``, so any bytes round-trip).
 
     A client parses arrays about twice as fast as the objects of
-    :func:`~xml_pipeline.backends.base.slot_to_bytes`.
+    :func:`~xml_pipeline.backends.base.slot_to_bytes`, and a string faster than
+    base64 (measured: 50 slots, 25 µs instead of 32 to parse and build).
     """
-    return dumps([(*slot[:7], base64.b64encode(slot.xml).decode("ascii")) for slot in slots])
+    return dumps([(*slot[:7], slot.xml.decode("utf-8", "surrogateescape")) for slot in slots])
 
 
 def decode_rows(value: Any) -> list[Slot]:
     """Slots from parsed ``ROW`` arrays. Raises ValueError on anything else.
 
-    One ``tuple.__new__`` and one base64 decoding a slot for what
-    :func:`encode_rows` writes; anything else is checked by ``slot_from_obj``.
+    One ``tuple.__new__`` and one ``str.encode`` a slot for what :func:`encode_rows`
+    writes; anything else is checked by ``slot_from_obj``.
     """
     slots: list[Slot] = []
     append = slots.append
@@ -121,13 +124,15 @@ def decode_rows(value: Any) -> list[Slot]:
         try:
             i, d, f, t, p, m, ts, x = row
             if type(i) is int and type(ts) is float and (d == "in" or d == "out"):
-                append(_new_slot(Slot, (i, d, f, t, p, m, ts, _a2b(x))))
+                append(_new_slot(Slot, (i, d, f, t, p, m, ts, x.encode("utf-8", _ESCAPE))))
                 continue
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError):
             pass
-        if type(row) is not list or len(row) != 8:
+        if type(row) is not list or len(row) != 8 or type(row[7]) is not str:
             raise ValueError(f"not a slot row: {str(row)[:80]!r}")
-        append(slot_from_obj(dict(zip(SLOT_KEYS, row, strict=True))))
+        obj = dict(zip(SLOT_KEYS, row, strict=True))
+        obj["x"] = base64.b64encode(row[7].encode("utf-8", _ESCAPE)).decode("ascii")
+        append(slot_from_obj(obj))
     return slots
 
 

@@ -291,16 +291,20 @@ class ManagerServer:
     async def _serve(self, sock: socket.socket) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = stop = asyncio.Event()
-        clients: set[asyncio.Task[None]] = set()
+        clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
         async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
-            clients.add(task)
+            clients[task] = writer
             try:
                 await self._serve_client(reader, writer)
+            except asyncio.CancelledError:
+                # Only the shutdown below cancels, and asyncio's start_server (3.11)
+                # would log a cancelled client task as an unhandled error.
+                pass
             finally:
-                clients.discard(task)
+                clients.pop(task, None)
                 writer.close()
 
         server = await asyncio.start_server(client, sock=sock, limit=1 << 20)
@@ -309,10 +313,12 @@ class ManagerServer:
             await stop.wait()
         finally:
             server.close()
+            for writer in clients.values():
+                writer.transport.abort()  # its task ends on the lost connection
+            if clients:
+                await asyncio.wait(list(clients), timeout=_STOP_TIMEOUT_S)
             for task in list(clients):
                 task.cancel()
-            if clients:
-                await asyncio.wait(clients, timeout=_STOP_TIMEOUT_S)
             await server.wait_closed()
 
     async def _serve_client(
