@@ -24,7 +24,7 @@ from lxml import etree
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
 from xml_pipeline.cli import gc_tuning
-from xml_pipeline.cli.writer import _ReplyWriter
+from xml_pipeline.cli._writer import _ReplyWriter
 from xml_pipeline.parser import parse_trusted
 from xml_pipeline.payload import codec_for
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xml_pipeline import ENVELOPE_NAMESPACE
-from xml_pipeline.cli.framing import _TOO_LARGE, _DocumentSplitter
+from xml_pipeline.cli._framing import _TOO_LARGE, _DocumentSplitter
 from xml_pipeline.parser import parse_trusted
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ from pydantic import BaseModel
 from xml_pipeline.config import (
     OrganismConfig,
     _item,
-    _json_schema,
     _reference_markdown,
     _reference_tables,
+    organism_json_schema,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def examples() -> list[tuple[Path, Any]]:
 def test_the_schema_is_draft_2020_12_with_a_title(schema: dict[str, Any]) -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["title"] == "xml_pipeline organism file"
-    assert schema == json.loads(json.dumps(_json_schema()))
+    assert schema == json.loads(json.dumps(organism_json_schema()))
     assert set(schema["required"]) == {"organism", "listeners"}
 
 

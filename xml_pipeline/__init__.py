@@ -2,7 +2,7 @@
 
 Users import what they need from here::
 
-    from xml_pipeline import HandlerMetadata, HandlerResponse, Huh, Payload
+    from xml_pipeline import Handler, HandlerMetadata, HandlerResponse, Huh, Payload
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from .exceptions import (
     error_for_code,
 )
 from .frame import Frame
-from .handler import HandlerMetadata, HandlerResponse
+from .handler import Handler, HandlerMetadata, HandlerResponse
 from .offload import PoolStatistics
 from .parser import ParseLimits
 from .payload import CORE_NAMESPACE, Huh, Payload, codec_for, payload_from_xml
@@ -82,6 +82,7 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "Frame",
+    "Handler",
     "HandlerFailed",
     "HandlerMetadata",
     "HandlerResponse",

@@ -59,6 +59,7 @@ __all__ = [
     "PumpSettings",
     "import_object",
     "load_organism",
+    "organism_json_schema",
 ]
 
 
@@ -866,7 +867,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def _json_schema() -> dict[str, Any]:
+def organism_json_schema() -> dict[str, Any]:
     """The JSON Schema of an organism file, for editors (``schema --organism``)."""
     schema = OrganismConfig.model_json_schema()
     schema["title"] = "xml_pipeline organism file"

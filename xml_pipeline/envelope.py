@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from ._text import NOT_XML, escape
 from .exceptions import EnvelopeError
 from .parser import DEFAULT_LIMITS, ParseLimits, parse_bytes
 
@@ -204,17 +205,15 @@ def _envelope_around(
     for an element in a namespace (so it declares what it uses on its root). Returns
     None when a value needs the general path (text XML cannot carry: it raises there).
     """
-    from .payload import _NOT_XML, _escape
-
     if _ENVELOPE_NS_BYTES in payload_xml:
         return None  # lxml would drop or move that declaration inside the envelope
     parts = [_OPEN]
     for tag, value in (("from", sender), ("to", to), ("thread", thread), ("id", id), ("re", re)):
         if value is None:
             continue
-        if _NOT_XML.search(value) is not None:
+        if NOT_XML.search(value) is not None:
             return None
-        parts.append(b"<%b>%b</%b>" % (tag.encode(), _escape(value), tag.encode()))
+        parts.append(b"<%b>%b</%b>" % (tag.encode(), escape(value), tag.encode()))
     parts.append(b"</meta>")
     parts.append(payload_xml)
     parts.append(b"</message>")

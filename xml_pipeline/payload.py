@@ -26,7 +26,9 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ._text import NOT_XML, escape
 from .exceptions import ConfigError, PayloadInvalid
+from .parser import parse_bytes
 
 __all__ = ["CORE_NAMESPACE", "Codec", "Huh", "Payload", "codec_for", "payload_from_xml", "qname_of"]
 
@@ -163,22 +165,7 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-# Text lxml would refuse (it raises ValueError): such payloads take the lxml path.
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _SIMPLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-
-
-def _escape(text: str) -> bytes:
-    """Text content serialized as ``etree.tostring`` does (ASCII, character references)."""
-    if "&" in text:
-        text = text.replace("&", "&amp;")
-    if "<" in text:
-        text = text.replace("<", "&lt;")
-    if ">" in text:
-        text = text.replace(">", "&gt;")
-    if "\r" in text:
-        text = text.replace("\r", "&#13;")
-    return text.encode("ascii", "xmlcharrefreplace")
 
 
 class _PlainCodec:
@@ -250,10 +237,10 @@ class _PlainCodec:
                 continue
             for item in value if is_list else (value,):
                 text = item if type(item) is str else _text(item)
-                if _NOT_XML.search(text) is not None:
+                if NOT_XML.search(text) is not None:
                     return etree.tostring(self.encode(model))  # raises ValueError
                 parts.append(open_tag)
-                parts.append(_escape(text))
+                parts.append(escape(text))
                 parts.append(close_tag)
         if len(parts) == 1:
             return self._empty
@@ -391,8 +378,6 @@ def payload_from_xml(cls: type[_M], data: bytes) -> _M:
         MalformedMessage, MessageTooLarge: the bytes are not acceptable XML.
         PayloadInvalid: the element is not a valid ``cls``.
     """
-    from .parser import parse_bytes
-
     codec = codec_for(cls)
     element = parse_bytes(data)
     if element.tag != codec.qname:

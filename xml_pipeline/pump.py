@@ -27,16 +27,23 @@ import logging
 import re as _regex
 import time
 import uuid as _uuid
-from array import array
 from collections.abc import Awaitable, Callable, Coroutine
 from types import MappingProxyType, TracebackType
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from lxml import etree
 from pydantic import BaseModel
 
+from ._delivery import (
+    LATENCY_SAMPLES,
+    Delivery,
+    Message,
+    Route,
+    Runtime,
+    huh_for,
+    xml_safe,
+)
 from ._stats import percentile
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
@@ -71,8 +78,8 @@ from .exceptions import (
 from .frame import Frame, FrameRegistry
 from .handler import HandlerMetadata, responses_of
 from .offload import PoolStatistics, SyncRunner, WorkerPool, worker_spec
-from .parser import parse_bytes, parse_trusted
-from .payload import Codec, Huh, codec_for
+from .parser import parse_bytes
+from .payload import Huh, codec_for
 from .reply import ListenerStatistics, PumpStatistics, Reply
 from .routing import RoutingTable
 from .worker import Meta
@@ -86,159 +93,6 @@ PUMP_SENDER = "xml_pipeline"
 
 _MESSAGE_TAG = "{" + ENVELOPE_NAMESPACE + "}message"
 _HUH_QNAME = codec_for(Huh).qname
-_EXCERPT_CHARS = 200
-_LATENCY_SAMPLES = 4096
-
-
-def _xml_safe(text: str) -> str:
-    """``text`` with every character XML cannot carry replaced by U+FFFD."""
-    if text.isprintable() and text.isascii():
-        return text
-    return "".join(
-        c if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") else "\ufffd"
-        for c in text
-    )
-
-
-def _excerpt(data: bytes | None) -> str | None:
-    """A capped excerpt of some input, holding only characters XML can carry."""
-    if not data:
-        return None
-    return _xml_safe(bytes(data[: _EXCERPT_CHARS * 4]).decode("utf-8", "replace")[:_EXCERPT_CHARS])
-
-
-def _huh(exc: MessageError, data: bytes | None) -> Huh:
-    return Huh(
-        code=exc.code,
-        message=_xml_safe(exc.reason),
-        listener=None if exc.listener is None else _xml_safe(exc.listener),
-        excerpt=_excerpt(data),
-    )
-
-
-class _Message:
-    """A message inside the pump. Payload bytes, element and model are made lazily."""
-
-    __slots__ = (
-        "_element",
-        "_xml",
-        "after_huh",
-        "cause",
-        "id",
-        "model",
-        "path",
-        "qname",
-        "raw",
-        "re",
-        "sender",
-        "to",
-    )
-
-    def __init__(
-        self,
-        id: str,  # noqa: A002
-        sender: str,
-        to: str | None,
-        qname: str,
-        model: BaseModel | None = None,
-        element: etree._Element | None = None,
-        raw: bytes | None = None,
-        xml: bytes | None = None,
-        path: str | None = None,
-        re: str | None = None,
-        cause: str | None = None,
-    ) -> None:
-        self.id = id
-        # The id of the external message this one descends from (egress's <re>), and
-        # a pump-unique name of that message, which request() matches replies by.
-        self.re = re
-        self.cause = cause
-        self.sender = sender
-        self.to = to
-        self.qname = qname
-        self.model = model
-        self._element = element
-        self.raw = raw
-        self._xml = xml
-        # The payload class's import path, for a message made in a worker process
-        # (decoded in the pump only if it must leave as a model).
-        self.path = path
-        # Emitted by a handler that was handling a Huh: an error about this message
-        # is dead-lettered without another Huh, so Huh handlers cannot loop.
-        self.after_huh = False
-
-    def element(self) -> etree._Element:
-        element = self._element
-        if element is None:
-            if self.model is None:
-                assert self._xml is not None
-                element = self._element = parse_trusted(self._xml)
-            else:
-                element = self._element = codec_for(type(self.model)).encode(self.model)
-        return element
-
-    def xml(self) -> bytes:
-        xml = self._xml
-        if xml is None:
-            model = self.model
-            if self._element is None and model is not None:
-                xml = self._xml = codec_for(type(model)).encode_bytes(model)
-            else:
-                xml = self._xml = etree.tostring(self.element())
-        return xml
-
-
-class _Runtime:
-    """A listener's inboxes, workers and counters."""
-
-    __slots__ = (
-        "codecs",
-        "failed",
-        "handled",
-        "in_flight",
-        "inboxes",
-        "latencies",
-        "latency_n",
-        "listener",
-        "name",
-        "received",
-    )
-
-    def __init__(self, listener: Listener, codecs: dict[str, Codec]) -> None:
-        self.listener = listener
-        self.name = listener.name
-        self.codecs = codecs
-        self.inboxes: list[asyncio.Queue[_Delivery]] = [
-            asyncio.Queue() for _ in range(listener.concurrency)
-        ]
-        self.received = 0
-        self.handled = 0
-        self.failed = 0
-        self.in_flight = 0
-        self.latencies = array("d", bytes(8 * _LATENCY_SAMPLES))
-        self.latency_n = 0
-
-
-class _Delivery:
-    __slots__ = ("enqueued", "frame", "message", "reply_frame", "reply_to", "routed", "runtime")
-
-    def __init__(
-        self,
-        message: _Message,
-        runtime: _Runtime,
-        frame: Frame,
-        reply_frame: Frame,
-        reply_to: _Runtime | None,
-    ) -> None:
-        self.message = message
-        self.runtime = runtime
-        self.frame = frame
-        self.reply_frame = reply_frame
-        self.reply_to = reply_to
-        self.enqueued = time.perf_counter()
-        # Its outcome is settled (outputs enqueued, or a dead letter written): a stop
-        # that catches its worker afterwards must not dead-letter it as well.
-        self.routed = False
 
 
 Egress = Callable[[Reply], Awaitable[None] | None]
@@ -312,11 +166,11 @@ class StreamPump:
         )
         self._egress = egress
         table = RoutingTable(organism.listeners)
-        self._runtimes: dict[str, _Runtime] = {
-            listener.name: _Runtime(listener, table.by_listener[listener.name])
+        self._runtimes: dict[str, Runtime] = {
+            listener.name: Runtime(listener, table.by_listener[listener.name])
             for listener in organism.listeners
         }
-        self._routes: dict[str, tuple[_Runtime, ...]] = {
+        self._routes: dict[str, tuple[Runtime, ...]] = {
             qname: tuple(self._runtimes[route.listener.name] for route in routes)
             for qname, routes in table.by_qname.items()
         }
@@ -327,7 +181,7 @@ class StreamPump:
         self._idle = asyncio.Event()
         self._idle.set()
         self._space.set()
-        # request() waiters by the cause of the replies they wait for (see _Message),
+        # request() waiters by the cause of the replies they wait for (see Message),
         # and how many messages with that cause are inside the pump: when it drops to
         # 0 without a reply, the waiter gets NoReply.
         self._waiters: dict[str, asyncio.Future[Reply]] = {}
@@ -349,7 +203,7 @@ class StreamPump:
         self._closed = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
         self._worker_tasks: set[asyncio.Task[Any]] = set()
-        self._abandoned: list[tuple[_Delivery, str]] = []
+        self._abandoned: list[tuple[Delivery, str]] = []
         self._warned: set[tuple[str, str]] = set()  # (listener, target) of bad forwards
         self._abandoned_count = 0
         self._ingress = 0
@@ -603,7 +457,7 @@ class StreamPump:
         """An immutable snapshot of the pump's counters."""
         listeners = {}
         for name, rt in self._runtimes.items():
-            n = min(rt.latency_n, _LATENCY_SAMPLES)
+            n = min(rt.latency_n, LATENCY_SAMPLES)
             p50 = p99 = None
             if n:
                 samples = sorted(rt.latencies[:n])
@@ -688,7 +542,7 @@ class StreamPump:
         future: asyncio.Future[Reply] = loop.create_future()
         causes: list[str] = []
 
-        def watch(msg: _Message) -> None:
+        def watch(msg: Message) -> None:
             cause = msg.cause or msg.id  # set at ingress
             causes.append(cause)
             self._waiters[cause] = future
@@ -739,7 +593,7 @@ class StreamPump:
         to: str | None,
         sender: str,
         thread: str | None,
-        on_accept: Callable[[_Message], None] | None = None,
+        on_accept: Callable[[Message], None] | None = None,
         on_reject: Callable[[MessageError], None] | None = None,
         on_reply: asyncio.Future[Reply] | None = None,
         reserve: bool = True,
@@ -779,7 +633,7 @@ class StreamPump:
         to: str | None,
         sender: str,
         thread: str | None,
-        on_accept: Callable[[_Message], None] | None,
+        on_accept: Callable[[Message], None] | None,
         on_reject: Callable[[MessageError], None] | None,
         on_reply: asyncio.Future[Reply] | None,
         reserve: bool,
@@ -793,7 +647,7 @@ class StreamPump:
             try:
                 if isinstance(message, BaseModel):
                     label = sender
-                    msg = _Message(
+                    msg = Message(
                         self._new_id(), sender, to, codec_for(type(message)).qname, model=message
                     )
                 else:
@@ -806,7 +660,7 @@ class StreamPump:
                         element = env.payload
                     else:
                         label = sender
-                    msg = _Message(
+                    msg = Message(
                         given_id or self._new_id(), label, to, str(element.tag),
                         element=element, raw=raw,
                     )  # fmt: skip
@@ -814,7 +668,7 @@ class StreamPump:
                 # the pump's own id when the sender's <id> might not be unique here.
                 msg.re = msg.id
                 msg.cause = msg.id if given_id is None else self._new_id()
-                if _xml_safe(label) != label:
+                if xml_safe(label) != label:
                     raise EnvelopeError("the sender label holds characters XML cannot carry")
                 targets = self._ingress_targets(msg)
                 new_thread = None
@@ -835,8 +689,8 @@ class StreamPump:
                 self._rejected += 1
                 if on_reject is not None:
                     on_reject(exc)
-                if label is None or _xml_safe(label) != label:
-                    label = sender if _xml_safe(sender) == sender else None
+                if label is None or xml_safe(label) != label:
+                    label = sender if xml_safe(sender) == sender else None
                 if raw is None and isinstance(message, str):
                     raw = message[: self.organism.history.dead_letter_bytes].encode("utf-8")
                 await self._reject(exc, raw, label, given_id, on_reply)
@@ -873,7 +727,7 @@ class StreamPump:
             if on_accept is not None:
                 on_accept(msg)
             for rt, child in zip(targets, children, strict=True):
-                self._enqueue(_Delivery(msg, rt, child, root, None))
+                self._enqueue(Delivery(msg, rt, child, root, None))
             return root.uuid
         finally:
             self._release()
@@ -891,7 +745,7 @@ class StreamPump:
             return message.encode("utf-8")
         return message if type(message) is bytes else bytes(message)
 
-    def _ingress_targets(self, msg: _Message) -> tuple[_Runtime, ...]:
+    def _ingress_targets(self, msg: Message) -> tuple[Runtime, ...]:
         if msg.to is not None:
             rt = self._runtimes.get(msg.to)
             if rt is None or msg.qname not in rt.codecs:
@@ -912,7 +766,7 @@ class StreamPump:
     ) -> None:
         logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
         await self._dead_letter(exc, raw, None, None, None)
-        reply = Reply(None, PUMP_SENDER, label, self._new_id(), _huh(exc, raw), re_id)
+        reply = Reply(None, PUMP_SENDER, label, self._new_id(), huh_for(exc, raw), re_id)
         if on_reply is not None and not on_reply.done():
             on_reply.set_result(reply)
         await self._emit(reply, None)
@@ -922,7 +776,7 @@ class StreamPump:
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
 
-    def _enqueue(self, delivery: _Delivery) -> None:
+    def _enqueue(self, delivery: Delivery) -> None:
         rt = delivery.runtime
         self._hold()
         rt.received += 1
@@ -933,7 +787,7 @@ class StreamPump:
         inboxes = rt.inboxes
         inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
 
-    def _done_with(self, delivery: _Delivery) -> None:
+    def _done_with(self, delivery: Delivery) -> None:
         """A delivery left the pump: a request() whose message caused nothing that is
         still inside the pump, and no reply, gets NoReply."""
         cause = delivery.message.cause
@@ -957,9 +811,9 @@ class StreamPump:
 
     async def _worker(
         self,
-        rt: _Runtime,
-        inbox: asyncio.Queue[_Delivery],
-        deliver: Callable[[_Delivery], Awaitable[None]],
+        rt: Runtime,
+        inbox: asyncio.Queue[Delivery],
+        deliver: Callable[[Delivery], Awaitable[None]],
     ) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -992,19 +846,19 @@ class StreamPump:
             finally:
                 rt.in_flight -= 1
                 n = rt.latency_n
-                rt.latencies[n % _LATENCY_SAMPLES] = time.perf_counter() - delivery.enqueued
+                rt.latencies[n % LATENCY_SAMPLES] = time.perf_counter() - delivery.enqueued
                 rt.latency_n = n + 1
                 if self._open:
                     self._done_with(delivery)
                 self._release()
 
-    async def _record(self, frame: Frame, direction: str, msg: _Message, to: str | None) -> None:
+    async def _record(self, frame: Frame, direction: str, msg: Message, to: str | None) -> None:
         await self.backend.buffer_append(
             frame.uuid,
             Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml()),  # type: ignore[arg-type]
         )
 
-    async def _deliver(self, d: _Delivery) -> None:
+    async def _deliver(self, d: Delivery) -> None:
         rt = d.runtime
         msg = d.message
         listener = rt.listener
@@ -1037,10 +891,10 @@ class StreamPump:
             await self._fail(d, exc)
             return
         after_huh = msg.qname == _HUH_QNAME
-        outs: list[tuple[bool, _Message]] = []
+        outs: list[tuple[bool, Message]] = []
         for response in responses:
             payload = response.payload
-            out = _Message(
+            out = Message(
                 self._new_id(),
                 listener.name,
                 response.to,
@@ -1065,7 +919,7 @@ class StreamPump:
         await self._send_outs(d, outs)
 
     @staticmethod
-    def _meta_of(d: _Delivery) -> tuple[str, str, str, str, bool, int, bool]:
+    def _meta_of(d: Delivery) -> tuple[str, str, str, str, bool, int, bool]:
         """What a handler learns about a delivery, as plain values (HandlerMetadata's)."""
         frame = d.frame
         msg = d.message
@@ -1079,7 +933,7 @@ class StreamPump:
             d.reply_to is None and not d.reply_frame.hops,
         )
 
-    async def _send_outs(self, d: _Delivery, outs: list[tuple[bool, _Message]]) -> None:
+    async def _send_outs(self, d: Delivery, outs: list[tuple[bool, Message]]) -> None:
         """Route a handler's outputs, all or nothing.
 
         Every backend write (history slots, child frames) is done for every output
@@ -1090,7 +944,7 @@ class StreamPump:
         """
         rt = d.runtime
         frame = d.frame
-        route = _Route()
+        route = Route()
         try:
             for is_response, out in outs:
                 if is_response:
@@ -1118,7 +972,7 @@ class StreamPump:
             for error, out in route.refusals:
                 await self._refuse(error, out, frame, rt)
 
-    async def _deliver_offloaded(self, d: _Delivery) -> None:
+    async def _deliver_offloaded(self, d: Delivery) -> None:
         """Deliver to a cpu_bound listener: its handler runs in a worker process."""
         rt = d.runtime
         msg = d.message
@@ -1141,9 +995,9 @@ class StreamPump:
             await self._fail(d, exc)
             return
         after_huh = msg.qname == _HUH_QNAME
-        outs: list[tuple[bool, _Message]] = []
+        outs: list[tuple[bool, Message]] = []
         for output in outputs:
-            out = _Message(
+            out = Message(
                 self._new_id(), listener.name, output.to, output.qname, xml=output.xml,
                 path=output.class_path, re=msg.re, cause=msg.cause,
             )  # fmt: skip
@@ -1216,7 +1070,7 @@ class StreamPump:
             reason += f" (hint: {local} is accepted in the namespace {spaces})"
         return NoRoute(reason, listener=listener)
 
-    async def _plan_forward(self, out: _Message, frame: Frame, rt: _Runtime, route: _Route) -> None:
+    async def _plan_forward(self, out: Message, frame: Frame, rt: Runtime, route: Route) -> None:
         listener = rt.listener
         peers = listener.peers
         try:
@@ -1240,7 +1094,7 @@ class StreamPump:
                         f"{', '.join(sorted(peers)) or 'none'})",
                         listener=listener.name,
                     )
-                targets: tuple[_Runtime, ...] = (target,)
+                targets: tuple[Runtime, ...] = (target,)
             else:
                 targets = self._routes.get(out.qname, ())
                 if not targets:
@@ -1267,9 +1121,9 @@ class StreamPump:
         await self._record(frame, "out", out, out.to)
         for target in targets:
             child = await self._frames.child(frame, target.name)
-            route.deliveries.append(_Delivery(out, target, child, frame, rt))
+            route.deliveries.append(Delivery(out, target, child, frame, rt))
 
-    async def _plan_respond(self, out: _Message, frame: Frame, rt: _Runtime, route: _Route) -> None:
+    async def _plan_respond(self, out: Message, frame: Frame, rt: Runtime, route: Route) -> None:
         parent = await self._frames.parent(frame)
         owner = parent.listener
         if owner is None:
@@ -1300,9 +1154,9 @@ class StreamPump:
         except MessageError as exc:
             route.refuse(exc, out)
             return
-        route.deliveries.append(_Delivery(out, target, parent, frame, rt))
+        route.deliveries.append(Delivery(out, target, parent, frame, rt))
 
-    def _decode_made_in_worker(self, out: _Message) -> BaseModel:
+    def _decode_made_in_worker(self, out: Message) -> BaseModel:
         cls = self._classes.get(out.path or "")
         if cls is None:
             try:
@@ -1323,13 +1177,13 @@ class StreamPump:
                 listener=listener,
             )
 
-    async def _refuse(self, exc: MessageError, out: _Message, frame: Frame, rt: _Runtime) -> None:
+    async def _refuse(self, exc: MessageError, out: Message, frame: Frame, rt: Runtime) -> None:
         """A message a handler emitted cannot be routed: dead letter, and Huh to its sender."""
         await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
         if not out.after_huh:
             await self._send_huh(exc, out, frame, rt, PUMP_SENDER)
 
-    async def _emit(self, reply: Reply, msg: _Message | None, *, recorded: bool = False) -> None:
+    async def _emit(self, reply: Reply, msg: Message | None, *, recorded: bool = False) -> None:
         """Hand a reply to the external sender (and to a request() waiting for it)."""
         if not recorded and reply.thread_id is not None and msg is not None:
             try:
@@ -1379,7 +1233,7 @@ class StreamPump:
         self._rejected += 1
         await self._reject(error, data, sender)
 
-    async def _fail(self, d: _Delivery, exc: MessageError) -> None:
+    async def _fail(self, d: Delivery, exc: MessageError) -> None:
         rt = d.runtime
         rt.failed += 1
         msg = d.message
@@ -1398,9 +1252,9 @@ class StreamPump:
     async def _send_huh(
         self,
         exc: MessageError,
-        concerned: _Message,
+        concerned: Message,
         frame: Frame,
-        to: _Runtime | None,
+        to: Runtime | None,
         sender: str,
         *,
         about: Frame | None = None,
@@ -1411,8 +1265,8 @@ class StreamPump:
         A listener that does not accept ``Huh`` cannot be told: the Huh then goes
         to the conversation's external sender, so the error is never silent.
         """
-        huh = _huh(exc, concerned.xml())
-        msg = _Message(
+        huh = huh_for(exc, concerned.xml())
+        msg = Message(
             self._new_id(), sender, None, _HUH_QNAME, model=huh,
             re=concerned.re, cause=concerned.cause,
         )  # fmt: skip
@@ -1428,7 +1282,7 @@ class StreamPump:
             await self._emit(Reply(frame.root, sender, frame.origin, msg.id, huh, msg.re), msg)
             return
         msg.to = to.name
-        self._enqueue(_Delivery(msg, to, frame, about or frame, None))
+        self._enqueue(Delivery(msg, to, frame, about or frame, None))
 
     async def _root_of(self, frame: Frame) -> Frame:
         root = await self._frames.resolve(frame.root)
@@ -1467,27 +1321,3 @@ class StreamPump:
             await self.backend.deadletter_add(letter)
         except XmlPipelineError:
             logger.exception("could not write a dead letter (%s: %s)", exc.code, exc.reason)
-
-
-class _Route:
-    """What a handler's outputs do, worked out before any of it is done.
-
-    (Replies and refusals are rare on most hops: their lists are made on demand.)
-    """
-
-    __slots__ = ("deliveries", "refusals", "replies")
-
-    def __init__(self) -> None:
-        self.deliveries: list[_Delivery] = []
-        self.replies: list[tuple[Reply, _Message]] | None = None
-        self.refusals: list[tuple[MessageError, _Message]] | None = None
-
-    def reply(self, reply: Reply, out: _Message) -> None:
-        if self.replies is None:
-            self.replies = []
-        self.replies.append((reply, out))
-
-    def refuse(self, error: MessageError, out: _Message) -> None:
-        if self.refusals is None:
-            self.refusals = []
-        self.refusals.append((error, out))

@@ -59,7 +59,9 @@ from typing import Any, NamedTuple, TypedDict
 
 from pydantic import BaseModel
 
+from .backends import open_backend
 from .backends.base import Backend, HistoryLimits, Slot
+from .config import import_object
 from .exceptions import InvalidReturn, MessageError
 from .handler import HandlerMetadata, responses_of
 from .parser import parse_trusted
@@ -267,8 +269,6 @@ _state: _State | None = None
 
 
 def _load(spec: ListenerSpec) -> _Entry:
-    from .config import import_object
-
     entry = _Entry()
     try:
         entry.handler = import_object(spec["handler"])
@@ -527,8 +527,6 @@ def _history_access(
     async def shared() -> list[Slot]:
         backend = state.backend
         if backend is None:
-            from .backends import open_backend
-
             assert spec is not None
             backend = open_backend(spec["url"], HistoryLimits(**spec["limits"]), **spec["options"])
             state.backend = backend

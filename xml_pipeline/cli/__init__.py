@@ -4,8 +4,8 @@
 organism. See docs/cli.md for every command. One module per command family:
 
 - :mod:`.run`: ``run`` (feeding the input, the two-stage signals, the shutdown
-  summary, ``--stats``), with :mod:`.framing` (how ``--input`` is cut into
-  messages) and :mod:`.writer` (how replies reach stdout);
+  summary, ``--stats``), with :mod:`._framing` (how ``--input`` is cut into
+  messages) and :mod:`._writer` (how replies reach stdout);
 - :mod:`.check`: ``check`` and ``schema``;
 - :mod:`.manager`: ``manager``;
 - :mod:`.deadletters`: ``deadletters list|replay|purge``;

@@ -5,16 +5,19 @@ of every payload class, or with ``--organism`` the JSON Schema of organism files
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..backends import redact_url
-from ..config import Organism
+from ..config import Organism, organism_json_schema
 from ..offload import worker_spec
 from ..routing import RoutingTable
 from ..schema import xsd_for
 from ._common import EXIT_OK, EXIT_USAGE, _error, _silence_stdout, _stream_open
+
+__all__ = ["add_parser", "check", "schema"]
 
 
 def add_parser(sub: Any) -> None:
@@ -89,15 +92,11 @@ def schema(organism: Organism | None, out_dir: Path | None) -> int:
     """The XSD of every payload class of ``organism``, or with None (``--organism``)
     the JSON Schema of organism files, made from the models of :mod:`xml_pipeline.config`."""
     if organism is None:
-        import json
-
-        from ..config import _json_schema
-
         if not _stream_open(sys.stdout):
             _error("standard output is closed")
             return EXIT_USAGE
         try:
-            sys.stdout.write(json.dumps(_json_schema(), indent=2) + "\n")
+            sys.stdout.write(json.dumps(organism_json_schema(), indent=2) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:  # `| head -1`, as main() handles it for the other commands
             _silence_stdout()

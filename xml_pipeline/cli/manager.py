@@ -8,7 +8,11 @@ import argparse
 import os
 from typing import Any
 
+from ..backends import HistoryLimits
+from ..backends.manager import parse_address, serve_forever
 from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _error
+
+__all__ = ["add_parser", "main"]
 
 
 def add_parser(sub: Any) -> None:
@@ -38,8 +42,6 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Serve a history store with the parsed arguments. Returns the exit status."""
-    from ..backends import HistoryLimits
-    from ..backends.manager import parse_address, serve_forever
 
     def fail(message: str, status: int = EXIT_USAGE) -> int:
         _error(message)

@@ -1,9 +1,9 @@
 """``python -m xml_pipeline run organism.yaml`` (the default command).
 
 ``run`` injects the organism's boot messages and then the messages of
-``--input FILE`` (``-`` for stdin; cut as :mod:`.framing` says), writes every reply
+``--input FILE`` (``-`` for stdin; cut as :mod:`._framing` says), writes every reply
 that reaches the external sender to stdout, one envelope per line (through
-:mod:`.writer`), and exits once the input is exhausted and the organism is idle.
+:mod:`._writer`), and exits once the input is exhausted and the organism is idle.
 
 Exit statuses (the other commands use 0, 1 and 2 the same way):
 
@@ -55,8 +55,10 @@ from ._common import (
     gc_tuning,
     logger,
 )
-from .framing import _TOO_LARGE, _items
-from .writer import _ReplyWriter
+from ._framing import _TOO_LARGE, _items
+from ._writer import _ReplyWriter
+
+__all__ = ["add_parser", "main"]
 
 
 def add_parser(sub: Any) -> None:

@@ -1,0 +1,208 @@
+"""The pump's working records: a message inside the pump, a listener's runtime, a
+delivery in an inbox, the plan of what a handler's outputs do, and the ``Huh`` made
+from an error. Private to the engine (:mod:`xml_pipeline.pump`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+
+from lxml import etree
+from pydantic import BaseModel
+
+from .config import Listener
+from .exceptions import MessageError
+from .frame import Frame
+from .parser import parse_trusted
+from .payload import Codec, Huh, codec_for
+from .reply import Reply
+
+__all__ = [
+    "LATENCY_SAMPLES",
+    "Delivery",
+    "Message",
+    "Route",
+    "Runtime",
+    "excerpt",
+    "huh_for",
+    "xml_safe",
+]
+
+_EXCERPT_CHARS = 200
+LATENCY_SAMPLES = 4096  # a listener's latency ring (statistics' p50/p99)
+
+
+def xml_safe(text: str) -> str:
+    """``text`` with every character XML cannot carry replaced by U+FFFD."""
+    if text.isprintable() and text.isascii():
+        return text
+    return "".join(
+        c if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") else "\ufffd"
+        for c in text
+    )
+
+
+def excerpt(data: bytes | None) -> str | None:
+    """A capped excerpt of some input, holding only characters XML can carry."""
+    if not data:
+        return None
+    return xml_safe(bytes(data[: _EXCERPT_CHARS * 4]).decode("utf-8", "replace")[:_EXCERPT_CHARS])
+
+
+def huh_for(exc: MessageError, data: bytes | None) -> Huh:
+    return Huh(
+        code=exc.code,
+        message=xml_safe(exc.reason),
+        listener=None if exc.listener is None else xml_safe(exc.listener),
+        excerpt=excerpt(data),
+    )
+
+
+class Message:
+    """A message inside the pump. Payload bytes, element and model are made lazily."""
+
+    __slots__ = (
+        "_element",
+        "_xml",
+        "after_huh",
+        "cause",
+        "id",
+        "model",
+        "path",
+        "qname",
+        "raw",
+        "re",
+        "sender",
+        "to",
+    )
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002
+        sender: str,
+        to: str | None,
+        qname: str,
+        model: BaseModel | None = None,
+        element: etree._Element | None = None,
+        raw: bytes | None = None,
+        xml: bytes | None = None,
+        path: str | None = None,
+        re: str | None = None,
+        cause: str | None = None,
+    ) -> None:
+        self.id = id
+        # The id of the external message this one descends from (egress's <re>), and
+        # a pump-unique name of that message, which request() matches replies by.
+        self.re = re
+        self.cause = cause
+        self.sender = sender
+        self.to = to
+        self.qname = qname
+        self.model = model
+        self._element = element
+        self.raw = raw
+        self._xml = xml
+        # The payload class's import path, for a message made in a worker process
+        # (decoded in the pump only if it must leave as a model).
+        self.path = path
+        # Emitted by a handler that was handling a Huh: an error about this message
+        # is dead-lettered without another Huh, so Huh handlers cannot loop.
+        self.after_huh = False
+
+    def element(self) -> etree._Element:
+        element = self._element
+        if element is None:
+            if self.model is None:
+                assert self._xml is not None
+                element = self._element = parse_trusted(self._xml)
+            else:
+                element = self._element = codec_for(type(self.model)).encode(self.model)
+        return element
+
+    def xml(self) -> bytes:
+        xml = self._xml
+        if xml is None:
+            model = self.model
+            if self._element is None and model is not None:
+                xml = self._xml = codec_for(type(model)).encode_bytes(model)
+            else:
+                xml = self._xml = etree.tostring(self.element())
+        return xml
+
+
+class Runtime:
+    """A listener's inboxes, workers and counters."""
+
+    __slots__ = (
+        "codecs",
+        "failed",
+        "handled",
+        "in_flight",
+        "inboxes",
+        "latencies",
+        "latency_n",
+        "listener",
+        "name",
+        "received",
+    )
+
+    def __init__(self, listener: Listener, codecs: dict[str, Codec]) -> None:
+        self.listener = listener
+        self.name = listener.name
+        self.codecs = codecs
+        self.inboxes: list[asyncio.Queue[Delivery]] = [
+            asyncio.Queue() for _ in range(listener.concurrency)
+        ]
+        self.received = 0
+        self.handled = 0
+        self.failed = 0
+        self.in_flight = 0
+        self.latencies = array("d", bytes(8 * LATENCY_SAMPLES))
+        self.latency_n = 0
+
+
+class Delivery:
+    __slots__ = ("enqueued", "frame", "message", "reply_frame", "reply_to", "routed", "runtime")
+
+    def __init__(
+        self,
+        message: Message,
+        runtime: Runtime,
+        frame: Frame,
+        reply_frame: Frame,
+        reply_to: Runtime | None,
+    ) -> None:
+        self.message = message
+        self.runtime = runtime
+        self.frame = frame
+        self.reply_frame = reply_frame
+        self.reply_to = reply_to
+        self.enqueued = time.perf_counter()
+        # Its outcome is settled (outputs enqueued, or a dead letter written): a stop
+        # that catches its worker afterwards must not dead-letter it as well.
+        self.routed = False
+
+
+class Route:
+    """What a handler's outputs do, worked out before any of it is done.
+
+    (Replies and refusals are rare on most hops: their lists are made on demand.)
+    """
+
+    __slots__ = ("deliveries", "refusals", "replies")
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.replies: list[tuple[Reply, Message]] | None = None
+        self.refusals: list[tuple[MessageError, Message]] | None = None
+
+    def reply(self, reply: Reply, out: Message) -> None:
+        if self.replies is None:
+            self.replies = []
+        self.replies.append((reply, out))
+
+    def refuse(self, error: MessageError, out: Message) -> None:
+        if self.refusals is None:
+            self.refusals = []
+        self.refusals.append((error, out))
