@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -12,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -46,7 +48,13 @@ from xml_pipeline.backends.manager import (
     ManagerServer,
 )
 from xml_pipeline.backends.manager.client import TASK_NAME
-from xml_pipeline.backends.manager.protocol import decode_rows, encode_rows, loads
+from xml_pipeline.backends.manager.protocol import (
+    FrameBuffer,
+    decode_rows,
+    encode_rows,
+    frame,
+    loads,
+)
 from xml_pipeline.exceptions import BackendError
 from xml_pipeline.testing import CHECKS, Check, backend_state_machine, run_check
 
@@ -805,6 +813,34 @@ def test_history_reads_as_rows(server: ManagerServer) -> None:
             assert replies[3][0] == 1 and "expected 1 argument(s)" in replies[3][1]
         finally:
             conn.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=12),
+)
+def test_frames_survive_any_cutting_of_the_stream(payloads: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(frame(p) for p in payloads)
+    points = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    buffer = FrameBuffer(limit=300)
+    got = []
+    for start, end in itertools.pairwise(points):
+        buffer.feed(stream[start:end])
+        while (data := buffer.next()) is not None:
+            assert type(data) is bytes
+            got.append(data)
+    assert got == payloads and len(buffer) == 0
+
+
+def test_a_frame_past_the_limit_is_refused_from_its_header() -> None:
+    buffer = FrameBuffer(limit=256)
+    buffer.feed(frame(b"x" * 257)[:4])  # the header alone says too much
+    with pytest.raises(ValueError, match="a frame of 257 bytes"):
+        buffer.next()
+    long = FrameBuffer(limit=1 << 40)
+    long.feed(struct.pack("!iQ", -1, 3) + b"abc")  # the 8-byte length of frames past 2 GiB
+    assert long.next() == b"abc"
 
 
 @settings(max_examples=50, deadline=None)

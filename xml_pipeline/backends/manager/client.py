@@ -12,9 +12,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
@@ -34,8 +34,10 @@ from ..base import (
 from ..scheme import ManagerOptions, serves
 from .protocol import (
     AUTHKEY_ENV,
+    HANDSHAKE_FRAME_BYTES,
     MAX_REQUEST_BYTES,
     PROTOCOL,
+    FrameBuffer,
     answer_challenge,
     decode_rows,
     decode_slots,
@@ -61,8 +63,6 @@ _HELLO_BYTES = 1 << 16  # the largest answer to hello read
 TASK_NAME = "xml_pipeline manager connection"
 """The name of the one idle task a connection keeps (see :class:`_Connection`)."""
 
-_HEADER = struct.Struct("!i")  # protocol.frame's length header
-_LONG_HEADER = struct.Struct("!Q")
 
 _OPTIONS = ManagerOptions()  # the defaults of the organism file's manager: section
 _T = TypeVar("_T")
@@ -163,7 +163,7 @@ class _Connection(asyncio.Protocol):
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0  # loop time of the last answer, or of a write from idle
-        self._buffer = b""
+        self._frames = FrameBuffer(MAX_REQUEST_BYTES)
         self._ended = self.loop.create_future()  # set by connection_lost
         self._transport.set_protocol(self)
         # An idle task per connection, so that the end of its event loop (asyncio.run
@@ -225,34 +225,16 @@ class _Connection(asyncio.Protocol):
     # -- reading (the protocol's callbacks) ------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._buffer:
-            data = self._buffer + data
-        size = len(data)
-        pos = 0
+        frames = self._frames
+        frames.feed(data)
         try:
-            while size - pos >= 4:
-                (length,) = _HEADER.unpack_from(data, pos)
-                start = pos + 4
-                if length == -1:
-                    if size - start < 8:
-                        break
-                    (length,) = _LONG_HEADER.unpack_from(data, start)
-                    start += 8
-                if length < 0 or length > MAX_REQUEST_BYTES:
-                    raise ValueError(f"a frame of {length} bytes")
-                end = start + length
-                if end > size:
-                    break
-                self._answer(data[start:end])
-                pos = end
+            while (answer := frames.next()) is not None:
+                self._answer(answer)
         except ValueError as exc:
             self.lose("the server's answer does not match the request", exc)
-            return
         except Exception as exc:  # a bug: fail every call rather than leave one waiting
             logger.exception("%s: the client's reader failed", self._url)
             self.lose("internal error", exc)
-            return
-        self._buffer = data[pos:] if pos < size else b""
 
     def eof_received(self) -> bool:
         self.lose("connection lost", None)
@@ -544,8 +526,10 @@ class ManagerBackend:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
                 stage = "handshake"
-                await answer_challenge(reader, writer, self._authkey)
-                await deliver_challenge(reader, writer, self._authkey)
+                read = functools.partial(read_frame, reader, HANDSHAKE_FRAME_BYTES)
+                write = functools.partial(_write_frame, writer)
+                await answer_challenge(read, write, self._authkey)
+                await deliver_challenge(read, write, self._authkey)
                 writer.write(frame(dumps([["hello", PROTOCOL]])))
                 [[status, hello]] = loads(await read_frame(reader, _HELLO_BYTES))
         except ConnectionRefusedError as exc:
@@ -734,6 +718,10 @@ class ManagerBackend:
     async def close(self) -> None:
         """Alias of :meth:`aclose`."""
         await self.aclose()
+
+
+def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(frame(data))
 
 
 def _close(writer: asyncio.StreamWriter | None) -> None:

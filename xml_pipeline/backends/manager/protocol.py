@@ -20,6 +20,7 @@ import json
 import operator
 import os
 import struct
+from collections.abc import Awaitable, Callable
 from multiprocessing import AuthenticationError
 from typing import Any
 
@@ -30,6 +31,9 @@ from ..base import Slot, slot_from_obj
 __all__ = [
     "AUTHKEY_ENV",
     "HANDSHAKE_FRAME_BYTES",
+    "FrameBuffer",
+    "ReadFrame",
+    "WriteFrame",
     "MAX_REQUEST_BYTES",
     "PROTOCOL",
     "SLOT_KEYS",
@@ -219,7 +223,7 @@ def frame(data: bytes) -> bytes:
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """One frame. ValueError: larger than ``limit``; IncompleteReadError: EOF."""
+    """One frame from a stream. ValueError: larger than ``limit``; IncompleteReadError: EOF."""
     (size,) = _HEADER.unpack(await reader.readexactly(4))
     if size == -1:
         (size,) = _LONG_HEADER.unpack(await reader.readexactly(8))
@@ -228,7 +232,79 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
     return await reader.readexactly(size)
 
 
+class FrameBuffer:
+    """The bytes an ``asyncio.Protocol`` received, cut into frames.
+
+    :meth:`feed` what ``data_received`` got, then take frames with :meth:`next` until
+    it returns None. A chunk holding whole frames is sliced without a copy of the
+    rest; a frame arriving in pieces is gathered in one ``bytearray``.
+
+    Args:
+        limit: the largest frame accepted (may be raised later, e.g. after the handshake).
+    """
+
+    __slots__ = ("_data", "_pos", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data: bytes | bytearray = b""
+        self._pos = 0
+
+    def __len__(self) -> int:
+        """Bytes received and not yet taken as frames."""
+        return len(self._data) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes."""
+        pending = self._data
+        if self._pos >= len(pending):
+            self._data, self._pos = data, 0
+            return
+        if type(pending) is bytearray:
+            if self._pos:
+                del pending[: self._pos]
+                self._pos = 0
+            pending += data
+        else:
+            self._data = bytearray(memoryview(pending)[self._pos :])
+            self._data += data
+            self._pos = 0
+
+    def next(self) -> bytes | None:
+        """The next whole frame, or None until more bytes come.
+
+        Raises:
+            ValueError: the next frame is larger than :attr:`limit`.
+        """
+        data, pos = self._data, self._pos
+        end = len(data)
+        if end - pos < 4:
+            return None
+        (size,) = _HEADER.unpack_from(data, pos)
+        start = pos + 4
+        if size == -1:
+            if end - start < 8:
+                return None
+            (size,) = _LONG_HEADER.unpack_from(data, start)
+            start += 8
+        if size < 0 or size > self.limit:
+            raise ValueError(f"a frame of {size} bytes")
+        stop = start + size
+        if stop > end:
+            return None
+        self._pos = stop
+        if isinstance(data, bytearray):
+            return bytes(data[start:stop])
+        return data[start:stop]
+
+
 # -- the handshake ---------------------------------------------------------------------
+
+ReadFrame = Callable[[], Awaitable[bytes]]
+"""Awaits the peer's next frame (at most :data:`HANDSHAKE_FRAME_BYTES` during the
+handshake; ValueError past it, ``EOFError`` when the peer hung up)."""
+WriteFrame = Callable[[bytes], None]
+"""Sends one frame to the peer."""
 
 
 def _digest_name(data: bytes) -> str | None:
@@ -242,45 +318,41 @@ def _digest_name(data: bytes) -> str | None:
     return None
 
 
-async def deliver_challenge(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authkey: bytes
-) -> None:
+async def deliver_challenge(read: ReadFrame, write: WriteFrame, authkey: bytes) -> None:
     """Challenge the peer to prove it holds ``authkey`` (the server's first half).
 
     Raises:
         AuthenticationError: the peer's answer is wrong.
         ValueError: the peer does not speak the handshake.
-        asyncio.IncompleteReadError: the peer hung up.
+        EOFError: the peer hung up.
     """
     challenge = b"{sha256}" + os.urandom(40)
-    writer.write(frame(_CHALLENGE + challenge))
-    answer = await read_frame(reader, HANDSHAKE_FRAME_BYTES)
+    write(_CHALLENGE + challenge)
+    answer = await read()
     name = "md5" if len(answer) == _MD5_LEN else _digest_name(answer)
     if name is not None and name != "md5":
         answer = answer[len(name) + 2 :]
     expected = hmac.new(authkey, challenge, name or "md5").digest()
     if name is None or not hmac.compare_digest(expected, answer):
-        writer.write(frame(_FAILURE))
+        write(_FAILURE)
         raise AuthenticationError("digest received was wrong")
-    writer.write(frame(_WELCOME))
+    write(_WELCOME)
 
 
-async def answer_challenge(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authkey: bytes
-) -> None:
+async def answer_challenge(read: ReadFrame, write: WriteFrame, authkey: bytes) -> None:
     """Prove to the peer that this side holds ``authkey`` (the client's first half).
 
     Raises:
         AuthenticationError: the peer rejected the answer (a different key).
         ValueError: the peer does not speak the handshake.
-        asyncio.IncompleteReadError: the peer hung up.
+        EOFError: the peer hung up.
     """
-    message = await read_frame(reader, HANDSHAKE_FRAME_BYTES)
+    message = await read()
     if not message.startswith(_CHALLENGE):
         raise ValueError("the peer did not send a challenge")
     message = message[len(_CHALLENGE) :]
     name = _digest_name(message)
     mac = hmac.new(authkey, message, name or "md5").digest()
-    writer.write(frame(b"{%s}%s" % (name.encode(), mac) if name else mac))
-    if await read_frame(reader, HANDSHAKE_FRAME_BYTES) != _WELCOME:
+    write(b"{%s}%s" % (name.encode(), mac) if name else mac)
+    if await read() != _WELCOME:
         raise AuthenticationError("digest sent was rejected")

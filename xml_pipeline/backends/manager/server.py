@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from ..base import (
     DeadLetter,
@@ -34,8 +34,10 @@ from ..base import (
 )
 from ..store import Store
 from .protocol import (
+    HANDSHAKE_FRAME_BYTES,
     MAX_REQUEST_BYTES,
     PROTOCOL,
+    FrameBuffer,
     answer_challenge,
     deliver_challenge,
     display,
@@ -44,7 +46,6 @@ from .protocol import (
     fast_slot,
     frame,
     loads,
-    read_frame,
     reason,
 )
 
@@ -59,7 +60,7 @@ __all__ = ["ManagerServer", "serve_forever"]
 logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 5.0  # close(): how long the server's thread may take to stop
-_WRITE_BUFFER_HIGH = 4 << 20  # a connection's answers past this wait for the client
+_PRE_AUTH_BYTES = 64 << 10  # unread input of a client not yet authenticated: reading pauses
 
 
 def _encode_result(value: Any) -> bytes:
@@ -289,76 +290,22 @@ class ManagerServer:
             self._started.set()
 
     async def _serve(self, sock: socket.socket) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
         self._stop = stop = asyncio.Event()
-        clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-
-        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            clients[task] = writer
-            try:
-                await self._serve_client(reader, writer)
-            except asyncio.CancelledError:
-                # Only the shutdown below cancels, and asyncio's start_server (3.11)
-                # would log a cancelled client task as an unhandled error.
-                pass
-            finally:
-                clients.pop(task, None)
-                writer.close()
-
-        server = await asyncio.start_server(client, sock=sock, limit=1 << 20)
+        sessions: set[_Session] = set()
+        server = await loop.create_server(lambda: _Session(self, sessions), sock=sock)
         self._started.set()
         try:
             await stop.wait()
         finally:
             server.close()
-            for writer in clients.values():
-                writer.transport.abort()  # its task ends on the lost connection
-            if clients:
-                await asyncio.wait(list(clients), timeout=_STOP_TIMEOUT_S)
-            for task in list(clients):
-                task.cancel()
+            for session in list(sessions):
+                session.abort()
+            ended = [session.ended for session in sessions]
+            if ended:
+                await asyncio.wait(ended, timeout=_STOP_TIMEOUT_S)
             await server.wait_closed()
-
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peer = writer.get_extra_info("peername")
-        try:
-            async with asyncio.timeout(self._handshake_timeout):
-                await deliver_challenge(reader, writer, self._authkey)
-                await answer_challenge(reader, writer, self._authkey)
-        except AuthenticationError:
-            logger.warning("manager: a client from %s failed authentication", peer)
-            return
-        except (TimeoutError, ValueError, EOFError, OSError) as exc:
-            # silent, closed, or not speaking the protocol
-            logger.info("manager: handshake with %s failed: %s", peer, reason(exc))
-            return
-        transport = writer.transport
-        while True:
-            try:
-                data = await read_frame(reader, MAX_REQUEST_BYTES)
-            except (EOFError, OSError):  # IncompleteReadError is an EOFError
-                return
-            except ValueError as exc:
-                logger.warning("manager: bad request from %s, disconnecting: %s", peer, exc)
-                return
-            try:
-                reply = self._run(data)
-            except (ValueError, RecursionError) as exc:
-                logger.warning("manager: bad request from %s, disconnecting: %s", peer, exc)
-                return
-            except Exception:  # a bug: keep serving the others
-                logger.exception("manager: connection from %s failed", peer)
-                return
-            writer.write(frame(reply))
-            if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
-                try:
-                    await writer.drain()
-                except OSError:
-                    return
 
     # -- requests --------------------------------------------------------------------
 
@@ -401,6 +348,154 @@ class ManagerServer:
             except Exception as exc:
                 parts.append(b"[1," + dumps(f"{name}: {type(exc).__name__}: {exc}") + b"]")
         return b"[" + b",".join(parts) + b"]"
+
+
+class _Session(asyncio.Protocol):
+    """One client connection: the handshake (a task, within the server's handshake
+    timeout), then its requests, each run in ``data_received`` as its frame completes
+    and answered in order: no task, no future and no copy of the stream per request.
+
+    Before the client is authenticated, frames are at most
+    :data:`~.protocol.HANDSHAKE_FRAME_BYTES` and reading pauses past
+    :data:`_PRE_AUTH_BYTES` of unread input; afterwards, reading pauses while the
+    client does not read its answers (the transport's write buffer is full).
+    """
+
+    def __init__(self, server: ManagerServer, sessions: set[_Session]) -> None:
+        self._server = server
+        self._sessions = sessions
+        self._loop = asyncio.get_running_loop()
+        self._frames = FrameBuffer(HANDSHAKE_FRAME_BYTES)
+        self._transport: asyncio.Transport | None = None
+        self._peer: Any = None
+        self._serving = False
+        self._paused = False
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._handshake: asyncio.Task[None] | None = None
+        self.ended: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._peer = transport.get_extra_info("peername")
+        self._sessions.add(self)
+        self._handshake = self._loop.create_task(self._authenticate())
+
+    def data_received(self, data: bytes) -> None:
+        self._frames.feed(data)
+        if self._serving:
+            self._serve()
+            return
+        if len(self._frames) > _PRE_AUTH_BYTES and not self._paused:
+            self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        self._sessions.discard(self)
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.cancel()
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def pause_writing(self) -> None:  # the client does not read its answers
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._resume()
+
+    # -- the handshake ---------------------------------------------------------------
+
+    async def _authenticate(self) -> None:
+        server, peer = self._server, self._peer
+        try:
+            async with asyncio.timeout(server._handshake_timeout):
+                await deliver_challenge(self._read, self._write, server._authkey)
+                await answer_challenge(self._read, self._write, server._authkey)
+        except AuthenticationError:
+            logger.warning("manager: a client from %s failed authentication", peer)
+            self.abort()
+            return
+        except (TimeoutError, ValueError, EOFError, OSError) as exc:
+            # silent, closed, or not speaking the protocol
+            logger.info("manager: handshake with %s failed: %s", peer, reason(exc) or "eof")
+            self.abort()
+            return
+        except asyncio.CancelledError:
+            return  # the connection is gone: nothing to report
+        self._frames.limit = MAX_REQUEST_BYTES
+        self._serving = True
+        self._resume()
+        self._serve()  # what came with the end of the handshake
+
+    async def _read(self) -> bytes:
+        while True:
+            data = self._frames.next()
+            if data is not None:
+                return data
+            if self._eof:
+                raise EOFError("the client hung up")
+            self._resume()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(frame(data))
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        transport, run = self._transport, self._server._run
+        assert transport is not None
+        while not transport.is_closing():
+            try:
+                data = self._frames.next()
+                if data is None:
+                    return
+                reply = run(data)
+            except (ValueError, RecursionError) as exc:
+                logger.warning("manager: bad request from %s, disconnecting: %s", self._peer, exc)
+                self.abort()
+                return
+            except Exception:  # a bug: keep serving the others
+                logger.exception("manager: connection from %s failed", self._peer)
+                self.abort()
+                return
+            transport.write(frame(reply))
+
+    # -- flow control and the end ----------------------------------------------------
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None and not self._transport.is_closing():
+            self._paused = False
+            self._transport.resume_reading()
+
+    def abort(self) -> None:
+        """Close the connection now (what was not sent is dropped)."""
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def serve_forever(
