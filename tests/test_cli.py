@@ -24,7 +24,7 @@ from lxml import etree
 
 from xml_pipeline import ENVELOPE_NAMESPACE, load_organism
 from xml_pipeline.cli import gc_tuning
-from xml_pipeline.cli._writer import _ReplyWriter
+from xml_pipeline.cli._writer import ReplyWriter
 from xml_pipeline.parser import parse_trusted
 from xml_pipeline.payload import codec_for
 
@@ -696,7 +696,7 @@ async def test_reply_writer_waits_for_the_reader_and_loses_nothing() -> None:
     read_end, write_end, capacity = small_pipe()
     errors: list[OSError] = []
     try:
-        writer = _ReplyWriter(write_end, errors.append, high_water=2000, low_water=500)
+        writer = ReplyWriter(write_end, errors.append, high_water=2000, low_water=500)
         chunks = [bytes([65 + n % 26]) * 700 for n in range(40)]  # 28 kB: 7 pipes full
         waits = [writer.write(chunk) for chunk in chunks]
         blocked = [w for w in waits if w is not None]
@@ -723,7 +723,7 @@ async def test_reply_writer_stays_blocked_when_it_fills_up_again_before_the_loop
     read_end, write_end, capacity = small_pipe()
     errors: list[OSError] = []
     try:
-        writer = _ReplyWriter(write_end, errors.append, high_water=100, low_water=50)
+        writer = ReplyWriter(write_end, errors.append, high_water=100, low_water=50)
         first = writer.write(b"x" * capacity)  # blocked; the thread fills the pipe exactly
         assert first is not None
         # Without yielding to the loop: the thread wrote it all and asked the loop to
@@ -758,7 +758,7 @@ async def test_reply_writer_reports_a_reader_gone_and_refuses_more() -> None:
     os.close(read_end)
     errors: list[OSError] = []
     try:
-        writer = _ReplyWriter(write_end, errors.append)
+        writer = ReplyWriter(write_end, errors.append)
         assert writer.write(b"<reply/>\n") is None  # queued: the thread finds out
         await wait_until_async(lambda: bool(errors), "the write error reported")
         assert isinstance(errors[0], BrokenPipeError)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xml_pipeline import ENVELOPE_NAMESPACE
-from xml_pipeline.cli._framing import _TOO_LARGE, _DocumentSplitter
+from xml_pipeline.cli._framing import TOO_LARGE as SKIPPED
+from xml_pipeline.cli._framing import DocumentSplitter
 from xml_pipeline.parser import parse_trusted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +22,7 @@ TOO_LARGE = "too large"
 
 def split(data: bytes, cap: int = 1 << 20, chunks: list[int] | None = None) -> list[object]:
     """The items of ``data`` fed in pieces of the sizes in ``chunks`` (default: at once)."""
-    splitter = _DocumentSplitter(cap)
+    splitter = DocumentSplitter(cap)
     items: list[bytes | object] = []
     at = 0
     for size in chunks or []:
@@ -29,7 +30,7 @@ def split(data: bytes, cap: int = 1 << 20, chunks: list[int] | None = None) -> l
         at += size
     items += splitter.feed(data[at:])
     items += splitter.close()
-    return [TOO_LARGE if item is _TOO_LARGE else item for item in items]
+    return [TOO_LARGE if item is SKIPPED else item for item in items]
 
 
 # -- the splitter --------------------------------------------------------------------
@@ -69,7 +70,7 @@ def test_every_chunking_gives_the_same_documents() -> None:
 
 
 def test_a_document_is_complete_as_soon_as_its_root_ends() -> None:
-    splitter = _DocumentSplitter(1000)
+    splitter = DocumentSplitter(1000)
     assert splitter.feed(b"<a/>") == [b"<a/>"]  # nothing more needed to know it ended
     assert splitter.feed(b"\n<b>\n  <c/>\n") == []
     assert splitter.feed(b"</b>") == [b"<b>\n  <c/>\n</b>"]
@@ -86,13 +87,13 @@ def test_over_long_documents_are_skipped_and_reading_goes_on() -> None:
 
 
 def test_memory_stays_bounded_while_skipping() -> None:
-    splitter = _DocumentSplitter(100)
+    splitter = DocumentSplitter(100)
     assert splitter.feed(b"<a>") == []
     results = []
     for _ in range(1000):
         results += splitter.feed(b"<b>text</b>" * 10)
         assert len(splitter._buf) < 1000
-    assert results == [_TOO_LARGE]
+    assert results == [SKIPPED]
     assert splitter.feed(b"</a><c/>") == [b"<c/>"]
 
 

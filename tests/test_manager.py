@@ -760,6 +760,74 @@ async def test_a_connection_reset_mid_call_fails_the_call_and_the_next_call_reco
         await backend.aclose()
 
 
+async def test_a_garbled_answer_fails_the_call_and_the_next_call_reconnects(
+    server: ManagerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = client(server, request_timeout_s=30)
+    try:
+        await backend.ping()
+        with monkeypatch.context() as patch:
+            patch.setattr(server, "_run", lambda data: b"not json")
+            with pytest.raises(BackendUnavailable, match="does not match the request"):
+                await asyncio.wait_for(backend.ping(), 10)  # failed at once, not timed out
+        await backend.ping()
+        assert backend.statistics().connects == 2
+    finally:
+        await backend.aclose()
+
+
+async def test_aclose_does_not_wait_for_a_stalled_server(
+    server: ManagerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    run = server._run
+
+    def stalled(data: bytes) -> bytes:
+        release.wait(30)
+        return run(data)
+
+    backend = client(server, request_timeout_s=0.5)
+    try:
+        await backend.ping()
+        monkeypatch.setattr(server, "_run", stalled)
+        big = Slot(0, "in", "a", None, "{urn:x}P", "m", 1.5, b"x" * (16 << 20))
+        calls = [backend.ping(), backend.buffer_append("t", big)]  # the second one buffered
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            assert isinstance(outcome, BackendUnavailable), outcome
+        start = time.monotonic()
+        await asyncio.wait_for(backend.aclose(), 10)
+        assert time.monotonic() - start < 2, "the connection is aborted, not drained"
+    finally:
+        release.set()
+        await backend.aclose()
+
+
+def test_a_client_that_does_not_read_its_answers_cannot_fill_the_servers_memory(
+    server: ManagerServer,
+) -> None:
+    with socket.create_connection(server.address) as sock:
+        conn: Connection[Any, Any] = Connection(os.dup(sock.fileno()))
+        try:
+            answer_challenge(conn, KEY.encode())
+            deliver_challenge(conn, KEY.encode())
+            big = slot_to_bytes(_slot("m1")).replace(b"PFA+PC9QPg==", b"A" * (1 << 20))
+            conn.send_bytes(b'[["buffer_append","t",' + big + b"]]")
+            conn.recv_bytes()
+            # ~10 KB of requests, each answered with ~0.75 MiB, none of it read
+            sock.sendall(frame(b'[["buffer_get_rows","t"]]') * 400)
+            deadline = time.monotonic() + 10
+            while not any(session._paused for session in list(server._sessions)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the server never paused")
+                time.sleep(0.01)
+            [session] = server._sessions
+            assert session._transport is not None
+            buffered = session._transport.get_write_buffer_size()
+            assert buffered < 8 << 20, f"{buffered >> 20} MiB of answers held for the client"
+        finally:
+            conn.close()
+
+
 async def test_a_cancelled_call_leaves_the_connection_usable(server: ManagerServer) -> None:
     backend = client(server)
     try:
@@ -776,17 +844,35 @@ async def test_a_cancelled_call_leaves_the_connection_usable(server: ManagerServ
         await backend.aclose()
 
 
-async def test_calls_are_pipelined_on_one_connection() -> None:
-    async with served(HistoryLimits()) as backend:
-        assert isinstance(backend, ManagerBackend)
+async def test_calls_are_pipelined_on_one_connection(
+    server: ManagerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = client(server)
+    gate = threading.Event()
+    run = server._run
+
+    def held(data: bytes) -> bytes:
+        gate.wait(10)  # the first frame stays in flight until the others are made
+        return run(data)
+
+    try:
+        await backend.ping()
+        monkeypatch.setattr(server, "_run", held)
         first = asyncio.ensure_future(backend.buffer_append("t", _slot("m0")))
         await asyncio.sleep(0)  # its frame is written: the next ones go behind it
-        rest = [backend.buffer_append("t", _slot(f"m{i}")) for i in range(1, 4)]
         before = backend.statistics()
+        rest = [
+            asyncio.ensure_future(backend.buffer_append("t", _slot(f"m{i}"))) for i in (1, 2, 3)
+        ]
+        await asyncio.sleep(0)  # all three made while the first is in flight
+        gate.set()
         assert await asyncio.gather(first, *rest) == [0, 1, 2, 3]
         after = backend.statistics()
         assert after.round_trips - before.round_trips == 2, "one frame, then the next tick's"
         assert after.connects == 1
+    finally:
+        gate.set()
+        await backend.aclose()
 
 
 def test_one_backend_used_from_one_loop_then_another(server: ManagerServer) -> None:

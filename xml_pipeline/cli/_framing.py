@@ -1,15 +1,15 @@
 """How ``run --input`` is cut into messages (``--framing``).
 
 - ``lines`` (default): one message per line; blank lines are skipped
-  (:class:`_LineSplitter`).
+  (:class:`LineSplitter`).
 - ``xml``: consecutive top-level XML documents, so pretty-printed, multi-line
-  documents work. A small byte-level splitter (:class:`_DocumentSplitter`) finds
+  documents work. A small byte-level splitter (:class:`DocumentSplitter`) finds
   where each document ends (tags with quoted attributes, comments, CDATA,
   processing instructions, element depth) without parsing: only
   ``pump.inject`` parses, with the project's hardened parser. Text between
   documents is answered like a malformed document.
 
-In both, an item longer than ``pump.max_message_bytes`` comes as :data:`_TOO_LARGE`
+In both, an item longer than ``pump.max_message_bytes`` comes as :data:`TOO_LARGE`
 (``run`` answers it with a ``Huh``, ``too-large``, and reads on).
 """
 
@@ -24,7 +24,10 @@ import sys
 from collections.abc import AsyncIterator
 from typing import IO
 
-_TOO_LARGE = object()  # stands for an item longer than the cap, which was skipped
+__all__ = ["TOO_LARGE", "DocumentSplitter", "LineSplitter", "items"]
+
+
+TOO_LARGE = object()  # stands for an item longer than the cap, which was skipped
 
 
 async def _chunks(source: str) -> AsyncIterator[bytes]:
@@ -65,8 +68,8 @@ async def _chunks(source: str) -> AsyncIterator[bytes]:
             stream.close()
 
 
-class _LineSplitter:
-    """Cuts a byte stream into lines; an over-long line is skipped as ``_TOO_LARGE``."""
+class LineSplitter:
+    """Cuts a byte stream into lines; an over-long line is skipped as ``TOO_LARGE``."""
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
@@ -85,7 +88,7 @@ class _LineSplitter:
                     if len(buf) > self._cap:
                         buf.clear()
                         self._skipping = True
-                        items.append(_TOO_LARGE)
+                        items.append(TOO_LARGE)
                 return items
             if self._skipping:
                 self._skipping = False
@@ -113,7 +116,7 @@ _TAG_STOP = re.compile(rb"[>\"']")
 _CLOSE = {_COMMENT: b"-->", _CDATA: b"]]>", _PI: b"?>"}
 
 
-class _DocumentSplitter:
+class DocumentSplitter:
     """Cuts a byte stream into consecutive top-level XML documents, without parsing them.
 
     It follows only what decides where a document ends: start, end and empty-element
@@ -124,7 +127,7 @@ class _DocumentSplitter:
     text up to the next ``<`` is an item of its own (answered as malformed). An XML
     declaration inside a document starts a new one, so a truncated document does
     not swallow the rest of the stream. An item longer than ``cap`` bytes is
-    dropped while it is read and reported as ``_TOO_LARGE``.
+    dropped while it is read and reported as ``TOO_LARGE``.
     """
 
     def __init__(self, cap: int) -> None:
@@ -140,7 +143,7 @@ class _DocumentSplitter:
         self._quote = 0  # the quote byte a tag or declaration is inside, or 0
         self._brackets = 0  # [ ] nesting in a DOCTYPE declaration
         self._skipping = False  # the current item is over the cap: not kept
-        self._items: list[bytes | object] = []
+        self.items: list[bytes | object] = []
 
     def feed(self, chunk: bytes) -> list[bytes | object]:
         self._buf += chunk
@@ -152,14 +155,14 @@ class _DocumentSplitter:
         if self._start is not None and not self._skipping:
             rest = bytes(self._buf[self._start :]).strip()
             if rest:
-                self._items.append(rest)
+                self.items.append(rest)
         self._start = None
         self._buf.clear()
         self._pos = 0
         return self._take()
 
     def _take(self) -> list[bytes | object]:
-        items, self._items = self._items, []
+        items, self.items = self.items, []
         return items
 
     def _begin(self, at: int, mode: int, *, in_doc: bool = True) -> None:
@@ -176,10 +179,10 @@ class _DocumentSplitter:
         if self._skipping:
             self._skipping = False
         elif end - self._start > self._cap:
-            self._items.append(_TOO_LARGE)
+            self.items.append(TOO_LARGE)
         else:
             data = bytes(self._buf[self._start : end])
-            self._items.append(data if self._in_doc else data.rstrip())
+            self.items.append(data if self._in_doc else data.rstrip())
         self._start = None
         self._in_doc = False
         self._mode = _BETWEEN
@@ -357,7 +360,7 @@ class _DocumentSplitter:
             return
         if len(self._buf) - self._start > self._cap:
             self._skipping = True
-            self._items.append(_TOO_LARGE)
+            self.items.append(TOO_LARGE)
 
     def _compact(self) -> None:
         """Drop the bytes no item needs any more (all of them while skipping)."""
@@ -369,9 +372,9 @@ class _DocumentSplitter:
                 self._start = max(0, self._start - keep)
 
 
-async def _items(source: str, framing: str, cap: int) -> AsyncIterator[bytes | object]:
-    """The messages of ``source``; an over-long one comes as ``_TOO_LARGE``."""
-    splitter = _DocumentSplitter(cap) if framing == "xml" else _LineSplitter(cap)
+async def items(source: str, framing: str, cap: int) -> AsyncIterator[bytes | object]:
+    """The messages of ``source``; an over-long one comes as ``TOO_LARGE``."""
+    splitter = DocumentSplitter(cap) if framing == "xml" else LineSplitter(cap)
     async for chunk in _chunks(source):
         for item in splitter.feed(chunk):
             yield item

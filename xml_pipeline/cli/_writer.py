@@ -1,4 +1,4 @@
-"""How ``run`` writes replies: :class:`_ReplyWriter`.
+"""How ``run`` writes replies: :class:`ReplyWriter`.
 
 A thread does plain blocking writes from a bounded buffer, so a slow reader of
 stdout never stalls the event loop (timers and other handlers keep running), and a
@@ -16,8 +16,10 @@ import select
 import threading
 from collections.abc import Awaitable, Callable
 
+__all__ = ["ReplyWriter"]
 
-class _ReplyWriter:
+
+class ReplyWriter:
     """Writes to a file descriptor from a thread of its own, with backpressure.
 
     :meth:`write` never blocks the event loop: it queues the bytes for the thread,

@@ -55,8 +55,8 @@ from ._common import (
     gc_tuning,
     logger,
 )
-from ._framing import _TOO_LARGE, _items
-from ._writer import _ReplyWriter
+from ._framing import TOO_LARGE, items
+from ._writer import ReplyWriter
 
 __all__ = ["add_parser", "main"]
 
@@ -149,9 +149,9 @@ async def _feed(pump: StreamPump, organism: Organism, args: argparse.Namespace) 
     cap = organism.settings.limits.max_bytes
     what = "document" if framing == "xml" else "line"
     number = 0
-    async for item in _items(args.input, framing, cap):
+    async for item in items(args.input, framing, cap):
         number += 1
-        if item is _TOO_LARGE:
+        if item is TOO_LARGE:
             await pump.reject(
                 MessageTooLarge(f"input {what} {number} is longer than {cap} bytes"),
                 sender=args.sender,
@@ -262,7 +262,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
         return True
 
     sys.stdout.flush()
-    writer = _ReplyWriter(sys.stdout.fileno(), on_output_error)
+    writer = ReplyWriter(sys.stdout.fileno(), on_output_error)
 
     def egress(reply: Reply) -> Awaitable[None] | None:
         return writer.write(reply.to_xml() + b"\n")

@@ -4,7 +4,7 @@ several processes on one machine.
 A :class:`ManagerServer` keeps the reference ``Store`` and serves it over TCP (an
 event loop of its own in one thread); :class:`ManagerBackend` is the async client
 the pump and its workers use, on the caller's event loop with asyncio streams
-(pipelined calls, one reader task per connection, the loop's own timeouts). Either
+(pipelined calls, answers read by the connection's protocol, the loop's own timeouts). Either
 a pump serves the store itself (``serve``: a thread in that process) or a
 standalone server runs it::
 

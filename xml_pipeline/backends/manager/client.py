@@ -1,9 +1,10 @@
 """The manager client: :class:`ManagerBackend`, on the caller's event loop.
 
-``asyncio.open_connection``, length-prefixed frames read with ``readexactly``, the
-loop's own timeouts, and natural pipelining: calls made in one loop tick go as one
-request frame, behind the frames already in flight on the same connection, and one
-reader task per connection matches the answers to them in order. No thread.
+``asyncio.open_connection`` and the handshake on its streams; then the connection's
+transport is handed to a small ``asyncio.Protocol`` that cuts the answers out of what
+``data_received`` gets and matches them, in order, to the frames in flight. The loop's
+own timeouts, and natural pipelining: calls made in one loop tick go as one request
+frame, behind the frames already in flight on the same connection. No thread.
 """
 
 from __future__ import annotations
@@ -255,14 +256,14 @@ class _Connection(asyncio.Protocol):
     def _answer(self, data: bytes) -> None:
         if not self._inflight:
             raise ValueError("an answer to no request")
-        batch = self._inflight.popleft()
-        self._progress = self.loop.time()
         try:
             replies = loads(data)
         except (ValueError, RecursionError):
             replies = None
-        if type(replies) is not list or len(replies) != len(batch):
-            raise ValueError("an answer of another length")
+        if type(replies) is not list or len(replies) != len(self._inflight[0]):
+            raise ValueError("an answer of another length")  # lose() fails the batch
+        batch = self._inflight.popleft()
+        self._progress = self.loop.time()
         backend = self._backend
         backend._round_trips += 1
         backend._calls += len(batch)
@@ -297,7 +298,9 @@ class _Connection(asyncio.Protocol):
         self._inflight.clear()
         self._pending = []
         self._fail(waiting, self.lost)
-        self._transport.close()
+        # Every call is answered or failed by now: nothing is worth flushing, and a
+        # graceful close would wait for a stalled server to read what is buffered.
+        self._transport.abort()
 
     @staticmethod
     def _fail(items: list[_Item], error: BackendUnavailable) -> None:
@@ -341,11 +344,11 @@ class ManagerBackend:
     ``asyncio.open_connection`` and no thread of its own: calls never block the
     loop. A call made while nothing is in flight writes its frame at once; calls
     made while frames are in flight are gathered until the end of the loop tick and
-    go as one frame, pipelined behind the others on the same connection. One reader
-    task per connection (``xml_pipeline manager reader``) matches the answers to the
-    frames in the order they were written, and ends with the connection
-    (:meth:`aclose`, a lost connection, cancellation). Calls made in order run on the
-    server in that order.
+    go as one frame, pipelined behind the others on the same connection. The
+    connection's protocol matches the answers to the frames in the order they were
+    written, as they arrive; one idle task per connection (:data:`TASK_NAME`) ends
+    with it (:meth:`aclose`, a lost connection, cancellation, the end of its loop).
+    Calls made in order run on the server in that order.
 
     The connection is made on first use (see :meth:`ping`) and remade by the next
     call after it is lost; a call in flight when it is lost fails with
@@ -361,7 +364,8 @@ class ManagerBackend:
         authkey: the shared secret.
         limits: the bounds of the store this process serves (``serve``); a server
             elsewhere applies its own, and a difference is logged.
-        serve: start the server in this process (threads), stopped by :meth:`aclose`.
+        serve: start the server in this process (a thread running its event loop),
+            stopped by :meth:`aclose` (which waits up to 5 s for that thread).
         connect_timeout_s: bound on connecting and authenticating.
         request_timeout_s: bound on a silent server while a request is in flight.
     """

@@ -5,7 +5,9 @@ Framing is :mod:`multiprocessing.connection`'s (a signed 4-byte big-endian lengt
 or -1 and an unsigned 8-byte length past 2 GiB, then the bytes), so that a peer
 holding a ``multiprocessing.connection.Connection`` can speak to either side with
 ``send_bytes``/``recv_bytes``. The handshake is that module's
-``deliver_challenge``/``answer_challenge``, spoken here on asyncio streams: both
+``deliver_challenge``/``answer_challenge``, spoken here over a pair of callables
+that read and write one frame (asyncio streams on the client, the session protocol
+on the server): both
 the ``{digest}``-prefixed form of Python 3.12+ and the bare HMAC-MD5 of earlier
 versions are understood; what this side sends is ``{sha256}``.
 """
@@ -292,9 +294,12 @@ class FrameBuffer:
         stop = start + size
         if stop > end:
             return None
-        self._pos = stop
+        if stop == end:  # all taken: hold on to nothing
+            self._data, self._pos = b"", 0
+        else:
+            self._pos = stop
         if isinstance(data, bytearray):
-            return bytes(data[start:stop])
+            return bytes(memoryview(data)[start:stop])
         return data[start:stop]
 
 

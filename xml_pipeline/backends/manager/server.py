@@ -1,9 +1,9 @@
 """The manager server: one :class:`~xml_pipeline.backends.store.Store` served over TCP.
 
-The server runs an event loop of its own in one thread (uvloop where installed):
-``asyncio.start_server`` accepts, each connection is one task that authenticates
-the client within ``handshake_timeout_s`` (the loop's own timeout, no socket
-options) and then runs its requests one after the other. A request's calls run in
+The server runs an event loop of its own in one thread (uvloop where installed).
+Each connection is a protocol (:class:`_Session`): a task authenticates the client
+within ``handshake_timeout_s`` (the loop's own timeout, no socket options), then
+each request runs in ``data_received`` as its frame completes. A request's calls run in
 order, one ``Store`` method each, with nothing in between: the loop is the only
 thread touching the store, so it needs no lock. :func:`serve_forever` is the
 ``python -m xml_pipeline manager`` command's loop.
@@ -164,7 +164,7 @@ class ManagerServer:
 
     :meth:`start` binds the address in the caller's thread (so that an address in
     use raises there) and starts one thread running the server's event loop; each
-    connection is a task of that loop that authenticates the client (within
+    connection is a protocol of that loop that authenticates the client (within
     ``handshake_timeout_s``) and then runs its requests. Use
     ``with ManagerServer(...) as s:`` or :meth:`start` / :meth:`close`.
 
@@ -205,6 +205,7 @@ class ManagerServer:
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._failure: BaseException | None = None
+        self._sessions: set[_Session] = set()  # the connections (the server's thread only)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -293,7 +294,7 @@ class ManagerServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stop = stop = asyncio.Event()
-        sessions: set[_Session] = set()
+        self._sessions = sessions = set[_Session]()
         server = await loop.create_server(lambda: _Session(self, sessions), sock=sock)
         self._started.set()
         try:
@@ -395,7 +396,10 @@ class _Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return False  # close
+        if self._serving:
+            self._serve()  # what the client sent before it half-closed
+            self._finish()
+        return True  # closed by _finish, once what was sent is answered
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
@@ -411,6 +415,9 @@ class _Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume()
+        if self._serving:
+            self._serve()  # the requests that waited while the client did not read
+            self._finish()
 
     # -- the handshake ---------------------------------------------------------------
 
@@ -430,11 +437,13 @@ class _Session(asyncio.Protocol):
             self.abort()
             return
         except asyncio.CancelledError:
-            return  # the connection is gone: nothing to report
+            self.abort()  # the connection is gone, or the server is stopping
+            return
         self._frames.limit = MAX_REQUEST_BYTES
         self._serving = True
         self._resume()
         self._serve()  # what came with the end of the handshake
+        self._finish()
 
     async def _read(self) -> bytes:
         while True:
@@ -464,7 +473,9 @@ class _Session(asyncio.Protocol):
     def _serve(self) -> None:
         transport, run = self._transport, self._server._run
         assert transport is not None
-        while not transport.is_closing():
+        # Paused: the client does not read its answers, so no more are made until it
+        # does (resume_writing), however many requests are buffered.
+        while not self._paused and not transport.is_closing():
             try:
                 data = self._frames.next()
                 if data is None:
@@ -481,6 +492,13 @@ class _Session(asyncio.Protocol):
             transport.write(frame(reply))
 
     # -- flow control and the end ----------------------------------------------------
+
+    def _finish(self) -> None:
+        """Close once the client has half-closed and every request it sent is answered
+        (what is left in the buffer then is a frame that can no longer complete)."""
+        transport = self._transport
+        if self._eof and not self._paused and transport is not None:
+            transport.close()  # after the answers are flushed
 
     def _pause(self) -> None:
         if not self._paused and self._transport is not None:
