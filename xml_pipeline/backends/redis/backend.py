@@ -174,21 +174,45 @@ class RedisBackend:
     # -- history ---------------------------------------------------------------
 
     async def buffer_append(self, thread_id: str, slot: Slot) -> int:
-        data = slot_to_bytes(slot._replace(index=0))
-        if not data.startswith(_INDEX_0):  # pragma: no cover - base.py changed its format
-            raise BackendError("slot_to_bytes no longer starts with the index")
-        t = thread_id.encode()
+        keys, field, tail = self.slot_write(thread_id, slot)
         reply = await self._pipeline.eval(
             APPEND,
-            (self._hist + t, self._hidx + t, self._uuid + t, self._stats),
-            f"{slot.direction}:{slot.message_id}".encode(),
-            data[len(_INDEX_0) :],
+            (*keys, self._stats),
+            field,
+            tail,
             self.limits.max_slots_per_thread,
             self._ttl_ms,
             self._chain,
             self._refresh_below_ms,
         )
         return int(reply)
+
+    def slot_write(
+        self, thread_id: str, slot: Slot
+    ) -> tuple[tuple[bytes, bytes, bytes], bytes, bytes]:
+        """What appending ``slot`` to ``thread_id`` passes to ``lib_append.lua``: the
+        keys (history, index, the frame's uuid key), the field and the JSON tail.
+
+        For scripts that append history as part of a larger atomic step (the Redis
+        Streams transport's commit); :meth:`buffer_append` is the same append alone.
+        """
+        data = slot_to_bytes(slot._replace(index=0))
+        if not data.startswith(_INDEX_0):  # pragma: no cover - base.py changed its format
+            raise BackendError("slot_to_bytes no longer starts with the index")
+        t = thread_id.encode()
+        keys = (self._hist + t, self._hidx + t, self._uuid + t)
+        return keys, f"{slot.direction}:{slot.message_id}".encode(), data[len(_INDEX_0) :]
+
+    def append_settings(self) -> tuple[bytes, int, int, bytes, int]:
+        """The rest of what ``lib_append.lua`` takes: the stats key, max slots, TTL
+        (ms), the chain key prefix and the TTL below which a write refreshes it (ms)."""
+        return (
+            self._stats,
+            self.limits.max_slots_per_thread,
+            self._ttl_ms,
+            self._chain,
+            self._refresh_below_ms,
+        )
 
     async def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
         field = f"{direction}:{message_id}".encode()

@@ -13,6 +13,7 @@ from importlib import resources
 
 __all__ = [
     "APPEND",
+    "COMMIT",
     "DEAD_LETTER_ADD",
     "DEAD_LETTER_DELETE",
     "DEAD_LETTER_LIST",
@@ -38,12 +39,16 @@ class Script:
         self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
 
     @classmethod
-    def load(cls, name: str) -> Script:
-        """The script shipped as ``xml_pipeline/backends/redis/lua/<name>``."""
-        return cls(resources.files(__package__).joinpath("lua", name).read_text("utf-8"))
+    def load(cls, *names: str) -> Script:
+        """The scripts shipped as ``xml_pipeline/backends/redis/lua/<name>``, one after
+        the other (a library file first, then the script that uses it)."""
+        folder = resources.files(__package__).joinpath("lua")
+        return cls("\n".join(folder.joinpath(name).read_text("utf-8") for name in names))
 
 
-APPEND = Script.load("append.lua")
+APPEND = Script.load("lib_append.lua", "append.lua")
+COMMIT = Script.load("lib_append.lua", "commit.lua")
+"""The end of a delivery on the Redis Streams transport (``commit.lua``)."""
 GET_SLOT = Script.load("get_slot.lua")
 REGISTRY_SET = Script.load("registry_set.lua")
 REGISTRY_DELETE = Script.load("registry_delete.lua")

@@ -1,0 +1,39 @@
+-- lib_append.lua: appending one history slot, shared by append.lua and commit.lua
+-- (scripts.py puts this file in front of theirs). Keys: hist, hidx, the frame's uuid
+-- key, stats; field "in:<id>"/"out:<id>"; tail = the slot's JSON after '{"i":0,';
+-- max slots, ttl ms, the chain key prefix, refresh below (ms). Returns the slot's index
+-- (the existing one when the field was appended before: idempotent by message id).
+local function append_slot(hist, hidx, uuid_key, stats, field, tail, max_slots, ttl,
+                           chain_prefix, refresh_below)
+  local got = redis.call('HMGET', hidx, field, 'next')
+  local index = got[1]
+  if index then
+    index = tonumber(index)
+  else
+    index = tonumber(got[2] or '0')
+    local kept = redis.call('RPUSH', hist, '{"i":' .. string.format('%d', index) .. ',' .. tail)
+    redis.call('HSET', hidx, field, index, '#' .. index, field, 'next', index + 1)
+    local drop = kept - max_slots
+    if drop > 0 then
+      local oldest = index + 1 - kept
+      redis.call('LTRIM', hist, drop, -1)
+      for i = oldest, oldest + drop - 1 do
+        local old = redis.call('HGET', hidx, '#' .. i)
+        if old then
+          redis.call('HDEL', hidx, old, '#' .. i)
+        end
+      end
+      redis.call('HINCRBY', stats, 'slots_trimmed', drop)
+    end
+  end
+  if ttl > 0 and redis.call('PTTL', hist) < refresh_below then
+    redis.call('PEXPIRE', hist, ttl)
+    redis.call('PEXPIRE', hidx, ttl)
+    local chain = redis.call('GET', uuid_key)
+    if chain then
+      redis.call('PEXPIRE', uuid_key, ttl)
+      redis.call('PEXPIRE', chain_prefix .. chain, ttl)
+    end
+  end
+  return index
+end
