@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
+from typing import Any
 
 from lxml import etree
 from pydantic import BaseModel
@@ -163,7 +164,17 @@ class Runtime:
 
 
 class Delivery:
-    __slots__ = ("enqueued", "frame", "message", "reply_frame", "reply_to", "routed", "runtime")
+    __slots__ = (
+        "enqueued",
+        "entry",
+        "frame",
+        "message",
+        "node",
+        "reply_frame",
+        "reply_to",
+        "routed",
+        "runtime",
+    )
 
     def __init__(
         self,
@@ -182,6 +193,10 @@ class Delivery:
         # Its outcome is settled (outputs enqueued, or a dead letter written): a stop
         # that catches its worker afterwards must not dead-letter it as well.
         self.routed = False
+        # Read from a Redis Streams inbox: the entry, committed when it ends, and the
+        # node that accepted its conversation (None on the in-process path).
+        self.entry: Any = None
+        self.node: str | None = None
 
 
 class Route:

@@ -25,9 +25,10 @@ import itertools
 import json
 import logging
 import re as _regex
+import socket
 import time
 import uuid as _uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -44,6 +45,7 @@ from ._delivery import (
     huh_for,
     xml_safe,
 )
+from ._node import OUTBOX, Outbox, delivery_fields, reply_fields
 from ._stats import percentile
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
@@ -82,6 +84,7 @@ from .parser import parse_bytes
 from .payload import Huh, codec_for
 from .reply import ListenerStatistics, PumpStatistics, Reply
 from .routing import RoutingTable
+from .transport import open_transport
 from .worker import Meta
 
 __all__ = ["StreamPump"]
@@ -142,6 +145,12 @@ class StreamPump:
         backend: a backend to use (not closed by the pump); by default the pump
             opens the organism's backend URL and closes it on exit.
         egress: called with every :class:`Reply` that reaches an external sender.
+        transport: a Redis URL: this pump is one node of an organism served by
+            several processes through Redis Streams (the backend must be Redis on the
+            same server). None: the in-process inboxes.
+        node: this node's name in the transport's consumer group (default: the host
+            name). A node restarted under the same name takes up what it held.
+        serve: the listeners this node runs (default: all of them).
     """
 
     def __init__(
@@ -150,6 +159,9 @@ class StreamPump:
         *,
         backend: Backend | None = None,
         egress: Egress | None = None,
+        transport: str | None = None,
+        node: str | None = None,
+        serve: Collection[str] | None = None,
     ) -> None:
         self.organism = organism
         self._settings = organism.settings
@@ -212,6 +224,16 @@ class StreamPump:
         self._dead_letters = 0
         self._duplicates = 0
         self._egress_failures = 0
+        # The Redis Streams transport (None: the in-process inboxes), this node's name
+        # in the consumer group and the listeners it serves.
+        self._streams: Any = None
+        self.node = node or socket.gethostname()
+        self._serves = frozenset(self._runtimes) if serve is None else frozenset(serve)
+        unknown = sorted(self._serves - set(self._runtimes))
+        if unknown:
+            raise ConfigError(f"cannot serve unknown listener(s): {', '.join(unknown)}")
+        if transport is not None:
+            self._streams = open_transport(transport, self.backend)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -226,6 +248,10 @@ class StreamPump:
         self._loop = asyncio.get_running_loop()
         try:
             await self.backend.ping()
+            if self._streams is not None:
+                for name in self._runtimes:
+                    await self._streams.ensure_group(self._streams.inbox(name))
+                await self._streams.ensure_group(self._streams.replies(self.node))
             await self._start_pool()
             for rt in self._runtimes.values():
                 if not rt.listener.is_async and not rt.listener.cpu_bound:
@@ -260,6 +286,8 @@ class StreamPump:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
                 for rt in self._runtimes.values():
+                    if rt.name not in self._serves:
+                        continue
                     deliver = self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
                     for i, inbox in enumerate(rt.inboxes):
                         tg.start_soon(
@@ -271,6 +299,8 @@ class StreamPump:
                     for rt in self._runtimes.values()
                 ):
                     tg.start_soon(pool.watch, name="xml_pipeline pool watchdog")
+                if self._streams is not None:
+                    tg.start_soon(self._read_streams, name=f"streams of node {self.node}")
                 task_status.started()
         finally:
             self._served.set()
@@ -377,6 +407,9 @@ class StreamPump:
                         runner.shutdown()
                     self._sync.clear()
                     try:
+                        if self._streams is not None:
+                            with anyio.move_on_after(_STEP_TIMEOUT_S):
+                                await self._streams.aclose()
                         if self._owns_backend:
                             with anyio.move_on_after(_STEP_TIMEOUT_S):
                                 await self.backend.aclose()
@@ -393,6 +426,9 @@ class StreamPump:
                 while not inbox.empty():
                     abandoned.append((inbox.get_nowait(), "queued"))
                     self._release()
+        # What came from a stream stays pending there: this node takes it up again
+        # when it restarts under its name, or another node claims it.
+        abandoned = [(d, state) for d, state in abandoned if d.entry is None]
         waiters = list(self._waiters.values())
         self._waiters.clear()
         self._open.clear()
@@ -546,7 +582,8 @@ class StreamPump:
             cause = msg.cause or msg.id  # set at ingress
             causes.append(cause)
             self._waiters[cause] = future
-            self._open[cause] = 0
+            if self._streams is None:  # counted only where every delivery is seen
+                self._open[cause] = 0
 
         rejected: list[MessageError] = []
         try:
@@ -724,10 +761,20 @@ class StreamPump:
                     # Not accepted after all: a retry must be able to go on.
                     await _complete(self._unreserve(mark))
                 raise
+            deliveries = [
+                Delivery(msg, rt, child, root, None)
+                for rt, child in zip(targets, children, strict=True)
+            ]
+            if self._streams is not None:  # accepted once every XADD returned
+                for d in deliveries:
+                    await self._streams.add(
+                        self._streams.inbox(d.runtime.name), delivery_fields(d, self.node)
+                    )
             if on_accept is not None:
                 on_accept(msg)
-            for rt, child in zip(targets, children, strict=True):
-                self._enqueue(Delivery(msg, rt, child, root, None))
+            if self._streams is None:
+                for d in deliveries:
+                    self._enqueue(d)
             return root.uuid
         finally:
             self._release()
@@ -777,6 +824,12 @@ class StreamPump:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def _enqueue(self, delivery: Delivery) -> None:
+        if self._streams is not None:
+            box = OUTBOX.get()
+            if box is not None:  # a delivery from a stream: added by its commit
+                fields = delivery_fields(delivery, box.node)
+                box.outputs.append((self._streams.inbox(delivery.runtime.name), fields))
+                return
         rt = delivery.runtime
         self._hold()
         rt.received += 1
@@ -821,6 +874,10 @@ class StreamPump:
         while True:
             delivery = await inbox.get()
             rt.in_flight += 1
+            box = token = None
+            if delivery.entry is not None:  # from a stream: gather what it does
+                box = Outbox(delivery.node or self.node)
+                token = OUTBOX.set(box)
             try:
                 await deliver(delivery)
             except asyncio.CancelledError:
@@ -844,6 +901,8 @@ class StreamPump:
                 except Exception:
                     logger.exception("could not report an internal error")
             finally:
+                if token is not None:
+                    OUTBOX.reset(token)
                 rt.in_flight -= 1
                 n = rt.latency_n
                 rt.latencies[n % LATENCY_SAMPLES] = time.perf_counter() - delivery.enqueued
@@ -851,12 +910,107 @@ class StreamPump:
                 if self._open:
                     self._done_with(delivery)
                 self._release()
+            if box is not None:
+                await self._commit(delivery, box)
+
+    # -- the Redis Streams transport -------------------------------------------
+
+    async def _commit(self, d: Delivery, box: Outbox) -> None:
+        """End a delivery from a stream: its slots, outputs and acknowledgement at once."""
+        streams = self._streams
+        outcome = await streams.commit(d.entry, self.node, box.slots, box.outputs)
+        if outcome != 1:
+            logger.info(
+                "%s: the delivery of message %s was not committed (%s): another node "
+                "took it over", d.runtime.name, d.message.id, outcome.name.lower(),
+            )  # fmt: skip
+
+    async def _read_streams(self) -> None:
+        """Feed this node's workers from the inboxes of the listeners it serves, and
+        egress from its reply stream: one blocking read for all of them. First what
+        this node held when it stopped (its pending entries), then new entries, while
+        the pump has room."""
+        streams = self._streams
+        replies = streams.replies(self.node)
+        starts = {streams.inbox(name): b"0" for name in sorted(self._serves)}
+        starts[replies] = b"0"
+        while True:
+            await self._admit()
+            room = max(1, self._settings.queue_size - self._pending)
+            entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
+            for stream, start in starts.items():
+                if start != b">":  # paging through what this node held
+                    held = [e.id for e in entries if e.stream == stream]
+                    starts[stream] = held[-1] if held else b">"
+            for entry in entries:
+                if entry.stream == replies:
+                    await self._reply_from(entry)
+                else:
+                    d = await self._from_entry(entry)
+                    if d is not None:
+                        self._enqueue(d)
+
+    async def _reply_from(self, entry: Any) -> None:
+        """Hand a reply to a conversation this node accepted to egress, then ack it."""
+        f = entry.fields
+        msg = self._message_of(f)
+        try:
+            model = self._decode_made_in_worker(msg)
+        except (MessageError, ConfigError) as exc:
+            logger.error("a reply from %s cannot be decoded: %s", msg.sender, exc)
+            model = huh_for(InvalidReturn(str(exc)), msg.xml())
+        thread = f.get(b"th")
+        origin = f.get(b"o")
+        reply = Reply(
+            None if thread is None else thread.decode(), msg.sender,
+            None if origin is None else origin.decode(), msg.id, model, msg.re,
+        )  # fmt: skip
+        await self._emit(reply, msg, recorded=True)
+        await self._streams.commit(entry, self.node)
+
+    def _message_of(self, f: dict[bytes, bytes]) -> Message:
+        def text(key: bytes) -> str | None:
+            value = f.get(key)
+            return None if value is None else value.decode()
+
+        msg = Message(
+            f[b"i"].decode(), f[b"s"].decode(), text(b"t"), f[b"q"].decode(), xml=f[b"x"],
+            path=text(b"p"), re=text(b"re"), cause=text(b"c"),
+        )  # fmt: skip
+        msg.after_huh = f.get(b"h") == b"1"
+        return msg
+
+    async def _from_entry(self, entry: Any) -> Delivery | None:
+        """The delivery a stream entry carries (None: dead-lettered and acknowledged)."""
+        f = entry.fields
+        try:
+            msg = self._message_of(f)
+            rt = self._runtimes[f[b"l"].decode()]
+            frame = await self._frames.resolve(f[b"f"].decode())
+            reply_frame = await self._frames.resolve(f[b"rf"].decode())
+            reply_to = self._runtimes.get(f[b"rt"].decode()) if b"rt" in f else None
+            if frame is None or reply_frame is None:
+                raise KeyError("its frame is not in the registry (expired?)")
+        except (KeyError, UnicodeDecodeError) as exc:
+            logger.error("dropping stream entry %s: %s", entry.id, exc)
+            await self._dead_letter(
+                HandlerFailed(f"a stream entry that cannot be delivered: {exc}"),
+                f.get(b"x"), None, None, None,
+            )  # fmt: skip
+            await self._streams.commit(entry, self.node)
+            return None
+        d = Delivery(msg, rt, frame, reply_frame, reply_to)
+        d.entry = entry
+        d.node = (f.get(b"n") or self.node.encode()).decode()
+        return d
 
     async def _record(self, frame: Frame, direction: str, msg: Message, to: str | None) -> None:
-        await self.backend.buffer_append(
-            frame.uuid,
-            Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml()),  # type: ignore[arg-type]
-        )
+        slot = Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml())  # type: ignore[arg-type]
+        box = OUTBOX.get()
+        if box is not None:  # a delivery from a stream: written by its commit
+            box.slots.append((frame.uuid, slot))
+            return
+        await self.backend.buffer_append(frame.uuid, slot)
 
     async def _deliver(self, d: Delivery) -> None:
         rt = d.runtime
@@ -1185,6 +1339,7 @@ class StreamPump:
 
     async def _emit(self, reply: Reply, msg: Message | None, *, recorded: bool = False) -> None:
         """Hand a reply to the external sender (and to a request() waiting for it)."""
+        box = OUTBOX.get() if self._streams is not None else None
         if not recorded and reply.thread_id is not None and msg is not None:
             try:
                 root = await self._frames.resolve(reply.thread_id)
@@ -1192,6 +1347,10 @@ class StreamPump:
                     await self._record(root, "in", msg, reply.to)
             except BackendError as exc:  # the reply still goes out
                 logger.warning("could not record a reply in the history: %s", exc)
+        if box is not None and msg is not None:  # to the node that accepted the input
+            fields = reply_fields(reply, msg, box.node)
+            box.outputs.append((self._streams.replies(box.node), fields))
+            return
         if msg is not None and msg._xml is not None and msg.qname[0] == "{":
             object.__setattr__(reply, "_payload_xml", msg._xml)  # a cache, set once
         self._egress_count += 1

@@ -1,13 +1,54 @@
 """How messages move between listeners.
 
 The embedded default is the pump's in-process inboxes (``asyncio.Queue`` per
-listener worker, see :mod:`xml_pipeline.pump`). :mod:`xml_pipeline.transport.redis`
-holds the primitives of the Redis Streams transport, with which several pump
-processes serve one organism: each listener's inbox a stream read through a
-consumer group, and every delivery ended by one atomic commit (fence, history,
-outputs, acknowledgement).
+listener worker, see :mod:`xml_pipeline.pump`). With a ``redis://`` transport several
+pump processes (*nodes*) serve one organism: each listener's inbox is a Redis Stream
+read through a consumer group, and every delivery ends with one atomic commit (the
+fence, the history, the outputs, the acknowledgement); the primitives are in
+:mod:`xml_pipeline.transport.redis`, imported only when a transport is asked for (so
+that ``import xml_pipeline`` does not import ``redis``).
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ..exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from .redis import RedisStreams
+
+__all__ = ["TRANSPORT_SCHEMES", "open_transport"]
+
+TRANSPORT_SCHEMES = ("redis", "rediss", "unix")
+"""The URL schemes of the Redis Streams transport."""
+
+
+def open_transport(url: str, backend: Backend, **options: Any) -> RedisStreams:
+    """The Redis Streams transport at ``url``, writing history through ``backend``.
+
+    The commit that ends a delivery writes the history in the same atomic step, so
+    the backend must be a Redis backend on the same server (checked when the pump
+    starts).
+
+    Raises:
+        ConfigError: not a Redis URL, or the backend is not a Redis backend.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in TRANSPORT_SCHEMES:
+        raise ConfigError(
+            f"transport {url!r}: the transport is a Redis URL (redis://, rediss:// or "
+            "unix://); without one the pump's in-process inboxes are used"
+        )
+    module = importlib.import_module("xml_pipeline.transport.redis")
+    backends = importlib.import_module("xml_pipeline.backends.redis")
+    if not isinstance(backend, backends.RedisBackend):
+        raise ConfigError(
+            f"transport {url!r} needs the backend on the same Redis server (it commits "
+            f"history, outputs and acknowledgements in one step); the backend is {backend!r}"
+        )
+    streams: RedisStreams = module.RedisStreams(url, backend, **options)
+    return streams

@@ -115,6 +115,10 @@ class RedisStreams:
         """The stream key of ``listener``'s inbox."""
         return self._prefix + b":in:" + listener.encode()
 
+    def replies(self, node: str) -> bytes:
+        """The stream key of the replies for the conversations ``node`` accepted."""
+        return self._prefix + b":out:" + node.encode()
+
     async def ensure_group(self, stream: bytes) -> None:
         """Create the consumer group on ``stream`` (and the stream) unless it exists."""
         try:
@@ -133,31 +137,42 @@ class RedisStreams:
         return bytes(reply)
 
     async def read(
-        self, consumer: str, streams: Sequence[bytes], *, count: int = 64, block_ms: int = 0
+        self,
+        consumer: str,
+        streams: Sequence[bytes] | Mapping[bytes, bytes],
+        *,
+        count: int = 64,
+        block_ms: int = 0,
     ) -> list[Entry]:
-        """New entries for ``consumer`` (``XREADGROUP ... >``), now pending for it.
+        """Entries for ``consumer`` (``XREADGROUP``), now pending for it.
 
         Args:
             consumer: this node's name in the group.
-            streams: the inboxes to read.
+            streams: the inboxes to read, each from ``b">"`` (new entries), or a
+                mapping of stream to where to read it from: ``b">"``, or an id to
+                read the entries already pending for ``consumer`` after it (``b"0"``:
+                all it held when it stopped, oldest first).
             count: at most this many entries per stream.
-            block_ms: wait this long for an entry when there is none (at most 1 s).
+            block_ms: wait this long for a new entry when there is none (at most 1 s;
+                only when every stream is read from ``b">"``).
         """
-        if not streams:
+        starts = streams if isinstance(streams, Mapping) else dict.fromkeys(streams, b">")
+        if not starts:
             return []
         block = min(max(block_ms, 0), _READ_BLOCK_MS)
         args: list[Any] = [b"XREADGROUP", b"GROUP", self.group, consumer.encode()]
         args += [b"COUNT", count]
-        if block:
+        if block and all(start == b">" for start in starts.values()):
             args += [b"BLOCK", block]
-        args += [b"STREAMS", *streams, *([b">"] * len(streams))]
+        args += [b"STREAMS", *starts.keys(), *starts.values()]
         # Not idempotent: a read whose reply was lost delivered its entries anyway
         # (they are pending for this consumer and come back by claim).
         reply = await self._reads.call(*args, idempotent=False)
         entries: list[Entry] = []
         for stream, items in reply or ():
             for entry_id, flat in items:
-                entries.append(Entry(bytes(stream), bytes(entry_id), _fields(flat)))
+                if flat:  # an entry deleted while pending for us has no fields
+                    entries.append(Entry(bytes(stream), bytes(entry_id), _fields(flat)))
         return entries
 
     async def claim(
