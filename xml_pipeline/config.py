@@ -282,6 +282,14 @@ class OrganismConfig(_Strict):
         description="where frame histories, the thread registry and dead letters are kept, "
         "as a URL",
     )
+    transport: str | None = Field(
+        None,
+        min_length=1,
+        description="how messages move between listeners: a Redis URL makes every "
+        "listener's inbox a Redis Stream, so that several processes (`run --node`) serve "
+        "the organism (the backend must be Redis on the same server); null: in-process "
+        "queues",
+    )
     manager: ManagerOptions = Field(
         ManagerOptions(), description="options of a `manager://` backend"
     )
@@ -476,6 +484,8 @@ class Organism:
     path: Path | None = None
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     """Options for the backend (the ``manager:`` or ``redis:`` section of the file)."""
+    transport: str | None = None
+    """A Redis URL: the listeners' inboxes are Redis Streams (see :mod:`xml_pipeline.transport`)."""
     process_pool: ProcessPoolSettings = field(default_factory=ProcessPoolSettings)
 
     def __post_init__(self) -> None:
@@ -857,6 +867,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
             path=path,
             backend_options=_backend_options(config, url, backend is not None),
             process_pool=ProcessPoolSettings(**config.process_pool.model_dump()),
+            transport=config.transport,
         )
     except ConfigError as exc:
         raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from exc

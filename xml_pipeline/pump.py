@@ -147,10 +147,15 @@ class StreamPump:
         egress: called with every :class:`Reply` that reaches an external sender.
         transport: a Redis URL: this pump is one node of an organism served by
             several processes through Redis Streams (the backend must be Redis on the
-            same server). None: the in-process inboxes.
+            same server). None: the organism's ``transport``, else in-process inboxes.
         node: this node's name in the transport's consumer group (default: the host
             name). A node restarted under the same name takes up what it held.
         serve: the listeners this node runs (default: all of them).
+        claim_idle_ms: an entry held by a node that has not renewed its lease for this
+            long is taken over by another node (default: twice the longest
+            ``timeout_s`` of the listeners served, at least 60 s).
+        max_deliveries: an entry delivered more often than this without being
+            committed (a message that kills its node, say) is dead-lettered.
     """
 
     def __init__(
@@ -162,6 +167,8 @@ class StreamPump:
         transport: str | None = None,
         node: str | None = None,
         serve: Collection[str] | None = None,
+        claim_idle_ms: int | None = None,
+        max_deliveries: int = 5,
     ) -> None:
         self.organism = organism
         self._settings = organism.settings
@@ -232,8 +239,22 @@ class StreamPump:
         unknown = sorted(self._serves - set(self._runtimes))
         if unknown:
             raise ConfigError(f"cannot serve unknown listener(s): {', '.join(unknown)}")
+        transport = transport if transport is not None else organism.transport
         if transport is not None:
             self._streams = open_transport(transport, self.backend)
+        elif serve is not None:
+            raise ConfigError("serving some listeners only needs a transport (a Redis URL)")
+        if claim_idle_ms is None:
+            longest = max(
+                (self._runtimes[n].listener.timeout_s or 0.0 for n in self._serves), default=0.0
+            )
+            claim_idle_ms = max(60_000, int(2000 * longest))
+        if claim_idle_ms <= 0 or max_deliveries < 1:
+            raise ConfigError("claim_idle_ms must be positive and max_deliveries at least 1")
+        self._claim_idle_ms = claim_idle_ms
+        self._max_deliveries = max_deliveries
+        # The entries this node holds (read, not committed), by stream: its lease.
+        self._held: dict[bytes, dict[bytes, None]] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -301,6 +322,8 @@ class StreamPump:
                     tg.start_soon(pool.watch, name="xml_pipeline pool watchdog")
                 if self._streams is not None:
                     tg.start_soon(self._read_streams, name=f"streams of node {self.node}")
+                    tg.start_soon(self._keep_lease, name=f"lease of node {self.node}")
+                    tg.start_soon(self._claim_idle, name=f"claims of node {self.node}")
                 task_status.started()
         finally:
             self._served.set()
@@ -918,7 +941,13 @@ class StreamPump:
     async def _commit(self, d: Delivery, box: Outbox) -> None:
         """End a delivery from a stream: its slots, outputs and acknowledgement at once."""
         streams = self._streams
-        outcome = await streams.commit(d.entry, self.node, box.slots, box.outputs)
+        entry = d.entry
+        try:
+            outcome = await streams.commit(entry, self.node, box.slots, box.outputs)
+        finally:
+            held = self._held.get(entry.stream)
+            if held is not None:
+                held.pop(entry.id, None)
         if outcome != 1:
             logger.info(
                 "%s: the delivery of message %s was not committed (%s): another node "
@@ -938,17 +967,88 @@ class StreamPump:
             await self._admit()
             room = max(1, self._settings.queue_size - self._pending)
             entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
+            again = False
             for stream, start in starts.items():
                 if start != b">":  # paging through what this node held
                     held = [e.id for e in entries if e.stream == stream]
                     starts[stream] = held[-1] if held else b">"
+                    again = again or bool(held)
             for entry in entries:
                 if entry.stream == replies:
                     await self._reply_from(entry)
-                else:
-                    d = await self._from_entry(entry)
-                    if d is not None:
-                        self._enqueue(d)
+            inbound = [e for e in entries if e.stream != replies]
+            if again:  # delivered before: one that keeps killing its node ends here
+                inbound = await self._within_limit(inbound)
+            for entry in inbound:
+                await self._take(entry)
+
+    async def _take(self, entry: Any) -> None:
+        """Hand an inbox entry this node now holds to its listener's workers."""
+        d = await self._from_entry(entry)
+        if d is not None:
+            self._held.setdefault(entry.stream, {})[entry.id] = None
+            self._enqueue(d)
+
+    async def _within_limit(self, entries: list[Any]) -> list[Any]:
+        """The entries delivered at most ``max_deliveries`` times; the others are
+        dead-lettered and acknowledged."""
+        kept = []
+        by_stream: dict[bytes, list[Any]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry)
+        for stream, group in by_stream.items():
+            counts = await self._streams.deliveries(stream, [e.id for e in group])
+            for entry in group:
+                count = counts.get(entry.id, 0)
+                if count <= self._max_deliveries:
+                    kept.append(entry)
+                    continue
+                reason = (
+                    f"delivered {count} times without completing (max_deliveries "
+                    f"{self._max_deliveries}): its handler or its node keeps failing"
+                )
+                logger.error("dead-lettering stream entry %s: %s", entry.id.decode(), reason)
+                f = entry.fields
+                listener = f.get(b"l", b"").decode() or None
+                await self._dead_letter(
+                    HandlerFailed(reason, listener=listener), f.get(b"x"), listener,
+                    f.get(b"f", b"").decode() or None, f.get(b"i", b"").decode() or None,
+                )  # fmt: skip
+                await self._streams.commit(entry, self.node)
+        return kept
+
+    async def _keep_lease(self) -> None:
+        """Renew this node's lease on what it holds, three times per ``claim_idle_ms``."""
+        while True:
+            await asyncio.sleep(self._claim_idle_ms / 3000)
+            for stream, held in list(self._held.items()):
+                if not held:
+                    continue
+                ids = list(held)
+                still = await self._streams.refresh(self.node, stream, ids)
+                for entry_id in ids:
+                    if entry_id not in still:  # taken over: its commit will be refused
+                        held.pop(entry_id, None)
+
+    async def _claim_idle(self) -> None:
+        """Take over the entries of nodes that stopped renewing their lease."""
+        streams = self._streams
+        inboxes = [streams.inbox(name) for name in sorted(self._serves)]
+        while True:
+            await asyncio.sleep(self._claim_idle_ms / 2000)
+            for stream in inboxes:
+                await self._admit()
+                claimed = await streams.claim(
+                    self.node, stream, min_idle_ms=self._claim_idle_ms, count=64
+                )
+                if claimed:
+                    logger.warning(
+                        "node %s took over %d entr%s of %s idle for %d ms or more",
+                        self.node, len(claimed), "y" if len(claimed) == 1 else "ies",
+                        stream.decode(), self._claim_idle_ms,
+                    )  # fmt: skip
+                for entry in await self._within_limit(claimed):
+                    await self._take(entry)
 
     async def _reply_from(self, entry: Any) -> None:
         """Hand a reply to a conversation this node accepted to egress, then ack it."""

@@ -81,6 +81,38 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--to", metavar="NAME", help="send bare payloads to this listener")
     run.add_argument("--sender", default="console", help="label of the external sender")
     run.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
+    run.add_argument(
+        "--transport",
+        metavar="URL",
+        help="override the organism's transport: a Redis URL makes this process one node "
+        "of the organism (inboxes are Redis Streams)",
+    )
+    run.add_argument(
+        "--node",
+        metavar="NAME",
+        help="this node's name on the transport (default: the host name); restarted "
+        "under the same name, a node takes up what it held",
+    )
+    run.add_argument(
+        "--listeners",
+        metavar="A,B,...",
+        help="with --transport: the listeners this node serves (default: all)",
+    )
+    run.add_argument(
+        "--claim-idle-ms",
+        type=_positive,
+        metavar="MS",
+        help="with --transport: take over what another node held without renewing its "
+        "lease for this long (default: twice the longest timeout_s served, at least 60000)",
+    )
+    run.add_argument(
+        "--max-deliveries",
+        type=_positive,
+        default=5,
+        metavar="N",
+        help="with --transport: dead-letter a message delivered more often than this "
+        "(default %(default)s)",
+    )
     run.add_argument("--stats", action="store_true", help="print per-listener statistics at exit")
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
     run.add_argument(
@@ -269,7 +301,16 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    pump = StreamPump(organism, egress=egress)
+    serve = None if args.listeners is None else [n for n in args.listeners.split(",") if n]
+    pump = StreamPump(
+        organism,
+        egress=egress,
+        transport=args.transport,
+        node=args.node,
+        serve=serve,
+        claim_idle_ms=args.claim_idle_ms,
+        max_deliveries=args.max_deliveries,
+    )
     started = drained = failed = cancelled = False
     try:
         try:

@@ -24,6 +24,7 @@ prefix): the commit writes it in the backend's key layout.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 from ..backends.base import Slot
 from ..backends.redis.backend import RedisBackend
 from ..backends.redis.pipeline import Pipeline
-from ..backends.redis.scripts import COMMIT
+from ..backends.redis.scripts import COMMIT, REFRESH
 from ..exceptions import BackendError
 
 __all__ = ["Commit", "Entry", "RedisStreams"]
@@ -232,6 +233,28 @@ class RedisStreams:
         # Sent again when its reply is lost: a commit that ran answers GONE the
         # second time and changes nothing.
         return Commit(int(await self._commands.eval(COMMIT, tuple(keys), *args)))
+
+    async def refresh(self, consumer: str, stream: bytes, ids: Sequence[bytes]) -> set[bytes]:
+        """Renew ``consumer``'s lease on the entries of ``stream`` it holds (their idle
+        time starts again, so no other consumer claims them); returns the ids it still
+        holds (the others were claimed by another consumer, or committed)."""
+        if not ids:
+            return set()
+        held = await self._commands.eval(REFRESH, (stream,), self.group, consumer.encode(), *ids)
+        return {bytes(entry_id) for entry_id in held}
+
+    async def deliveries(self, stream: bytes, ids: Sequence[bytes]) -> dict[bytes, int]:
+        """How many times each pending entry was delivered (absent: not pending)."""
+        calls = [
+            self._commands.call(b"XPENDING", stream, self.group, entry_id, entry_id, 1)
+            for entry_id in ids
+        ]  # made in one loop tick: one round trip
+        replies = await asyncio.gather(*calls)
+        return {
+            entry_id: int(reply[0][3])
+            for entry_id, reply in zip(ids, replies, strict=True)
+            if reply
+        }
 
     async def pending(self, stream: bytes) -> int:
         """How many entries of ``stream`` are delivered and not yet committed."""

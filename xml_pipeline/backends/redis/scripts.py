@@ -20,6 +20,7 @@ __all__ = [
     "DEAD_LETTER_PURGE",
     "GET_SLOT",
     "REGISTRY_DELETE",
+    "REFRESH",
     "REGISTRY_SET",
     "Script",
 ]
@@ -49,6 +50,8 @@ class Script:
 APPEND = Script.load("lib_append.lua", "append.lua")
 COMMIT = Script.load("lib_append.lua", "commit.lua")
 """The end of a delivery on the Redis Streams transport (``commit.lua``)."""
+REFRESH = Script.load("refresh.lua")
+"""A node's lease on the stream entries it holds (``refresh.lua``)."""
 GET_SLOT = Script.load("get_slot.lua")
 REGISTRY_SET = Script.load("registry_set.lua")
 REGISTRY_DELETE = Script.load("registry_delete.lua")
