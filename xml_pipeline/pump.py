@@ -240,8 +240,11 @@ class StreamPump:
         if unknown:
             raise ConfigError(f"cannot serve unknown listener(s): {', '.join(unknown)}")
         transport = transport if transport is not None else organism.transport
+        self.transport: str | None = None
+        """The Redis Streams transport's URL (password hidden), or None: in-process."""
         if transport is not None:
             self._streams = open_transport(transport, self.backend)
+            self.transport = self._streams.url
         elif serve is not None:
             raise ConfigError("serving some listeners only needs a transport (a Redis URL)")
         if claim_idle_ms is None:

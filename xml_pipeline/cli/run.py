@@ -366,11 +366,13 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
 async def _serve(
     pump: StreamPump, organism: Organism, args: argparse.Namespace, stop: asyncio.Event
 ) -> bool:
-    """Feed the input, then wait until idle; on ``stop``, drain. True if nothing was left."""
-    if await _until_stopped(_feed(pump, organism, args), stop) and await _until_stopped(
-        pump.wait_idle(), stop
-    ):
-        return True
+    """Feed the input, then wait until idle (a node of a distributed organism: until
+    ``stop``, as a service); on ``stop``, drain. True if nothing was left."""
+    if await _until_stopped(_feed(pump, organism, args), stop):
+        if pump.transport is not None:
+            await stop.wait()
+        elif await _until_stopped(pump.wait_idle(), stop):
+            return True
     return await pump.drain()
 
 

@@ -1,0 +1,214 @@
+"""One organism on several pump processes through Redis Streams (real redis-server,
+real node processes, real signals): every accepted conversation is answered exactly
+once, whatever happens to the nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import textwrap
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cli_process import CliProcess, wait_until
+from redis_server import RedisServer
+
+from xml_pipeline import Reply, StreamPump, load_organism
+from xml_pipeline.backends.redis import RedisBackend
+from xml_pipeline.transport.redis import RedisStreams
+
+CHAIN_PY = """
+import asyncio
+
+from xml_pipeline import HandlerMetadata, HandlerResponse, Payload
+
+NS = "https://example.org/chain"
+
+
+class Ask(Payload):
+    xml_ns = NS
+    n: int
+
+
+class Told(Payload):
+    xml_ns = NS
+    n: int
+
+
+async def front(payload: Ask | Told, meta: HandlerMetadata) -> HandlerResponse:
+    if isinstance(payload, Ask):
+        return HandlerResponse(payload, to="middle")
+    return HandlerResponse.respond(payload)
+
+
+async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
+    await asyncio.sleep(0.02)
+    return HandlerResponse.respond(Told(n=payload.n))
+"""
+
+
+def chain_organism(folder: Path, url: str) -> Path:
+    """A two-listener organism (``front`` forwards to ``middle``, which answers after
+    20 ms) on the Redis transport, under a prefix of its own."""
+    (folder / "chain.py").write_text(CHAIN_PY)
+    path = folder / "chain.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+            organism:
+              name: chain
+            backend: {url}
+            transport: {url}
+            redis:
+              prefix: c{uuid.uuid4().hex[:10]}
+            listeners:
+              - name: front
+                payload: [chain:Ask, chain:Told]
+                handler: chain:front
+                peers: [middle]
+              - name: middle
+                payload: chain:Ask
+                handler: chain:middle
+                concurrency: 8
+            """)
+    )
+    return path
+
+
+def ask(n: int) -> str:
+    return f'<Ask xmlns="https://example.org/chain"><n>{n}</n></Ask>'
+
+
+@contextmanager
+def node(organism: Path, name: str, *listeners: str, **options: Any) -> Iterator[CliProcess]:
+    """A node process serving ``listeners``; yields once it runs."""
+    args: list[str | Path] = ["run", organism, "--node", name, "--no-boot", "--log-level", "info"]
+    if listeners:
+        args += ["--listeners", ",".join(listeners)]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    with CliProcess(*args) as proc:
+        proc.wait_for_stderr(b"is running")
+        yield proc
+        if proc.running():
+            proc.signal(signal.SIGTERM)
+            proc.finish()
+
+
+async def _leftovers(organism: Path) -> tuple[int, int]:
+    """Entries still in the inboxes, and entries still pending, over every listener."""
+    org = load_organism(organism)
+    backend = RedisBackend.from_url(org.backend, **org.backend_options)
+    streams = RedisStreams(org.backend, backend)
+    try:
+        inboxes = [streams.inbox(listener.name) for listener in org.listeners]
+        length = sum([await streams.length(s) for s in inboxes])
+        pending = sum([await streams.pending(s) for s in inboxes])
+        return length, pending
+    finally:
+        await streams.aclose()
+        await backend.aclose()
+
+
+def _exactly_once(replies: list[Reply], count: int) -> None:
+    by_re = Counter(reply.re for reply in replies)
+    twice = {re: n for re, n in by_re.items() if n > 1}
+    if twice:
+        raise AssertionError(f"answered more than once: {twice}")
+    if len(by_re) != count:
+        raise AssertionError(f"{count - len(by_re)} conversation(s) never answered")
+    huhs = [reply for reply in replies if reply.is_huh]
+    if huhs:
+        raise AssertionError(f"errors instead of answers: {huhs[:3]}")
+
+
+async def test_two_nodes_in_one_process_answer_every_conversation_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    organism = load_organism(chain_organism(tmp_path, redis_server.url))
+    replies: list[Reply] = []
+    async with (
+        StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a,
+        StreamPump(organism, node="b", serve=["middle"]),
+    ):
+        answers = await asyncio.gather(
+            *(a.request(ask(i), to="front", timeout=30) for i in range(200))
+        )
+        assert sorted(r.payload.n for r in answers) == list(range(200))  # type: ignore[attr-defined]
+        history = await a.backend.buffer_get_thread(answers[0].thread_id or "")
+        assert [(s.direction, s.sender) for s in history] == [("out", "api"), ("in", "front")]
+    _exactly_once(replies, 200)
+    assert await _leftovers(tmp_path / "chain.yaml") == (0, 0)
+
+
+def test_a_node_killed_and_restarted_loses_nothing_and_repeats_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 of the node serving ``middle`` while conversations are in flight; the
+    node restarted under the same name takes up what it held."""
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+    total = 300
+
+    async def main() -> list[Reply]:
+        replies: list[Reply] = []
+        async with StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a:
+            with node(path, "b", "middle") as b:
+                requests = [
+                    asyncio.ensure_future(a.request(ask(i), to="front", timeout=60))
+                    for i in range(total)
+                ]
+                await asyncio.to_thread(wait_until, lambda: len(replies) >= 30, "30 answers")
+                b.signal(signal.SIGKILL)
+                b.finish()
+                in_flight = total - len(replies)
+            assert in_flight > 0, "the node died with work in flight"
+            with node(path, "b", "middle"):
+                await asyncio.gather(*requests)
+                await asyncio.to_thread(
+                    wait_until, lambda: len(replies) >= total, "every answer", 60
+                )
+        return replies
+
+    replies = asyncio.run(main())
+    _exactly_once(replies, total)
+    assert asyncio.run(_leftovers(path)) == (0, 0)
+
+
+def test_a_frozen_node_is_taken_over_and_its_late_commits_are_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGSTOP of one of two nodes serving ``middle`` past claim_idle_ms: the other
+    takes its entries over and answers them; resumed (SIGCONT), the frozen node's
+    commits are fenced off: nothing is answered twice."""
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+    total = 200
+
+    async def main() -> list[Reply]:
+        replies: list[Reply] = []
+        async with StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a:
+            with (
+                node(path, "b1", "middle", claim_idle_ms=1500) as b1,
+                node(path, "b2", "middle", claim_idle_ms=1500),
+            ):
+                requests = [
+                    asyncio.ensure_future(a.request(ask(i), to="front", timeout=60))
+                    for i in range(total)
+                ]
+                await asyncio.to_thread(wait_until, lambda: len(replies) >= 20, "20 answers")
+                b1.signal(signal.SIGSTOP)
+                await asyncio.gather(*requests)  # b2 took over what b1 held
+                b1.signal(signal.SIGCONT)
+                # Resumed, it finishes what it held and tries to commit: refused.
+                await asyncio.to_thread(b1.wait_for_stderr, b"was not committed", 30)
+                b1.signal(signal.SIGTERM)
+                b1.finish()
+        return replies
+
+    replies = asyncio.run(main())
+    _exactly_once(replies, total)
+    assert asyncio.run(_leftovers(path)) == (0, 0)
