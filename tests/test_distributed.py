@@ -23,6 +23,7 @@ from xml_pipeline.transport.redis import RedisStreams
 
 CHAIN_PY = """
 import asyncio
+import os
 
 from xml_pipeline import HandlerMetadata, HandlerResponse, Payload
 
@@ -46,6 +47,8 @@ async def front(payload: Ask | Told, meta: HandlerMetadata) -> HandlerResponse:
 
 
 async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
+    if payload.n == -1:  # a poison message: it kills the node that handles it
+        os._exit(3)
     await asyncio.sleep(0.02)
     return HandlerResponse.respond(Told(n=payload.n))
 """
@@ -211,4 +214,43 @@ def test_a_frozen_node_is_taken_over_and_its_late_commits_are_refused(
 
     replies = asyncio.run(main())
     _exactly_once(replies, total)
+    assert asyncio.run(_leftovers(path)) == (0, 0)
+
+
+def test_a_message_that_kills_its_node_is_dead_lettered_after_max_deliveries(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A message whose handler kills the node every time: the node is restarted (as a
+    supervisor would) until the message has been delivered max_deliveries times; then
+    it is dead-lettered and the other messages flow."""
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+
+    async def main() -> tuple[list[Reply], list[Any]]:
+        replies: list[Reply] = []
+        async with StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a:
+            await a.inject(ask(-1), to="front")
+            calls = [a.request(ask(i), to="front", timeout=60) for i in range(20)]
+            rest = [asyncio.ensure_future(call) for call in calls]
+            deaths = 0
+            while not all(r.done() for r in rest):
+                with node(path, "b", "middle", max_deliveries=2) as b:
+                    await asyncio.to_thread(
+                        wait_until, lambda: not b.running() or all(r.done() for r in rest),
+                        "the node dies or everything is answered", 60,
+                    )  # fmt: skip
+                    if not b.running():
+                        deaths += 1
+                        b.finish()
+                if deaths > 5:
+                    raise AssertionError("the poison message was never dead-lettered")
+            await asyncio.gather(*rest)
+            letters = await a.backend.deadletter_list()
+        return replies, [deaths, letters]
+
+    replies, (deaths, letters) = asyncio.run(main())
+    assert 1 <= deaths <= 3, f"the node died {deaths} times"
+    [letter] = [x for x in letters if b"<n>-1</n>" in x.data]
+    assert letter.code == "handler-error" and "max_deliveries 2" in letter.reason
+    _exactly_once(replies, 20)
     assert asyncio.run(_leftovers(path)) == (0, 0)
