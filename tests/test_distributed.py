@@ -5,6 +5,7 @@ once, whatever happens to the nodes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import textwrap
 import uuid
@@ -254,3 +255,45 @@ def test_a_message_that_kills_its_node_is_dead_lettered_after_max_deliveries(
     assert letter.code == "handler-error" and "max_deliveries 2" in letter.reason
     _exactly_once(replies, 20)
     assert asyncio.run(_leftovers(path)) == (0, 0)
+
+
+def test_status_shows_the_nodes_and_what_each_inbox_holds(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+
+    def status(*extra: str) -> str:
+        with CliProcess("status", path, *extra) as proc:
+            out, err = proc.finish()
+        if proc.returncode != 0:
+            raise RuntimeError(f"status failed ({proc.returncode}): {err.decode()}")
+        return out.decode()
+
+    async def main() -> None:
+        async with StreamPump(organism, node="a", serve=["front"]) as a:
+            with node(path, "b", "middle") as b:
+                await asyncio.gather(*(a.request(ask(i), to="front") for i in range(10)))
+                b.signal(signal.SIGSTOP)  # what reaches middle now stays in its inbox
+                try:
+                    for i in range(10, 15):
+                        await a.inject(ask(i), to="front")
+                    await asyncio.to_thread(
+                        wait_until,
+                        lambda: json.loads(status("--json"))["listeners"]["middle"]["length"] == 5,
+                        "5 entries waiting in middle's inbox",
+                    )
+                    report = json.loads(status("--json"))
+                    assert sorted(report["nodes"]) == ["a", "b"]
+                    assert report["nodes"]["b"]["listeners"] == ["middle"]
+                    assert report["nodes"]["b"]["pid"] == b.proc.pid
+                    middle = report["listeners"]["middle"]
+                    assert middle["length"] == 5 and middle["pending"] + middle["lag"] == 5
+                    text = status()
+                    assert "2 node(s) alive" in text and "middle" in text
+                finally:
+                    b.signal(signal.SIGCONT)
+            report = json.loads(status("--json"))
+            assert sorted(report["nodes"]) == ["a"], "a node that stopped is no longer listed"
+
+    asyncio.run(main())

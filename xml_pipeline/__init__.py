@@ -7,6 +7,7 @@ Users import what they need from here::
 
 from __future__ import annotations
 
+from ._version import __version__
 from .backends import (
     Backend,
     BackendScheme,
@@ -61,8 +62,6 @@ from .parser import ParseLimits
 from .payload import CORE_NAMESPACE, Huh, Payload, codec_for, payload_from_xml
 from .pump import StreamPump
 from .reply import ListenerStatistics, PumpStatistics, Reply
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CORE_NAMESPACE",

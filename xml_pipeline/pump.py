@@ -24,6 +24,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import re as _regex
 import socket
 import time
@@ -47,6 +48,7 @@ from ._delivery import (
 )
 from ._node import OUTBOX, Outbox, delivery_fields, reply_fields
 from ._stats import percentile
+from ._version import __version__
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
@@ -104,6 +106,8 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
+_HEARTBEAT_S = 2.0  # a node says it is alive this often ...
+_HEARTBEAT_TTL_MS = 6000  # ... and is listed by status this long after its last word
 _WARNED_KEPT = 1024
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
 # bounded token, so that clients can name their conversations (and retry them).
@@ -327,6 +331,7 @@ class StreamPump:
                     tg.start_soon(self._read_streams, name=f"streams of node {self.node}")
                     tg.start_soon(self._keep_lease, name=f"lease of node {self.node}")
                     tg.start_soon(self._claim_idle, name=f"claims of node {self.node}")
+                    tg.start_soon(self._heartbeat, name=f"heartbeat of node {self.node}")
                 task_status.started()
         finally:
             self._served.set()
@@ -435,6 +440,8 @@ class StreamPump:
                     try:
                         if self._streams is not None:
                             with anyio.move_on_after(_STEP_TIMEOUT_S):
+                                with contextlib.suppress(XmlPipelineError):
+                                    await self._streams.forget(self.node)
                                 await self._streams.aclose()
                         if self._owns_backend:
                             with anyio.move_on_after(_STEP_TIMEOUT_S):
@@ -1032,6 +1039,24 @@ class StreamPump:
                 for entry_id in ids:
                     if entry_id not in still:  # taken over: its commit will be refused
                         held.pop(entry_id, None)
+
+    async def _heartbeat(self) -> None:
+        """Say that this node is alive (``status`` lists it) every 2 s, for 6 s."""
+        started = time.time()
+        while True:
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "listeners": sorted(self._serves),
+                "held": sum(len(held) for held in self._held.values()),
+                "started": started,
+                "version": __version__,
+            }
+            try:
+                await self._streams.heartbeat(self.node, info, _HEARTBEAT_TTL_MS)
+            except BackendError as exc:
+                logger.warning("node %s: heartbeat failed: %s", self.node, exc)
+            await asyncio.sleep(_HEARTBEAT_S)
 
     async def _claim_idle(self) -> None:
         """Take over the entries of nodes that stopped renewing their lease."""

@@ -28,7 +28,7 @@ from .. import __version__
 from ..backends import check_backend_url
 from ..config import load_organism
 from ..exceptions import XmlPipelineError
-from . import bench, check, deadletters, manager, run
+from . import bench, check, deadletters, manager, run, status
 from ._common import (
     _PROG,
     COMMANDS,
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     manager.add_parser(sub)
     deadletters.add_parser(sub)
     bench.add_parser(sub)
+    status.add_parser(sub)
     return parser
 
 
@@ -105,7 +106,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         organism = load_organism(args.organism, backend=getattr(args, "backend", None))
         writes_stdout = args.command in ("check", "run") or (
             args.command == "schema" and args.out is None
-        ) or (args.command == "deadletters" and args.action == "list")  # fmt: skip
+        ) or (args.command == "deadletters" and args.action == "list") or (
+            args.command == "status"
+        )  # fmt: skip
         if writes_stdout and not _stream_open(sys.stdout):
             _error("standard output is closed")
             return EXIT_USAGE
@@ -116,6 +119,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return check.schema(organism, args.out)
         if args.command == "deadletters":
             return deadletters.main(organism, args)
+        if args.command == "status":
+            return status.main(organism, args)
         return run.main(organism, args)
     except XmlPipelineError as exc:
         _error(str(exc))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -255,6 +256,69 @@ class RedisStreams:
             for entry_id, reply in zip(ids, replies, strict=True)
             if reply
         }
+
+    # -- nodes and their state ------------------------------------------------
+
+    def _node_key(self, node: str) -> bytes:
+        return self._prefix + b":node:" + node.encode()
+
+    async def heartbeat(self, node: str, info: Mapping[str, Any], ttl_ms: int) -> None:
+        """Say that ``node`` is alive for the next ``ttl_ms`` (with what it says of itself)."""
+        data = json.dumps(dict(info), separators=(",", ":")).encode()
+        await self._commands.call(b"SET", self._node_key(node), data, b"PX", ttl_ms)
+
+    async def forget(self, node: str) -> None:
+        """Say that ``node`` stopped."""
+        await self._commands.call(b"DEL", self._node_key(node), idempotent=False)
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        """The nodes alive (whose last heartbeat has not expired), with their info."""
+        prefix = self._prefix + b":node:"
+        keys: list[bytes] = []
+        cursor: Any = b"0"
+        while True:
+            cursor, found = await self._commands.call(
+                b"SCAN", cursor, b"MATCH", prefix + b"*", b"COUNT", 1000
+            )
+            keys += [bytes(key) for key in found]
+            if cursor in (b"0", 0):
+                break
+        if not keys:
+            return {}
+        values = await self._commands.call(b"MGET", *keys)
+        alive = {}
+        for key, value in zip(keys, values, strict=True):
+            if value is not None:
+                try:
+                    alive[key[len(prefix) :].decode()] = json.loads(value)
+                except ValueError:
+                    alive[key[len(prefix) :].decode()] = {}
+        return dict(sorted(alive.items()))
+
+    async def inbox_status(self, stream: bytes) -> dict[str, Any]:
+        """What an inbox holds: ``length`` (entries not done), ``pending`` (delivered,
+        not committed), ``lag`` (not delivered yet), ``oldest_ms`` (age of the oldest
+        pending entry, None if none) and ``pending_by_node``."""
+        length = await self.length(stream)
+        status: dict[str, Any] = {
+            "length": length, "pending": 0, "lag": length, "oldest_ms": None,
+            "pending_by_node": {},
+        }  # fmt: skip
+        try:
+            summary = await self._commands.call(b"XPENDING", stream, self.group)
+        except BackendError as exc:
+            if "NOGROUP" in str(exc):
+                return status
+            raise
+        count = int(summary[0])
+        status["pending"] = count
+        status["lag"] = max(0, length - count)
+        if count and summary[1] is not None:
+            created = int(bytes(summary[1]).split(b"-")[0])
+            now_s, now_us = await self._commands.call(b"TIME")
+            status["oldest_ms"] = max(0, int(now_s) * 1000 + int(now_us) // 1000 - created)
+        status["pending_by_node"] = {bytes(name).decode(): int(n) for name, n in (summary[3] or ())}
+        return status
 
     async def pending(self, stream: bytes) -> int:
         """How many entries of ``stream`` are delivered and not yet committed."""

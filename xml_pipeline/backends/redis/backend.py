@@ -385,6 +385,10 @@ class RedisBackend:
         """
         await self._pipeline.ping()
 
+    async def dead_letter_count(self) -> int:
+        """How many dead letters are kept (one command, unlike :meth:`info`)."""
+        return int(await self._pipeline.call(b"ZCARD", self._dl_ids))
+
     async def info(self) -> dict[str, int]:
         threads = await self._scan(self._hist)
         uuids = await self._scan(self._uuid)
