@@ -297,3 +297,37 @@ def test_status_shows_the_nodes_and_what_each_inbox_holds(
             assert sorted(report["nodes"]) == ["a"], "a node that stopped is no longer listed"
 
     asyncio.run(main())
+
+
+def test_redis_killed_and_restarted_with_aof_loses_no_accepted_message(tmp_path: Path) -> None:
+    """redis-server (appendfsync always) killed with SIGKILL mid-run and restarted on
+    the same port: the nodes wait for it and go on; every accepted conversation is
+    answered exactly once."""
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    try:
+        path = chain_organism(tmp_path, server.url)
+        organism = load_organism(path)
+        total = 200
+
+        async def main() -> list[Reply]:
+            replies: list[Reply] = []
+            async with StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a:
+                with node(path, "b", "middle") as b:
+                    calls = [a.request(ask(i), to="front", timeout=90) for i in range(total)]
+                    requests = [asyncio.ensure_future(call) for call in calls]
+                    await asyncio.to_thread(wait_until, lambda: len(replies) >= 30, "30 answers")
+                    server.kill()
+                    server.start()  # same port, same append-only file
+                    await asyncio.gather(*requests)
+                    await asyncio.to_thread(
+                        wait_until, lambda: len(replies) >= total, "every answer", 60
+                    )
+                    assert b"retrying" in b.stderr, "node b saw Redis go away"
+            return replies
+
+        replies = asyncio.run(main())
+        _exactly_once(replies, total)
+        assert asyncio.run(_leftovers(path)) == (0, 0)
+    finally:
+        server.stop()

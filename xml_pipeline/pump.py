@@ -60,6 +60,7 @@ from .exceptions import (
     Abandoned,
     BackendError,
     BackendFailed,
+    BackendUnavailable,
     ConfigError,
     DepthExceeded,
     Duplicate,
@@ -106,6 +107,7 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
+_RETRY_S = 0.5  # a delivery that found Redis unreachable is tried again this much later
 _HEARTBEAT_S = 2.0  # a node says it is alive this often ...
 _HEARTBEAT_TTL_MS = 6000  # ... and is listed by status this long after its last word
 _WARNED_KEPT = 1024
@@ -908,6 +910,7 @@ class StreamPump:
             delivery = await inbox.get()
             rt.in_flight += 1
             box = token = None
+            retry = False
             if delivery.entry is not None:  # from a stream: gather what it does
                 box = Outbox(delivery.node or self.node)
                 token = OUTBOX.set(box)
@@ -919,7 +922,13 @@ class StreamPump:
                     self._abandoned.append((delivery, "running"))
                 raise
             except Exception as exc:
-                if isinstance(exc, BackendError):
+                if box is not None and isinstance(exc, BackendUnavailable) and self._running:
+                    # Redis cannot be reached: nothing of this run is committed, and
+                    # the delivery is tried again (its entry stays this node's).
+                    logger.info("%s: %s; the delivery is tried again", rt.name, exc)
+                    box = None
+                    retry = True
+                elif isinstance(exc, BackendError):
                     logger.warning("backend failed delivering to %s: %s", rt.name, exc)
                     error: MessageError = BackendFailed(
                         f"the backend failed delivering to {rt.name}: {exc}", listener=rt.name
@@ -929,10 +938,11 @@ class StreamPump:
                     error = HandlerFailed(
                         f"internal error: {type(exc).__name__}: {exc}", listener=rt.name
                     )
-                try:
-                    await self._fail(delivery, error)
-                except Exception:
-                    logger.exception("could not report an internal error")
+                if not retry:
+                    try:
+                        await self._fail(delivery, error)
+                    except Exception:
+                        logger.exception("could not report an internal error")
             finally:
                 if token is not None:
                     OUTBOX.reset(token)
@@ -945,15 +955,19 @@ class StreamPump:
                 self._release()
             if box is not None:
                 await self._commit(delivery, box)
+            elif retry:
+                assert self._loop is not None
+                self._loop.call_later(_RETRY_S, self._again, delivery)
 
     # -- the Redis Streams transport -------------------------------------------
 
     async def _commit(self, d: Delivery, box: Outbox) -> None:
         """End a delivery from a stream: its slots, outputs and acknowledgement at once."""
-        streams = self._streams
         entry = d.entry
         try:
-            outcome = await streams.commit(entry, self.node, box.slots, box.outputs)
+            outcome = await self._until_reachable(
+                "commit", self._streams.commit, entry, self.node, box.slots, box.outputs
+            )
         finally:
             held = self._held.get(entry.stream)
             if held is not None:
@@ -964,6 +978,34 @@ class StreamPump:
                 "took it over", d.runtime.name, d.message.id, outcome.name.lower(),
             )  # fmt: skip
 
+    def _again(self, delivery: Delivery) -> None:
+        """Put back a delivery that could not run for want of Redis."""
+        if self._running:
+            delivery.routed = False
+            self._enqueue(delivery)
+
+    async def _until_reachable(self, what: str, call: Any, *args: Any) -> Any:
+        """``await call(*args)``, again and again while Redis cannot be reached (backing
+        off up to 2 s), as long as the pump runs: an outage of the transport pauses the
+        node instead of ending it. The outage and the recovery are logged once."""
+        delay = 0.1
+        down = False
+        while True:
+            try:
+                result = await call(*args)
+            except BackendUnavailable as exc:
+                if not self._running:
+                    raise
+                if not down:
+                    logger.warning("node %s: %s: %s; retrying", self.node, what, exc)
+                    down = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if down:
+                logger.warning("node %s: %s: the transport answers again", self.node, what)
+            return result
+
     async def _read_streams(self) -> None:
         """Feed this node's workers from the inboxes of the listeners it serves, and
         egress from its reply stream: one blocking read for all of them. First what
@@ -973,10 +1015,27 @@ class StreamPump:
         replies = streams.replies(self.node)
         starts = {streams.inbox(name): b"0" for name in sorted(self._serves)}
         starts[replies] = b"0"
+        down, delay = False, 0.1
         while True:
             await self._admit()
             room = max(1, self._settings.queue_size - self._pending)
-            entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
+            try:
+                entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
+            except BackendUnavailable as exc:
+                if not self._running:
+                    raise
+                if not down:
+                    logger.warning("node %s: reading: %s; retrying", self.node, exc)
+                    down = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                # A read whose answer was lost may have delivered entries to this node:
+                # they are pending for it, so read what it holds again (from the start).
+                starts = dict.fromkeys(starts, b"0")
+                continue
+            if down:
+                logger.warning("node %s: reading: the transport answers again", self.node)
+                down, delay = False, 0.1
             again = False
             for stream, start in starts.items():
                 if start != b">":  # paging through what this node held
@@ -994,9 +1053,12 @@ class StreamPump:
 
     async def _take(self, entry: Any) -> None:
         """Hand an inbox entry this node now holds to its listener's workers."""
+        held = self._held.setdefault(entry.stream, {})
+        if entry.id in held:  # read again after an outage: already here
+            return
         d = await self._from_entry(entry)
         if d is not None:
-            self._held.setdefault(entry.stream, {})[entry.id] = None
+            held[entry.id] = None
             self._enqueue(d)
 
     async def _within_limit(self, entries: list[Any]) -> list[Any]:
@@ -1007,7 +1069,9 @@ class StreamPump:
         for entry in entries:
             by_stream.setdefault(entry.stream, []).append(entry)
         for stream, group in by_stream.items():
-            counts = await self._streams.deliveries(stream, [e.id for e in group])
+            counts = await self._until_reachable(
+                "counting deliveries", self._streams.deliveries, stream, [e.id for e in group]
+            )
             for entry in group:
                 count = counts.get(entry.id, 0)
                 if count <= self._max_deliveries:
@@ -1024,7 +1088,7 @@ class StreamPump:
                     HandlerFailed(reason, listener=listener), f.get(b"x"), listener,
                     f.get(b"f", b"").decode() or None, f.get(b"i", b"").decode() or None,
                 )  # fmt: skip
-                await self._streams.commit(entry, self.node)
+                await self._until_reachable("acknowledging", self._streams.commit, entry, self.node)
         return kept
 
     async def _keep_lease(self) -> None:
@@ -1035,7 +1099,11 @@ class StreamPump:
                 if not held:
                     continue
                 ids = list(held)
-                still = await self._streams.refresh(self.node, stream, ids)
+                try:
+                    still = await self._streams.refresh(self.node, stream, ids)
+                except BackendError as exc:  # tried again at the next round
+                    logger.debug("node %s: renewing its lease failed: %s", self.node, exc)
+                    continue
                 for entry_id in ids:
                     if entry_id not in still:  # taken over: its commit will be refused
                         held.pop(entry_id, None)
@@ -1066,9 +1134,13 @@ class StreamPump:
             await asyncio.sleep(self._claim_idle_ms / 2000)
             for stream in inboxes:
                 await self._admit()
-                claimed = await streams.claim(
-                    self.node, stream, min_idle_ms=self._claim_idle_ms, count=64
-                )
+                try:
+                    claimed = await streams.claim(
+                        self.node, stream, min_idle_ms=self._claim_idle_ms, count=64
+                    )
+                except BackendError as exc:  # tried again at the next round
+                    logger.debug("node %s: claiming failed: %s", self.node, exc)
+                    continue
                 if claimed:
                     logger.warning(
                         "node %s took over %d entr%s of %s idle for %d ms or more",
@@ -1094,7 +1166,7 @@ class StreamPump:
             None if origin is None else origin.decode(), msg.id, model, msg.re,
         )  # fmt: skip
         await self._emit(reply, msg, recorded=True)
-        await self._streams.commit(entry, self.node)
+        await self._until_reachable("acknowledging a reply", self._streams.commit, entry, self.node)
 
     def _message_of(self, f: dict[bytes, bytes]) -> Message:
         def text(key: bytes) -> str | None:
@@ -1114,8 +1186,11 @@ class StreamPump:
         try:
             msg = self._message_of(f)
             rt = self._runtimes[f[b"l"].decode()]
-            frame = await self._frames.resolve(f[b"f"].decode())
-            reply_frame = await self._frames.resolve(f[b"rf"].decode())
+            resolve = functools.partial(
+                self._until_reachable, "reading a frame", self._frames.resolve
+            )
+            frame = await resolve(f[b"f"].decode())
+            reply_frame = await resolve(f[b"rf"].decode())
             reply_to = self._runtimes.get(f[b"rt"].decode()) if b"rt" in f else None
             if frame is None or reply_frame is None:
                 raise KeyError("its frame is not in the registry (expired?)")
@@ -1125,7 +1200,7 @@ class StreamPump:
                 HandlerFailed(f"a stream entry that cannot be delivered: {exc}"),
                 f.get(b"x"), None, None, None,
             )  # fmt: skip
-            await self._streams.commit(entry, self.node)
+            await self._until_reachable("acknowledging", self._streams.commit, entry, self.node)
             return None
         d = Delivery(msg, rt, frame, reply_frame, reply_to)
         d.entry = entry
@@ -1234,6 +1309,8 @@ class StreamPump:
                 else:
                     await self._plan_forward(out, frame, rt, route)
         except BackendError as exc:
+            if d.entry is not None and isinstance(exc, BackendUnavailable):
+                raise  # from a stream: tried again, nothing committed (see _worker)
             await self._fail(
                 d,
                 BackendFailed(
