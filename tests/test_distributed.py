@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import textwrap
 import uuid
@@ -18,7 +19,7 @@ from typing import Any
 from cli_process import CliProcess, wait_until
 from redis_server import RedisServer
 
-from xml_pipeline import Reply, StreamPump, load_organism
+from xml_pipeline import Client, Reply, StreamPump, load_organism
 from xml_pipeline.backends.redis import RedisBackend
 from xml_pipeline.transport.redis import RedisStreams
 
@@ -331,3 +332,33 @@ def test_redis_killed_and_restarted_with_aof_loses_no_accepted_message(tmp_path:
         assert asyncio.run(_leftovers(path)) == (0, 0)
     finally:
         server.stop()
+
+
+def test_a_client_and_send_feed_an_organism_served_by_a_node(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+
+    async def with_client() -> tuple[int, bool]:
+        async with Client(redis_server.url, path) as client:
+            reply = await client.request(ask(7), to="front", timeout=30)
+            stream = RedisStreams(organism.backend, RedisBackend.from_url(organism.backend,
+                                  **organism.backend_options))  # fmt: skip
+            replies = stream.replies(client.name)
+        try:
+            gone = await stream.length(replies) == 0 and await stream.pending(replies) == 0
+        finally:
+            await stream.aclose()
+            await stream.backend.aclose()
+        return reply.payload.n, gone  # type: ignore[attr-defined]
+
+    with node(path, "all"):
+        assert asyncio.run(with_client()) == (7, True), "answered; its reply stream is gone"
+        lines = b"".join(ask(i).encode() + b"\n" for i in range(20))
+        with CliProcess("send", path, "--to", "front") as send:
+            send.send(lines)
+            out, err = send.finish()
+        assert send.returncode == 0, err.decode()
+        told = sorted(int(n) for n in re.findall(rb"<n>(-?\d+)</n>", out))
+        assert told == list(range(20)), out.decode()[:500]

@@ -15,7 +15,7 @@ PACKAGE = Path(xml_pipeline.__file__).parent
 # Changing this list changes the public API: say so in CHANGELOG.md.
 PUBLIC_API = [
     "Abandoned", "Backend", "BackendError", "BackendFailed", "BackendScheme",
-    "BackendUnavailable", "BootMessage", "CORE_NAMESPACE", "ConfigError", "DeadLetter",
+    "BackendUnavailable", "BootMessage", "CORE_NAMESPACE", "Client", "ConfigError", "DeadLetter",
     "DepthExceeded", "Duplicate", "ENVELOPE_NAMESPACE", "EgressFailed", "Envelope",
     "EnvelopeError", "Frame", "Handler", "HandlerFailed", "HandlerMetadata",
     "HandlerResponse", "HandlerTimeout", "HistoryLimits", "Huh", "InvalidReturn", "Listener",

@@ -19,6 +19,7 @@ from .backends import (
     open_backend,
     serves,
 )
+from .client import Client
 from .config import (
     BootMessage,
     Listener,
@@ -65,6 +66,7 @@ from .reply import ListenerStatistics, PumpStatistics, Reply
 
 __all__ = [
     "CORE_NAMESPACE",
+    "Client",
     "Abandoned",
     "ENVELOPE_NAMESPACE",
     "Backend",

@@ -264,6 +264,7 @@ class StreamPump:
         self._max_deliveries = max_deliveries
         # The entries this node holds (read, not committed), by stream: its lease.
         self._held: dict[bytes, dict[bytes, None]] = {}
+        self._drop_replies = False  # set by an anonymous Client: nobody reads them later
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -444,6 +445,9 @@ class StreamPump:
                             with anyio.move_on_after(_STEP_TIMEOUT_S):
                                 with contextlib.suppress(XmlPipelineError):
                                     await self._streams.forget(self.node)
+                                    if self._drop_replies:  # an anonymous client's
+                                        replies = self._streams.replies(self.node)
+                                        await self._streams.delete(replies)
                                 await self._streams.aclose()
                         if self._owns_backend:
                             with anyio.move_on_after(_STEP_TIMEOUT_S):
@@ -1032,6 +1036,17 @@ class StreamPump:
                 # A read whose answer was lost may have delivered entries to this node:
                 # they are pending for it, so read what it holds again (from the start).
                 starts = dict.fromkeys(starts, b"0")
+                continue
+            except BackendError as exc:
+                # Redis answered with an error: a stream or its group deleted under
+                # the node (made again), or something this node cannot fix (logged).
+                logger.error("node %s: reading its streams: %s", self.node, exc)
+                if "NOGROUP" in str(exc):
+                    for stream in starts:
+                        await self._until_reachable(
+                            "creating a group", streams.ensure_group, stream
+                        )
+                await asyncio.sleep(1.0)
                 continue
             if down:
                 logger.warning("node %s: reading: the transport answers again", self.node)

@@ -28,7 +28,7 @@ from .. import __version__
 from ..backends import check_backend_url
 from ..config import load_organism
 from ..exceptions import XmlPipelineError
-from . import bench, check, deadletters, manager, run, status
+from . import bench, check, deadletters, manager, run, send, status
 from ._common import (
     _PROG,
     COMMANDS,
@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     deadletters.add_parser(sub)
     bench.add_parser(sub)
     status.add_parser(sub)
+    send.add_parser(sub)
     return parser
 
 
@@ -107,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         writes_stdout = args.command in ("check", "run") or (
             args.command == "schema" and args.out is None
         ) or (args.command == "deadletters" and args.action == "list") or (
-            args.command == "status"
+            args.command in ("status", "send")
         )  # fmt: skip
         if writes_stdout and not _stream_open(sys.stdout):
             _error("standard output is closed")
@@ -121,6 +122,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return deadletters.main(organism, args)
         if args.command == "status":
             return status.main(organism, args)
+        if args.command == "send":
+            return send.main(organism, args)
         return run.main(organism, args)
     except XmlPipelineError as exc:
         _error(str(exc))

@@ -21,7 +21,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "gc_tuning"]
 # The commands log under one name, whichever module they live in.
 logger = logging.getLogger("xml_pipeline.cli")
 
-COMMANDS = ("run", "check", "schema", "manager", "deadletters", "bench", "status")
+COMMANDS = ("run", "check", "schema", "manager", "deadletters", "bench", "status", "send")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

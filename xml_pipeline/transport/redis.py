@@ -330,6 +330,10 @@ class RedisStreams:
             raise
         return int(reply[0])
 
+    async def delete(self, stream: bytes) -> None:
+        """Delete a stream and its consumer group (a client's reply stream, say)."""
+        await self._commands.call(b"DEL", stream, idempotent=False)
+
     async def length(self, stream: bytes) -> int:
         """How many entries ``stream`` holds (pending or not yet read)."""
         return int(await self._commands.call(b"XLEN", stream))
