@@ -34,6 +34,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "payloads": ([], ["--messages", "200", "--element-messages", "40", "--repeat", "1"]),
     "offload": ([], ["--messages", "3000", "--heavy-messages", "200"]),
     "backends": ([], ["--ops", "500", "--messages", "1000"]),
+    "distributed": ([], ["--messages", "500", "--latency-messages", "50"]),
     "soak": ([], ["--messages", "150000", "--every", "50000"]),
 }
 
