@@ -56,7 +56,7 @@ async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
 """
 
 
-def chain_organism(folder: Path, url: str) -> Path:
+def chain_organism(folder: Path, url: str, *, queue_size: int = 2048) -> Path:
     """A two-listener organism (``front`` forwards to ``middle``, which answers after
     20 ms) on the Redis transport, under a prefix of its own."""
     (folder / "chain.py").write_text(CHAIN_PY)
@@ -69,6 +69,8 @@ def chain_organism(folder: Path, url: str) -> Path:
             transport: {url}
             redis:
               prefix: c{uuid.uuid4().hex[:10]}
+            pump:
+              queue_size: {queue_size}
             listeners:
               - name: front
                 payload: [chain:Ask, chain:Told]
@@ -362,3 +364,22 @@ def test_a_client_and_send_feed_an_organism_served_by_a_node(
         assert send.returncode == 0, err.decode()
         told = sorted(int(n) for n in re.findall(rb"<n>(-?\d+)</n>", out))
         assert told == list(range(20)), out.decode()[:500]
+
+
+async def test_input_waits_while_the_target_inbox_is_full(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """queue_size bounds each inbox stream for input: with nobody serving ``front``,
+    10 messages are accepted and the 11th waits; once a node serves, all go on."""
+    organism = load_organism(chain_organism(tmp_path, redis_server.url, queue_size=10))
+    async with StreamPump(organism, node="entry", serve=()) as entry:
+        for i in range(10):
+            await entry.inject(ask(i), to="front")
+        streams = entry._streams
+        assert await streams.length(streams.inbox("front")) == 10
+        waiting = asyncio.ensure_future(entry.inject(ask(10), to="front"))
+        done, _ = await asyncio.wait({waiting}, timeout=0.5)
+        assert not done, "the 11th message waits for room"
+        assert await streams.length(streams.inbox("front")) == 10
+        async with StreamPump(organism, node="worker"):
+            assert await asyncio.wait_for(waiting, 30) is not None

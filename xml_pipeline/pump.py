@@ -793,22 +793,25 @@ class StreamPump:
                     )
                 await self._record(root, "out", msg, msg.to)
                 children = [await self._frames.child(root, rt.name) for rt in targets]
-                if not self._running:  # stopped meanwhile: the inboxes were emptied
+                deliveries = [
+                    Delivery(msg, rt, child, root, None)
+                    for rt, child in zip(targets, children, strict=True)
+                ]
+                if self._streams is not None:  # accepted once every XADD returned
+                    limit = self._settings.queue_size
+                    for d in deliveries:
+                        inbox = self._streams.inbox(d.runtime.name)
+                        # A full inbox makes input wait, across nodes as in one process
+                        # (messages made inside the organism do not wait: no deadlock).
+                        await self._streams.wait_for_room(inbox, limit)
+                        await self._streams.add(inbox, delivery_fields(d, self.node))
+                elif not self._running:  # stopped meanwhile: the inboxes were emptied
                     raise PumpClosed("the pump stopped before accepting this message")
             except BaseException:
                 if mark is not None:
                     # Not accepted after all: a retry must be able to go on.
                     await _complete(self._unreserve(mark))
                 raise
-            deliveries = [
-                Delivery(msg, rt, child, root, None)
-                for rt, child in zip(targets, children, strict=True)
-            ]
-            if self._streams is not None:  # accepted once every XADD returned
-                for d in deliveries:
-                    await self._streams.add(
-                        self._streams.inbox(d.runtime.name), delivery_fields(d, self.node)
-                    )
             if on_accept is not None:
                 on_accept(msg)
             if self._streams is None:

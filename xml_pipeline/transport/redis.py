@@ -330,6 +330,14 @@ class RedisStreams:
             raise
         return int(reply[0])
 
+    async def wait_for_room(self, stream: bytes, limit: int) -> None:
+        """Return once ``stream`` holds fewer than ``limit`` entries (polling its length,
+        backing off from 5 ms to 200 ms): how a producer waits for a full inbox."""
+        delay = 0.005
+        while await self.length(stream) >= limit:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
     async def delete(self, stream: bytes) -> None:
         """Delete a stream and its consumer group (a client's reply stream, say)."""
         await self._commands.call(b"DEL", stream, idempotent=False)
