@@ -1023,9 +1023,16 @@ class StreamPump:
         starts = {streams.inbox(name): b"0" for name in sorted(self._serves)}
         starts[replies] = b"0"
         down, delay = False, 0.1
+        # A node reads only what it will start soon, so that a node that joins (or
+        # another one) gets a share of a backlog instead of finding it all taken.
+        prefetch = min(self._settings.queue_size, max(64, 2 * sum(
+            self._runtimes[name].listener.concurrency for name in self._serves
+        )))  # fmt: skip
         while True:
-            await self._admit()
-            room = max(1, self._settings.queue_size - self._pending)
+            while self._pending >= prefetch and self._running:
+                self._space.clear()
+                await self._space.wait()
+            room = max(1, prefetch - self._pending)
             try:
                 entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
             except BackendUnavailable as exc:
