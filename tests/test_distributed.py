@@ -56,7 +56,9 @@ async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
 """
 
 
-def chain_organism(folder: Path, url: str, *, queue_size: int = 2048) -> Path:
+def chain_organism(
+    folder: Path, url: str, *, queue_size: int = 2048, cpu_bound: bool = False
+) -> Path:
     """A two-listener organism (``front`` forwards to ``middle``, which answers after
     20 ms) on the Redis transport, under a prefix of its own."""
     (folder / "chain.py").write_text(CHAIN_PY)
@@ -80,6 +82,9 @@ def chain_organism(folder: Path, url: str, *, queue_size: int = 2048) -> Path:
                 payload: chain:Ask
                 handler: chain:middle
                 concurrency: 8
+                cpu_bound: {str(cpu_bound).lower()}
+            process_pool:
+              workers: 1
             """)
     )
     return path
@@ -96,7 +101,7 @@ def node(organism: Path, name: str, *listeners: str, **options: Any) -> Iterator
     if listeners:
         args += ["--listeners", ",".join(listeners)]
     for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        args += [f"--{key.replace('_', '-')}"] + ([str(value)] if value != "" else [])
     with CliProcess(*args) as proc:
         proc.wait_for_stderr(b"is running")
         yield proc
@@ -383,3 +388,47 @@ async def test_input_waits_while_the_target_inbox_is_full(
         assert await streams.length(streams.inbox("front")) == 10
         async with StreamPump(organism, node="worker"):
             assert await asyncio.wait_for(waiting, 30) is not None
+
+
+def test_a_node_added_mid_run_takes_a_share_of_the_work(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+    total = 400
+
+    async def main() -> tuple[list[Reply], bytes]:
+        replies: list[Reply] = []
+        async with StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a:
+            with node(path, "b1", "middle"):
+                calls = [a.request(ask(i), to="front", timeout=60) for i in range(total)]
+                requests = [asyncio.ensure_future(call) for call in calls]
+                await asyncio.to_thread(wait_until, lambda: len(replies) >= 20, "20 answers")
+                with node(path, "b2", "middle", stats="") as b2:
+                    await asyncio.gather(*requests)
+                    b2.signal(signal.SIGTERM)
+                    _, err = b2.finish()
+        return replies, err
+
+    replies, err = asyncio.run(main())
+    _exactly_once(replies, total)
+    row = re.search(rb"^middle\s+(\d+)\s+(\d+)", err, re.MULTILINE)
+    assert row is not None, err.decode()[-2000:]
+    assert int(row[2]) > 0, "the node that joined handled some of the messages"
+
+
+async def test_a_cpu_bound_listener_runs_in_the_worker_pool_of_the_node_serving_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    organism = load_organism(chain_organism(tmp_path, redis_server.url, cpu_bound=True))
+    async with (
+        StreamPump(organism, node="a", serve=["front"]) as a,
+        StreamPump(organism, node="b", serve=["middle"]) as b,
+    ):
+        answers = await asyncio.gather(
+            *(a.request(ask(i), to="front", timeout=60) for i in range(20))
+        )
+        assert sorted(r.payload.n for r in answers) == list(range(20))  # type: ignore[attr-defined]
+        assert a.statistics().pool is None, "a serves no cpu_bound listener: no pool"
+        pool = b.statistics().pool
+        assert pool is not None and pool.tasks == 20

@@ -340,7 +340,12 @@ class StreamPump:
             self._served.set()
 
     async def _start_pool(self) -> None:
-        offloaded = [rt.listener for rt in self._runtimes.values() if rt.listener.cpu_bound]
+        # A node runs the worker processes of the cpu_bound listeners it serves only.
+        offloaded = [
+            rt.listener
+            for rt in self._runtimes.values()
+            if rt.listener.cpu_bound and rt.name in self._serves
+        ]
         if not offloaded:
             return
         url = self.organism.backend
@@ -356,7 +361,7 @@ class StreamPump:
                 if shared
                 else None
             )
-            spec = worker_spec(self.organism, joined)
+            spec = worker_spec(self.organism, joined, only=self._serves)
             pool = WorkerPool(self.organism.process_pool, spec)
             self._pool = pool
             await pool.start()
@@ -683,6 +688,9 @@ class StreamPump:
         self._ingress += 1
         self._ingesting += 1
         self._ingest_done.clear()
+        # Input is never part of a delivery's commit, even when a handler (or a task it
+        # started) sends it while its delivery from a stream runs.
+        token = OUTBOX.set(None) if self._streams is not None else None
         try:
             await self._admit()
             if not self._running:
@@ -698,6 +706,8 @@ class StreamPump:
                 reserve=reserve,
             )
         finally:
+            if token is not None:
+                OUTBOX.reset(token)
             self._ingesting -= 1
             if not self._ingesting:
                 self._ingest_done.set()

@@ -45,7 +45,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -153,7 +153,10 @@ def _checked_path(obj: Any, given: str | None, what: str) -> str:
 
 
 def worker_spec(
-    organism: Organism, backend: tuple[str, Mapping[str, Any]] | None = None
+    organism: Organism,
+    backend: tuple[str, Mapping[str, Any]] | None = None,
+    *,
+    only: Collection[str] | None = None,
 ) -> WorkerSpec:
     """The plain-data description a worker builds its ``cpu_bound`` listeners from.
 
@@ -162,13 +165,15 @@ def worker_spec(
         backend: the URL and options of the shared store workers read history from,
             as another process joins it (see :func:`~xml_pipeline.backends.client_url`);
             None: no access.
+        only: the listeners to include (a node of a distributed organism runs those
+            it serves); None: every cpu_bound listener.
 
     Raises:
         ConfigError: a handler or payload class cannot be imported by path.
     """
     listeners: dict[str, ListenerSpec] = {}
     for listener in organism.listeners:
-        if not listener.cpu_bound:
+        if not listener.cpu_bound or (only is not None and listener.name not in only):
             continue
         handler = _checked_path(
             listener.handler,
