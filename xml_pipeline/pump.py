@@ -265,6 +265,8 @@ class StreamPump:
         # The entries this node holds (read, not committed), by stream: its lease.
         self._held: dict[bytes, dict[bytes, None]] = {}
         self._drop_replies = False  # set by an anonymous Client: nobody reads them later
+        self._room_to_read = asyncio.Event()  # set when this node commits what it held
+        self._draining = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -419,6 +421,7 @@ class StreamPump:
         self._state = "closing"
         self._running = False
         self._space.set()  # wake ingress waiting for room: it will refuse
+        self._room_to_read.set()  # and a node's reader: it stops
 
     async def _shutdown(self) -> None:
         try:
@@ -471,8 +474,20 @@ class StreamPump:
                     abandoned.append((inbox.get_nowait(), "queued"))
                     self._release()
         # What came from a stream stays pending there: this node takes it up again
-        # when it restarts under its name, or another node claims it.
+        # when it restarts under its name, or another node claims it at once (its
+        # lease is given up: the entries look idle for claim_idle_ms already).
+        taken = [d for d, _ in abandoned if d.entry is not None]
         abandoned = [(d, state) for d, state in abandoned if d.entry is None]
+        if taken and self._streams is not None:
+            by_stream: dict[bytes, list[bytes]] = {}
+            for d in taken:
+                by_stream.setdefault(d.entry.stream, []).append(d.entry.id)
+            with anyio.move_on_after(_STEP_TIMEOUT_S):
+                for stream, ids in by_stream.items():
+                    try:
+                        await self._streams.release(self.node, stream, ids, self._claim_idle_ms)
+                    except XmlPipelineError as exc:
+                        logger.warning("node %s: could not give up its lease: %s", self.node, exc)
         waiters = list(self._waiters.values())
         self._waiters.clear()
         self._open.clear()
@@ -526,6 +541,11 @@ class StreamPump:
             True if the pump became idle in time.
         """
         limit = self._settings.drain_timeout_s if timeout is None else timeout
+        if self._streams is not None:
+            # A node finishes what it holds and reads nothing more: the rest of the
+            # inboxes is for the other nodes (or for this one when it starts again).
+            self._draining = True
+            self._room_to_read.set()
         try:
             async with asyncio.timeout(limit):
                 await self.wait_idle()
@@ -808,12 +828,18 @@ class StreamPump:
                     for rt, child in zip(targets, children, strict=True)
                 ]
                 if self._streams is not None:  # accepted once every XADD returned
+                    if on_accept is not None:
+                        # A waiting request() is registered first: another node may
+                        # answer before the last XADD returns (on failure the
+                        # caller drops it again).
+                        on_accept(msg)
+                        on_accept = None
                     limit = self._settings.queue_size
                     for d in deliveries:
                         inbox = self._streams.inbox(d.runtime.name)
                         # A full inbox makes input wait, across nodes as in one process
                         # (messages made inside the organism do not wait: no deadlock).
-                        await self._streams.wait_for_room(inbox, limit)
+                        await self._wait_for_room(inbox, limit)
                         await self._streams.add(inbox, delivery_fields(d, self.node))
                 elif not self._running:  # stopped meanwhile: the inboxes were emptied
                     raise PumpClosed("the pump stopped before accepting this message")
@@ -985,10 +1011,21 @@ class StreamPump:
             outcome = await self._until_reachable(
                 "commit", self._streams.commit, entry, self.node, box.slots, box.outputs
             )
+        except BackendError as exc:
+            # Redis refused the step (out of memory, read-only replica, ...): nothing
+            # of it happened; the entry stays pending and its lease lapses, so it is
+            # delivered again after claim_idle_ms (and dead-lettered past
+            # max_deliveries). The node goes on.
+            logger.error(
+                "%s: the delivery of message %s could not be committed: %s",
+                d.runtime.name, d.message.id, exc,
+            )  # fmt: skip
+            return
         finally:
             held = self._held.get(entry.stream)
             if held is not None:
                 held.pop(entry.id, None)
+            self._room_to_read.set()
         if outcome != 1:
             logger.info(
                 "%s: the delivery of message %s was not committed (%s): another node "
@@ -1039,10 +1076,16 @@ class StreamPump:
             self._runtimes[name].listener.concurrency for name in self._serves
         )))  # fmt: skip
         while True:
-            while self._pending >= prefetch and self._running:
-                self._space.clear()
-                await self._space.wait()
-            room = max(1, prefetch - self._pending)
+            # Only what this node holds counts (input waiting for room in a stream does
+            # not: it waits for this very reader). Draining or stopping: read no more.
+            while self._held_total() >= prefetch or self._draining:
+                if self._state not in ("starting", "running"):
+                    return  # stopping: read no more
+                self._room_to_read.clear()
+                await self._room_to_read.wait()
+            if self._state not in ("starting", "running"):
+                return
+            room = max(1, prefetch - self._held_total())
             try:
                 entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
             except BackendUnavailable as exc:
@@ -1077,14 +1120,49 @@ class StreamPump:
                     held = [e.id for e in entries if e.stream == stream]
                     starts[stream] = held[-1] if held else b">"
                     again = again or bool(held)
-            for entry in entries:
-                if entry.stream == replies:
-                    await self._reply_from(entry)
-            inbound = [e for e in entries if e.stream != replies]
-            if again:  # delivered before: one that keeps killing its node ends here
-                inbound = await self._within_limit(inbound)
-            for entry in inbound:
-                await self._take(entry)
+            try:
+                for entry in entries:
+                    if entry.stream == replies:
+                        await self._reply_from(entry)
+                inbound = [e for e in entries if e.stream != replies and not self._holds(e)]
+                if again:  # delivered before: one that keeps killing its node ends here
+                    inbound = await self._within_limit(inbound)
+                for entry in inbound:
+                    await self._take(entry)
+            except BackendError as exc:
+                # Redis refused a step (out of memory, read-only, ...): what was not
+                # taken stays pending and comes back; the node goes on.
+                logger.error("node %s: handling what it read: %s", self.node, exc)
+                await asyncio.sleep(1.0)
+
+    async def _history_with(self, box: Outbox, thread_id: str) -> list[Slot]:
+        """A frame's history as a handler sees it during a delivery from a stream: what
+        Redis holds, then what this delivery has recorded and will commit (its ``in``
+        slot first), as it would read in one process."""
+        slots = await self.backend.buffer_get_thread(thread_id)
+        seen = {(s.direction, s.message_id) for s in slots}
+        index = slots[-1].index + 1 if slots else 0
+        for thread, slot in box.slots:
+            if thread == thread_id and (slot.direction, slot.message_id) not in seen:
+                slots.append(slot._replace(index=index))
+                index += 1
+        return slots
+
+    async def _wait_for_room(self, inbox: bytes, limit: int) -> None:
+        """Wait while ``inbox`` holds ``limit`` entries or more (polling its length, 5 ms
+        to 200 ms apart); PumpClosed once the pump stops."""
+        delay = 0.005
+        while await self._streams.length(inbox) >= limit:
+            if not self._running:
+                raise PumpClosed("the pump stopped before accepting this message")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _holds(self, entry: Any) -> bool:
+        return entry.id in self._held.get(entry.stream, ())
+
+    def _held_total(self) -> int:
+        return sum(len(held) for held in self._held.values())
 
     async def _take(self, entry: Any) -> None:
         """Hand an inbox entry this node now holds to its listener's workers."""
@@ -1117,13 +1195,17 @@ class StreamPump:
                     f"{self._max_deliveries}): its handler or its node keeps failing"
                 )
                 logger.error("dead-lettering stream entry %s: %s", entry.id.decode(), reason)
-                f = entry.fields
-                listener = f.get(b"l", b"").decode() or None
-                await self._dead_letter(
-                    HandlerFailed(reason, listener=listener), f.get(b"x"), listener,
-                    f.get(b"f", b"").decode() or None, f.get(b"i", b"").decode() or None,
-                )  # fmt: skip
-                await self._until_reachable("acknowledging", self._streams.commit, entry, self.node)
+                d = await self._from_entry(entry)  # None: dead-lettered and acknowledged
+                if d is None:
+                    continue
+                # Its sender is told, as in one process: a Huh, committed with the ack.
+                box = Outbox(d.node or self.node)
+                token = OUTBOX.set(box)
+                try:
+                    await self._fail(d, HandlerFailed(reason, listener=d.runtime.name))
+                finally:
+                    OUTBOX.reset(token)
+                await self._commit(d, box)
         return kept
 
     async def _keep_lease(self) -> None:
@@ -1182,13 +1264,26 @@ class StreamPump:
                         self.node, len(claimed), "y" if len(claimed) == 1 else "ies",
                         stream.decode(), self._claim_idle_ms,
                     )  # fmt: skip
-                for entry in await self._within_limit(claimed):
-                    await self._take(entry)
+                claimed = [e for e in claimed if not self._holds(e)]
+                try:
+                    for entry in await self._within_limit(claimed):
+                        await self._take(entry)
+                except BackendError as exc:  # left pending: claimed again later
+                    logger.error("node %s: taking over entries: %s", self.node, exc)
 
     async def _reply_from(self, entry: Any) -> None:
         """Hand a reply to a conversation this node accepted to egress, then ack it."""
         f = entry.fields
-        msg = self._message_of(f)
+        try:
+            msg = self._message_of(f)
+        except (KeyError, UnicodeDecodeError) as exc:
+            logger.error("dropping reply entry %s: %s", entry.id, exc)
+            await self._dead_letter(
+                EgressFailed(f"a reply entry that cannot be read: {exc!r}"),
+                f.get(b"x"), None, None, None,
+            )  # fmt: skip
+            await self._until_reachable("acknowledging", self._streams.commit, entry, self.node)
+            return
         try:
             model = self._decode_made_in_worker(msg)
         except (MessageError, ConfigError) as exc:
@@ -1267,9 +1362,12 @@ class StreamPump:
                 msg.model = model
         frame = d.frame
         await self._record(frame, "in", msg, listener.name)
+        box = OUTBOX.get() if d.entry is not None else None
         meta = HandlerMetadata(
             *self._meta_of(d),
-            functools.partial(self.backend.buffer_get_thread, frame.uuid),
+            functools.partial(self.backend.buffer_get_thread, frame.uuid)
+            if box is None
+            else functools.partial(self._history_with, box, frame.uuid),
             self._loop,
         )
         try:

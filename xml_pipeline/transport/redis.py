@@ -330,13 +330,17 @@ class RedisStreams:
             raise
         return int(reply[0])
 
-    async def wait_for_room(self, stream: bytes, limit: int) -> None:
-        """Return once ``stream`` holds fewer than ``limit`` entries (polling its length,
-        backing off from 5 ms to 200 ms): how a producer waits for a full inbox."""
-        delay = 0.005
-        while await self.length(stream) >= limit:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+    async def release(
+        self, consumer: str, stream: bytes, ids: Sequence[bytes], idle_ms: int
+    ) -> None:
+        """Give up ``consumer``'s lease on entries it holds but will not finish: they
+        stay pending for it, looking idle for ``idle_ms``, so that another consumer's
+        next claim takes them (``XCLAIM ... IDLE idle_ms JUSTID``)."""
+        if ids:
+            await self._commands.call(
+                b"XCLAIM", stream, self.group, consumer.encode(), 0, *ids,
+                b"IDLE", idle_ms, b"JUSTID",
+            )  # fmt: skip
 
     async def delete(self, stream: bytes) -> None:
         """Delete a stream and its consumer group (a client's reply stream, say)."""
