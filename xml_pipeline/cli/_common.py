@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "gc_tuning"]
 
@@ -113,6 +113,18 @@ def _usage_error(command: str, message: str) -> str:
     if value:
         return f"{command}: {value.group(1)} needs a value"
     return message
+
+
+def _transport_of(organism: Any, args: Any, what: str) -> str | None:
+    """The transport a command talks through (``--transport``, else the organism's);
+    None after saying why there is none (``what``: what the command does with it)."""
+    transport: str | None = args.transport or organism.transport
+    if transport is None:
+        _error(
+            f"{organism.path}: the organism has no transport: {what} the Redis Streams "
+            "transport (transport: in the file, or --transport)"
+        )
+    return transport
 
 
 def _positive(text: str) -> int:

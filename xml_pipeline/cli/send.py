@@ -13,7 +13,15 @@ from typing import Any
 from ..client import Client
 from ..config import Organism
 from ..exceptions import XmlPipelineError
-from ._common import _LOG_LEVELS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _error, _positive
+from ._common import (
+    _LOG_LEVELS,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    _error,
+    _positive,
+    _transport_of,
+)
 from ._framing import TOO_LARGE, items
 
 __all__ = ["add_parser", "main"]
@@ -48,12 +56,8 @@ def add_parser(sub: Any) -> None:
 
 def main(organism: Organism, args: argparse.Namespace) -> int:
     """Send standard input; returns the exit status."""
-    transport = args.transport or organism.transport
+    transport = _transport_of(organism, args, "send talks to nodes through")
     if transport is None:
-        _error(
-            f"{organism.path}: the organism has no transport: send talks to nodes through "
-            "the Redis Streams transport (transport: in the file, or --transport)"
-        )
         return EXIT_USAGE
     return asyncio.run(_send(organism, transport, args))
 

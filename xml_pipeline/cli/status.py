@@ -15,7 +15,7 @@ from .._stats import table
 from ..backends import client_url, open_backend, redact_url
 from ..config import Organism
 from ..transport import open_transport
-from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error
+from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _transport_of
 
 __all__ = ["add_parser", "collect", "main"]
 
@@ -37,12 +37,8 @@ def add_parser(sub: Any) -> None:
 
 def main(organism: Organism, args: argparse.Namespace) -> int:
     """Print the status; returns the exit status."""
-    transport = args.transport or organism.transport
+    transport = _transport_of(organism, args, "status reads the nodes and inboxes of")
     if transport is None:
-        _error(
-            f"{organism.path}: the organism has no transport: status reads the nodes and "
-            "inboxes of the Redis Streams transport (transport: in the file, or --transport)"
-        )
         return EXIT_USAGE
     report = asyncio.run(collect(organism, transport))
     if args.json:
