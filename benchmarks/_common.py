@@ -26,9 +26,13 @@ import gc
 import json
 import os
 import platform
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +377,46 @@ async def running(organism: Organism, **kwargs: Any) -> AsyncIterator[StreamPump
     with gc_tuning(organism.settings.gc_threshold):
         async with StreamPump(organism, **kwargs) as pump:
             yield pump
+
+
+# -- servers the scripts start --------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Return once something listens on ``127.0.0.1:port``; exit the script otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A ``redis-server`` without persistence on a free loopback port: (URL, process)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", folder],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_port(port)
+            yield f"redis://127.0.0.1:{port}/0", proc
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -32,12 +32,9 @@ import argparse
 import asyncio
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
@@ -51,54 +48,20 @@ from _common import (  # noqa: E402
     Floor,
     aim,
     emit,
+    free_port,
     hop_envelope,
     parser,
     percentile,
+    redis_server,
     relay_organism,
     run_on,
     running,
+    wait_port,
     write_report,
 )
 
 from xml_pipeline import Reply  # noqa: E402
 from xml_pipeline.backends import Backend, HistoryLimits, Slot, open_backend  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
-
-
-@contextmanager
-def redis_server() -> Any:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", folder],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            wait_port(port)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @contextmanager
@@ -225,7 +188,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with ExitStack() as servers:
         urls: dict[str, tuple[str, dict[str, Any]]] = {"memory": ("memory://", {})}
         if "redis" in names:
-            urls["redis"] = (servers.enter_context(redis_server()), {"prefix": "bench"})
+            url = servers.enter_context(redis_server())[0]
+            urls["redis"] = (url, {"prefix": "bench"})
         if "manager" in names:
             urls["manager"] = (servers.enter_context(manager_server(authkey)), {"authkey": authkey})
         for name in names:

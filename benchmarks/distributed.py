@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -45,6 +43,7 @@ from _common import (  # noqa: E402
     hop_envelope,
     parser,
     percentile,
+    redis_server,
     relay_organism,
     run_on,
     running,
@@ -58,44 +57,10 @@ RELAY = ROOT / "organisms" / "relay.yaml"
 HOPS = 5  # deliveries per message with 3 listeners
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", folder],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            deadline = time.monotonic() + 15
-            while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                                 check=False).stdout.strip() != b"PONG":  # fmt: skip
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-            yield url, proc
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @contextmanager
