@@ -5,6 +5,7 @@ once, whatever happens to the nodes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import signal
@@ -116,7 +117,11 @@ async def _leftovers(organism: Path) -> tuple[int, int]:
     backend = RedisBackend.from_url(org.backend, **org.backend_options)
     streams = RedisStreams(org.backend, backend)
     try:
-        inboxes = [streams.inbox(listener.name) for listener in org.listeners]
+        inboxes = [
+            streams.inbox(listener.name, shard)
+            for listener in org.listeners
+            for shard in range(listener.shards)
+        ]
         length = sum([await streams.length(s) for s in inboxes])
         pending = sum([await streams.pending(s) for s in inboxes])
         return length, pending
@@ -382,12 +387,13 @@ async def test_input_waits_while_the_target_inbox_is_full(
     async with StreamPump(organism, node="entry", serve=()) as entry:
         for i in range(10):
             await entry.inject(ask(i), to="front")
-        streams = entry._streams
-        assert await streams.length(streams.inbox("front")) == 10
+        assert entry._node is not None
+        streams = entry._node.streams
+        assert await streams.depth("front", 4) == 10
         waiting = asyncio.ensure_future(entry.inject(ask(10), to="front"))
         done, _ = await asyncio.wait({waiting}, timeout=0.5)
         assert not done, "the 11th message waits for room"
-        assert await streams.length(streams.inbox("front")) == 10
+        assert await streams.depth("front", 4) == 10
         async with StreamPump(organism, node="worker"):
             assert await asyncio.wait_for(waiting, 30) is not None
 
@@ -397,7 +403,7 @@ def test_a_node_added_mid_run_takes_a_share_of_the_work(
 ) -> None:
     path = chain_organism(tmp_path, redis_server.url)
     organism = load_organism(path)
-    total = 400
+    total = 800
 
     async def main() -> tuple[list[Reply], bytes]:
         replies: list[Reply] = []
@@ -434,3 +440,102 @@ async def test_a_cpu_bound_listener_runs_in_the_worker_pool_of_the_node_serving_
         assert a.statistics().pool is None, "a serves no cpu_bound listener: no pool"
         pool = b.statistics().pool
         assert pool is not None and pool.tasks == 20
+
+
+STEPS_PY = """
+import asyncio
+import os
+import random
+import time
+
+from xml_pipeline import HandlerMetadata, HandlerResponse, Payload
+
+NS = "https://example.org/steps"
+LOG = os.environ["STEPS_LOG"]
+
+
+class Burst(Payload):
+    xml_ns = NS
+    steps: int
+
+
+class Step(Payload):
+    xml_ns = NS
+    n: int
+
+
+async def split(payload: Burst, meta: HandlerMetadata) -> list[HandlerResponse]:
+    return [HandlerResponse(Step(n=n), to="work") for n in range(payload.steps)]
+
+
+async def work(payload: Step, meta: HandlerMetadata) -> None:
+    start = time.time()
+    await asyncio.sleep(random.random() * 0.01)
+    line = f"{meta.thread_id} {payload.n} {start:.6f} {time.time():.6f} {os.getpid()}\\n"
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+"""
+
+
+def test_one_frames_messages_reach_a_listener_in_order_across_nodes(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Each conversation sends 10 steps to ``work`` on one frame; three nodes serve
+    ``work`` (the third joins mid-run, so shards change hands): every frame's steps
+    run one after the other, in order, as in one process, and all three nodes work."""
+    log = tmp_path / "steps.log"
+    monkeypatch.setenv("STEPS_LOG", str(log))
+    (tmp_path / "steps.py").write_text(STEPS_PY)
+    path = tmp_path / "steps.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+            organism:
+              name: steps
+            backend: {redis_server.url}
+            transport: {redis_server.url}
+            redis:
+              prefix: s{uuid.uuid4().hex[:10]}
+            listeners:
+              - name: split
+                payload: steps:Burst
+                handler: steps:split
+              - name: work
+                payload: steps:Step
+                handler: steps:work
+                concurrency: 2
+                shards: 6
+            """)
+    )
+    organism = load_organism(path)
+    conversations, steps = 300, 10
+    total = conversations * steps
+
+    def lines() -> list[list[str]]:
+        return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+    async def main() -> None:
+        async with StreamPump(organism, node="a", serve=["split"]) as a:
+            with node(path, "w1", "work"), node(path, "w2", "work"):
+                for _ in range(conversations):
+                    burst = '<Burst xmlns="https://example.org/steps"><steps>10</steps></Burst>'
+                    await a.inject(burst, to="split")
+                await asyncio.to_thread(wait_until, lambda: len(lines()) >= total // 4, "a quarter")
+                with node(path, "w3", "work"):
+                    await asyncio.to_thread(wait_until, lambda: len(lines()) >= total, "all", 90)
+
+    asyncio.run(main())
+    by_frame: dict[str, list[tuple[int, float, float]]] = {}
+    pids = Counter()
+    for frame, n, start, end, pid in lines():
+        by_frame.setdefault(frame, []).append((int(n), float(start), float(end)))
+        pids[pid] += 1
+    assert len(by_frame) == conversations
+    for frame, runs in by_frame.items():
+        assert [n for n, _, _ in runs] == list(range(steps)), f"{frame}: {runs}"
+        for (_, _, end), (_, start, _) in itertools.pairwise(runs):
+            assert start >= end, f"{frame}: a step started before the previous one ended"
+    assert len(pids) == 3, f"every node worked: {pids}"
+    assert asyncio.run(_leftovers(path)) == (0, 0)

@@ -4,6 +4,7 @@ acknowledgement together)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections import Counter
@@ -37,9 +38,16 @@ async def streams(
 
 
 async def _stream(transport: RedisStreams, name: str) -> bytes:
-    stream = transport.inbox(name)
+    stream = transport.inbox(name, 0)
     await transport.ensure_group(stream)
     return stream
+
+
+async def read(
+    transport: RedisStreams, consumer: str, streams: list[bytes], count: int = 64
+) -> list[Entry]:
+    """New entries of ``streams`` for ``consumer`` (no leases)."""
+    return (await transport.read(consumer, dict.fromkeys(streams, b">"), count=count)).entries
 
 
 async def test_a_delivery_commits_its_history_and_outputs_and_leaves_nothing_pending(
@@ -48,14 +56,14 @@ async def test_a_delivery_commits_its_history_and_outputs_and_leaves_nothing_pen
     async with streams(redis_server) as t:
         inbox, out = await _stream(t, "greeter"), await _stream(t, "shouter")
         accepted = await t.add(inbox, {b"xml": b"<message/>", b"frame": b"f1"})
-        [entry] = await t.read("node-a", [inbox])
+        [entry] = await read(t, "node-a", [inbox])
         assert (entry.id, entry.fields) == (accepted, {b"xml": b"<message/>", b"frame": b"f1"})
         assert await t.pending(inbox) == 1
         slots = [("f1", _slot("in", "m1")), ("f1", _slot("out", "m2")), ("f2", _slot("in", "m2"))]
         outcome = await t.commit(entry, "node-a", slots, [(out, {b"xml": b"<out/>"})])
         assert outcome is Commit.COMMITTED
         assert (await t.length(inbox), await t.pending(inbox)) == (0, 0), "acked and deleted"
-        [forwarded] = await t.read("node-b", [out])
+        [forwarded] = await read(t, "node-b", [out])
         assert forwarded.fields == {b"xml": b"<out/>"}
         history = await t.backend.buffer_get_thread("f1")
         assert [(s.index, s.direction, s.message_id) for s in history] == [
@@ -71,7 +79,7 @@ async def test_a_claimed_entry_cannot_be_committed_by_its_former_owner(
     async with streams(redis_server) as t:
         inbox, out = await _stream(t, "worker"), await _stream(t, "next")
         await t.add(inbox, {b"xml": b"<job/>"})
-        [entry] = await t.read("stalled", [inbox])
+        [entry] = await read(t, "stalled", [inbox])
         [claimed] = await t.claim("rescuer", inbox, min_idle_ms=0)
         assert claimed.id == entry.id and claimed.fields == entry.fields
         late = await t.commit(
@@ -84,7 +92,7 @@ async def test_a_claimed_entry_cannot_be_committed_by_its_former_owner(
         assert done is Commit.COMMITTED
         assert await t.commit(claimed, "rescuer") is Commit.GONE, "a second commit changes nothing"
         assert await t.commit(entry, "stalled") is Commit.GONE
-        [only] = await t.read("reader", [out])
+        [only] = await read(t, "reader", [out])
         assert only.fields == {b"x": b"2"} and await t.length(out) == 1
 
 
@@ -93,7 +101,7 @@ async def test_claims_take_only_entries_idle_long_enough(redis_server: RedisServ
         inbox = await _stream(t, "slow")
         for i in range(3):
             await t.add(inbox, {b"n": str(i).encode()})
-        assert len(await t.read("a", [inbox])) == 3
+        assert len(await read(t, "a", [inbox])) == 3
         assert await t.claim("b", inbox, min_idle_ms=60_000) == []
         assert len(await t.claim("b", inbox, min_idle_ms=0)) == 3
 
@@ -105,17 +113,68 @@ async def test_history_appends_in_a_commit_are_idempotent_and_trimmed(
         inbox = await _stream(t, "l")
         await t.backend.buffer_append("f", _slot("in", "m0"))
         await t.add(inbox, {b"x": b"1"})
-        [entry] = await t.read("a", [inbox])
+        [entry] = await read(t, "a", [inbox])
         slots = [("f", _slot("in", "m0")), ("f", _slot("out", "m1")), ("f", _slot("out", "m2"))]
         assert await t.commit(entry, "a", slots) is Commit.COMMITTED
         history = await t.backend.buffer_get_thread("f")
         assert [(s.index, s.message_id) for s in history] == [(1, "m1"), (2, "m2")]
 
 
-async def test_reads_wait_for_entries_then_return(redis_server: RedisServer) -> None:
+async def test_an_empty_read_says_where_to_wait_from_and_the_wait_wakes_on_an_entry(
+    redis_server: RedisServer,
+) -> None:
     async with streams(redis_server) as t:
         inbox = await _stream(t, "idle")
-        assert await t.read("a", [inbox], block_ms=50) == []
+        await t.add(inbox, {b"n": b"0"})
+        assert len(await read(t, "a", [inbox])) == 1
+        empty = await t.read("a", {inbox: b">"})
+        assert empty.entries == [] and list(empty.marks) == [inbox]
+        waiting = asyncio.ensure_future(t.wait(empty.marks, 1000))
+        added = await t.add(inbox, {b"n": b"1"})
+        await asyncio.wait_for(waiting, 5)
+        [entry] = await read(t, "a", [inbox])
+        assert entry.id == added
+
+
+async def test_a_shard_is_read_only_under_its_lease_and_a_new_owner_takes_over_its_entries(
+    redis_server: RedisServer,
+) -> None:
+    """Leases: a consumer reads a shard only while it holds the lease; a consumer that
+    takes a free shard takes over, at once, what the former owner still held there,
+    whose late commit is then refused."""
+    async with streams(redis_server) as t:
+        shards = 2
+        inboxes = [t.inbox("l", k) for k in range(shards)]
+        for inbox in inboxes:
+            await t.ensure_group(inbox)
+        first = await t.leases("a", "l", shards, want=2, lease_ms=60_000)
+        assert (first.owned, first.taken, first.claimed) == ([0, 1], [0, 1], 0)
+        assert (await t.leases("b", "l", shards, want=1, lease_ms=60_000)).owned == []
+        await t.add(inboxes[0], {b"n": b"0"})
+        await t.add(inboxes[0], {b"n": b"1"})
+        leases = {inboxes[0]: t.lease("l", 0)}
+        held = (await t.read("a", {inboxes[0]: b">"}, leases=leases, count=1)).entries
+        assert [e.fields[b"n"] for e in held] == [b"0"]
+        fenced = await t.read("b", {inboxes[0]: b">"}, leases=leases)
+        assert fenced.entries == [] and fenced.lost == [inboxes[0]], "b holds no lease"
+        assert await t.unlease("a", "l", [0]) == 1  # a gives shard 0 up (or its lease expired)
+        assert await t.owners("l", shards) == [None, "a"]
+        second = await t.leases("b", "l", shards, want=1, lease_ms=60_000)
+        assert (second.owned, second.taken, second.claimed) == ([0], [0], 1)
+        late = await t.read("a", {inboxes[0]: b">"}, leases=leases)
+        assert late.entries == [] and late.lost == [inboxes[0]], "a reads nothing more"
+        assert await t.commit(held[0], "a") is Commit.CLAIMED
+        mine = (await t.read("b", {inboxes[0]: b"0"}, leases=leases)).entries
+        rest = (await t.read("b", {inboxes[0]: b">"}, leases=leases)).entries
+        assert [e.fields[b"n"] for e in mine + rest] == [b"0", b"1"], "in order"
+        assert await t.commit(mine[0], "b") is Commit.COMMITTED
+
+
+async def test_the_shard_layout_is_recorded_once(redis_server: RedisServer) -> None:
+    async with streams(redis_server) as t:
+        assert await t.layout({"a": 4, "b": 1}) == {"a": 4, "b": 1}
+        assert await t.layout({"a": 8}) == {"a": 4}, "the first word holds"
+        assert await t.recorded_layout() == {"a": 4, "b": 1}
 
 
 def test_the_socket_timeout_must_outlast_a_blocking_read(redis_server: RedisServer) -> None:
@@ -147,7 +206,7 @@ async def test_random_interleavings_commit_every_input_exactly_once(
             who = rng.choice(consumers)
             action = rng.random()
             if action < 0.3:
-                held[who] += await t.read(who, [inbox], count=rng.randint(1, 5))
+                held[who] += await read(t, who, [inbox], count=rng.randint(1, 5))
             elif action < 0.45:
                 held[who] += await t.claim(who, inbox, min_idle_ms=0, count=rng.randint(1, 5))
             elif action < 0.5:
@@ -160,7 +219,7 @@ async def test_random_interleavings_commit_every_input_exactly_once(
                 if outcome is Commit.COMMITTED:
                     committed[n] += 1
         while len(committed) < inputs:  # finish: one consumer claims and commits the rest
-            for entry in await t.read("n1", [inbox], count=64) + await t.claim(
+            for entry in await read(t, "n1", [inbox], count=64) + await t.claim(
                 "n1", inbox, min_idle_ms=0, count=64
             ):
                 n = entry.fields[b"n"]
@@ -169,7 +228,7 @@ async def test_random_interleavings_commit_every_input_exactly_once(
                     committed[n] += 1
         assert set(committed.values()) == {1} and len(committed) == inputs
         assert (await t.length(inbox), await t.pending(inbox)) == (0, 0)
-        outputs = Counter(e.fields[b"n"] for e in await t.read("reader", [out], count=1000))
+        outputs = Counter(e.fields[b"n"] for e in await read(t, "reader", [out], count=1000))
         assert outputs == Counter({str(i).encode(): 1 for i in range(inputs)})
         for i in range(inputs):
             assert [s.message_id for s in await t.backend.buffer_get_thread(f"frame{i}")] == [

@@ -47,7 +47,8 @@ class Client:
         self._anonymous = name is None
         self.name = name or f"client-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pump = StreamPump(organism, transport=transport, node=self.name, serve=())
-        self._pump._drop_replies = self._anonymous
+        if self._pump._node is not None:
+            self._pump._node.drop_replies = self._anonymous
 
     def __repr__(self) -> str:
         return f"<Client {self.name} of {self._pump.organism.name} on {self._pump.transport}>"

@@ -205,6 +205,15 @@ class _ListenerSection(_Strict):
         description="run the handler in the worker processes of `process_pool` (see "
         "[cpu_bound](cpu_bound.md))",
     )
+    shards: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="on a Redis transport, the number of streams this listener's inbox "
+        "is split into (by frame): up to this many nodes serve the listener at once, each "
+        "frame's messages staying in order on one of them; the same for every node of the "
+        "organism (see [distributed](distributed.md#order))",
+    )
     history_snapshot: bool = Field(
         False,
         description="`cpu_bound` only: ship the frame's history with each message, so that "
@@ -355,6 +364,7 @@ class Listener:
             the handler and its payload classes must be importable by module path.
         history_snapshot: for a ``cpu_bound`` handler on the in-memory backend, ship the
             frame's history with each task so ``meta.history()`` works in the worker.
+        shards: on a Redis transport, the streams the listener's inbox is split into.
         handler_path: ``module:attr`` the handler is imported by in a worker (derived
             from the function when None).
     """
@@ -368,6 +378,7 @@ class Listener:
     timeout_s: float | None = _default(_ListenerSection, "timeout_s")
     cpu_bound: bool = _default(_ListenerSection, "cpu_bound")
     history_snapshot: bool = _default(_ListenerSection, "history_snapshot")
+    shards: int = _default(_ListenerSection, "shards")
     handler_path: str | None = None
     is_async: bool = field(init=False)
 
@@ -388,6 +399,8 @@ class Listener:
                     f"both map to {qname}"
                 )
             seen[qname] = cls
+        if not 1 <= self.shards <= 256:
+            raise ConfigError(f"listener {self.name!r}: shards must be 1 to 256")
         if self.history_snapshot and not self.cpu_bound:
             raise ConfigError(
                 f"listener {self.name!r}: history_snapshot applies to cpu_bound listeners only"
@@ -827,6 +840,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                     timeout_s=section.timeout_s,
                     cpu_bound=section.cpu_bound,
                     history_snapshot=section.history_snapshot,
+                    shards=section.shards,
                     handler_path=section.handler if section.cpu_bound else None,
                 )
             )

@@ -24,7 +24,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import re as _regex
 import socket
 import time
@@ -46,9 +45,8 @@ from ._delivery import (
     huh_for,
     xml_safe,
 )
-from ._node import OUTBOX, Outbox, delivery_fields, reply_fields
+from ._node import OUTBOX, Node, Outbox
 from ._stats import percentile
-from ._version import __version__
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
 from .config import Listener, Organism, import_object
@@ -107,9 +105,6 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
-_RETRY_S = 0.5  # a delivery that found Redis unreachable is tried again this much later
-_HEARTBEAT_S = 2.0  # a node says it is alive this often ...
-_HEARTBEAT_TTL_MS = 6000  # ... and is listed by status this long after its last word
 _WARNED_KEPT = 1024
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
 # bounded token, so that clients can name their conversations (and retry them).
@@ -237,9 +232,9 @@ class StreamPump:
         self._dead_letters = 0
         self._duplicates = 0
         self._egress_failures = 0
-        # The Redis Streams transport (None: the in-process inboxes), this node's name
-        # in the consumer group and the listeners it serves.
-        self._streams: Any = None
+        # This node's name in the consumer group and the listeners it serves (with a
+        # transport), and its streams side (None: the in-process inboxes).
+        self._node: Node | None = None
         self.node = node or socket.gethostname()
         self._serves = frozenset(self._runtimes) if serve is None else frozenset(serve)
         unknown = sorted(self._serves - set(self._runtimes))
@@ -248,9 +243,10 @@ class StreamPump:
         transport = transport if transport is not None else organism.transport
         self.transport: str | None = None
         """The Redis Streams transport's URL (password hidden), or None: in-process."""
+        streams = None
         if transport is not None:
-            self._streams = open_transport(transport, self.backend)
-            self.transport = self._streams.url
+            streams = open_transport(transport, self.backend)
+            self.transport = streams.url
         elif serve is not None:
             raise ConfigError("serving some listeners only needs a transport (a Redis URL)")
         if claim_idle_ms is None:
@@ -260,13 +256,11 @@ class StreamPump:
             claim_idle_ms = max(60_000, int(2000 * longest))
         if claim_idle_ms <= 0 or max_deliveries < 1:
             raise ConfigError("claim_idle_ms must be positive and max_deliveries at least 1")
-        self._claim_idle_ms = claim_idle_ms
-        self._max_deliveries = max_deliveries
-        # The entries this node holds (read, not committed), by stream: its lease.
-        self._held: dict[bytes, dict[bytes, None]] = {}
-        self._drop_replies = False  # set by an anonymous Client: nobody reads them later
-        self._room_to_read = asyncio.Event()  # set when this node commits what it held
-        self._draining = False
+        if streams is not None:
+            self._node = Node(
+                self, streams, self.node, self._serves,
+                claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries,
+            )  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -281,10 +275,8 @@ class StreamPump:
         self._loop = asyncio.get_running_loop()
         try:
             await self.backend.ping()
-            if self._streams is not None:
-                for name in self._runtimes:
-                    await self._streams.ensure_group(self._streams.inbox(name))
-                await self._streams.ensure_group(self._streams.replies(self.node))
+            if self._node is not None:
+                await self._node.open()
             await self._start_pool()
             for rt in self._runtimes.values():
                 if not rt.listener.is_async and not rt.listener.cpu_bound:
@@ -332,11 +324,9 @@ class StreamPump:
                     for rt in self._runtimes.values()
                 ):
                     tg.start_soon(pool.watch, name="xml_pipeline pool watchdog")
-                if self._streams is not None:
-                    tg.start_soon(self._read_streams, name=f"streams of node {self.node}")
-                    tg.start_soon(self._keep_lease, name=f"lease of node {self.node}")
-                    tg.start_soon(self._claim_idle, name=f"claims of node {self.node}")
-                    tg.start_soon(self._heartbeat, name=f"heartbeat of node {self.node}")
+                if self._node is not None:
+                    for task, name in self._node.tasks():
+                        tg.start_soon(task, name=name)
                 task_status.started()
         finally:
             self._served.set()
@@ -421,7 +411,8 @@ class StreamPump:
         self._state = "closing"
         self._running = False
         self._space.set()  # wake ingress waiting for room: it will refuse
-        self._room_to_read.set()  # and a node's reader: it stops
+        if self._node is not None:
+            self._node.stop_reading()  # and a node's reader: it stops
 
     async def _shutdown(self) -> None:
         try:
@@ -449,14 +440,8 @@ class StreamPump:
                         runner.shutdown()
                     self._sync.clear()
                     try:
-                        if self._streams is not None:
-                            with anyio.move_on_after(_STEP_TIMEOUT_S):
-                                with contextlib.suppress(XmlPipelineError):
-                                    await self._streams.forget(self.node)
-                                    if self._drop_replies:  # an anonymous client's
-                                        replies = self._streams.replies(self.node)
-                                        await self._streams.delete(replies)
-                                await self._streams.aclose()
+                        if self._node is not None:
+                            await self._node.close()
                         if self._owns_backend:
                             with anyio.move_on_after(_STEP_TIMEOUT_S):
                                 await self.backend.aclose()
@@ -473,21 +458,10 @@ class StreamPump:
                 while not inbox.empty():
                     abandoned.append((inbox.get_nowait(), "queued"))
                     self._release()
-        # What came from a stream stays pending there: this node takes it up again
-        # when it restarts under its name, or another node claims it at once (its
-        # lease is given up: the entries look idle for claim_idle_ms already).
-        taken = [d for d, _ in abandoned if d.entry is not None]
+        # What came from a stream stays pending there: the next owner of its shard
+        # takes it over (this node gives up its leases when it closes), or this node
+        # takes it up again when it restarts under its name.
         abandoned = [(d, state) for d, state in abandoned if d.entry is None]
-        if taken and self._streams is not None:
-            by_stream: dict[bytes, list[bytes]] = {}
-            for d in taken:
-                by_stream.setdefault(d.entry.stream, []).append(d.entry.id)
-            with anyio.move_on_after(_STEP_TIMEOUT_S):
-                for stream, ids in by_stream.items():
-                    try:
-                        await self._streams.release(self.node, stream, ids, self._claim_idle_ms)
-                    except XmlPipelineError as exc:
-                        logger.warning("node %s: could not give up its lease: %s", self.node, exc)
         waiters = list(self._waiters.values())
         self._waiters.clear()
         self._open.clear()
@@ -541,11 +515,10 @@ class StreamPump:
             True if the pump became idle in time.
         """
         limit = self._settings.drain_timeout_s if timeout is None else timeout
-        if self._streams is not None:
+        if self._node is not None:
             # A node finishes what it holds and reads nothing more: the rest of the
             # inboxes is for the other nodes (or for this one when it starts again).
-            self._draining = True
-            self._room_to_read.set()
+            self._node.drain()
         try:
             async with asyncio.timeout(limit):
                 await self.wait_idle()
@@ -646,7 +619,7 @@ class StreamPump:
             cause = msg.cause or msg.id  # set at ingress
             causes.append(cause)
             self._waiters[cause] = future
-            if self._streams is None:  # counted only where every delivery is seen
+            if self._node is None:  # counted only where every delivery is seen
                 self._open[cause] = 0
 
         rejected: list[MessageError] = []
@@ -710,7 +683,7 @@ class StreamPump:
         self._ingest_done.clear()
         # Input is never part of a delivery's commit, even when a handler (or a task it
         # started) sends it while its delivery from a stream runs.
-        token = OUTBOX.set(None) if self._streams is not None else None
+        token = OUTBOX.set(None) if self._node is not None else None
         try:
             await self._admit()
             if not self._running:
@@ -827,20 +800,14 @@ class StreamPump:
                     Delivery(msg, rt, child, root, None)
                     for rt, child in zip(targets, children, strict=True)
                 ]
-                if self._streams is not None:  # accepted once every XADD returned
+                if self._node is not None:  # accepted once every XADD returned
                     if on_accept is not None:
                         # A waiting request() is registered first: another node may
                         # answer before the last XADD returns (on failure the
                         # caller drops it again).
                         on_accept(msg)
                         on_accept = None
-                    limit = self._settings.queue_size
-                    for d in deliveries:
-                        inbox = self._streams.inbox(d.runtime.name)
-                        # A full inbox makes input wait, across nodes as in one process
-                        # (messages made inside the organism do not wait: no deadlock).
-                        await self._wait_for_room(inbox, limit)
-                        await self._streams.add(inbox, delivery_fields(d, self.node))
+                    await self._node.accept(deliveries)
                 elif not self._running:  # stopped meanwhile: the inboxes were emptied
                     raise PumpClosed("the pump stopped before accepting this message")
             except BaseException:
@@ -850,7 +817,7 @@ class StreamPump:
                 raise
             if on_accept is not None:
                 on_accept(msg)
-            if self._streams is None:
+            if self._node is None:
                 for d in deliveries:
                     self._enqueue(d)
             return root.uuid
@@ -902,11 +869,10 @@ class StreamPump:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def _enqueue(self, delivery: Delivery) -> None:
-        if self._streams is not None:
+        if self._node is not None:
             box = OUTBOX.get()
             if box is not None:  # a delivery from a stream: added by its commit
-                fields = delivery_fields(delivery, box.node)
-                box.outputs.append((self._streams.inbox(delivery.runtime.name), fields))
+                self._node.output(delivery, box)
                 return
         rt = delivery.runtime
         self._hold()
@@ -996,346 +962,10 @@ class StreamPump:
                 if self._open:
                     self._done_with(delivery)
                 self._release()
-            if box is not None:
-                await self._commit(delivery, box)
-            elif retry:
-                assert self._loop is not None
-                self._loop.call_later(_RETRY_S, self._again, delivery)
-
-    # -- the Redis Streams transport -------------------------------------------
-
-    async def _commit(self, d: Delivery, box: Outbox) -> None:
-        """End a delivery from a stream: its slots, outputs and acknowledgement at once."""
-        entry = d.entry
-        try:
-            outcome = await self._until_reachable(
-                "commit", self._streams.commit, entry, self.node, box.slots, box.outputs
-            )
-        except BackendError as exc:
-            # Redis refused the step (out of memory, read-only replica, ...): nothing
-            # of it happened; the entry stays pending and its lease lapses, so it is
-            # delivered again after claim_idle_ms (and dead-lettered past
-            # max_deliveries). The node goes on.
-            logger.error(
-                "%s: the delivery of message %s could not be committed: %s",
-                d.runtime.name, d.message.id, exc,
-            )  # fmt: skip
-            return
-        finally:
-            held = self._held.get(entry.stream)
-            if held is not None:
-                held.pop(entry.id, None)
-            self._room_to_read.set()
-        if outcome != 1:
-            logger.info(
-                "%s: the delivery of message %s was not committed (%s): another node "
-                "took it over", d.runtime.name, d.message.id, outcome.name.lower(),
-            )  # fmt: skip
-
-    def _again(self, delivery: Delivery) -> None:
-        """Put back a delivery that could not run for want of Redis."""
-        if self._running:
-            delivery.routed = False
-            self._enqueue(delivery)
-
-    async def _until_reachable(self, what: str, call: Any, *args: Any) -> Any:
-        """``await call(*args)``, again and again while Redis cannot be reached (backing
-        off up to 2 s), as long as the pump runs: an outage of the transport pauses the
-        node instead of ending it. The outage and the recovery are logged once."""
-        delay = 0.1
-        down = False
-        while True:
-            try:
-                result = await call(*args)
-            except BackendUnavailable as exc:
-                if not self._running:
-                    raise
-                if not down:
-                    logger.warning("node %s: %s: %s; retrying", self.node, what, exc)
-                    down = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            if down:
-                logger.warning("node %s: %s: the transport answers again", self.node, what)
-            return result
-
-    async def _read_streams(self) -> None:
-        """Feed this node's workers from the inboxes of the listeners it serves, and
-        egress from its reply stream: one blocking read for all of them. First what
-        this node held when it stopped (its pending entries), then new entries, while
-        the pump has room."""
-        streams = self._streams
-        replies = streams.replies(self.node)
-        starts = {streams.inbox(name): b"0" for name in sorted(self._serves)}
-        starts[replies] = b"0"
-        down, delay = False, 0.1
-        # A node reads only what it will start soon, so that a node that joins (or
-        # another one) gets a share of a backlog instead of finding it all taken.
-        prefetch = min(self._settings.queue_size, max(64, 2 * sum(
-            self._runtimes[name].listener.concurrency for name in self._serves
-        )))  # fmt: skip
-        while True:
-            # Only what this node holds counts (input waiting for room in a stream does
-            # not: it waits for this very reader). Draining or stopping: read no more.
-            while self._held_total() >= prefetch or self._draining:
-                if self._state not in ("starting", "running"):
-                    return  # stopping: read no more
-                self._room_to_read.clear()
-                await self._room_to_read.wait()
-            if self._state not in ("starting", "running"):
-                return
-            room = max(1, prefetch - self._held_total())
-            try:
-                entries = await streams.read(self.node, starts, count=min(room, 64), block_ms=1000)
-            except BackendUnavailable as exc:
-                if not self._running:
-                    raise
-                if not down:
-                    logger.warning("node %s: reading: %s; retrying", self.node, exc)
-                    down = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                # A read whose answer was lost may have delivered entries to this node:
-                # they are pending for it, so read what it holds again (from the start).
-                starts = dict.fromkeys(starts, b"0")
-                continue
-            except BackendError as exc:
-                # Redis answered with an error: a stream or its group deleted under
-                # the node (made again), or something this node cannot fix (logged).
-                logger.error("node %s: reading its streams: %s", self.node, exc)
-                if "NOGROUP" in str(exc):
-                    for stream in starts:
-                        await self._until_reachable(
-                            "creating a group", streams.ensure_group, stream
-                        )
-                await asyncio.sleep(1.0)
-                continue
-            if down:
-                logger.warning("node %s: reading: the transport answers again", self.node)
-                down, delay = False, 0.1
-            again = False
-            for stream, start in starts.items():
-                if start != b">":  # paging through what this node held
-                    held = [e.id for e in entries if e.stream == stream]
-                    starts[stream] = held[-1] if held else b">"
-                    again = again or bool(held)
-            try:
-                for entry in entries:
-                    if entry.stream == replies:
-                        await self._reply_from(entry)
-                inbound = [e for e in entries if e.stream != replies and not self._holds(e)]
-                if again:  # delivered before: one that keeps killing its node ends here
-                    inbound = await self._within_limit(inbound)
-                for entry in inbound:
-                    await self._take(entry)
-            except BackendError as exc:
-                # Redis refused a step (out of memory, read-only, ...): what was not
-                # taken stays pending and comes back; the node goes on.
-                logger.error("node %s: handling what it read: %s", self.node, exc)
-                await asyncio.sleep(1.0)
-
-    async def _history_with(self, box: Outbox, thread_id: str) -> list[Slot]:
-        """A frame's history as a handler sees it during a delivery from a stream: what
-        Redis holds, then what this delivery has recorded and will commit (its ``in``
-        slot first), as it would read in one process."""
-        slots = await self.backend.buffer_get_thread(thread_id)
-        seen = {(s.direction, s.message_id) for s in slots}
-        index = slots[-1].index + 1 if slots else 0
-        for thread, slot in box.slots:
-            if thread == thread_id and (slot.direction, slot.message_id) not in seen:
-                slots.append(slot._replace(index=index))
-                index += 1
-        return slots
-
-    async def _wait_for_room(self, inbox: bytes, limit: int) -> None:
-        """Wait while ``inbox`` holds ``limit`` entries or more (polling its length, 5 ms
-        to 200 ms apart); PumpClosed once the pump stops."""
-        delay = 0.005
-        while await self._streams.length(inbox) >= limit:
-            if not self._running:
-                raise PumpClosed("the pump stopped before accepting this message")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-
-    def _holds(self, entry: Any) -> bool:
-        return entry.id in self._held.get(entry.stream, ())
-
-    def _held_total(self) -> int:
-        return sum(len(held) for held in self._held.values())
-
-    async def _take(self, entry: Any) -> None:
-        """Hand an inbox entry this node now holds to its listener's workers."""
-        held = self._held.setdefault(entry.stream, {})
-        if entry.id in held:  # read again after an outage: already here
-            return
-        d = await self._from_entry(entry)
-        if d is not None:
-            held[entry.id] = None
-            self._enqueue(d)
-
-    async def _within_limit(self, entries: list[Any]) -> list[Any]:
-        """The entries delivered at most ``max_deliveries`` times; the others are
-        dead-lettered and acknowledged."""
-        kept = []
-        by_stream: dict[bytes, list[Any]] = {}
-        for entry in entries:
-            by_stream.setdefault(entry.stream, []).append(entry)
-        for stream, group in by_stream.items():
-            counts = await self._until_reachable(
-                "counting deliveries", self._streams.deliveries, stream, [e.id for e in group]
-            )
-            for entry in group:
-                count = counts.get(entry.id, 0)
-                if count <= self._max_deliveries:
-                    kept.append(entry)
-                    continue
-                reason = (
-                    f"delivered {count} times without completing (max_deliveries "
-                    f"{self._max_deliveries}): its handler or its node keeps failing"
-                )
-                logger.error("dead-lettering stream entry %s: %s", entry.id.decode(), reason)
-                d = await self._from_entry(entry)  # None: dead-lettered and acknowledged
-                if d is None:
-                    continue
-                # Its sender is told, as in one process: a Huh, committed with the ack.
-                box = Outbox(d.node or self.node)
-                token = OUTBOX.set(box)
-                try:
-                    await self._fail(d, HandlerFailed(reason, listener=d.runtime.name))
-                finally:
-                    OUTBOX.reset(token)
-                await self._commit(d, box)
-        return kept
-
-    async def _keep_lease(self) -> None:
-        """Renew this node's lease on what it holds, three times per ``claim_idle_ms``."""
-        while True:
-            await asyncio.sleep(self._claim_idle_ms / 3000)
-            for stream, held in list(self._held.items()):
-                if not held:
-                    continue
-                ids = list(held)
-                try:
-                    still = await self._streams.refresh(self.node, stream, ids)
-                except BackendError as exc:  # tried again at the next round
-                    logger.debug("node %s: renewing its lease failed: %s", self.node, exc)
-                    continue
-                for entry_id in ids:
-                    if entry_id not in still:  # taken over: its commit will be refused
-                        held.pop(entry_id, None)
-
-    async def _heartbeat(self) -> None:
-        """Say that this node is alive (``status`` lists it) every 2 s, for 6 s."""
-        started = time.time()
-        while True:
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "listeners": sorted(self._serves),
-                "held": sum(len(held) for held in self._held.values()),
-                "started": started,
-                "version": __version__,
-            }
-            try:
-                await self._streams.heartbeat(self.node, info, _HEARTBEAT_TTL_MS)
-            except BackendError as exc:
-                logger.warning("node %s: heartbeat failed: %s", self.node, exc)
-            await asyncio.sleep(_HEARTBEAT_S)
-
-    async def _claim_idle(self) -> None:
-        """Take over the entries of nodes that stopped renewing their lease."""
-        streams = self._streams
-        inboxes = [streams.inbox(name) for name in sorted(self._serves)]
-        while True:
-            await asyncio.sleep(self._claim_idle_ms / 2000)
-            for stream in inboxes:
-                await self._admit()
-                try:
-                    claimed = await streams.claim(
-                        self.node, stream, min_idle_ms=self._claim_idle_ms, count=64
-                    )
-                except BackendError as exc:  # tried again at the next round
-                    logger.debug("node %s: claiming failed: %s", self.node, exc)
-                    continue
-                if claimed:
-                    logger.warning(
-                        "node %s took over %d entr%s of %s idle for %d ms or more",
-                        self.node, len(claimed), "y" if len(claimed) == 1 else "ies",
-                        stream.decode(), self._claim_idle_ms,
-                    )  # fmt: skip
-                claimed = [e for e in claimed if not self._holds(e)]
-                try:
-                    for entry in await self._within_limit(claimed):
-                        await self._take(entry)
-                except BackendError as exc:  # left pending: claimed again later
-                    logger.error("node %s: taking over entries: %s", self.node, exc)
-
-    async def _reply_from(self, entry: Any) -> None:
-        """Hand a reply to a conversation this node accepted to egress, then ack it."""
-        f = entry.fields
-        try:
-            msg = self._message_of(f)
-        except (KeyError, UnicodeDecodeError) as exc:
-            logger.error("dropping reply entry %s: %s", entry.id, exc)
-            await self._dead_letter(
-                EgressFailed(f"a reply entry that cannot be read: {exc!r}"),
-                f.get(b"x"), None, None, None,
-            )  # fmt: skip
-            await self._until_reachable("acknowledging", self._streams.commit, entry, self.node)
-            return
-        try:
-            model = self._decode_made_in_worker(msg)
-        except (MessageError, ConfigError) as exc:
-            logger.error("a reply from %s cannot be decoded: %s", msg.sender, exc)
-            model = huh_for(InvalidReturn(str(exc)), msg.xml())
-        thread = f.get(b"th")
-        origin = f.get(b"o")
-        reply = Reply(
-            None if thread is None else thread.decode(), msg.sender,
-            None if origin is None else origin.decode(), msg.id, model, msg.re,
-        )  # fmt: skip
-        await self._emit(reply, msg, recorded=True)
-        await self._until_reachable("acknowledging a reply", self._streams.commit, entry, self.node)
-
-    def _message_of(self, f: dict[bytes, bytes]) -> Message:
-        def text(key: bytes) -> str | None:
-            value = f.get(key)
-            return None if value is None else value.decode()
-
-        msg = Message(
-            f[b"i"].decode(), f[b"s"].decode(), text(b"t"), f[b"q"].decode(), xml=f[b"x"],
-            path=text(b"p"), re=text(b"re"), cause=text(b"c"),
-        )  # fmt: skip
-        msg.after_huh = f.get(b"h") == b"1"
-        return msg
-
-    async def _from_entry(self, entry: Any) -> Delivery | None:
-        """The delivery a stream entry carries (None: dead-lettered and acknowledged)."""
-        f = entry.fields
-        try:
-            msg = self._message_of(f)
-            rt = self._runtimes[f[b"l"].decode()]
-            resolve = functools.partial(
-                self._until_reachable, "reading a frame", self._frames.resolve
-            )
-            frame = await resolve(f[b"f"].decode())
-            reply_frame = await resolve(f[b"rf"].decode())
-            reply_to = self._runtimes.get(f[b"rt"].decode()) if b"rt" in f else None
-            if frame is None or reply_frame is None:
-                raise KeyError("its frame is not in the registry (expired?)")
-        except (KeyError, UnicodeDecodeError) as exc:
-            logger.error("dropping stream entry %s: %s", entry.id, exc)
-            await self._dead_letter(
-                HandlerFailed(f"a stream entry that cannot be delivered: {exc}"),
-                f.get(b"x"), None, None, None,
-            )  # fmt: skip
-            await self._until_reachable("acknowledging", self._streams.commit, entry, self.node)
-            return None
-        d = Delivery(msg, rt, frame, reply_frame, reply_to)
-        d.entry = entry
-        d.node = (f.get(b"n") or self.node.encode()).decode()
-        return d
+            if box is not None and self._node is not None:
+                await self._node.commit(delivery, box)
+            elif retry and self._node is not None:
+                self._node.again(delivery)
 
     async def _record(self, frame: Frame, direction: str, msg: Message, to: str | None) -> None:
         slot = Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml())  # type: ignore[arg-type]
@@ -1366,8 +996,8 @@ class StreamPump:
         meta = HandlerMetadata(
             *self._meta_of(d),
             functools.partial(self.backend.buffer_get_thread, frame.uuid)
-            if box is None
-            else functools.partial(self._history_with, box, frame.uuid),
+            if box is None or self._node is None
+            else functools.partial(self._node.history_with, box, frame.uuid),
             self._loop,
         )
         try:
@@ -1677,7 +1307,8 @@ class StreamPump:
 
     async def _emit(self, reply: Reply, msg: Message | None, *, recorded: bool = False) -> None:
         """Hand a reply to the external sender (and to a request() waiting for it)."""
-        box = OUTBOX.get() if self._streams is not None else None
+        node = self._node
+        box = OUTBOX.get() if node is not None else None
         if not recorded and reply.thread_id is not None and msg is not None:
             try:
                 root = await self._frames.resolve(reply.thread_id)
@@ -1685,9 +1316,8 @@ class StreamPump:
                     await self._record(root, "in", msg, reply.to)
             except BackendError as exc:  # the reply still goes out
                 logger.warning("could not record a reply in the history: %s", exc)
-        if box is not None and msg is not None:  # to the node that accepted the input
-            fields = reply_fields(reply, msg, box.node)
-            box.outputs.append((self._streams.replies(box.node), fields))
+        if box is not None and msg is not None and node is not None:
+            node.reply(reply, msg, box)  # to the node that accepted the input
             return
         if msg is not None and msg._xml is not None and msg.qname[0] == "{":
             object.__setattr__(reply, "_payload_xml", msg._xml)  # a cache, set once

@@ -56,8 +56,12 @@ async def collect(organism: Organism, transport: str) -> dict[str, Any]:
         streams = open_transport(transport, backend)
         try:
             nodes = await streams.nodes()
+            # The nodes' layout holds (what the organism file says until a node ran).
+            layout = await streams.recorded_layout()
             listeners = {
-                listener.name: await streams.inbox_status(streams.inbox(listener.name))
+                listener.name: await streams.inbox_status(
+                    listener.name, layout.get(listener.name, listener.shards)
+                )
                 for listener in organism.listeners
             }
             dead_letters = await backend.dead_letter_count()  # type: ignore[attr-defined]
@@ -99,12 +103,14 @@ def _print(report: dict[str, Any], out: IO[str]) -> None:
         print(file=out)
         for line in table(("node", "pid", "host", "listeners", "held", "up"), rows, min_width=8):
             print(line, file=out)
-    rows = [
+    inboxes = [
         (name, str(s["length"]), str(s["pending"]), str(s["lag"]), _age(s["oldest_ms"]),
-         " ".join(f"{n}:{c}" for n, c in s["pending_by_node"].items()) or "-")
+         " ".join(f"{n}:{c}" for n, c in s["pending_by_node"].items()) or "-",
+         " ".join(f"{n}:{','.join(map(str, k))}" for n, k in s["shards_by_node"].items()) or "-")
         for name, s in report["listeners"].items()
     ]  # fmt: skip
     print(file=out)
-    head = ("listener", "length", "pending", "lag", "oldest pending", "pending by node")
-    for line in table(head, rows, min_width=12):
+    head = ("listener", "length", "pending", "lag", "oldest pending", "pending by node",
+            "shards by node")  # fmt: skip
+    for line in table(head, inboxes, min_width=12):
         print(line, file=out)

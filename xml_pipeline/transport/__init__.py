@@ -12,6 +12,7 @@ that ``import xml_pipeline`` does not import ``redis``).
 from __future__ import annotations
 
 import importlib
+import zlib
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -21,10 +22,17 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
     from .redis import RedisStreams
 
-__all__ = ["TRANSPORT_SCHEMES", "open_transport"]
+__all__ = ["TRANSPORT_SCHEMES", "open_transport", "shard_of"]
 
 TRANSPORT_SCHEMES = ("redis", "rediss", "unix")
 """The URL schemes of the Redis Streams transport."""
+
+
+def shard_of(frame: str, shards: int) -> int:
+    """The shard of a listener's inbox that the messages of ``frame`` go to, among
+    ``shards``: the same in every process (CRC-32 of the frame's id), so that one
+    frame's messages are in one stream, in order."""
+    return zlib.crc32(frame.encode()) % shards if shards > 1 else 0
 
 
 def open_transport(url: str, backend: Backend, **options: Any) -> RedisStreams:

@@ -1,19 +1,29 @@
-"""Redis Streams primitives of the distributed transport: inboxes, reads, claims and the
-commit that ends a delivery.
+"""Redis Streams primitives of the distributed transport: inboxes, leases, reads, claims
+and the commit that ends a delivery.
 
-Each listener's inbox is a stream (``P:in:<listener>``, ``P`` the backend's prefix)
-read through one consumer group; a node is a consumer. An entry is a message in
-flight: it is *accepted* once ``XADD`` returned, stays in the stream until the
-delivery that handles it commits, and is pending for one consumer at a time.
+Each listener's inbox is split into *shards*, streams ``P:in:<listener>:<k>`` (``P``
+the backend's prefix), all read through one consumer group; a node is a consumer. A
+message goes to the shard of its frame (:func:`~xml_pipeline.transport.shard_of`), so
+one frame's messages are in one stream, in the order they were added. An entry is a
+message in flight: it is *accepted* once ``XADD`` returned, stays in the stream until
+the delivery that handles it commits, and is pending for one consumer at a time.
+
+**Leases** (``P:lease:<listener>:<k>``, :meth:`RedisStreams.leases`): a shard is read
+by one consumer at a time, the one whose name its lease key holds; a lease lives for
+a node's ``claim_idle_ms`` and is renewed well before. A node that takes a free shard
+takes over, in the same step, every entry still pending there for another consumer;
+reads are fenced by the lease too (``read.lua``: no lease, no read), so a node
+presumed dead reads nothing more from a shard it lost. One frame's messages
+therefore reach a listener in order across nodes, as in one process.
 
 **The commit** (:meth:`RedisStreams.commit`, ``commit.lua``) ends a delivery in one
 atomic step, only if this consumer still owns the entry (the *fence*: the entry is
 pending in the group for this consumer): it appends the history slots (idempotent by
 message id, with the backend's trimming and TTL), adds every output to its stream,
 acknowledges the entry and deletes it. A consumer presumed dead whose entry another
-consumer claimed (``XAUTOCLAIM``) therefore cannot commit late: its handler may have
-run (side effects outside the organism are at-least-once), but the organism's
-history and messages change once.
+consumer took over therefore cannot commit late: its handler may have run (side
+effects outside the organism are at-least-once), but the organism's history and
+messages change once.
 
 Acknowledged entries are deleted at once, so a stream holds only what is not done:
 its length is the inbox's depth, and nothing unacknowledged is ever trimmed.
@@ -27,17 +37,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import Slot
 from ..backends.redis.backend import RedisBackend
 from ..backends.redis.pipeline import Pipeline
-from ..backends.redis.scripts import COMMIT, REFRESH
+from ..backends.redis.scripts import COMMIT, LEASES, READ, UNLEASE
 from ..exceptions import BackendError
 
-__all__ = ["Commit", "Entry", "RedisStreams"]
+__all__ = ["Commit", "Entry", "Leases", "Read", "RedisStreams"]
 
 _READ_BLOCK_MS = 1000  # XREADGROUP's longest wait: well under the socket timeout
 
@@ -66,6 +76,37 @@ class Entry:
     stream: bytes
     id: bytes
     fields: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What :meth:`RedisStreams.read` got.
+
+    Attributes:
+        entries: the entries read, now pending for the consumer (stream order).
+        lost: the shards not read because the consumer's lease on them is gone.
+        marks: when nothing was read, where to wait from (:meth:`RedisStreams.wait`):
+            per stream read from ``b">"``, the group's last delivered id.
+    """
+
+    entries: list[Entry]
+    lost: list[bytes]
+    marks: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Leases:
+    """What a round of :meth:`RedisStreams.leases` did.
+
+    Attributes:
+        owned: the shards the consumer holds a lease on now.
+        taken: those it took in this round (a subset of ``owned``).
+        claimed: entries it took over on them from other consumers.
+    """
+
+    owned: list[int]
+    taken: list[int]
+    claimed: int
 
 
 def _fields(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:
@@ -113,9 +154,40 @@ class RedisStreams:
     def __repr__(self) -> str:
         return f"RedisStreams({self.url!r}, group={self.group.decode()!r})"
 
-    def inbox(self, listener: str) -> bytes:
-        """The stream key of ``listener``'s inbox."""
-        return self._prefix + b":in:" + listener.encode()
+    def inbox(self, listener: str, shard: int) -> bytes:
+        """The stream key of shard ``shard`` of ``listener``'s inbox."""
+        return b"%s:in:%s:%d" % (self._prefix, listener.encode(), shard)
+
+    def lease(self, listener: str, shard: int) -> bytes:
+        """The key of the lease on shard ``shard`` of ``listener``'s inbox."""
+        return b"%s:lease:%s:%d" % (self._prefix, listener.encode(), shard)
+
+    @property
+    def layout_key(self) -> bytes:
+        """The key recording how many shards each listener's inbox has."""
+        return self._prefix + b":shards"
+
+    async def layout(self, shards: Mapping[str, int]) -> dict[str, int]:
+        """Record the number of shards of each listener's inbox unless recorded
+        already; returns what is recorded (the first node's word holds: producers
+        and readers must agree on it)."""
+        key = self.layout_key
+        names = list(shards)
+        if not names:
+            return {}
+        for name in names:
+            await self._commands.call(b"HSETNX", key, name.encode(), shards[name])
+        stored = await self._commands.call(b"HMGET", key, *(n.encode() for n in names))
+        return {name: int(value) for name, value in zip(names, stored, strict=True)}
+
+    async def recorded_layout(self) -> dict[str, int]:
+        """The number of shards recorded per listener (empty: no node ran yet)."""
+        stored = await self._commands.call(b"HGETALL", self.layout_key)
+        if isinstance(stored, dict):
+            items = list(stored.items())
+        else:
+            items = list(zip(stored[0::2], stored[1::2], strict=True))
+        return {bytes(k).decode(): int(v) for k, v in items}
 
     def replies(self, node: str) -> bytes:
         """The stream key of the replies for the conversations ``node`` accepted."""
@@ -141,41 +213,83 @@ class RedisStreams:
     async def read(
         self,
         consumer: str,
-        streams: Sequence[bytes] | Mapping[bytes, bytes],
+        starts: Mapping[bytes, bytes],
         *,
+        leases: Mapping[bytes, bytes] | None = None,
         count: int = 64,
-        block_ms: int = 0,
-    ) -> list[Entry]:
-        """Entries for ``consumer`` (``XREADGROUP``), now pending for it.
+    ) -> Read:
+        """Entries for ``consumer`` (``XREADGROUP``), now pending for it; never blocks
+        (see :meth:`wait`).
 
         Args:
             consumer: this node's name in the group.
-            streams: the inboxes to read, each from ``b">"`` (new entries), or a
-                mapping of stream to where to read it from: ``b">"``, or an id to
-                read the entries already pending for ``consumer`` after it (``b"0"``:
-                all it held when it stopped, oldest first).
+            starts: the streams to read, each from ``b">"`` (new entries) or from an
+                id, to page through the entries already pending for ``consumer`` after
+                it (``b"0"``: all it held when it stopped, oldest first).
+            leases: the lease key of each stream that is a shard: such a stream is
+                read only while ``consumer`` holds its lease (the others are listed in
+                :attr:`Read.lost`). Streams not named here are read always.
             count: at most this many entries per stream.
-            block_ms: wait this long for a new entry when there is none (at most 1 s;
-                only when every stream is read from ``b">"``).
         """
-        starts = streams if isinstance(streams, Mapping) else dict.fromkeys(streams, b">")
-        if not starts:
-            return []
-        block = min(max(block_ms, 0), _READ_BLOCK_MS)
-        args: list[Any] = [b"XREADGROUP", b"GROUP", self.group, consumer.encode()]
-        args += [b"COUNT", count]
-        if block and all(start == b">" for start in starts.values()):
-            args += [b"BLOCK", block]
-        args += [b"STREAMS", *starts.keys(), *starts.values()]
+        leases = leases or {}
+        leased = [stream for stream in starts if stream in leases]
+        free = [stream for stream in starts if stream not in leases]
+        keys: list[bytes] = []
+        for stream in leased:
+            keys += (leases[stream], stream)
+        keys += free
+        args: list[Any] = [self.group, consumer.encode(), count, len(leased)]
+        args += [starts[stream] for stream in (*leased, *free)]
         # Not idempotent: a read whose reply was lost delivered its entries anyway
-        # (they are pending for this consumer and come back by claim).
-        reply = await self._reads.call(*args, idempotent=False)
+        # (they are pending for this consumer: it reads them again from b"0").
+        reply, lost, marks = await self._reads.eval(READ, tuple(keys), *args, idempotent=False)
         entries: list[Entry] = []
         for stream, items in reply or ():
             for entry_id, flat in items:
                 if flat:  # an entry deleted while pending for us has no fields
                     entries.append(Entry(bytes(stream), bytes(entry_id), _fields(flat)))
-        return entries
+        marked = {bytes(k): bytes(v) for k, v in zip(marks[0::2], marks[1::2], strict=True)}
+        return Read(entries, [bytes(stream) for stream in lost], marked)
+
+    async def wait(self, marks: Mapping[bytes, bytes], block_ms: int) -> None:
+        """Wait until an entry is added to one of the streams after its mark (see
+        :attr:`Read.marks`), at most ``block_ms`` (at most 1 s); takes nothing."""
+        if not marks:
+            await asyncio.sleep(max(block_ms, 0) / 1000)
+            return
+        block = min(max(block_ms, 1), _READ_BLOCK_MS)
+        await self._reads.call(
+            b"XREAD", b"COUNT", 1, b"BLOCK", block, b"STREAMS", *marks.keys(), *marks.values()
+        )
+
+    async def leases(
+        self, consumer: str, listener: str, shards: int, want: int, lease_ms: int
+    ) -> Leases:
+        """One round of ``consumer``'s leases on ``listener``'s shards: renew those it
+        holds (for ``lease_ms``), then take free ones until it holds ``want``, taking
+        over in the same step what their former owner left pending (``leases.lua``).
+        A consumer holding more than ``want`` gives some up with :meth:`unlease`."""
+        keys = [self.lease(listener, k) for k in range(shards)]
+        keys += [self.inbox(listener, k) for k in range(shards)]
+        owned, taken, claimed = await self._commands.eval(
+            LEASES, tuple(keys), self.group, consumer.encode(), lease_ms, want
+        )
+        return Leases([int(k) for k in owned], [int(k) for k in taken], int(claimed))
+
+    async def unlease(self, consumer: str, listener: str, shards: Collection[int]) -> int:
+        """Give up ``consumer``'s leases on ``shards`` of ``listener`` (those it still
+        holds), so that another consumer takes them at once; returns how many."""
+        if not shards:
+            return 0
+        keys = tuple(self.lease(listener, k) for k in sorted(shards))
+        return int(await self._commands.eval(UNLEASE, keys, consumer.encode()))
+
+    async def owners(self, listener: str, shards: int) -> list[str | None]:
+        """Who holds the lease on each shard of ``listener`` (None: nobody)."""
+        found = await self._commands.call(
+            b"MGET", *(self.lease(listener, k) for k in range(shards))
+        )
+        return [None if value is None else bytes(value).decode() for value in found]
 
     async def claim(
         self, consumer: str, stream: bytes, *, min_idle_ms: int, count: int = 64
@@ -235,15 +349,6 @@ class RedisStreams:
         # second time and changes nothing.
         return Commit(int(await self._commands.eval(COMMIT, tuple(keys), *args)))
 
-    async def refresh(self, consumer: str, stream: bytes, ids: Sequence[bytes]) -> set[bytes]:
-        """Renew ``consumer``'s lease on the entries of ``stream`` it holds (their idle
-        time starts again, so no other consumer claims them); returns the ids it still
-        holds (the others were claimed by another consumer, or committed)."""
-        if not ids:
-            return set()
-        held = await self._commands.eval(REFRESH, (stream,), self.group, consumer.encode(), *ids)
-        return {bytes(entry_id) for entry_id in held}
-
     async def deliveries(self, stream: bytes, ids: Sequence[bytes]) -> dict[bytes, int]:
         """How many times each pending entry was delivered (absent: not pending)."""
         calls = [
@@ -266,59 +371,81 @@ class RedisStreams:
         """Say that ``node`` is alive for the next ``ttl_ms`` (with what it says of itself)."""
         data = json.dumps(dict(info), separators=(",", ":")).encode()
         await self._commands.call(b"SET", self._node_key(node), data, b"PX", ttl_ms)
+        await self._commands.call(b"SADD", self._prefix + b":nodes", node.encode())
 
     async def forget(self, node: str) -> None:
         """Say that ``node`` stopped."""
         await self._commands.call(b"DEL", self._node_key(node), idempotent=False)
+        await self._commands.call(b"SREM", self._prefix + b":nodes", node.encode())
 
     async def nodes(self) -> dict[str, dict[str, Any]]:
         """The nodes alive (whose last heartbeat has not expired), with their info."""
-        prefix = self._prefix + b":node:"
-        keys: list[bytes] = []
-        cursor: Any = b"0"
-        while True:
-            cursor, found = await self._commands.call(
-                b"SCAN", cursor, b"MATCH", prefix + b"*", b"COUNT", 1000
-            )
-            keys += [bytes(key) for key in found]
-            if cursor in (b"0", 0):
-                break
-        if not keys:
+        names = sorted(bytes(name) for name in await self._commands.call(
+            b"SMEMBERS", self._prefix + b":nodes"
+        ))  # fmt: skip
+        if not names:
             return {}
-        values = await self._commands.call(b"MGET", *keys)
-        alive = {}
-        for key, value in zip(keys, values, strict=True):
-            if value is not None:
-                try:
-                    alive[key[len(prefix) :].decode()] = json.loads(value)
-                except ValueError:
-                    alive[key[len(prefix) :].decode()] = {}
-        return dict(sorted(alive.items()))
+        values = await self._commands.call(b"MGET", *(self._node_key(n.decode()) for n in names))
+        alive: dict[str, dict[str, Any]] = {}
+        gone = []
+        for name, value in zip(names, values, strict=True):
+            if value is None:
+                gone.append(name)
+                continue
+            try:
+                alive[name.decode()] = json.loads(value)
+            except ValueError:
+                alive[name.decode()] = {}
+        if gone:  # heartbeats expired: the nodes are not coming back under that name
+            await self._commands.call(b"SREM", self._prefix + b":nodes", *gone)
+        return alive
 
-    async def inbox_status(self, stream: bytes) -> dict[str, Any]:
-        """What an inbox holds: ``length`` (entries not done), ``pending`` (delivered,
-        not committed), ``lag`` (not delivered yet), ``oldest_ms`` (age of the oldest
-        pending entry, None if none) and ``pending_by_node``."""
-        length = await self.length(stream)
+    async def inbox_status(self, listener: str, shards: int) -> dict[str, Any]:
+        """What ``listener``'s inbox holds, over its shards: ``length`` (entries not
+        done), ``pending`` (delivered, not committed), ``lag`` (not delivered yet),
+        ``oldest_ms`` (age of the oldest pending entry, None if none),
+        ``pending_by_node`` and ``shards_by_node`` (the leases: who reads which shards)."""
         status: dict[str, Any] = {
-            "length": length, "pending": 0, "lag": length, "oldest_ms": None,
-            "pending_by_node": {},
+            "length": 0, "pending": 0, "lag": 0, "oldest_ms": None,
+            "pending_by_node": {}, "shards_by_node": {},
         }  # fmt: skip
-        try:
-            summary = await self._commands.call(b"XPENDING", stream, self.group)
-        except BackendError as exc:
-            if "NOGROUP" in str(exc):
-                return status
-            raise
-        count = int(summary[0])
-        status["pending"] = count
-        status["lag"] = max(0, length - count)
-        if count and summary[1] is not None:
-            created = int(bytes(summary[1]).split(b"-")[0])
+        oldest: int | None = None
+        for shard in range(shards):
+            stream = self.inbox(listener, shard)
+            length = await self.length(stream)
+            status["length"] += length
+            try:
+                summary = await self._commands.call(b"XPENDING", stream, self.group)
+            except BackendError as exc:
+                if "NOGROUP" in str(exc):
+                    status["lag"] += length
+                    continue
+                raise
+            count = int(summary[0])
+            status["pending"] += count
+            status["lag"] += max(0, length - count)
+            if count and summary[1] is not None:
+                created = int(bytes(summary[1]).split(b"-")[0])
+                oldest = created if oldest is None else min(oldest, created)
+            by_node = status["pending_by_node"]
+            for name, n in summary[3] or ():
+                key = bytes(name).decode()
+                by_node[key] = by_node.get(key, 0) + int(n)
+        if oldest is not None:
             now_s, now_us = await self._commands.call(b"TIME")
-            status["oldest_ms"] = max(0, int(now_s) * 1000 + int(now_us) // 1000 - created)
-        status["pending_by_node"] = {bytes(name).decode(): int(n) for name, n in (summary[3] or ())}
+            status["oldest_ms"] = max(0, int(now_s) * 1000 + int(now_us) // 1000 - oldest)
+        for shard, owner in enumerate(await self.owners(listener, shards)):
+            if owner is not None:
+                status["shards_by_node"].setdefault(owner, []).append(shard)
+        status["pending_by_node"] = dict(sorted(status["pending_by_node"].items()))
         return status
+
+    async def depth(self, listener: str, shards: int) -> int:
+        """How many entries ``listener``'s inbox holds over its shards (one round trip)."""
+        lengths = await asyncio.gather(
+            *(self.length(self.inbox(listener, shard)) for shard in range(shards))
+        )
+        return sum(lengths)
 
     async def pending(self, stream: bytes) -> int:
         """How many entries of ``stream`` are delivered and not yet committed."""
@@ -329,18 +456,6 @@ class RedisStreams:
                 return 0
             raise
         return int(reply[0])
-
-    async def release(
-        self, consumer: str, stream: bytes, ids: Sequence[bytes], idle_ms: int
-    ) -> None:
-        """Give up ``consumer``'s lease on entries it holds but will not finish: they
-        stay pending for it, looking idle for ``idle_ms``, so that another consumer's
-        next claim takes them (``XCLAIM ... IDLE idle_ms JUSTID``)."""
-        if ids:
-            await self._commands.call(
-                b"XCLAIM", stream, self.group, consumer.encode(), 0, *ids,
-                b"IDLE", idle_ms, b"JUSTID",
-            )  # fmt: skip
 
     async def delete(self, stream: bytes) -> None:
         """Delete a stream and its consumer group (a client's reply stream, say)."""

@@ -19,10 +19,12 @@ __all__ = [
     "DEAD_LETTER_LIST",
     "DEAD_LETTER_PURGE",
     "GET_SLOT",
+    "LEASES",
+    "READ",
     "REGISTRY_DELETE",
-    "REFRESH",
     "REGISTRY_SET",
     "Script",
+    "UNLEASE",
 ]
 
 
@@ -50,8 +52,12 @@ class Script:
 APPEND = Script.load("lib_append.lua", "append.lua")
 COMMIT = Script.load("lib_append.lua", "commit.lua")
 """The end of a delivery on the Redis Streams transport (``commit.lua``)."""
-REFRESH = Script.load("refresh.lua")
-"""A node's lease on the stream entries it holds (``refresh.lua``)."""
+LEASES = Script.load("leases.lua")
+"""A round of a node's leases on the shards of a listener's inbox (``leases.lua``)."""
+UNLEASE = Script.load("unlease.lua")
+"""A node gives up its leases on shards (``unlease.lua``)."""
+READ = Script.load("read.lua")
+"""A node's read of its inboxes, fenced by its leases (``read.lua``)."""
 GET_SLOT = Script.load("get_slot.lua")
 REGISTRY_SET = Script.load("registry_set.lua")
 REGISTRY_DELETE = Script.load("registry_delete.lua")
