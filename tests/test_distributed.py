@@ -168,7 +168,7 @@ def test_a_node_killed_and_restarted_loses_nothing_and_repeats_nothing(
     node restarted under the same name takes up what it held."""
     path = chain_organism(tmp_path, redis_server.url)
     organism = load_organism(path)
-    total = 300
+    total = 1000
 
     async def main() -> list[Reply]:
         replies: list[Reply] = []
@@ -538,4 +538,41 @@ def test_one_frames_messages_reach_a_listener_in_order_across_nodes(
         for (_, _, end), (_, start, _) in itertools.pairwise(runs):
             assert start >= end, f"{frame}: a step started before the previous one ended"
     assert len(pids) == 3, f"every node worked: {pids}"
+    assert asyncio.run(_leftovers(path)) == (0, 0)
+
+
+def test_three_nodes_one_killed_mid_run_answer_every_conversation_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """10,000 conversations through three nodes serving ``middle``; one is killed
+    with SIGKILL in the middle and never comes back: the other two take its shards
+    over after claim_idle_ms, and every conversation is answered exactly once, each
+    frame's history holds each message once, and nothing is left in the inboxes."""
+    path = chain_organism(tmp_path, redis_server.url, queue_size=20_000)
+    organism = load_organism(path)
+    total = 10_000
+
+    async def main() -> tuple[list[Reply], list[list[Any]]]:
+        replies: list[Reply] = []
+        async with StreamPump(organism, node="a", serve=["front"], egress=replies.append) as a:
+            with (
+                node(path, "b1", "middle", claim_idle_ms=1500),
+                node(path, "b2", "middle", claim_idle_ms=1500) as b2,
+                node(path, "b3", "middle", claim_idle_ms=1500),
+            ):
+                conversations = [await a.inject(ask(i), to="front") for i in range(total)]
+                await asyncio.to_thread(wait_until, lambda: len(replies) >= total // 3, "a third")
+                b2.signal(signal.SIGKILL)
+                b2.finish()
+                assert len(replies) < total, "b2 died with work in flight"
+                await asyncio.to_thread(wait_until, lambda: len(replies) >= total, "all", 120)
+            histories = await asyncio.gather(
+                *(a.backend.buffer_get_thread(c or "") for c in conversations[::50])
+            )
+        return replies, [[(s.direction, s.message_id) for s in h] for h in histories]
+
+    replies, histories = asyncio.run(main())
+    _exactly_once(replies, total)
+    for history in histories:
+        assert len(history) == 2 and len(set(history)) == 2, history  # the input, the answer
     assert asyncio.run(_leftovers(path)) == (0, 0)
