@@ -234,3 +234,18 @@ async def test_random_interleavings_commit_every_input_exactly_once(
             assert [s.message_id for s in await t.backend.buffer_get_thread(f"frame{i}")] == [
                 f"out-{i}"
             ]
+
+
+async def test_input_is_published_to_every_target_at_once_and_once(
+    redis_server: RedisServer,
+) -> None:
+    """One publish adds an entry to each target inbox; the same call sent again (its
+    answer lost, say) adds nothing."""
+    async with streams(redis_server) as t:
+        a, b = await _stream(t, "a"), await _stream(t, "b")
+        entries = [(a, {b"x": b"1"}), (b, {b"x": b"2"})]
+        assert await t.publish("cause-1", entries) is True
+        assert await t.publish("cause-1", entries) is False
+        assert (await t.length(a), await t.length(b)) == (1, 1)
+        assert await t.publish("cause-2", entries[:1]) is True
+        assert await t.length(a) == 2

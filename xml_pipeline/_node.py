@@ -270,14 +270,17 @@ class Node:
         conversation, by the commit."""
         box.outputs.append((self.streams.replies(box.node), reply_fields(reply, msg, box.node)))
 
-    async def accept(self, deliveries: Iterable[Delivery]) -> None:
-        """Add input to the inboxes; each is accepted once its XADD returned. A full
-        inbox makes input wait, across nodes as in one process (messages made inside
-        the organism do not wait: no deadlock)."""
+    async def accept(self, msg: Message, deliveries: Iterable[Delivery]) -> None:
+        """Add input to the inboxes of its targets, at once and once (a call sent again
+        after its answer was lost adds nothing twice); accepted once this returns. A
+        full inbox makes input wait, across nodes as in one process (messages made
+        inside the organism do not wait: no deadlock)."""
         limit = self.pump.organism.settings.queue_size
+        entries = []
         for d in deliveries:
             await self._wait_for_room(d.runtime.name, limit)
-            await self.streams.add(self.inbox_of(d), delivery_fields(d, self.name))
+            entries.append((self.inbox_of(d), delivery_fields(d, self.name)))
+        await self.streams.publish(msg.cause or msg.id, entries)
 
     async def _wait_for_room(self, listener: str, limit: int) -> None:
         """Wait while ``listener``'s inbox holds ``limit`` entries or more (polling its

@@ -807,7 +807,7 @@ class StreamPump:
                         # caller drops it again).
                         on_accept(msg)
                         on_accept = None
-                    await self._node.accept(deliveries)
+                    await self._node.accept(msg, deliveries)
                 elif not self._running:  # stopped meanwhile: the inboxes were emptied
                     raise PumpClosed("the pump stopped before accepting this message")
             except BaseException:

@@ -44,12 +44,13 @@ from typing import Any
 from ..backends.base import Slot
 from ..backends.redis.backend import RedisBackend
 from ..backends.redis.pipeline import Pipeline
-from ..backends.redis.scripts import COMMIT, LEASES, READ, UNLEASE
+from ..backends.redis.scripts import COMMIT, LEASES, PUBLISH, READ, UNLEASE
 from ..exceptions import BackendError
 
 __all__ = ["Commit", "Entry", "Leases", "Read", "RedisStreams"]
 
-_READ_BLOCK_MS = 1000  # XREADGROUP's longest wait: well under the socket timeout
+_READ_BLOCK_MS = 1000  # XREAD's longest wait: well under the socket timeout
+_TOKEN_TTL_MS = 120_000  # a publish sent again within this long adds nothing twice
 
 
 class Commit(enum.IntEnum):
@@ -209,6 +210,25 @@ class RedisStreams:
         args = [item for pair in fields.items() for item in pair]
         reply = await self._commands.call(b"XADD", stream, b"*", *args, idempotent=False)
         return bytes(reply)
+
+    async def publish(
+        self, token: str, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]
+    ) -> bool:
+        """Add ``entries`` (``(stream, fields)``) at once, all or none; once this
+        returns, they are accepted. ``token`` names the call (unique for at least two
+        minutes): sent again after its answer was lost, it adds nothing twice.
+
+        Returns:
+            False if the entries were added already under this token.
+        """
+        keys = [self._prefix + b":token:" + token.encode()]
+        args: list[Any] = [_TOKEN_TTL_MS]
+        for stream, fields in entries:
+            keys.append(stream)
+            args.append(len(fields))
+            for name, value in fields.items():
+                args += (name, value)
+        return bool(await self._commands.eval(PUBLISH, tuple(keys), *args))
 
     async def read(
         self,

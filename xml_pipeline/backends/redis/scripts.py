@@ -20,6 +20,7 @@ __all__ = [
     "DEAD_LETTER_PURGE",
     "GET_SLOT",
     "LEASES",
+    "PUBLISH",
     "READ",
     "REGISTRY_DELETE",
     "REGISTRY_SET",
@@ -56,6 +57,8 @@ LEASES = Script.load("leases.lua")
 """A round of a node's leases on the shards of a listener's inbox (``leases.lua``)."""
 UNLEASE = Script.load("unlease.lua")
 """A node gives up its leases on shards (``unlease.lua``)."""
+PUBLISH = Script.load("publish.lua")
+"""Input added to its target inboxes at once, and once (``publish.lua``)."""
 READ = Script.load("read.lua")
 """A node's read of its inboxes, fenced by its leases (``read.lua``)."""
 GET_SLOT = Script.load("get_slot.lua")
