@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cli_process import CliProcess, wait_until
 from redis_server import RedisServer
 
-from xml_pipeline import Client, Reply, StreamPump, load_organism
+from xml_pipeline import Client, ConfigError, Reply, StreamPump, load_organism
 from xml_pipeline.backends.redis import RedisBackend
 from xml_pipeline.transport.redis import RedisStreams
 
@@ -576,3 +577,24 @@ def test_three_nodes_one_killed_mid_run_answer_every_conversation_once(
     for history in histories:
         assert len(history) == 2 and len(set(history)) == 2, history  # the input, the answer
     assert asyncio.run(_leftovers(path)) == (0, 0)
+
+
+def test_a_second_process_under_a_running_nodes_name_is_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two consumers of one name would commit what the other holds: a node whose name
+    is taken by a live process refuses to start; once that process was killed (its
+    heartbeat goes stale), a node of that name starts."""
+    path = chain_organism(tmp_path, redis_server.url)
+    organism = load_organism(path)
+
+    async def start() -> None:
+        async with StreamPump(organism, node="b", serve=["middle"]):
+            pass
+
+    with node(path, "b", "middle") as b:
+        with pytest.raises(ConfigError, match="another process runs as node 'b'"):
+            asyncio.run(start())
+        b.signal(signal.SIGKILL)
+        b.finish()
+    asyncio.run(start())  # the dead node's heartbeat is stale: no one runs as b

@@ -217,8 +217,37 @@ class Node:
                 "client, wait until 'status' shows empty inboxes, and delete the Redis key "
                 f"{streams.layout_key.decode()!r}"
             )
+        await self._alone_under_name()
         keys = [streams.inbox(n, k) for n, count in self.shards.items() for k in range(count)]
         await asyncio.gather(*(streams.ensure_group(key) for key in [*keys, self.replies]))
+
+    async def _alone_under_name(self) -> None:
+        """Refuse to start while another process runs under this node's name (two
+        consumers of one name would each commit what the other holds). A heartbeat
+        left by a process that died (``kill -9``) runs out within a few seconds: this
+        waits until it is clearly stale (no beat for 1.5 beat periods), or until a new
+        beat shows that its process is alive."""
+        last = await self.streams.last_heartbeat(self.name)
+        if last is None:
+            return
+        stale_ms = int(_HEARTBEAT_S * 1500)
+        waited = False
+        while last is not None and last[1] < stale_ms:
+            if not waited:
+                logger.info(
+                    "node %s: a heartbeat under this name is %d ms old; waiting to see "
+                    "whether its process is alive", self.name, last[1],
+                )  # fmt: skip
+                waited = True
+            await asyncio.sleep(min(0.25, (stale_ms - last[1]) / 1000))
+            now = await self.streams.last_heartbeat(self.name)
+            if now is not None and now[1] < last[1]:  # it beat again: alive
+                info = now[0]
+                raise ConfigError(
+                    f"another process runs as node {self.name!r} (pid {info.get('pid', '?')} "
+                    f"on {info.get('host', '?')}): give each node a name of its own"
+                )
+            last = now
 
     def tasks(self) -> list[tuple[Callable[[], Coroutine[Any, Any, None]], str]]:
         """The tasks a node runs for as long as its pump does."""

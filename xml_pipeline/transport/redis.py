@@ -389,9 +389,26 @@ class RedisStreams:
 
     async def heartbeat(self, node: str, info: Mapping[str, Any], ttl_ms: int) -> None:
         """Say that ``node`` is alive for the next ``ttl_ms`` (with what it says of itself)."""
-        data = json.dumps(dict(info), separators=(",", ":")).encode()
+        data = json.dumps(dict(info, ttl_ms=ttl_ms), separators=(",", ":")).encode()
         await self._commands.call(b"SET", self._node_key(node), data, b"PX", ttl_ms)
         await self._commands.call(b"SADD", self._prefix + b":nodes", node.encode())
+
+    async def last_heartbeat(self, node: str) -> tuple[dict[str, Any], int] | None:
+        """What ``node`` last said of itself and how long ago (ms, by Redis's clock),
+        or None if its heartbeat expired or it stopped."""
+        key = self._node_key(node)
+        value, left = await asyncio.gather(
+            self._commands.call(b"GET", key), self._commands.call(b"PTTL", key)
+        )  # one round trip
+        if value is None or int(left) < 0:
+            return None
+        try:
+            info = json.loads(value)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            return {}, 0
+        return info, max(0, int(info.get("ttl_ms", 0)) - int(left))
 
     async def forget(self, node: str) -> None:
         """Say that ``node`` stopped."""
