@@ -55,11 +55,25 @@ async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
         os._exit(3)
     await asyncio.sleep(0.02)
     return HandlerResponse.respond(Told(n=payload.n))
+
+
+async def own_slot(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
+    # How many times the history holds this delivery's own "in" slot (1: as in one
+    # process, though it is committed only after this handler returns).
+    history = await meta.history()
+    mine = [s for s in history if s.direction == "in" and s.message_id == meta.message_id]
+    return HandlerResponse.respond(Told(n=len(mine)))
 """
 
 
 def chain_organism(
-    folder: Path, url: str, *, queue_size: int = 2048, cpu_bound: bool = False
+    folder: Path,
+    url: str,
+    *,
+    queue_size: int = 2048,
+    cpu_bound: bool = False,
+    middle: str = "middle",
+    history_snapshot: bool = False,
 ) -> Path:
     """A two-listener organism (``front`` forwards to ``middle``, which answers after
     20 ms) on the Redis transport, under a prefix of its own."""
@@ -82,9 +96,10 @@ def chain_organism(
                 peers: [middle]
               - name: middle
                 payload: chain:Ask
-                handler: chain:middle
+                handler: chain:{middle}
                 concurrency: 8
                 cpu_bound: {str(cpu_bound).lower()}
+                history_snapshot: {str(history_snapshot).lower()}
             process_pool:
               workers: 1
             """)
@@ -441,6 +456,29 @@ async def test_a_cpu_bound_listener_runs_in_the_worker_pool_of_the_node_serving_
         assert a.statistics().pool is None, "a serves no cpu_bound listener: no pool"
         pool = b.statistics().pool
         assert pool is not None and pool.tasks == 20
+
+
+async def test_a_handler_sees_its_own_in_slot_before_the_commit(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """meta.history() during a delivery from a stream holds the delivery's own ``in``
+    slot once, as in one process: inline, and cpu_bound with history_snapshot."""
+    for cpu_bound in (False, True):
+        folder = tmp_path / str(cpu_bound)
+        folder.mkdir()
+        path = chain_organism(
+            folder, redis_server.url, cpu_bound=cpu_bound, middle="own_slot",
+            history_snapshot=cpu_bound,
+        )  # fmt: skip
+        organism = load_organism(path)
+        async with (
+            StreamPump(organism, node="a", serve=["front"]) as a,
+            StreamPump(organism, node="b", serve=["middle"]),
+        ):
+            answers = await asyncio.gather(
+                *(a.request(ask(i), to="front", timeout=60) for i in range(5))
+            )
+        assert [r.payload.n for r in answers] == [1] * 5, cpu_bound  # type: ignore[attr-defined]
 
 
 STEPS_PY = """

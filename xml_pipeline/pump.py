@@ -1107,7 +1107,11 @@ class StreamPump:
         await self._record(frame, "in", msg, listener.name)
         history = None
         if listener.history_snapshot:
-            history = list(await self.backend.buffer_get_thread(frame.uuid))
+            box = OUTBOX.get() if d.entry is not None else None
+            if box is not None and self._node is not None:  # with what it will commit
+                history = await self._node.history_with(box, frame.uuid)
+            else:
+                history = list(await self.backend.buffer_get_thread(frame.uuid))
         meta = Meta._make(self._meta_of(d))
         try:
             outputs = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
