@@ -21,8 +21,8 @@ Stream entries carry a message and where it goes, as flat fields:
     i s t q x   the message's id, sender, <to>, payload qualified name, payload XML
     re c h p    its <re>, cause (what a request() waits for), "1" if it follows a Huh,
                 the payload class's import path
-    l f rf rt   delivery: the target listener, its frame, the frame it answers on,
-                the listener it answers to
+    l f fc      delivery: the target listener, its frame and the frame's chain,
+    rf rfc rt   the frame it answers on and its chain, the listener it answers to
     th o        reply: the conversation (root frame), the external sender's label
 """
 
@@ -128,7 +128,9 @@ def delivery_fields(d: Delivery, node: str) -> dict[bytes, bytes]:
     fields[b"k"] = b"d"
     fields[b"l"] = d.runtime.name.encode()
     fields[b"f"] = d.frame.uuid.encode()
+    fields[b"fc"] = d.frame.chain.encode()
     fields[b"rf"] = d.reply_frame.uuid.encode()
+    fields[b"rfc"] = d.reply_frame.chain.encode()
     if d.reply_to is not None:
         fields[b"rt"] = d.reply_to.name.encode()
     return fields
@@ -609,14 +611,13 @@ class Node:
         try:
             msg = _message_of(f)
             rt = pump._runtimes[f[b"l"].decode()]
-            resolve = functools.partial(
-                self.until_reachable, "reading a frame", pump._frames.resolve
-            )
-            frame = await resolve(f[b"f"].decode())
-            reply_frame = await resolve(f[b"rf"].decode())
+            # The entry carries its frames' chains: no registry lookup.
+            frames = pump._frames
+            frame = frames.known(f[b"f"].decode(), f[b"fc"].decode())
+            reply_frame = frames.known(f[b"rf"].decode(), f[b"rfc"].decode())
             reply_to = pump._runtimes.get(f[b"rt"].decode()) if b"rt" in f else None
             if frame is None or reply_frame is None:
-                raise KeyError("its frame is not in the registry (expired?)")
+                raise KeyError("its frames cannot be read")
         except (KeyError, UnicodeDecodeError) as exc:
             logger.error("dropping stream entry %s: %s", entry.id, exc)
             await pump._dead_letter(

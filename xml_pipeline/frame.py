@@ -167,6 +167,15 @@ class FrameRegistry:
         frame = _decode(uuid, chain)
         return self._remember(frame) if frame is not None else None
 
+    def known(self, uuid: str, chain: str) -> Frame | None:
+        """The frame ``uuid`` names, given its chain (as a stream entry carries it):
+        no registry lookup. None if the chain cannot be read."""
+        frame = self._by_uuid.get(uuid)
+        if frame is not None:
+            return frame
+        frame = _decode(uuid, chain)
+        return self._remember(frame) if frame is not None else None
+
     async def child(self, frame: Frame, listener: str) -> Frame:
         """The frame on which ``frame`` calls ``listener`` (created on first use)."""
         key = (frame.uuid, listener)
