@@ -636,3 +636,28 @@ def test_a_second_process_under_a_running_nodes_name_is_refused(
         b.signal(signal.SIGKILL)
         b.finish()
     asyncio.run(start())  # the dead node's heartbeat is stale: no one runs as b
+
+
+async def _until_owners(streams: RedisStreams, wanted: set[str | None], timeout: float) -> None:
+    """Wait until the shards of ``middle`` are held by exactly ``wanted``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while set(owners := await streams.owners("middle", 4)) != wanted:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"the shards of middle are held by {owners}, not {wanted}")
+        await asyncio.sleep(0.05)
+
+
+async def test_nodes_share_a_listeners_shards_and_a_draining_node_hands_its_over(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    organism = load_organism(chain_organism(tmp_path, redis_server.url))
+    async with (
+        StreamPump(organism, node="a", serve=["middle"]) as a,
+        StreamPump(organism, node="b", serve=["middle"]),
+    ):
+        assert a._node is not None
+        streams = a._node.streams
+        await _until_owners(streams, {"a", "b"}, 10)
+        assert sorted(await streams.owners("middle", 4)).count("a") == 2, "an even share"
+        assert await a.drain(10)
+        await _until_owners(streams, {"b"}, 10)  # while a is still open

@@ -249,3 +249,17 @@ async def test_input_is_published_to_every_target_at_once_and_once(
         assert (await t.length(a), await t.length(b)) == (1, 1)
         assert await t.publish("cause-2", entries[:1]) is True
         assert await t.length(a) == 2
+
+
+async def test_a_read_of_thousands_of_streams_works(redis_server: RedisServer) -> None:
+    """A node holding many shards reads them in one call (the script reads them in
+    chunks: one Redis command cannot take them all from Lua)."""
+    async with streams(redis_server) as t:
+        inboxes = [t.inbox("many", k) for k in range(4100)]
+        for inbox in inboxes:
+            await t.ensure_group(inbox)
+        await t.add(inboxes[-1], {b"n": b"1"})
+        got = await t.read("a", dict.fromkeys(inboxes, b">"))
+        assert [e.stream for e in got.entries] == [inboxes[-1]]
+        empty = await t.read("a", dict.fromkeys(inboxes, b">"))
+        assert empty.entries == [] and len(empty.marks) == 4100

@@ -71,8 +71,7 @@ _HEARTBEAT_TTL_MS = 6000  # ... and is listed (and counted as a peer) this long 
 _LEASE_ROUND_S = 1.0  # leases are renewed and shared at least this often ...
 _LEASE_SHORT_S = 0.1  # ... and this often while shards change hands
 _WAIT_MS = 500  # an idle reader looks at its leases again this often
-_RETRY_S = 0.5  # a delivery that found Redis unreachable is tried again this much later
-_REREAD_S = 1.0  # a commit Redis refused: its entry is read again this much later
+_COMMIT_TRIES = 5  # a commit Redis refuses is tried this often, 1 s to 8 s apart
 _STEP_TIMEOUT_S = 10.0
 
 
@@ -191,10 +190,14 @@ class Node:
         self.leases: dict[bytes, bytes] = {}
         self.owned: dict[str, set[int]] = {name: set() for name in sorted(serves)}
         self.leaving: set[bytes] = set()
-        self.reading: frozenset[bytes] = frozenset()  # the streams of the read under way
+        # The streams of the read under way, until what it read is taken (a shard is
+        # not given up meanwhile), and those to read again from the start.
+        self.reading: frozenset[bytes] = frozenset()
+        self.reread: set[bytes] = set()
         # The entries this node holds (read, not committed), by stream.
         self.held: dict[bytes, dict[bytes, None]] = {}
         self.room = asyncio.Event()  # set when this node commits what it held
+        self.beat_now = asyncio.Event()  # a heartbeat without waiting for its time
         self.draining = False
         self.drop_replies = False  # an anonymous Client's: nobody reads them later
         self.taken_over = 0  # entries this node took over from nodes that stopped
@@ -265,9 +268,11 @@ class Node:
 
     def drain(self) -> None:
         """Finish what this node holds, read nothing more, and give up its shards once
-        what it held of them is done (the other nodes take them at once)."""
+        what it held of them is done (the other nodes take them at once: this node
+        says at once that it is draining, so they count it out)."""
         self.draining = True
         self.room.set()
+        self.beat_now.set()
 
     async def close(self) -> None:
         """Give up the leases (what this node still holds stays pending: the next
@@ -339,24 +344,32 @@ class Node:
     # -- the end of a delivery -------------------------------------------------
 
     async def commit(self, d: Delivery, box: Outbox) -> None:
-        """End a delivery from a stream: its slots, outputs and acknowledgement at once."""
+        """End a delivery from a stream: its slots, outputs and acknowledgement at once.
+
+        A commit Redis refuses (out of memory, a read-only replica, ...) changed
+        nothing; it is tried again in place (the worker waits: the frame's next
+        messages stay behind it), a few times; then the entry is left pending, and
+        read again (counting towards ``max_deliveries``)."""
         entry = d.entry
+        delay = 1.0
         try:
-            outcome = await self.until_reachable(
-                "commit", self.streams.commit, entry, self.name, box.slots, box.outputs
-            )
-        except BackendError as exc:
-            # Redis refused the step (out of memory, read-only replica, ...): nothing
-            # of it happened; the entry stays pending for this node, which reads it
-            # again a little later (and dead-letters it past max_deliveries). The
-            # node goes on.
-            logger.error(
-                "%s: the delivery of message %s could not be committed: %s",
-                d.runtime.name, d.message.id, exc,
-            )  # fmt: skip
-            loop = asyncio.get_running_loop()
-            loop.call_later(_REREAD_S, self._reread, entry.stream)
-            return
+            for attempt in range(1, _COMMIT_TRIES + 1):
+                try:
+                    outcome = await self.until_reachable(
+                        "commit", self.streams.commit, entry, self.name, box.slots, box.outputs
+                    )
+                    break
+                except BackendError as exc:
+                    logger.error(
+                        "%s: the delivery of message %s could not be committed (attempt "
+                        "%d of %d): %s", d.runtime.name, d.message.id, attempt,
+                        _COMMIT_TRIES, exc,
+                    )  # fmt: skip
+                    if attempt == _COMMIT_TRIES or not self.pump._running:
+                        self.reread.add(entry.stream)
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 8.0)
         finally:
             held = self.held.get(entry.stream)
             if held is not None:
@@ -365,24 +378,8 @@ class Node:
         if outcome != 1:
             logger.info(
                 "%s: the delivery of message %s was not committed (%s): another node "
-                "took it over", d.runtime.name, d.message.id, outcome.name.lower(),
+                "has taken its shard over", d.runtime.name, d.message.id, outcome.name.lower(),
             )  # fmt: skip
-
-    def _reread(self, stream: bytes) -> None:
-        if stream in self.starts:
-            self.starts[stream] = b"0"
-            self.room.set()
-
-    def again(self, d: Delivery) -> None:
-        """Put back, a little later, a delivery that could not run for want of Redis
-        (its entry stays this node's)."""
-        loop = asyncio.get_running_loop()
-        loop.call_later(_RETRY_S, self._again, d)
-
-    def _again(self, d: Delivery) -> None:
-        if self.pump._running:
-            d.routed = False
-            self.pump._enqueue(d)
 
     async def until_reachable(self, what: str, call: Any, *args: Any) -> Any:
         """``await call(*args)``, again and again while Redis cannot be reached (backing
@@ -435,6 +432,12 @@ class Node:
             pump._runtimes[name].listener.concurrency for name in self.serves
         )))  # fmt: skip
         while True:
+            # What the last read got is taken (held) or dropped by now.
+            self.reading = frozenset()
+            for stream in self.reread:  # a commit Redis refused: its entry again
+                if stream in self.starts:
+                    self.starts[stream] = b"0"
+            self.reread.clear()
             # Only what this node holds counts (input waiting for room in a stream does
             # not: it waits for this very reader). Draining or stopping: read no more.
             while self.held_total() >= prefetch or self.draining:
@@ -459,6 +462,7 @@ class Node:
                 room = 1
             leases = {stream: self.leases[stream] for stream in starts if stream in self.leases}
             self.reading = frozenset(starts)
+            read = None
             try:
                 read = await streams.read(self.name, starts, leases=leases, count=min(room, 64))
                 if not read.entries and read.marks:
@@ -471,9 +475,13 @@ class Node:
                     down = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                # A read whose answer was lost may have delivered entries to this node:
-                # they are pending for it, so read what it holds again (from the start).
-                self.starts = dict.fromkeys(self.starts, b"0")
+                if read is None:
+                    # A read whose answer was lost may have delivered entries to this
+                    # node: they are pending for it, so read those streams again from
+                    # the start (a failed wait took nothing).
+                    for stream in starts:
+                        if stream in self.starts:
+                            self.starts[stream] = b"0"
                 continue
             except BackendError as exc:
                 # Redis answered with an error: a stream or its group deleted under
@@ -484,8 +492,6 @@ class Node:
                         await self.until_reachable("creating a group", streams.ensure_group, stream)
                 await asyncio.sleep(1.0)
                 continue
-            finally:
-                self.reading = frozenset()
             if down:
                 logger.warning("node %s: reading: the transport answers again", self.name)
                 down, delay = False, 0.1
@@ -523,7 +529,9 @@ class Node:
                 # taken stays pending and is read again; the node goes on.
                 logger.error("node %s: handling what it read: %s", self.name, exc)
                 await asyncio.sleep(1.0)
-                self.starts = dict.fromkeys(self.starts, b"0")
+                for stream in starts:
+                    if stream in self.starts:
+                        self.starts[stream] = b"0"
 
     async def _until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds (checked whenever this node commits), or
@@ -679,7 +687,11 @@ class Node:
         for listener, owned in self.owned.items():
             count = self.shards[listener]
             peers = sorted(
-                {n for n, info in nodes.items() if listener in info.get("listeners", ())}
+                {
+                    n
+                    for n, info in nodes.items()
+                    if listener in info.get("listeners", ()) and not info.get("draining")
+                }
                 | {self.name}
             )
             rank = peers.index(self.name)
@@ -699,8 +711,9 @@ class Node:
             if got.claimed:
                 self.taken_over += got.claimed
                 logger.warning(
-                    "node %s took over %d entr%s of %s from a node that stopped",
-                    self.name, got.claimed, "y" if got.claimed == 1 else "ies", listener,
+                    "node %s took over %d entr%s of %s left pending by the shards' "
+                    "former owner", self.name, got.claimed,
+                    "y" if got.claimed == 1 else "ies", listener,
                 )  # fmt: skip
             if added:
                 self.room.set()
@@ -746,6 +759,7 @@ class Node:
                 "held": self.held_total(),
                 "shards": {name: sorted(owned) for name, owned in self.owned.items()},
                 "taken_over": self.taken_over,
+                "draining": self.draining,
                 "started": started,
                 "version": __version__,
             }
@@ -753,7 +767,9 @@ class Node:
                 await self.streams.heartbeat(self.name, info, _HEARTBEAT_TTL_MS)
             except BackendError as exc:
                 logger.warning("node %s: heartbeat failed: %s", self.name, exc)
-            await asyncio.sleep(_HEARTBEAT_S)
+            with anyio.move_on_after(_HEARTBEAT_S):
+                await self.beat_now.wait()
+            self.beat_now.clear()
 
 
 def _message_of(f: dict[bytes, bytes]) -> Message:

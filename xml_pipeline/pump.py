@@ -105,6 +105,7 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
+_RETRY_S = 0.5  # a delivery from a stream that found Redis unreachable runs again then
 _WARNED_KEPT = 1024
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
 # bounded token, so that clients can name their conversations (and retry them).
@@ -915,8 +916,19 @@ class StreamPump:
         task = asyncio.current_task()
         if task is not None:
             self._worker_tasks.add(task)
+        again: Delivery | None = None
         while True:
-            delivery = await inbox.get()
+            if again is None:
+                delivery = await inbox.get()
+            else:
+                # Redis could not be reached: the same delivery runs again, here and
+                # before the next one (the frame's next messages wait: order holds).
+                delivery, again = again, None
+                await asyncio.sleep(_RETRY_S)
+                if not self._running:
+                    continue  # its entry stays pending: the next owner takes it
+                delivery.routed = False
+                self._hold()
             rt.in_flight += 1
             box = token = None
             retry = False
@@ -964,8 +976,8 @@ class StreamPump:
                 self._release()
             if box is not None and self._node is not None:
                 await self._node.commit(delivery, box)
-            elif retry and self._node is not None:
-                self._node.again(delivery)
+            elif retry:
+                again = delivery
 
     async def _record(self, frame: Frame, direction: str, msg: Message, to: str | None) -> None:
         slot = Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml())  # type: ignore[arg-type]

@@ -28,14 +28,25 @@ end
 if #streams == 0 then
   return {false, lost, {}}
 end
-local args = {'XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS'}
-for _, stream in ipairs(streams) do
-  args[#args + 1] = stream
+-- In chunks: unpack() of one command takes at most a few thousand values.
+local reply = false
+for first = 1, #streams, 500 do
+  local last = math.min(first + 499, #streams)
+  local args = {'XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS'}
+  for k = first, last do
+    args[#args + 1] = streams[k]
+  end
+  for k = first, last do
+    args[#args + 1] = starts[k]
+  end
+  local part = redis.call(unpack(args))
+  if part then
+    reply = reply or {}
+    for _, item in ipairs(part) do
+      reply[#reply + 1] = item
+    end
+  end
 end
-for _, start in ipairs(starts) do
-  args[#args + 1] = start
-end
-local reply = redis.call(unpack(args))
 if reply then
   return {reply, lost, {}}
 end
