@@ -153,7 +153,7 @@ class DocumentSplitter:
     def close(self) -> list[bytes | object]:
         self._scan(final=True)
         if self._start is not None and not self._skipping:
-            rest = bytes(self._buf[self._start :]).strip()
+            rest = bytes(self._buf[self._start :]).strip(_WHITESPACE)
             if rest:
                 self.items.append(rest)
         self._start = None
@@ -182,7 +182,8 @@ class DocumentSplitter:
             self.items.append(TOO_LARGE)
         else:
             data = bytes(self._buf[self._start : end])
-            self.items.append(data if self._in_doc else data.rstrip())
+            # XML whitespace only: b"\x0b" (say) is garbage, not space to strip.
+            self.items.append(data if self._in_doc else data.rstrip(_WHITESPACE))
         self._start = None
         self._in_doc = False
         self._mode = _BETWEEN
