@@ -66,6 +66,21 @@ async def own_slot(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
 """
 
 
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: these tests leave tens of thousands of keys
+    (histories, frames) that would slow the other tests' scans of the shared one."""
+    server = RedisServer(tmp_path / "redis-own")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start redis-server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def chain_organism(
     folder: Path,
     url: str,
