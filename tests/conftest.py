@@ -71,14 +71,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     Fails (never skips) when the server cannot be started; stopped at the end.
     """
-    from redis_server import RedisServer
+    from redis_server import running_redis
 
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"cannot start redis-server: {exc}")
-    try:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()

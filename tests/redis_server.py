@@ -14,10 +14,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["LossyProxy", "RedisServer", "closed_port", "free_port"]
+import pytest
+
+__all__ = ["LossyProxy", "RedisServer", "closed_port", "free_port", "running_redis"]
 
 
 def free_port() -> int:
@@ -30,6 +33,21 @@ def free_port() -> int:
 
 closed_port = free_port
 """A port where connecting is refused (nothing listens there)."""
+
+
+@contextlib.contextmanager
+def running_redis(directory: Path) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer` in ``directory``, stopped on exit; fails the test
+    (never skips it) when the server cannot be started."""
+    server = RedisServer(directory)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start redis-server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class RedisServer:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from cli_process import CliProcess, wait_until
-from redis_server import RedisServer
+from redis_server import RedisServer, running_redis
 
 from xml_pipeline import Client, ConfigError, Reply, StreamPump, load_organism
 from xml_pipeline.backends.redis import RedisBackend
@@ -70,15 +70,8 @@ async def own_slot(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own: these tests leave tens of thousands of keys
     (histories, frames) that would slow the other tests' scans of the shared one."""
-    server = RedisServer(tmp_path / "redis-own")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"cannot start redis-server: {exc}")
-    try:
+    with running_redis(tmp_path / "redis-own") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def chain_organism(
