@@ -21,7 +21,7 @@ import pytest
 from cli_process import CliProcess, wait_until
 from redis_server import RedisServer, running_redis
 
-from xml_pipeline import Client, ConfigError, Reply, StreamPump, load_organism
+from xml_pipeline import Client, ConfigError, NoReply, Reply, StreamPump, load_organism
 from xml_pipeline.backends.redis import RedisBackend
 from xml_pipeline.transport.redis import RedisStreams
 
@@ -50,9 +50,11 @@ async def front(payload: Ask | Told, meta: HandlerMetadata) -> HandlerResponse:
     return HandlerResponse.respond(payload)
 
 
-async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse:
+async def middle(payload: Ask, meta: HandlerMetadata) -> HandlerResponse | None:
     if payload.n == -1:  # a poison message: it kills the node that handles it
         os._exit(3)
+    if payload.n == -2:  # a conversation that ends without a reply
+        return None
     await asyncio.sleep(0.02)
     return HandlerResponse.respond(Told(n=payload.n))
 
@@ -669,3 +671,30 @@ async def test_nodes_share_a_listeners_shards_and_a_draining_node_hands_its_over
         assert sorted(await streams.owners("middle", 4)).count("a") == 2, "an even share"
         assert await a.drain(10)
         await _until_owners(streams, {"b"}, 10)  # while a is still open
+
+
+async def test_a_request_whose_conversation_ends_without_a_reply_gets_noreply(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The conversation ends on another node (middle answers nothing): the requesting
+    node hears it through its reply stream and request() raises NoReply, as in one
+    process; answered conversations leave no counter and no notice behind."""
+    organism = load_organism(chain_organism(tmp_path, redis_server.url))
+    async with (
+        StreamPump(organism, node="a", serve=["front"]) as a,
+        StreamPump(organism, node="b", serve=["middle"]),
+    ):
+        with pytest.raises(NoReply, match="without a reply"):
+            await a.request(ask(-2), to="front", timeout=30)
+        answers = await asyncio.gather(
+            *(a.request(ask(i), to="front", timeout=30) for i in range(20))
+        )
+        assert sorted(r.payload.n for r in answers) == list(range(20))  # type: ignore[attr-defined]
+        async with Client(redis_server.url, organism) as client:
+            with pytest.raises(NoReply):
+                await client.request(ask(-2), to="front", timeout=30)
+        assert a._node is not None
+        streams = a._node.streams
+        prefix = organism.backend_options["prefix"]
+        assert await streams._commands.call(b"KEYS", f"{prefix}:open:*".encode()) == []
+        assert await streams.length(streams.replies("a")) == 0, "no notice left"

@@ -52,6 +52,7 @@ from .exceptions import (
     HandlerFailed,
     InvalidReturn,
     MessageError,
+    NoReply,
     PumpClosed,
     XmlPipelineError,
 )
@@ -60,7 +61,7 @@ from .transport import shard_of
 
 if TYPE_CHECKING:
     from .pump import StreamPump
-    from .transport.redis import Entry, RedisStreams
+    from .transport.redis import Commit, Entry, RedisStreams
 
 __all__ = ["OUTBOX", "Node", "Outbox", "delivery_fields", "model_path", "reply_fields"]
 
@@ -306,17 +307,20 @@ class Node:
         conversation, by the commit."""
         box.outputs.append((self.streams.replies(box.node), reply_fields(reply, msg, box.node)))
 
-    async def accept(self, msg: Message, deliveries: Iterable[Delivery]) -> None:
+    async def accept(
+        self, msg: Message, deliveries: Iterable[Delivery], *, follow: bool = False
+    ) -> None:
         """Add input to the inboxes of its targets, at once and once (a call sent again
         after its answer was lost adds nothing twice); accepted once this returns. A
         full inbox makes input wait, across nodes as in one process (messages made
-        inside the organism do not wait: no deadlock)."""
+        inside the organism do not wait: no deadlock). ``follow``: a request() waits,
+        and hears when everything the input caused ended without a reply."""
         limit = self.pump.organism.settings.queue_size
         entries = []
         for d in deliveries:
             await self._wait_for_room(d.runtime.name, limit)
             entries.append((self.inbox_of(d), delivery_fields(d, self.name)))
-        await self.streams.publish(msg.cause or msg.id, entries)
+        await self.streams.publish(msg.cause or msg.id, entries, follow=follow)
 
     async def _wait_for_room(self, listener: str, limit: int) -> None:
         """Wait while ``listener``'s inbox holds ``limit`` entries or more (polling its
@@ -355,9 +359,7 @@ class Node:
         try:
             for attempt in range(1, _COMMIT_TRIES + 1):
                 try:
-                    outcome = await self.until_reachable(
-                        "commit", self.streams.commit, entry, self.name, box.slots, box.outputs
-                    )
+                    outcome = await self.until_reachable("commit", self._commit, d, box)
                     break
                 except BackendError as exc:
                     logger.error(
@@ -380,6 +382,12 @@ class Node:
                 "%s: the delivery of message %s was not committed (%s): another node "
                 "has taken its shard over", d.runtime.name, d.message.id, outcome.name.lower(),
             )  # fmt: skip
+
+    async def _commit(self, d: Delivery, box: Outbox) -> Commit:
+        waiter = self.streams.replies(box.node)
+        return await self.streams.commit(
+            d.entry, self.name, box.slots, box.outputs, cause=d.message.cause, waiter=waiter
+        )
 
     async def until_reachable(self, what: str, call: Any, *args: Any) -> Any:
         """``await call(*args)``, again and again while Redis cannot be reached (backing
@@ -585,9 +593,19 @@ class Node:
         return kept
 
     async def _reply_from(self, entry: Entry) -> None:
-        """Hand a reply to a conversation this node accepted to egress, then ack it."""
+        """Hand a reply to a conversation this node accepted to egress, then ack it;
+        or tell a request() that its conversation ended without a reply."""
         pump = self.pump
         f = entry.fields
+        if f.get(b"k") == b"n":
+            cause = f.get(b"c", b"").decode(errors="replace")
+            waiter = pump._waiters.pop(cause, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(
+                    NoReply("everything the message caused ended without a reply to its caller")
+                )
+            await self.until_reachable("acknowledging", self.streams.commit, entry, self.name)
+            return
         try:
             msg = _message_of(f)
         except (KeyError, UnicodeDecodeError) as exc:

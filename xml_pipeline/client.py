@@ -76,8 +76,8 @@ class Client:
         timeout: float | None = None,
     ) -> Reply:
         """Send a message and wait for the first reply to it (see
-        :meth:`StreamPump.request <xml_pipeline.StreamPump.request>`; a conversation
-        that ends without a reply is noticed only by ``timeout``)."""
+        :meth:`StreamPump.request <xml_pipeline.StreamPump.request>`: a conversation
+        that ends without a reply raises ``NoReply``)."""
         return await self._pump.request(message, to=to, sender=sender, thread=thread,
                                         timeout=timeout)  # fmt: skip
 

@@ -802,13 +802,14 @@ class StreamPump:
                     for rt, child in zip(targets, children, strict=True)
                 ]
                 if self._node is not None:  # accepted once every XADD returned
+                    follow = on_accept is not None
                     if on_accept is not None:
                         # A waiting request() is registered first: another node may
                         # answer before the last XADD returns (on failure the
                         # caller drops it again).
                         on_accept(msg)
                         on_accept = None
-                    await self._node.accept(msg, deliveries)
+                    await self._node.accept(msg, deliveries, follow=follow)
                 elif not self._running:  # stopped meanwhile: the inboxes were emptied
                     raise PumpClosed("the pump stopped before accepting this message")
             except BaseException:

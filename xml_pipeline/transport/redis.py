@@ -51,6 +51,7 @@ __all__ = ["Commit", "Entry", "Leases", "Read", "RedisStreams"]
 
 _READ_BLOCK_MS = 1000  # XREAD's longest wait: well under the socket timeout
 _TOKEN_TTL_MS = 120_000  # a publish sent again within this long adds nothing twice
+_OPEN_TTL_MS = 86_400_000  # a conversation a request() waits for is followed this long
 
 
 class Commit(enum.IntEnum):
@@ -211,18 +212,31 @@ class RedisStreams:
         reply = await self._commands.call(b"XADD", stream, b"*", *args, idempotent=False)
         return bytes(reply)
 
+    def _open_key(self, cause: str) -> bytes:
+        return self._prefix + b":open:" + cause.encode()
+
     async def publish(
-        self, token: str, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]
+        self,
+        token: str,
+        entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]],
+        *,
+        follow: bool = False,
     ) -> bool:
         """Add ``entries`` (``(stream, fields)``) at once, all or none; once this
         returns, they are accepted. ``token`` names the call (unique for at least two
         minutes): sent again after its answer was lost, it adds nothing twice.
 
+        Args:
+            token: the input's cause (what the replies are matched by).
+            entries: the deliveries to the target inboxes.
+            follow: count what the input causes (see :meth:`commit`), so that the
+                accepting node hears when the conversation ends without a reply.
+
         Returns:
             False if the entries were added already under this token.
         """
-        keys = [self._prefix + b":token:" + token.encode()]
-        args: list[Any] = [_TOKEN_TTL_MS]
+        keys = [self._prefix + b":token:" + token.encode(), self._open_key(token)]
+        args: list[Any] = [_TOKEN_TTL_MS, _OPEN_TTL_MS if follow else 0]
         for stream, fields in entries:
             keys.append(stream)
             args.append(len(fields))
@@ -339,6 +353,9 @@ class RedisStreams:
         consumer: str,
         slots: Sequence[tuple[str, Slot]] = (),
         outputs: Sequence[tuple[bytes, Mapping[bytes, bytes]]] = (),
+        *,
+        cause: str | None = None,
+        waiter: bytes = b"",
     ) -> Commit:
         """End the delivery of ``entry``, atomically, if ``consumer`` still owns it.
 
@@ -346,7 +363,13 @@ class RedisStreams:
             entry: the input, as read or claimed by ``consumer``.
             consumer: this node's name in the group.
             slots: ``(thread, slot)`` history appends (idempotent by message id).
-            outputs: ``(stream, fields)`` entries to add.
+            outputs: ``(stream, fields)`` entries to add; an entry whose ``k`` field
+                is ``d`` is a delivery, ``r`` a reply.
+            cause: the input's cause: if it is followed (:meth:`publish`), its count
+                of messages in the organism moves by the deliveries made minus this
+                one; at 0 without a reply, ``waiter`` (the accepting node's reply
+                stream) gets an entry ``k=n`` saying so.
+            waiter: see ``cause``.
 
         Returns:
             What happened; only :attr:`Commit.COMMITTED` changed anything.
@@ -360,11 +383,17 @@ class RedisStreams:
             slot_keys, field, tail = backend.slot_write(thread, slot)
             keys += slot_keys
             args += (field, tail)
+        made = replied = 0
         for stream, fields in outputs:
             keys.append(stream)
             args.append(len(fields))
             for name, value in fields.items():
                 args += (name, value)
+            kind = fields.get(b"k")
+            made += kind == b"d"
+            replied |= kind == b"r"
+        keys += (self._open_key(cause or ""), waiter or entry.stream)
+        args += ((cause or "").encode(), made, replied)
         # Sent again when its reply is lost: a commit that ran answers GONE the
         # second time and changes nothing.
         return Commit(int(await self._commands.eval(COMMIT, tuple(keys), *args)))
