@@ -263,3 +263,31 @@ async def test_a_read_of_thousands_of_streams_works(redis_server: RedisServer) -
         assert [e.stream for e in got.entries] == [inboxes[-1]]
         empty = await t.read("a", dict.fromkeys(inboxes, b">"))
         assert empty.entries == [] and len(empty.marks) == 4100
+
+
+async def test_a_followed_conversation_that_ends_without_a_reply_is_noticed_once(
+    redis_server: RedisServer,
+) -> None:
+    """The commit counts what a followed input caused: the notice (k=n) reaches the
+    waiting node's reply stream when the last of it ends without a reply, and never a
+    reply stream that is gone (it would be made again for ever)."""
+    async with streams(redis_server) as t:
+        a, b = await _stream(t, "a"), await _stream(t, "b")
+        waiter = await _stream(t, "waiter")
+        await t.publish("c1", [(a, {b"k": b"d"}), (b, {b"k": b"d"})], follow=True)
+        first, second = await read(t, "n1", [a]) + await read(t, "n1", [b])
+        forward = (b, {b"k": b"d", b"c": b"c1"})
+        assert await t.commit(first, "n1", [], [forward], cause="c1", waiter=waiter) == 1
+        assert await t.commit(first, "n1", [], [forward], cause="c1", waiter=waiter) == -1
+        assert await t.commit(second, "n1", cause="c1", waiter=waiter) == 1
+        assert await t.length(waiter) == 0, "one message is still in the organism"
+        [last] = await read(t, "n1", [b])
+        assert await t.commit(last, "n1", cause="c1", waiter=waiter) == 1
+        [notice] = await read(t, "n1", [waiter])
+        assert notice.fields == {b"k": b"n", b"c": b"c1"}
+        # A client gone (its reply stream deleted): no notice, no stream made again.
+        gone = t.replies("gone-client")
+        await t.publish("c2", [(a, {b"k": b"d"})], follow=True)
+        [entry] = await read(t, "n1", [a])
+        assert await t.commit(entry, "n1", cause="c2", waiter=gone) == 1
+        assert await t._commands.call(b"EXISTS", gone) == 0

@@ -650,7 +650,15 @@ class Node:
                 HandlerFailed(f"a stream entry that cannot be delivered: {exc}"),
                 f.get(b"x"), None, None, None,
             )  # fmt: skip
-            await self.until_reachable("acknowledging", self.streams.commit, entry, self.name)
+            # Acknowledged as a message that ended without a reply (a request() that
+            # waits for it hears so, see RedisStreams.commit).
+            cause = f.get(b"c", b"").decode(errors="replace")
+            node = (f.get(b"n") or self.name.encode()).decode(errors="replace")
+            await self.until_reachable(
+                "acknowledging", functools.partial(
+                    self.streams.commit, cause=cause, waiter=self.streams.replies(node)
+                ), entry, self.name,
+            )  # fmt: skip
             return None
         d = Delivery(msg, rt, frame, reply_frame, reply_to)
         d.entry = entry

@@ -46,7 +46,8 @@ if cause and cause ~= '' and redis.call('EXISTS', KEYS[k]) == 1 then
   end
   local left = redis.call('HINCRBY', open, 'n', tonumber(ARGV[a + 1]) - 1)
   if left <= 0 then
-    if redis.call('HGET', open, 'r') ~= '1' then
+    -- (not to a reply stream gone with its client: it would be made again, for ever)
+    if redis.call('HGET', open, 'r') ~= '1' and redis.call('EXISTS', KEYS[k + 1]) == 1 then
       redis.call('XADD', KEYS[k + 1], '*', 'k', 'n', 'c', cause)
     end
     redis.call('DEL', open)
