@@ -72,12 +72,14 @@ class RedisOptions(_Options):
         connect_timeout_s: bound on opening a connection (and on the first ``PING``).
         socket_timeout_s: bound on a reply.
         retries: how many times a failed command may be sent again.
+        allow_eviction: accept a server whose ``maxmemory-policy`` evicts keys.
     """
 
     prefix: str = Field("xml_pipeline", min_length=1)
     connect_timeout_s: float = Field(5.0, gt=0)
     socket_timeout_s: float = Field(5.0, gt=0)
     retries: int = Field(5, ge=0)
+    allow_eviction: bool = False
 
 
 # -- the registry ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import uuid as _uuid
 from collections.abc import Sequence
 from typing import Any
 
-from ...exceptions import BackendError
+from ...exceptions import BackendError, BackendUnavailable, ConfigError
 from ..base import (
     DeadLetter,
     HistoryLimits,
@@ -74,6 +74,8 @@ class RedisBackend:
         connect_timeout_s: time allowed to open a connection (and for :meth:`ping`).
         socket_timeout_s: time allowed for a reply.
         retries: how many times a failed command may be sent again.
+        allow_eviction: accept a server whose ``maxmemory-policy`` evicts keys (see
+            :meth:`ping`).
 
     Raises:
         BackendUnavailable: the URL cannot be parsed.
@@ -88,8 +90,11 @@ class RedisBackend:
         connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         socket_timeout_s: float = _OPTIONS.socket_timeout_s,
         retries: int = _OPTIONS.retries,
+        allow_eviction: bool = _OPTIONS.allow_eviction,
     ) -> None:
         self.url = redact_url(url)
+        self.allow_eviction = allow_eviction
+        self._policy_checked = False
         self.limits = limits or HistoryLimits()
         self.prefix = prefix
         self._pipeline = Pipeline(
@@ -125,6 +130,7 @@ class RedisBackend:
         connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         socket_timeout_s: float = _OPTIONS.socket_timeout_s,
         retries: int = _OPTIONS.retries,
+        allow_eviction: bool = _OPTIONS.allow_eviction,
     ) -> RedisBackend:
         """The backend a ``redis://`` URL names, with the ``redis:`` section's options.
 
@@ -138,6 +144,7 @@ class RedisBackend:
             connect_timeout_s=connect_timeout_s,
             socket_timeout_s=socket_timeout_s,
             retries=retries,
+            allow_eviction=allow_eviction,
         )
 
     def __repr__(self) -> str:
@@ -378,12 +385,53 @@ class RedisBackend:
     # -- lifecycle -------------------------------------------------------------
 
     async def ping(self) -> None:
-        """Check that Redis answers, once, within ``connect_timeout_s``.
+        """Check that Redis answers, once, within ``connect_timeout_s``; the first time,
+        also that it does not evict keys.
+
+        A server whose ``maxmemory-policy`` is not ``noeviction`` may drop history,
+        registry entries, dead letters and stream entries (a lost message) when it is
+        full: it is refused unless ``allow_eviction`` (then a warning is logged). A
+        server that does not let us read its configuration (``CONFIG`` renamed or not
+        permitted, as some managed services do) is accepted with a warning.
 
         Raises:
             BackendUnavailable: ``<url> is unreachable: <reason>``.
+            ConfigError: the server evicts keys and ``allow_eviction`` is off.
         """
         await self._pipeline.ping()
+        if self._policy_checked:
+            return
+        try:
+            reply = await self._pipeline.call(b"CONFIG", b"GET", b"maxmemory-policy")
+        except BackendUnavailable:
+            raise
+        except BackendError as exc:
+            logger.warning(
+                "%s: cannot read maxmemory-policy (%s): make sure it is noeviction",
+                self.url, exc,
+            )  # fmt: skip
+            self._policy_checked = True
+            return
+        if isinstance(reply, dict):
+            items = list(reply.items())
+        else:
+            items = list(zip(reply[0::2], reply[1::2], strict=True))
+        policy = next((bytes(v).decode() for k, v in items if bytes(k) == b"maxmemory-policy"), "")
+        self._policy_checked = True
+        if policy in ("", "noeviction"):
+            return
+        if not self.allow_eviction:
+            self._policy_checked = False
+            raise ConfigError(
+                f"{self.url}: maxmemory-policy is {policy}: a full Redis would evict "
+                "history, registry entries, dead letters and in-flight messages. Set "
+                "maxmemory-policy noeviction (CONFIG SET, or redis.conf), or accept "
+                "eviction with 'redis: {allow_eviction: true}'"
+            )
+        logger.warning(
+            "%s: maxmemory-policy is %s: a full Redis may evict history and messages "
+            "(allowed by redis.allow_eviction)", self.url, policy,
+        )  # fmt: skip
 
     async def dead_letter_count(self) -> int:
         """How many dead letters are kept (one command, unlike :meth:`info`)."""

@@ -26,6 +26,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoScriptError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -347,6 +348,11 @@ class Pipeline:
                 )
             return BackendUnavailable(f"{self.url} is unreachable: {_reason(exc)}")
         if isinstance(exc, RedisError):
+            # (a script's command refused for memory comes back as a plain error)
+            if isinstance(exc, OutOfMemoryError) or "used memory > 'maxmemory'" in str(exc):
+                # Out of memory (maxmemory with noeviction): nothing was written, and
+                # the same call may succeed once memory is freed, as after an outage.
+                return BackendUnavailable(f"{self.url} is out of memory: {_reason(exc)}")
             return BackendError(f"{self.url}: {_reason(exc)}")
         return BackendError(f"{self.url}: {type(exc).__name__}: {exc}")
 
