@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from redis_server import LossyProxy, RedisServer, closed_port
 
-from xml_pipeline import BackendError, BackendUnavailable, StreamPump, load_organism
+from xml_pipeline import BackendError, BackendUnavailable, Reply, StreamPump, load_organism
 from xml_pipeline.backends import (
     Backend,
     DeadLetter,
@@ -107,7 +107,7 @@ def test_state_machine_matches_the_reference_store(redis_server: RedisServer, lo
 
 async def test_open_backend_dispatches_redis_urls(redis_server: RedisServer) -> None:
     backend = open_backend(
-        redis_server.url, HistoryLimits(ttl_s=60), prefix=new_prefix(), retries=1,
+        redis_server.url, HistoryLimits(ttl_s=60), prefix=new_prefix(), retries=1, outage_s=0,
         connect_timeout_s=1.0, socket_timeout_s=1.0,
     )  # fmt: skip
     assert isinstance(backend, RedisBackend)
@@ -275,7 +275,7 @@ async def test_a_lost_reply_is_retried_and_the_slot_recorded_once(
     redis_server: RedisServer,
 ) -> None:
     async with LossyProxy(redis_server.port) as proxy:
-        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3, outage_s=0)
         try:
             await backend.ping()
             proxy.drop_next_reply()
@@ -315,7 +315,7 @@ async def test_a_lost_reply_to_a_batch_of_dead_letters_stores_it_once(
     redis_server: RedisServer,
 ) -> None:
     async with LossyProxy(redis_server.port) as proxy:
-        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3, outage_s=0)
         try:
             await backend.ping()
             proxy.drop_next_reply()
@@ -371,7 +371,7 @@ async def test_two_clients_share_one_store(redis_server: RedisServer) -> None:
 
 async def test_a_lost_reply_to_a_delete_is_not_retried(redis_server: RedisServer) -> None:
     async with LossyProxy(redis_server.port) as proxy:
-        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3)
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3, outage_s=0)
         try:
             await backend.registry_set('["a","r"]', "u1")
             assert not await backend.registry_delete("u0")  # the server knows the script now
@@ -400,7 +400,8 @@ async def test_ping_when_redis_is_down_is_quick_and_one_line() -> None:
 
 async def test_commands_give_up_after_the_bounded_retries() -> None:
     port = closed_port()
-    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", retries=3)
+    # outage_s=0: the retries alone bound it.
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", retries=3, outage_s=0)
     try:
         started = time.monotonic()
         with pytest.raises(BackendUnavailable, match="unreachable: Connection refused"):
@@ -528,6 +529,34 @@ async def test_the_pump_end_to_end_on_redis(redis_server: RedisServer) -> None:
         await pump.backend.buffer_clear()
         await pump.backend.registry_clear()
     assert len(replies) == 200
+
+
+async def test_the_pump_waits_through_an_outage_longer_than_its_retries(tmp_path: Path) -> None:
+    """Redis down for 8 s (killed, restarted from its AOF) with 3,000 conversations
+    in flight: the five retries alone last ~3 s, but commands keep being retried for
+    redis.outage_s (default 120 s), so every conversation is answered, once."""
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    replies: list[Reply] = []
+    try:
+        async with StreamPump(hello_on(server.url), egress=replies.append) as pump:
+            tasks = [asyncio.create_task(greet(pump, f"n{i}")) for i in range(3000)]
+            deadline = time.monotonic() + 30
+            while len(replies) < 300:  # well under way
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(replies)} replies before the outage")
+                await asyncio.sleep(0.005)
+            await asyncio.to_thread(server.kill)
+            in_flight = sum(not task.done() for task in tasks)
+            await asyncio.sleep(8)  # the outage itself (longer than the retries)
+            await asyncio.to_thread(server.start)
+            results = await asyncio.gather(*tasks)
+            await pump.wait_idle()
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert in_flight > 1000, in_flight
+    assert [r.payload.text for r in results] == [f"HELLO, N{i}!" for i in range(3000)]
+    assert sorted(Counter(r.re for r in replies).values()) == [1] * 3000, "each answered once"
 
 
 async def test_the_pump_rides_out_a_redis_restart(

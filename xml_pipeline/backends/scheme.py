@@ -71,7 +71,11 @@ class RedisOptions(_Options):
         prefix: every key starts with ``prefix:``.
         connect_timeout_s: bound on opening a connection (and on the first ``PING``).
         socket_timeout_s: bound on a reply.
-        retries: how many times a failed command may be sent again.
+        retries: how many times a failed command may be sent again, at least (0:
+            never).
+        outage_s: how long a command keeps being sent again while Redis cannot be
+            reached (backing off up to 2 s): ingress and handlers wait through an
+            outage this long instead of failing.
         allow_eviction: accept a server whose ``maxmemory-policy`` evicts keys.
     """
 
@@ -79,6 +83,7 @@ class RedisOptions(_Options):
     connect_timeout_s: float = Field(5.0, gt=0)
     socket_timeout_s: float = Field(5.0, gt=0)
     retries: int = Field(5, ge=0)
+    outage_s: float = Field(120.0, ge=0)
     allow_eviction: bool = False
 
 

@@ -73,7 +73,9 @@ class RedisBackend:
         prefix: every key starts with ``prefix:``.
         connect_timeout_s: time allowed to open a connection (and for :meth:`ping`).
         socket_timeout_s: time allowed for a reply.
-        retries: how many times a failed command may be sent again.
+        retries: how many times a failed command may be sent again, at least.
+        outage_s: how long a command keeps being sent again while Redis cannot be
+            reached: callers wait through an outage this long instead of failing.
         allow_eviction: accept a server whose ``maxmemory-policy`` evicts keys (see
             :meth:`ping`).
 
@@ -90,6 +92,7 @@ class RedisBackend:
         connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         socket_timeout_s: float = _OPTIONS.socket_timeout_s,
         retries: int = _OPTIONS.retries,
+        outage_s: float = _OPTIONS.outage_s,
         allow_eviction: bool = _OPTIONS.allow_eviction,
     ) -> None:
         self.url = redact_url(url)
@@ -102,6 +105,7 @@ class RedisBackend:
             connect_timeout_s=connect_timeout_s,
             socket_timeout_s=socket_timeout_s,
             retries=retries,
+            outage_s=outage_s,
         )
         ttl = self.limits.ttl_s
         self._ttl_ms = int(ttl * 1000) if ttl > 0 and math.isfinite(ttl) else 0
@@ -130,6 +134,7 @@ class RedisBackend:
         connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         socket_timeout_s: float = _OPTIONS.socket_timeout_s,
         retries: int = _OPTIONS.retries,
+        outage_s: float = _OPTIONS.outage_s,
         allow_eviction: bool = _OPTIONS.allow_eviction,
     ) -> RedisBackend:
         """The backend a ``redis://`` URL names, with the ``redis:`` section's options.
@@ -144,6 +149,7 @@ class RedisBackend:
             connect_timeout_s=connect_timeout_s,
             socket_timeout_s=socket_timeout_s,
             retries=retries,
+            outage_s=outage_s,
             allow_eviction=allow_eviction,
         )
 

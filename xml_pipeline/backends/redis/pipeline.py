@@ -79,7 +79,9 @@ class _Failure(Exception):
 
 
 class _Call:
-    __slots__ = ("args", "attempt", "future", "idempotent", "retries", "script", "timer")
+    __slots__ = (
+        "args", "attempt", "failed_at", "future", "idempotent", "retries", "script", "timer",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -95,6 +97,7 @@ class _Call:
         self.retries = retries
         self.script = script
         self.attempt = 0
+        self.failed_at: float | None = None  # loop time of its first failure
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -148,7 +151,11 @@ class Pipeline:
         url: ``redis://HOST:PORT/DB`` (``rediss://`` and ``unix://`` also work).
         connect_timeout_s: time allowed to open a connection (and for :meth:`ping`).
         socket_timeout_s: time allowed for the replies of one pipeline.
-        retries: how many times a failed command may be sent again (by default).
+        retries: how many times a failed command may be sent again at least (by
+            default; 0: never).
+        outage_s: how long a failed command keeps being sent again while Redis cannot
+            be reached (backing off up to 2 s), past ``retries``: the callers wait
+            through an outage this long instead of failing.
         lanes: connections, so pipelines in flight at once.
         owner: what error messages call the user of this pipeline
             (``<url>: the backend is closed``).
@@ -164,6 +171,7 @@ class Pipeline:
         connect_timeout_s: float,
         socket_timeout_s: float,
         retries: int,
+        outage_s: float = 0.0,
         lanes: int = _LANES,
         owner: str = "backend",
     ) -> None:
@@ -171,6 +179,7 @@ class Pipeline:
         self._connect_timeout = connect_timeout_s
         self._socket_timeout = socket_timeout_s
         self._retries = max(0, retries)
+        self._outage_s = max(0.0, outage_s)
         self._lanes = max(1, lanes)
         self._owner = owner
         try:
@@ -473,13 +482,17 @@ class Pipeline:
         loop = self._loop
         assert loop is not None
         retried = 0
+        now = loop.time()
         for call in calls:
             if call.future.done():
                 continue
+            if call.failed_at is None:
+                call.failed_at = now
             if (
                 retriable
                 and not self._closed
-                and call.attempt < call.retries
+                and call.retries > 0
+                and (call.attempt < call.retries or now - call.failed_at < self._outage_s)
                 and (call.idempotent or not maybe_applied)
             ):
                 call.attempt += 1
@@ -494,10 +507,10 @@ class Pipeline:
         if retried and self._down_since is None:
             self._down_since = loop.time()
             logger.warning(
-                "%s is unreachable (%s): retrying for up to %d attempts",
+                "%s is unreachable (%s): retrying for up to %g s",
                 self.url,
                 _reason(exc),
-                self._retries,
+                max(self._outage_s, _BACKOFF_CAP_S * self._retries),
             )
 
     def _retry(self, call: _Call) -> None:
