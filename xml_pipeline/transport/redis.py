@@ -125,6 +125,8 @@ class RedisStreams:
         backend: where the history lives; its prefix names the streams too.
         group: the consumer group every inbox is read through.
         connect_timeout_s, socket_timeout_s, retries: as for the backend.
+        outage_s: as for the backend (default: the backend's): ingress waits through
+            an outage this long.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class RedisStreams:
         connect_timeout_s: float = 5.0,
         socket_timeout_s: float = 5.0,
         retries: int = 5,
+        outage_s: float | None = None,
     ) -> None:
         if socket_timeout_s * 1000 <= _READ_BLOCK_MS:
             raise ValueError("socket_timeout_s must be longer than a blocking read (1 s)")
@@ -146,6 +149,7 @@ class RedisStreams:
             "connect_timeout_s": connect_timeout_s,
             "socket_timeout_s": socket_timeout_s,
             "retries": retries,
+            "outage_s": backend.outage_s if outage_s is None else outage_s,
             "owner": "transport",
         }
         self._commands = Pipeline(url, **options)

@@ -97,6 +97,7 @@ class RedisBackend:
     ) -> None:
         self.url = redact_url(url)
         self.allow_eviction = allow_eviction
+        self.outage_s = outage_s
         self._policy_checked = False
         self.limits = limits or HistoryLimits()
         self.prefix = prefix
