@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from xml_pipeline import ENVELOPE_NAMESPACE
 from xml_pipeline.cli._framing import TOO_LARGE as SKIPPED
-from xml_pipeline.cli._framing import DocumentSplitter
+from xml_pipeline.cli._framing import DocumentSplitter, LineSplitter
 from xml_pipeline.parser import parse_trusted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,3 +296,24 @@ def test_over_long_malformed_and_garbage_are_answered_and_reading_goes_on(tmp_pa
         "HELLO, ANN!", "HELLO, EVE!", "HELLO, MAX!"
     ]  # fmt: skip
     assert {to for to, _ in got} == {"feeder"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=12),
+    st.lists(st.integers(1, 200), max_size=20),
+)
+def test_lines_over_the_cap_are_skipped_however_they_arrive(
+    lines: list[bytes], chunks: list[int]
+) -> None:
+    """The cap holds for every line: one that arrives whole in a chunk with its newline
+    too (it used to pass through)."""
+    data = b"".join(line + b"\n" for line in lines)
+    splitter = LineSplitter(cap=16)
+    items: list[object] = []
+    position = 0
+    for size in [*chunks, len(data)]:
+        items += splitter.feed(data[position : position + size])
+        position += size
+    items += splitter.close()
+    assert items == [line if len(line) <= 16 else SKIPPED for line in lines]

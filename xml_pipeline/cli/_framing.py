@@ -92,6 +92,9 @@ class LineSplitter:
                 return items
             if self._skipping:
                 self._skipping = False
+            elif len(buf) + end - start > self._cap:  # every line, not only long chunks
+                buf.clear()
+                items.append(TOO_LARGE)
             else:
                 buf += chunk[start:end]
                 items.append(bytes(buf))
