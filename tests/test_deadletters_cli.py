@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -194,3 +195,26 @@ async def test_a_running_pumps_own_store_is_joined_not_served(tmp_path: Path) ->
         accepted, refused = await replay_letters(serving, [], timeout_s=5)
         assert (accepted, refused) == (0, 1), "malformed again: replaced by its new refusal"
         assert [x.code for x in await pump.backend.deadletter_list()] == ["malformed"]
+
+
+def test_two_replays_at_once_run_each_letter_once(tmp_path: Path, redis_server: Any) -> None:
+    """Each letter is claimed (deleted) before it is injected: of two replays running
+    at once, exactly one runs it (before: most letters ran twice)."""
+    path = organism(tmp_path, redis_server.url)
+    (tmp_path / "broken").touch()
+    total = 1000
+    lines = b"".join(b'<Job xmlns="urn:jobs"><n>%d</n></Job>\n' % n for n in range(total))
+    run = cli(str(path), "--input", "-", "--to", "worker", stdin=lines)
+    assert run.returncode == 0, run.stderr
+    assert len(cli("deadletters", str(path), "list").stdout.splitlines()) == total
+    (tmp_path / "broken").unlink()
+    command = [sys.executable, "-m", "xml_pipeline", "deadletters", str(path), "replay"]
+    replays = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        for _ in range(2)
+    ]
+    outputs = [replay.communicate(timeout=60) for replay in replays]
+    assert [replay.returncode for replay in replays] == [0, 0], [err for _, err in outputs]
+    answered = sorted(int(n) for out, _ in outputs for n in re.findall(rb"<n>(\d+)</n>", out))
+    assert answered == list(range(total)), f"{len(answered)} answers for {total} letters"
+    assert cli("deadletters", str(path), "list").stdout == b""

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import anyio
+
 from ..backends import (
     SCHEMES,
     Backend,
@@ -178,9 +180,11 @@ async def replay_letters(
     """Feed dead letters back to the organism; replies go to stdout, one per line.
 
     A dead letter whose data is a whole envelope is injected as it is; one that
-    holds a bare payload goes to its listener (if it names one). A replayed letter
-    that ingress accepts is deleted; one refused again is replaced by the dead letter
-    of its new refusal.
+    holds a bare payload goes to its listener (if it names one). Each letter is
+    claimed before it is injected, by deleting it (atomic on every backend): of
+    replays running at once, exactly one injects it. One refused again is replaced by
+    the dead letter of its new refusal; one that could not be injected for another
+    reason (the backend down, the pump stopping) is written back.
 
     The pump joins the organism's store (see :func:`joining_organism`): it never
     serves one of its own.
@@ -202,6 +206,8 @@ async def replay_letters(
     async with StreamPump(organism, egress=egress) as pump:
         letters = _select(await pump.backend.deadletter_list(), ids)
         for letter in letters:
+            if not await pump.backend.deadletter_delete(letter.id):
+                continue  # claimed by another replay (or purged) meanwhile
             is_envelope = b"https://xml-pipeline.org/ns/envelope/v1" in letter.data[:400]
             to = None if is_envelope else letter.listener
             try:
@@ -211,13 +217,16 @@ async def replay_letters(
                                           reserve=False)  # fmt: skip
             except MessageError:
                 root = None
+            except BaseException:
+                # Not injected: the letter goes back (under a new id).
+                with anyio.CancelScope(shield=True):
+                    await pump.backend.deadletter_add(letter)
+                raise
             if root is None:
                 # Refused again: the refusal is a new dead letter, which replaces this one.
                 refused += 1
-                await pump.backend.deadletter_delete(letter.id)
                 continue
             accepted += 1
-            await pump.backend.deadletter_delete(letter.id)
         if not await pump.drain(timeout_s):
             print("xml_pipeline: warning: replay did not finish within the drain timeout",
                   file=sys.stderr)  # fmt: skip
