@@ -6,14 +6,16 @@ test that uses them fails with a message that says what did not happen.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -33,6 +35,29 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not seen within {timeout:g} s")
         time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0
+) -> None:
+    """:func:`wait_until` for async tests: ``condition`` may be a coroutine function
+    (it is awaited); the event loop runs meanwhile.
+
+    Raises:
+        TimeoutError: it stayed false for ``timeout`` seconds (``what`` says what).
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not seen within {timeout:g} s")
+        await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
 
 

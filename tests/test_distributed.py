@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_process import CliProcess, wait_until
+from cli_process import CliProcess, until, wait_until
 from redis_server import RedisServer, running_redis
 
 from xml_pipeline import Client, ConfigError, NoReply, Reply, StreamPump, load_organism
@@ -650,11 +650,11 @@ def test_a_second_process_under_a_running_nodes_name_is_refused(
 
 async def _until_owners(streams: RedisStreams, wanted: set[str | None], timeout: float) -> None:
     """Wait until the shards of ``middle`` are held by exactly ``wanted``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while set(owners := await streams.owners("middle", 4)) != wanted:
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"the shards of middle are held by {owners}, not {wanted}")
-        await asyncio.sleep(0.05)
+
+    async def held() -> bool:
+        return set(await streams.owners("middle", 4)) == wanted
+
+    await until(held, f"the shards of middle held by {wanted}", timeout)
 
 
 async def test_nodes_share_a_listeners_shards_and_a_draining_node_hands_its_over(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_process import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -815,11 +816,11 @@ def test_a_client_that_does_not_read_its_answers_cannot_fill_the_servers_memory(
             conn.recv_bytes()
             # ~10 KB of requests, each answered with ~0.75 MiB, none of it read
             sock.sendall(frame(b'[["buffer_get_rows","t"]]') * 400)
-            deadline = time.monotonic() + 10
-            while not any(session._paused for session in list(server._sessions)):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the server never paused")
-                time.sleep(0.01)
+            wait_until(
+                lambda: any(session._paused for session in list(server._sessions)),
+                "the server pausing its reads",
+                10,
+            )
             [session] = server._sessions
             assert session._transport is not None
             buffered = session._transport.get_write_buffer_size()
