@@ -442,9 +442,7 @@ class Node:
         while True:
             # What the last read got is taken (held) or dropped by now.
             self.reading = frozenset()
-            for stream in self.reread:  # a commit Redis refused: its entry again
-                if stream in self.starts:
-                    self.starts[stream] = b"0"
+            self._from_start(self.reread)  # a commit Redis refused: its entry again
             self.reread.clear()
             # Only what this node holds counts (input waiting for room in a stream does
             # not: it waits for this very reader). Draining or stopping: read no more.
@@ -487,9 +485,7 @@ class Node:
                     # A read whose answer was lost may have delivered entries to this
                     # node: they are pending for it, so read those streams again from
                     # the start (a failed wait took nothing).
-                    for stream in starts:
-                        if stream in self.starts:
-                            self.starts[stream] = b"0"
+                    self._from_start(starts)
                 continue
             except BackendError as exc:
                 # Redis answered with an error: a stream or its group deleted under
@@ -537,9 +533,19 @@ class Node:
                 # taken stays pending and is read again; the node goes on.
                 logger.error("node %s: handling what it read: %s", self.name, exc)
                 await asyncio.sleep(1.0)
-                for stream in starts:
-                    if stream in self.starts:
-                        self.starts[stream] = b"0"
+                self._from_start(starts)
+
+    def _from_start(self, streams: Iterable[bytes]) -> None:
+        """Read these streams (those still read) from the start again: what this node
+        holds there, then new entries."""
+        for stream in streams:
+            if stream in self.starts:
+                self.starts[stream] = b"0"
+
+    async def _ack(self, entry: Entry, what: str = "acknowledging", **follow: Any) -> None:
+        """Acknowledge (and delete) an entry without committing anything else."""
+        commit = functools.partial(self.streams.commit, **follow) if follow else self.streams.commit
+        await self.until_reachable(what, commit, entry, self.name)
 
     async def _until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds (checked whenever this node commits), or
@@ -604,7 +610,7 @@ class Node:
                 waiter.set_exception(
                     NoReply("everything the message caused ended without a reply to its caller")
                 )
-            await self.until_reachable("acknowledging", self.streams.commit, entry, self.name)
+            await self._ack(entry)
             return
         try:
             msg = _message_of(f)
@@ -614,7 +620,7 @@ class Node:
                 EgressFailed(f"a reply entry that cannot be read: {exc!r}"),
                 f.get(b"x"), None, None, None,
             )  # fmt: skip
-            await self.until_reachable("acknowledging", self.streams.commit, entry, self.name)
+            await self._ack(entry)
             return
         try:
             model = pump._decode_made_in_worker(msg)
@@ -628,7 +634,7 @@ class Node:
             None if origin is None else origin.decode(), msg.id, model, msg.re,
         )  # fmt: skip
         await pump._emit(reply, msg, recorded=True)
-        await self.until_reachable("acknowledging a reply", self.streams.commit, entry, self.name)
+        await self._ack(entry, "acknowledging a reply")
 
     async def _from_entry(self, entry: Entry) -> Delivery | None:
         """The delivery a stream entry carries (None: dead-lettered and acknowledged)."""
@@ -654,11 +660,7 @@ class Node:
             # waits for it hears so, see RedisStreams.commit).
             cause = f.get(b"c", b"").decode(errors="replace")
             node = (f.get(b"n") or self.name.encode()).decode(errors="replace")
-            await self.until_reachable(
-                "acknowledging", functools.partial(
-                    self.streams.commit, cause=cause, waiter=self.streams.replies(node)
-                ), entry, self.name,
-            )  # fmt: skip
+            await self._ack(entry, cause=cause, waiter=self.streams.replies(node))
             return None
         d = Delivery(msg, rt, frame, reply_frame, reply_to)
         d.entry = entry
