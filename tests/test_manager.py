@@ -501,6 +501,8 @@ def test_the_wire_format(server: ManagerServer) -> None:
                         "ttl_s": 86400.0,
                         "max_dead_letters": 10000,
                         "dead_letter_bytes": 65536,
+                        "dead_letter_budget_bytes": 64 << 20,
+                        "dead_letter_ttl_s": 604800.0,
                     },
                 },
             ]

@@ -151,6 +151,7 @@ async def test_key_layout_formats_and_ttl(redis_server: RedisServer) -> None:
                 f"{prefix}:dl:data",
                 f"{prefix}:dl:ids",
                 f"{prefix}:dl:seq",
+                f"{prefix}:dl:ts",
                 f"{prefix}:hidx:frame:1",
                 f"{prefix}:hist:frame:1",
                 f"{prefix}:stats",
@@ -165,15 +166,17 @@ async def test_key_layout_formats_and_ttl(redis_server: RedisServer) -> None:
             for key in ("hist:frame:1", "hidx:frame:1", "uuid:frame:1", f"chain:{chain}"):
                 ttl = await r.pttl(f"{prefix}:{key}")
                 assert 90_000 < ttl <= 100_000, key
-            assert await r.pttl(f"{prefix}:dl:data") == -1, "dead letters do not expire"
+            assert await r.pttl(f"{prefix}:dl:data") == -1, "dead letters expire one by one"
             [letter_id] = await r.zrange(f"{prefix}:dl:ids", 0, -1)
             [letter] = await backend.deadletter_list()
             assert letter_id.decode() == letter.id
             assert await r.hget(f"{prefix}:dl:data", letter_id) == dead_letter_to_bytes(letter)
             assert "cmdstat_keys" not in await r.info("commandstats"), "SCAN, never KEYS"
         info = await backend.info()
+        size = len(dead_letter_to_bytes(letter))
         assert info == {"buffer_threads": 1, "registry_entries": 1, "dead_letters": 1,
-                        "slots_trimmed": 1, "dead_letters_dropped": 0}  # fmt: skip
+                        "slots_trimmed": 1, "dead_letter_bytes": size, "dead_letters_dropped": 0,
+                        "dead_letters_expired": 0, "dead_letters_over_budget": 0}  # fmt: skip
     finally:
         await backend.buffer_clear()
         await backend.registry_clear()

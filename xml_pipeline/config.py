@@ -105,6 +105,18 @@ class _HistorySection(_Strict):
         ge=1,
         description="dead letters kept; the oldest are dropped",
     )
+    dead_letter_budget_bytes: int = Field(
+        _HISTORY.dead_letter_budget_bytes,
+        ge=0,
+        description="once the kept dead letters hold this many bytes, a rejection of "
+        "outside input keeps only its first 256 bytes and is counted per code (see "
+        "[failure modes](failures.md#dead-letters))",
+    )
+    dead_letter_ttl_s: float = Field(
+        _HISTORY.dead_letter_ttl_s,
+        ge=0,
+        description="a dead letter is dropped this long after it was written; 0: never",
+    )
 
 
 class _PumpSection(_Strict):
@@ -862,6 +874,8 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                 max_threads=h.max_threads,
                 ttl_s=h.ttl_s,
                 max_dead_letters=h.max_dead_letters,
+                dead_letter_budget_bytes=h.dead_letter_budget_bytes,
+                dead_letter_ttl_s=h.dead_letter_ttl_s,
             ),
             settings=PumpSettings(
                 queue_size=p.queue_size,

@@ -105,6 +105,7 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
+_REASON_CHARS = 2000  # of a dead letter's reason (a parser's message can quote the input)
 _RETRY_S = 0.5  # a delivery from a stream that found Redis unreachable runs again then
 _WARNED_KEPT = 1024
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
@@ -478,8 +479,9 @@ class StreamPump:
             reason = f"{state} for {d.runtime.name} when the pump stopped"
             logger.debug("dead-lettering message %s: %s", msg.id, reason)
             data = msg.raw if msg.raw is not None else msg.xml()
+            error = Abandoned(reason)
             letters.append(
-                self._letter(Abandoned(reason), data, d.runtime.name, d.frame.uuid, msg.id)
+                self._letter(error, data, d.runtime.name, d.frame.uuid, msg.id, msg.sender)
             )
         written = 0
         # Bounded even when the backend is slow or down: what is not written by the
@@ -859,7 +861,7 @@ class StreamPump:
         on_reply: asyncio.Future[Reply] | None = None,
     ) -> None:
         logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
-        await self._dead_letter(exc, raw, None, None, None)
+        await self._dead_letter(exc, raw, None, None, None, label)
         reply = Reply(None, PUMP_SENDER, label, self._new_id(), huh_for(exc, raw), re_id)
         if on_reply is not None and not on_reply.done():
             on_reply.set_result(reply)
@@ -1318,7 +1320,7 @@ class StreamPump:
 
     async def _refuse(self, exc: MessageError, out: Message, frame: Frame, rt: Runtime) -> None:
         """A message a handler emitted cannot be routed: dead letter, and Huh to its sender."""
-        await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id)
+        await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id, rt.name)
         if not out.after_huh:
             await self._send_huh(exc, out, frame, rt, PUMP_SENDER)
 
@@ -1361,7 +1363,8 @@ class StreamPump:
                 error = EgressFailed(f"egress failed: {type(exc).__name__}: {exc}")
                 with contextlib.suppress(Exception):
                     data = msg.xml() if msg is not None else None
-                    await self._dead_letter(error, data, None, reply.thread_id, reply.message_id)
+                    await self._dead_letter(error, data, None, reply.thread_id, reply.message_id,
+                                            reply.sender)  # fmt: skip
 
     # -- errors ----------------------------------------------------------------
 
@@ -1382,7 +1385,7 @@ class StreamPump:
         rt.failed += 1
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
-        await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id)
+        await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id, msg.sender)
         d.routed = True
         if msg.qname == _HUH_QNAME or msg.after_huh:
             logger.warning(
@@ -1439,16 +1442,18 @@ class StreamPump:
         listener: str | None,
         thread_id: str | None,
         message_id: str | None,
+        sender: str | None = None,
     ) -> DeadLetter:
         return DeadLetter(
             id="",
             timestamp=time.time(),
             code=exc.code,
-            reason=exc.reason,
+            reason=exc.reason[:_REASON_CHARS],
             listener=listener,
             thread_id=thread_id,
             message_id=message_id,
             data=bytes(data or b"")[: self.organism.history.dead_letter_bytes],
+            sender=sender,
         )
 
     async def _dead_letter(
@@ -1458,9 +1463,10 @@ class StreamPump:
         listener: str | None,
         thread_id: str | None,
         message_id: str | None,
+        sender: str | None = None,
     ) -> None:
         self._dead_letters += 1
-        letter = self._letter(exc, data, listener, thread_id, message_id)
+        letter = self._letter(exc, data, listener, thread_id, message_id, sender)
         try:
             await self.backend.deadletter_add(letter)
         except XmlPipelineError:

@@ -35,7 +35,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .backends.base import Backend, DeadLetter, HistoryLimits, Slot
+from .backends.base import OVER_BUDGET_NOTE, SAMPLE_BYTES, Backend, DeadLetter, HistoryLimits, Slot
 from .backends.store import Store
 
 __all__ = [
@@ -243,6 +243,43 @@ async def _dead_letters_in_one_batch_are_capped(b: Backend) -> None:
     _equal([x.data for x in letters], [b"01234"] * 3, "data is capped")
 
 
+async def _dead_letters_over_budget(b: Backend) -> None:
+    # A budget of one byte: every rejection of outside input is over it.
+    outside = DeadLetter("", 1.0, "malformed", "bad", None, None, None, b"x" * 1000)
+    work = replace(_letter("handler"), code="handler-error", data=b"y" * 1000)
+    kept_outside, kept_work = await b.deadletter_add_many([outside, work])
+    letters = {x.id: x for x in await b.deadletter_list()}
+    sample = letters[kept_outside]
+    _equal(sample.data, b"x" * SAMPLE_BYTES, "an outside rejection past the budget keeps a sample")
+    _equal(sample.reason, "bad" + OVER_BUDGET_NOTE, "a sample's reason says it is one")
+    _equal(letters[kept_work].data, b"y" * 1000, "a letter of accepted work is kept whole")
+    info = await b.info()
+    got = {
+        k: info.get(k) for k in ("dead_letters_over_budget", "dead_letters_over_budget:malformed")
+    }
+    _equal(got, dict.fromkeys(got, 1), "over-budget counters in info()")
+    _expect(info.get("dead_letter_bytes", 0) > 1000, f"dead_letter_bytes in info(): {info}")
+    await b.deadletter_purge()
+    _equal((await b.info()).get("dead_letter_bytes"), 0, "dead_letter_bytes after a purge")
+
+
+async def _dead_letters_expire(b: Backend) -> None:
+    await b.deadletter_add(_letter("old"))
+    _equal(len(await b.deadletter_list()), 1, "a letter right after it was written")
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while await b.deadletter_list():
+        _expect(asyncio.get_running_loop().time() < deadline, "no letter expired within 10 s")
+        await asyncio.sleep(0.05)
+    info = await b.info()
+    _equal((info.get("dead_letters"), info.get("dead_letters_expired")), (0, 1), "info()")
+
+
+async def _dead_letter_history_round_trips(b: Backend) -> None:
+    letter = replace(_letter("r"), sender="caller é", attempts=3, last_error="timeout: slow")
+    [letter_id] = await b.deadletter_add_many([letter])
+    _equal(await b.deadletter_list(), [replace(letter, id=letter_id)], "the letter read back")
+
+
 async def _info_and_close(b: Backend) -> None:
     await b.buffer_append("t", _slot("m"))
     await b.registry_set('["a","t"]', "t")
@@ -268,6 +305,10 @@ CHECKS: tuple[Check, ...] = (
     Check("dead letters in one batch", _dead_letters_in_one_batch),
     Check("dead letters in one batch are capped", _dead_letters_in_one_batch_are_capped,
           HistoryLimits(max_dead_letters=3, dead_letter_bytes=5)),
+    Check("dead letters over budget", _dead_letters_over_budget,
+          HistoryLimits(dead_letter_budget_bytes=1)),
+    Check("dead letters expire", _dead_letters_expire, HistoryLimits(dead_letter_ttl_s=0.5)),
+    Check("dead letter history round-trips", _dead_letter_history_round_trips),
     Check("info", _info_and_close),
 )  # fmt: skip
 """Every conformance check, in order."""

@@ -13,6 +13,7 @@ Records cross the backend boundary as plain, immutable values (:class:`Slot`,
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -24,10 +25,14 @@ __all__ = [
     "Backend",
     "DeadLetter",
     "HistoryLimits",
+    "OVER_BUDGET_NOTE",
+    "SAMPLE_BYTES",
     "Slot",
     "dead_letter_from_bytes",
     "dead_letter_from_obj",
     "dead_letter_to_bytes",
+    "letter_size",
+    "over_budget",
     "redact_url",
     "slot_from_bytes",
     "slot_from_obj",
@@ -75,6 +80,10 @@ class DeadLetter:
         thread_id: the frame concerned, if any.
         message_id: the message's id, if it got one.
         data: the original bytes, capped.
+        sender: who sent the message (a listener or an outside label), if known.
+        attempts: how many times it was refused (a replay refused again adds one).
+        last_error: the latest refusal, ``"code: reason"``, when it was refused again
+            (``code`` and ``reason`` stay those of the first).
     """
 
     id: str
@@ -85,6 +94,9 @@ class DeadLetter:
     thread_id: str | None
     message_id: str | None
     data: bytes
+    sender: str | None = None
+    attempts: int = 1
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,12 @@ class HistoryLimits:
         ttl_s: idle time after which a shared backend may expire a frame (Redis).
         max_dead_letters: oldest dead letters are dropped past this (and counted).
         dead_letter_bytes: how much of the original input a dead letter keeps.
+        dead_letter_budget_bytes: once the kept dead letters hold this many bytes, a
+            rejection of input from outside (a letter of no listener and no frame)
+            keeps only the first :data:`SAMPLE_BYTES` of its input, and is counted
+            per code; letters of accepted work are always kept whole.
+        dead_letter_ttl_s: a dead letter is dropped this long after it was written
+            (0: kept until replayed, purged or pushed out by ``max_dead_letters``).
     """
 
     max_slots_per_thread: int = 10_000
@@ -104,6 +122,34 @@ class HistoryLimits:
     ttl_s: float = 86_400.0
     max_dead_letters: int = 10_000
     dead_letter_bytes: int = 64 * 1024
+    dead_letter_budget_bytes: int = 64 * 1024 * 1024
+    dead_letter_ttl_s: float = 7 * 86_400.0
+
+
+SAMPLE_BYTES = 256
+"""What a rejection of outside input keeps of it once dead letters are over budget."""
+
+OVER_BUDGET_NOTE = (
+    f" [over the dead-letter budget: only the first {SAMPLE_BYTES} bytes of the input kept]"
+)
+"""Appended to the reason of a letter cut to its sample."""
+
+
+def over_budget(letter: DeadLetter) -> DeadLetter | None:
+    """What ``letter`` becomes past the dead-letter byte budget: its sample, or None
+    if it is kept whole anyway (a letter of accepted work, or already a sample)."""
+    if letter.listener is not None or letter.thread_id is not None:
+        return None  # accepted work: never cut
+    if letter.reason.endswith(OVER_BUDGET_NOTE):
+        return None
+    return dataclasses.replace(
+        letter, data=letter.data[:SAMPLE_BYTES], reason=letter.reason + OVER_BUDGET_NOTE
+    )
+
+
+def letter_size(letter: DeadLetter) -> int:
+    """The bytes a dead letter counts against the budget (its input and its reason)."""
+    return len(letter.data) + len(letter.reason)
 
 
 @runtime_checkable
@@ -198,6 +244,12 @@ class Backend(Protocol):
 
         A letter whose id is already stored replaces it, keeping its place (so a
         retried write stores nothing twice). ``data`` is cut to ``dead_letter_bytes``.
+
+        Bounded (see :class:`HistoryLimits`): letters older than ``dead_letter_ttl_s``
+        are dropped; once the kept letters hold ``dead_letter_budget_bytes``, a
+        rejection of outside input is kept as its sample (:func:`over_budget`) and
+        counted per code in :meth:`info` (``dead_letters_over_budget`` and
+        ``dead_letters_over_budget:<code>``).
         """
         ...
 
@@ -235,7 +287,9 @@ class Backend(Protocol):
         ...
 
     async def info(self) -> dict[str, int]:
-        """Counters: ``buffer_threads``, ``registry_entries``, ``dead_letters``, ..."""
+        """Counters: ``buffer_threads``, ``registry_entries``, ``dead_letters``,
+        ``dead_letter_bytes`` (counted against the budget), ``dead_letters_dropped``,
+        ``dead_letters_over_budget`` (and per code), ..."""
         ...
 
     async def aclose(self) -> None:
@@ -351,6 +405,9 @@ def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
             "thread": letter.thread_id,
             "message": letter.message_id,
             "data": base64.b64encode(letter.data).decode("ascii"),
+            **({"sender": letter.sender} if letter.sender is not None else {}),
+            **({"attempts": letter.attempts} if letter.attempts != 1 else {}),
+            **({"last_error": letter.last_error} if letter.last_error is not None else {}),
         }
     ).encode()
 
@@ -372,6 +429,9 @@ def dead_letter_from_obj(obj: Any) -> DeadLetter:
             thread_id=obj.get("thread"),
             message_id=obj.get("message"),
             data=base64.b64decode(obj["data"]),
+            sender=obj.get("sender"),
+            attempts=int(obj.get("attempts", 1)),
+            last_error=obj.get("last_error"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a dead letter: {exc}") from exc

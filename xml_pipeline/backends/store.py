@@ -8,13 +8,15 @@ eviction) is answered here first.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
-from .base import DeadLetter, HistoryLimits, Slot
+from .base import SAMPLE_BYTES, DeadLetter, HistoryLimits, Slot, letter_size, over_budget
 
 __all__ = ["Store"]
 
@@ -46,8 +48,17 @@ class Store:
         self._chain_to_uuid: dict[str, str] = {}
         self._uuid_to_chain: OrderedDict[str, str] = OrderedDict()
         self._dead: OrderedDict[str, DeadLetter] = OrderedDict()
+        self._dead_added: dict[str, float] = {}  # id -> when it was written (monotonic)
+        self._dead_bytes = 0  # letter_size() of every kept letter
         self._dead_ids = itertools.count(1)
-        self._counters = {"slots_trimmed": 0, "threads_evicted": 0, "dead_letters_dropped": 0}
+        self._counters = {
+            "slots_trimmed": 0,
+            "threads_evicted": 0,
+            "dead_letters_dropped": 0,
+            "dead_letters_expired": 0,
+            "dead_letters_over_budget": 0,
+        }
+        self._over_budget: dict[str, int] = {}  # per code
 
     # -- history ---------------------------------------------------------------
 
@@ -175,24 +186,37 @@ class Store:
     # -- dead letters ----------------------------------------------------------
 
     def deadletter_add(self, letter: DeadLetter) -> str:
+        self._expire_letters()
+        dead = self._dead
         letter_id = letter.id
         if not letter_id:
             letter_id = f"dl-{next(self._dead_ids)}"
-            while letter_id in self._dead:
+            while letter_id in dead:
                 letter_id = f"dl-{next(self._dead_ids)}"
-        cap = self.limits.dead_letter_bytes
-        self._dead[letter_id] = DeadLetter(
-            id=letter_id,
-            timestamp=letter.timestamp,
-            code=letter.code,
-            reason=letter.reason,
-            listener=letter.listener,
-            thread_id=letter.thread_id,
-            message_id=letter.message_id,
-            data=letter.data[:cap],
+        kept = dataclasses.replace(
+            letter, id=letter_id, data=letter.data[: self.limits.dead_letter_bytes]
         )
-        while len(self._dead) > self.limits.max_dead_letters:
-            self._dead.popitem(last=False)
+        old = dead.get(letter_id)
+        used = self._dead_bytes - (letter_size(old) if old is not None else 0)
+        if used + letter_size(kept) > self.limits.dead_letter_budget_bytes:
+            sample = over_budget(kept)
+            if sample is not None:
+                kept = sample
+                self._counters["dead_letters_over_budget"] += 1
+                self._over_budget[kept.code] = self._over_budget.get(kept.code, 0) + 1
+                if self._counters["dead_letters_over_budget"] in (1, 1000, 100_000):
+                    logger.warning(
+                        "dead letters over their budget (%d bytes): %d rejection(s) of "
+                        "outside input kept as a %d-byte sample so far",
+                        self.limits.dead_letter_budget_bytes,
+                        self._counters["dead_letters_over_budget"],
+                        SAMPLE_BYTES,
+                    )
+        dead[letter_id] = kept
+        self._dead_added.setdefault(letter_id, time.monotonic())
+        self._dead_bytes = used + letter_size(kept)
+        while len(dead) > self.limits.max_dead_letters:
+            self._drop_letter(next(iter(dead)))
             self._counters["dead_letters_dropped"] += 1
             if self._counters["dead_letters_dropped"] in (1, 100, 10_000):
                 logger.warning(
@@ -206,16 +230,41 @@ class Store:
         return [self.deadletter_add(letter) for letter in letters]
 
     def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
+        self._expire_letters()
         letters = list(self._dead.values())
         return letters if limit is None else letters[:limit]
 
     def deadletter_delete(self, letter_id: str) -> bool:
-        return self._dead.pop(letter_id, None) is not None
+        return self._drop_letter(letter_id)
 
     def deadletter_purge(self) -> int:
         n = len(self._dead)
         self._dead.clear()
+        self._dead_added.clear()
+        self._dead_bytes = 0
         return n
+
+    def _drop_letter(self, letter_id: str) -> bool:
+        letter = self._dead.pop(letter_id, None)
+        if letter is None:
+            return False
+        del self._dead_added[letter_id]
+        self._dead_bytes -= letter_size(letter)
+        return True
+
+    def _expire_letters(self) -> None:
+        """Drop the letters older than ``dead_letter_ttl_s`` (the oldest come first)."""
+        ttl = self.limits.dead_letter_ttl_s
+        if ttl <= 0 or not self._dead_added:
+            return
+        limit = time.monotonic() - ttl
+        added = self._dead_added
+        while added:
+            letter_id = next(iter(added))
+            if added[letter_id] > limit:
+                return
+            self._drop_letter(letter_id)
+            self._counters["dead_letters_expired"] += 1
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -224,5 +273,7 @@ class Store:
             "buffer_threads": len(self._histories),
             "registry_entries": len(self._uuid_to_chain),
             "dead_letters": len(self._dead),
+            "dead_letter_bytes": self._dead_bytes,
             **self._counters,
+            **{f"dead_letters_over_budget:{code}": n for code, n in self._over_budget.items()},
         }

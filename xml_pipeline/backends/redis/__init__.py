@@ -16,7 +16,10 @@ Key layout (``P`` is the prefix, ``xml_pipeline`` by default; ids and chains are
     P:dl:ids          ZSET    dead-letter ids, scored by P:dl:seq (oldest first)
     P:dl:data         HASH    dead-letter id -> dead_letter_to_bytes(letter)
     P:dl:seq          STRING  the dead-letter sequence (INCR)
-    P:stats           HASH    slots_trimmed, dead_letters_dropped
+    P:dl:ts           ZSET    dead-letter ids, scored by when they were written (ms)
+    P:stats           HASH    slots_trimmed, dead_letter_bytes (the JSON kept in
+                              P:dl:data), dead_letters_dropped, _expired,
+                              _over_budget and _over_budget:<code>
 
 Everything stored is the documented JSON of :mod:`~xml_pipeline.backends.base` or plain
 text: nothing is pickled. Appending (idempotency check, index, push, trimming past
@@ -31,7 +34,10 @@ written first, and the frame's writes refresh it once it has run down by a tenth
 minute at most), so an idle frame expires between ``0.9 * ttl_s`` (``ttl_s - 60`` for
 long TTLs) and ``ttl_s`` after its last write. ``max_threads`` is enforced by that TTL
 only (Redis keeps no LRU order of frames for us); an expired frame is not counted in
-``info()``. Dead letters have no TTL: ``max_dead_letters`` bounds them. Scripts build
+``info()``. Dead letters are dropped ``dead_letter_ttl_s`` after they were written (by
+the server's clock, at the next dead-letter write or list) and past
+``max_dead_letters``; once their JSON holds ``dead_letter_budget_bytes``, a rejection of
+outside input is stored as its sample. Scripts build
 the keys of the other half of a registry entry themselves, so this backend needs one
 Redis server or a primary, not Redis Cluster.
 

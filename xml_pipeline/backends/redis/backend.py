@@ -17,11 +17,13 @@ from typing import Any
 
 from ...exceptions import BackendError, BackendUnavailable, ConfigError
 from ..base import (
+    SAMPLE_BYTES,
     DeadLetter,
     HistoryLimits,
     Slot,
     dead_letter_from_bytes,
     dead_letter_to_bytes,
+    over_budget,
     redact_url,
     slot_from_bytes,
     slot_to_bytes,
@@ -124,6 +126,9 @@ class RedisBackend:
         self._dl_data = p + b":dl:data"
         self._dl_seq = p + b":dl:seq"
         self._stats = p + b":stats"
+        self._dl_keys = (self._dl_ids, self._dl_data, self._dl_seq, self._stats, p + b":dl:ts")
+        dl_ttl = self.limits.dead_letter_ttl_s
+        self._dl_ttl_ms = max(1, int(dl_ttl * 1000)) if 0 < dl_ttl < math.inf else 0
 
     @classmethod
     def from_url(
@@ -333,7 +338,8 @@ class RedisBackend:
         """
         if not letters:
             return []
-        cap = self.limits.dead_letter_bytes
+        limits = self.limits
+        cap = limits.dead_letter_bytes
         ids: list[str] = []
         calls: list[list[bytes]] = [[]]
         size = 0
@@ -341,33 +347,40 @@ class RedisBackend:
             # The id is made here, so a retried add overwrites rather than duplicates.
             letter_id = letter.id or f"dl-{_uuid.uuid4().hex}"
             ids.append(letter_id)
-            data = dead_letter_to_bytes(
-                dataclasses.replace(letter, id=letter_id, data=letter.data[:cap])
-            )
+            kept = dataclasses.replace(letter, id=letter_id, data=letter.data[:cap])
+            data = dead_letter_to_bytes(kept)
+            sample = over_budget(kept)
+            sample_data = dead_letter_to_bytes(sample) if sample is not None else b""
             if calls[-1] and size + len(data) > _MANY_BYTES:
                 calls.append([])
                 size = 0
-            calls[-1] += (letter_id.encode(), data)
-            size += len(data)
-        keys = (self._dl_ids, self._dl_data, self._dl_seq, self._stats)
+            calls[-1] += (letter_id.encode(), data, sample_data, kept.code.encode())
+            size += len(data) + len(sample_data)
+        bounds = (limits.max_dead_letters, limits.dead_letter_budget_bytes, self._dl_ttl_ms)
         replies = await asyncio.gather(
-            *(self._pipeline.eval(DEAD_LETTER_ADD, keys, self.limits.max_dead_letters, *args)
+            *(self._pipeline.eval(DEAD_LETTER_ADD, self._dl_keys, *bounds, *args)
               for args in calls)
         )  # fmt: skip
-        for dropped, total in replies:
+        for dropped, total, cut, total_cut in replies:
             if dropped and any(total - dropped < n <= total for n in (1, 100, 10_000)):
                 logger.warning(
                     "dead-letter store full (%d): dropped %d oldest so far",
-                    self.limits.max_dead_letters,
+                    limits.max_dead_letters,
                     total,
                 )
+            if cut and any(total_cut - cut < n <= total_cut for n in (1, 1000, 100_000)):
+                logger.warning(
+                    "dead letters over their budget (%d bytes): %d rejection(s) of outside "
+                    "input kept as a %d-byte sample so far",
+                    limits.dead_letter_budget_bytes, total_cut, SAMPLE_BYTES,
+                )  # fmt: skip
         return ids
 
     async def deadletter_list(self, limit: int | None = None) -> list[DeadLetter]:
         if limit == 0:
             return []
         last = limit - 1 if limit is not None and limit > 0 else -1
-        items = await self._pipeline.eval(DEAD_LETTER_LIST, (self._dl_ids, self._dl_data), last)
+        items = await self._pipeline.eval(DEAD_LETTER_LIST, self._dl_keys, last, self._dl_ttl_ms)
         try:
             letters = [dead_letter_from_bytes(item) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
@@ -376,17 +389,12 @@ class RedisBackend:
 
     async def deadletter_delete(self, letter_id: str) -> bool:
         reply = await self._pipeline.eval(
-            DEAD_LETTER_DELETE,
-            (self._dl_ids, self._dl_data),
-            letter_id.encode(),
-            idempotent=False,
+            DEAD_LETTER_DELETE, self._dl_keys, letter_id.encode(), idempotent=False
         )
         return bool(reply)
 
     async def deadletter_purge(self) -> int:
-        reply = await self._pipeline.eval(
-            DEAD_LETTER_PURGE, (self._dl_ids, self._dl_data), idempotent=False
-        )
+        reply = await self._pipeline.eval(DEAD_LETTER_PURGE, self._dl_keys, idempotent=False)
         return int(reply)
 
     # -- lifecycle -------------------------------------------------------------
@@ -448,15 +456,17 @@ class RedisBackend:
         threads = await self._scan(self._hist)
         uuids = await self._scan(self._uuid)
         dead = await self._pipeline.call(b"ZCARD", self._dl_ids)
-        stats = await self._pipeline.call(
-            b"HMGET", self._stats, b"slots_trimmed", b"dead_letters_dropped"
-        )
+        raw = await self._pipeline.call(b"HGETALL", self._stats)
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[0::2], raw[1::2], strict=True)
+        stats = {bytes(k).decode(): int(v) for k, v in pairs}
+        counters = ("slots_trimmed", "dead_letter_bytes", "dead_letters_dropped",
+                    "dead_letters_expired", "dead_letters_over_budget")  # fmt: skip
         return {
             "buffer_threads": len(threads),
             "registry_entries": len(uuids),
             "dead_letters": int(dead),
-            "slots_trimmed": int(stats[0] or 0),
-            "dead_letters_dropped": int(stats[1] or 0),
+            **{name: stats.get(name, 0) for name in counters},
+            **{k: n for k, n in stats.items() if k.startswith("dead_letters_over_budget:")},
         }
 
     async def aclose(self) -> None:

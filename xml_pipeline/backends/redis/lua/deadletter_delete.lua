@@ -1,7 +1,7 @@
--- deadletter_delete.lua, run by xml_pipeline/backends/redis/backend.py (DEAD_LETTER_DELETE).
--- KEYS: ids, data. ARGV: id. Returns 1 if it existed.
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
-  return 0
+-- deadletter_delete.lua, run by xml_pipeline/backends/redis/backend.py
+-- (DEAD_LETTER_DELETE), after lib_deadletter.lua (KEYS: ids, data, seq, stats, ts).
+-- ARGV: id. Returns 1 if it existed.
+if dl_drop(ARGV[1]) then
+  return 1
 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
+return 0

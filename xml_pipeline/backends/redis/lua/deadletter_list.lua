@@ -1,5 +1,8 @@
--- deadletter_list.lua, run by xml_pipeline/backends/redis/backend.py (DEAD_LETTER_LIST).
--- KEYS: ids, data. ARGV: last rank (-1: all). Returns the letters' JSON, oldest first.
+-- deadletter_list.lua, run by xml_pipeline/backends/redis/backend.py (DEAD_LETTER_LIST),
+-- after lib_deadletter.lua (KEYS: ids, data, seq, stats, ts).
+-- ARGV: last rank (-1: all), TTL in ms (0: none). Drops the expired letters, then
+-- returns the letters' JSON, oldest first.
+dl_expire(tonumber(ARGV[2]))
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]))
 local out = {}
 for _, id in ipairs(ids) do
