@@ -9,10 +9,12 @@ import os
 from typing import Any
 
 from ..backends import HistoryLimits
-from ..backends.manager import parse_address, serve_forever
+from ..backends.manager import MAX_CONNECTIONS, MAX_REQUEST_BYTES, parse_address, serve_forever
 from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _error
 
 __all__ = ["add_parser", "main"]
+
+_MIN_REQUEST_BYTES = 64 << 10  # as the organism file's manager.max_request_bytes
 
 
 def add_parser(sub: Any) -> None:
@@ -38,6 +40,22 @@ def add_parser(sub: Any) -> None:
     manager.add_argument("--max-slots-per-thread", type=int, default=10_000, metavar="N")
     manager.add_argument("--max-threads", type=int, default=100_000, metavar="N")
     manager.add_argument("--max-dead-letters", type=int, default=10_000, metavar="N")
+    manager.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=MAX_REQUEST_BYTES,
+        metavar="N",
+        help="the largest request frame read; a client sending a larger one is "
+        "disconnected (default %(default)s; clients split their batches under it)",
+    )
+    manager.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="how many clients are kept at once; further connections are closed at once "
+        "(default %(default)s)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,6 +77,10 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--address {args.address!r}: expected HOST:PORT, such as 127.0.0.1:50555")
     if min(args.max_slots_per_thread, args.max_threads, args.max_dead_letters) < 1:
         return fail("the --max-* limits must be at least 1")
+    if args.max_connections < 1:
+        return fail("--max-connections must be at least 1")
+    if args.max_request_bytes < _MIN_REQUEST_BYTES:
+        return fail(f"--max-request-bytes must be at least {_MIN_REQUEST_BYTES} (64 KiB)")
     limits = HistoryLimits(
         max_slots_per_thread=args.max_slots_per_thread,
         max_threads=args.max_threads,
@@ -70,7 +92,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"manager://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
 
     try:
-        serve_forever(address, authkey.encode(), limits, ready=ready)
+        serve_forever(
+            address,
+            authkey.encode(),
+            limits,
+            ready=ready,
+            max_request_bytes=args.max_request_bytes,
+            max_connections=args.max_connections,
+        )
     except BrokenPipeError:
         raise
     except OSError as exc:
