@@ -488,13 +488,14 @@ def test_the_wire_format(server: ManagerServer) -> None:
             slot = slot_to_bytes(_slot("m1"))
             conn.send_bytes(
                 b'[["hello",1],["buffer_append","t",' + slot + b'],["buffer_get_thread","t"],'
-                b'["nope"],["buffer_get_slot","t","0"],["registry_list_all",1],["hello",2]]'
+                b'["nope"],["buffer_get_slot","t","0"],["registry_list_all",1],["hello",3]]'
             )
             replies = json.loads(conn.recv_bytes())
-            assert replies[0] == [
+            assert replies[0] == [  # a client of protocol 1 is still served
                 0,
                 {
-                    "protocol": 1,
+                    "protocol": 2,
+                    "max_request_bytes": 8 << 20,
                     "limits": {
                         "max_slots_per_thread": 10000,
                         "max_threads": 100000,
@@ -511,7 +512,7 @@ def test_the_wire_format(server: ManagerServer) -> None:
             assert replies[3][0] == 1 and "unknown call" in replies[3][1]
             assert replies[4][0] == 1 and "buffer_get_slot: bad argument" in replies[4][1]
             assert replies[5][0] == 1 and "expected 0 argument(s)" in replies[5][1]
-            assert replies[6][0] == 1 and "protocol 2 is not supported" in replies[6][1]
+            assert replies[6][0] == 1 and "protocol 3 is not supported" in replies[6][1]
             conn.send_bytes(b'{"not": "an array"}')  # not a request: the server hangs up
             with pytest.raises(EOFError):
                 conn.recv_bytes()
@@ -779,10 +780,11 @@ async def test_a_garbled_answer_fails_the_call_and_the_next_call_reconnects(
         await backend.aclose()
 
 
-async def test_aclose_does_not_wait_for_a_stalled_server(
-    server: ManagerServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_aclose_does_not_wait_for_a_stalled_server(monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
+    # a cap above the 22 MiB request below, which stays buffered in the client
+    server = ManagerServer(("127.0.0.1", 0), KEY.encode(), max_request_bytes=64 << 20)
+    server.start()
     run = server._run
 
     def stalled(data: bytes) -> bytes:
@@ -803,6 +805,7 @@ async def test_aclose_does_not_wait_for_a_stalled_server(
     finally:
         release.set()
         await backend.aclose()
+        server.close()
 
 
 def test_a_client_that_does_not_read_its_answers_cannot_fill_the_servers_memory(

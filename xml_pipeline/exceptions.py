@@ -8,7 +8,8 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
     ├── PumpError (RuntimeError)              the pump was used outside its lifetime
     │   └── PumpClosed                        not running: not started yet, stopping or stopped
     ├── BackendError
-    │   └── BackendUnavailable                the backend cannot be reached
+    │   ├── BackendUnavailable                the backend cannot be reached
+    │   └── RequestTooLarge                   one call is over the backend's request cap (not sent)
     └── MessageError                          one message was rejected; .code names why
         ├── MalformedMessage        malformed   not well-formed XML, DTD, entities, XInclude
         ├── MessageTooLarge         too-large   over the byte, depth, element or attribute limit
@@ -41,6 +42,7 @@ __all__ = [
     "NoReply",
     "PumpClosed",
     "PumpError",
+    "RequestTooLarge",
     "Duplicate",
     "EgressFailed",
     "Overloaded",
@@ -88,6 +90,14 @@ class BackendError(XmlPipelineError):
 
 class BackendUnavailable(BackendError):
     """The backend cannot be reached (bad URL scheme, server down, wrong credentials)."""
+
+
+class RequestTooLarge(BackendError):
+    """One call is larger than the backend accepts in a request (the manager's
+    ``max_request_bytes``): it was not sent, and the connection is still usable.
+
+    The message names the sizes and the setting to raise.
+    """
 
 
 class MessageError(XmlPipelineError):

@@ -57,11 +57,25 @@ class ManagerOptions(_Options):
         serve: this process serves the store at the URL's address (``?serve=`` in the
             URL wins).
         connect_timeout_s: bound on connecting and proving the authkey.
+        max_request_bytes: the largest request frame the served store reads (when this
+            process serves it); a larger one disconnects its client, and a client never
+            sends one (it splits batches, and refuses a single call that large).
+        max_connections: how many clients the served store keeps at once; past it a new
+            connection is closed at once.
     """
 
     authkey: str | None = Field(None, min_length=1, repr=False)
     serve: bool = False
     connect_timeout_s: float = Field(5.0, gt=0)
+    # The largest call a pump makes by default is one history slot of a message at
+    # pump.max_message_bytes (1 MiB): ~1.4 MiB of JSON once base64-encoded. A client's
+    # batch stops past 1 MiB, so its frames stay under ~2.5 MiB; a dead letter keeps at
+    # most history.dead_letter_bytes (64 KiB). 8 MiB leaves room for handler outputs a
+    # few times larger than what ingress accepts, while one frame stays cheap to decode
+    # on the server's single thread (~0.45 s and ~200 MiB for the worst 8 MiB of JSON,
+    # millions of empty arrays; ~10 ms for frames of slots).
+    max_request_bytes: int = Field(8 << 20, ge=64 << 10)
+    max_connections: int = Field(256, ge=1)
 
 
 class RedisOptions(_Options):

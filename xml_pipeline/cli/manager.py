@@ -9,10 +9,13 @@ import os
 from typing import Any
 
 from ..backends import HistoryLimits
-from ..backends.manager import parse_address, serve_forever
+from ..backends.manager import MAX_CONNECTIONS, MAX_REQUEST_BYTES, parse_address, serve_forever
 from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _error
 
 __all__ = ["add_parser", "main"]
+
+_HISTORY = HistoryLimits()
+_MIN_REQUEST_BYTES = 64 << 10  # as the organism file's manager.max_request_bytes
 
 
 def add_parser(sub: Any) -> None:
@@ -38,6 +41,38 @@ def add_parser(sub: Any) -> None:
     manager.add_argument("--max-slots-per-thread", type=int, default=10_000, metavar="N")
     manager.add_argument("--max-threads", type=int, default=100_000, metavar="N")
     manager.add_argument("--max-dead-letters", type=int, default=10_000, metavar="N")
+    manager.add_argument(
+        "--dead-letter-budget-bytes",
+        type=int,
+        default=_HISTORY.dead_letter_budget_bytes,
+        metavar="N",
+        help="past this many bytes of dead letters, a rejection of outside input keeps "
+        "only a 256-byte sample (default %(default)s)",
+    )
+    manager.add_argument(
+        "--dead-letter-ttl-s",
+        type=float,
+        default=_HISTORY.dead_letter_ttl_s,
+        metavar="S",
+        help="dead letters are dropped this long after they were written; 0: never "
+        "(default %(default)s)",
+    )
+    manager.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=MAX_REQUEST_BYTES,
+        metavar="N",
+        help="the largest request frame read; a client sending a larger one is "
+        "disconnected (default %(default)s; clients split their batches under it)",
+    )
+    manager.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="how many clients are kept at once; further connections are closed at once "
+        "(default %(default)s)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,10 +94,18 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--address {args.address!r}: expected HOST:PORT, such as 127.0.0.1:50555")
     if min(args.max_slots_per_thread, args.max_threads, args.max_dead_letters) < 1:
         return fail("the --max-* limits must be at least 1")
+    if args.dead_letter_budget_bytes < 0 or not args.dead_letter_ttl_s >= 0:
+        return fail("--dead-letter-budget-bytes and --dead-letter-ttl-s must be at least 0")
+    if args.max_connections < 1:
+        return fail("--max-connections must be at least 1")
+    if args.max_request_bytes < _MIN_REQUEST_BYTES:
+        return fail(f"--max-request-bytes must be at least {_MIN_REQUEST_BYTES} (64 KiB)")
     limits = HistoryLimits(
         max_slots_per_thread=args.max_slots_per_thread,
         max_threads=args.max_threads,
         max_dead_letters=args.max_dead_letters,
+        dead_letter_budget_bytes=args.dead_letter_budget_bytes,
+        dead_letter_ttl_s=args.dead_letter_ttl_s,
     )
 
     def ready(served: tuple[str, int]) -> None:
@@ -70,7 +113,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"manager://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
 
     try:
-        serve_forever(address, authkey.encode(), limits, ready=ready)
+        serve_forever(
+            address,
+            authkey.encode(),
+            limits,
+            ready=ready,
+            max_request_bytes=args.max_request_bytes,
+            max_connections=args.max_connections,
+        )
     except BrokenPipeError:
         raise
     except OSError as exc:

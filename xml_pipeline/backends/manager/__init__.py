@@ -91,12 +91,21 @@ handshake, the JSON codec, the slot encodings), :mod:`~xml_pipeline.backends.man
 from __future__ import annotations
 
 from .client import ManagerBackend, ManagerStatistics
-from .protocol import AUTHKEY_ENV, MAX_REQUEST_BYTES, PROTOCOL, parse_address
+from .protocol import (
+    AUTHKEY_ENV,
+    MAX_CONNECTIONS,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_CALLS,
+    PROTOCOL,
+    parse_address,
+)
 from .server import ManagerServer, serve_forever
 
 __all__ = [
     "AUTHKEY_ENV",
+    "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_CALLS",
     "PROTOCOL",
     "ManagerBackend",
     "ManagerServer",

@@ -5,6 +5,10 @@ transport is handed to a small ``asyncio.Protocol`` that cuts the answers out of
 ``data_received`` gets and matches them, in order, to the frames in flight. The loop's
 own timeouts, and natural pipelining: calls made in one loop tick go as one request
 frame, behind the frames already in flight on the same connection. No thread.
+
+No request frame is larger than the server's ``max_request_bytes`` (named in its
+answer to ``hello``): batches are cut under it, and a single call larger than it
+raises :class:`~xml_pipeline.exceptions.RequestTooLarge` without being sent.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from multiprocessing import AuthenticationError
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from ...exceptions import BackendError, BackendUnavailable
+from ...exceptions import BackendError, BackendUnavailable, RequestTooLarge
 from ..base import (
     DeadLetter,
     HistoryLimits,
@@ -36,7 +40,6 @@ from ..scheme import ManagerOptions, serves
 from .protocol import (
     AUTHKEY_ENV,
     HANDSHAKE_FRAME_BYTES,
-    MAX_REQUEST_BYTES,
     PROTOCOL,
     FrameBuffer,
     answer_challenge,
@@ -58,9 +61,12 @@ __all__ = ["ManagerBackend", "ManagerStatistics"]
 logger = logging.getLogger(__name__)
 
 _BATCH_BYTES = 1 << 20  # a client stops adding calls to a batch past this many bytes
-_BATCH_CALLS = 1024
-_MANY_BYTES = 64 << 20  # deadletter_add_many splits a batch into calls of this size
+_BATCH_CALLS = 1024  # at most this many calls a frame (a server takes MAX_REQUEST_CALLS)
 _HELLO_BYTES = 1 << 16  # the largest answer to hello read
+_ANSWER_BYTES = 512 << 20  # the largest answer read (a whole history of big slots)
+_LEGACY_REQUEST_BYTES = 512 << 20  # the frame cap of a protocol-1 server, which does not say
+_MANY = b'["deadletter_add_many",['
+_FRAMING = 2  # the brackets around a frame's calls
 TASK_NAME = "xml_pipeline manager connection"
 """The name of the one idle task a connection keeps (see :class:`_Connection`)."""
 
@@ -151,9 +157,17 @@ class _Connection(asyncio.Protocol):
         backend: ManagerBackend,
         writer: asyncio.StreamWriter,
         timeout: float,
+        hello: dict[str, Any],
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.lost: BackendUnavailable | None = None
+        cap = hello.get("max_request_bytes")
+        self.max_request_bytes = cap if type(cap) is int else _LEGACY_REQUEST_BYTES
+        """The largest request frame the server reads."""
+        limits = hello.get("limits")
+        kept = limits.get("dead_letter_bytes") if isinstance(limits, dict) else None
+        self.dead_letter_bytes: int | None = kept if type(kept) is int and kept >= 0 else None
+        """How much of a dead letter's data the server keeps (None: unknown)."""
         self._backend = backend
         self._url = backend.url
         self._writer = writer
@@ -164,7 +178,7 @@ class _Connection(asyncio.Protocol):
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0  # loop time of the last answer, or of a write from idle
-        self._frames = FrameBuffer(MAX_REQUEST_BYTES)
+        self._frames = FrameBuffer(_ANSWER_BYTES)
         self._ended = self.loop.create_future()  # set by connection_lost
         self._transport.set_protocol(self)
         # An idle task per connection, so that the end of its event loop (asyncio.run
@@ -174,9 +188,15 @@ class _Connection(asyncio.Protocol):
     # -- writing ---------------------------------------------------------------
 
     def enqueue(self, item: _Item) -> None:
-        """Send one call: now if nothing is in flight, else at the end of this tick."""
+        """Send one call: now if nothing is in flight, else at the end of this tick.
+
+        Raises:
+            RequestTooLarge: the call alone makes a frame over the server's cap.
+        """
         if self.lost is not None:
             raise _copy(self.lost)
+        if len(item[0]) + _FRAMING > self.max_request_bytes:
+            raise self.too_large(len(item[0]) + _FRAMING)
         if self._flush_handle is None and not self._inflight:
             self._write([item])  # idle: no reason to wait for company
             return
@@ -184,17 +204,32 @@ class _Connection(asyncio.Protocol):
         if self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
+    def too_large(self, size: int) -> RequestTooLarge:
+        """The error for a call that makes a frame of ``size`` bytes on its own."""
+        return RequestTooLarge(
+            f"{self._url}: a request of {size} bytes is over the manager's cap of "
+            f"{self.max_request_bytes} bytes; it was not sent (raise the server's "
+            "max_request_bytes: python -m xml_pipeline manager --max-request-bytes N, "
+            "or manager.max_request_bytes in the organism file that serves the store)"
+        )
+
     def _flush(self) -> None:
+        # Frames of at most _BATCH_CALLS calls, ending past _BATCH_BYTES, and never
+        # over the server's cap (each call alone is under it: see enqueue).
         self._flush_handle = None
         pending, self._pending = self._pending, []
-        while pending:
-            size = 0
-            for n, item in enumerate(pending):
-                size += len(item[0])
-                if n + 1 >= _BATCH_CALLS or size >= _BATCH_BYTES:
+        room = self.max_request_bytes - _FRAMING
+        start, count = 0, len(pending)
+        while start < count:
+            size = len(pending[start][0])
+            end = start + 1
+            while end < count and end - start < _BATCH_CALLS and size < _BATCH_BYTES:
+                grown = size + 1 + len(pending[end][0])  # a comma between calls
+                if grown > room:
                     break
-            batch, pending = pending[: n + 1], pending[n + 1 :]
-            self._write(batch)
+                size, end = grown, end + 1
+            self._write(pending[start:end])
+            start = end
 
     def _write(self, batch: list[_Item]) -> None:
         if self.lost is not None:
@@ -368,6 +403,9 @@ class ManagerBackend:
             stopped by :meth:`aclose` (which waits up to 5 s for that thread).
         connect_timeout_s: bound on connecting and authenticating.
         request_timeout_s: bound on a silent server while a request is in flight.
+        max_request_bytes: the served store's request cap (``serve`` only; a client
+            keeps under the cap its server names).
+        max_connections: how many clients the served store keeps (``serve`` only).
     """
 
     def __init__(
@@ -379,11 +417,18 @@ class ManagerBackend:
         serve: bool = _OPTIONS.serve,
         connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         request_timeout_s: float = 30.0,
+        max_request_bytes: int = _OPTIONS.max_request_bytes,
+        max_connections: int = _OPTIONS.max_connections,
     ) -> None:
         if not authkey:
             raise BackendUnavailable(f"{display(address)}: the authkey is empty")
         if connect_timeout_s <= 0 or request_timeout_s <= 0:
             raise BackendUnavailable(f"{display(address)}: timeouts must be positive")
+        if max_request_bytes < HANDSHAKE_FRAME_BYTES or max_connections < 1:
+            raise BackendUnavailable(
+                f"{display(address)}: max_request_bytes must be at least "
+                f"{HANDSHAKE_FRAME_BYTES} and max_connections at least 1"
+            )
         if address[1] == 0 and not serve:
             raise BackendUnavailable(
                 f"{display(address)}: port 0 (a free port) needs serve: name the server's port"
@@ -395,6 +440,10 @@ class ManagerBackend:
         self._serve = serve
         self._connect_timeout = connect_timeout_s
         self._request_timeout = request_timeout_s
+        self._serve_caps = {
+            "max_request_bytes": max_request_bytes,
+            "max_connections": max_connections,
+        }
         self._conn: _Connection | None = None
         self._connecting: asyncio.Lock | None = None
         self._connecting_loop: asyncio.AbstractEventLoop | None = None
@@ -415,6 +464,8 @@ class ManagerBackend:
         serve: bool = _OPTIONS.serve,
         connect_timeout_s: float = _OPTIONS.connect_timeout_s,
         request_timeout_s: float = 30.0,
+        max_request_bytes: int = _OPTIONS.max_request_bytes,
+        max_connections: int = _OPTIONS.max_connections,
     ) -> ManagerBackend:
         """A backend for ``manager://HOST:PORT`` (``?serve=1`` overrides ``serve``).
 
@@ -457,6 +508,8 @@ class ManagerBackend:
             serve=serve,
             connect_timeout_s=connect_timeout_s,
             request_timeout_s=request_timeout_s,
+            max_request_bytes=max_request_bytes,
+            max_connections=max_connections,
         )
 
     def __repr__(self) -> str:
@@ -513,7 +566,7 @@ class ManagerBackend:
 
     async def _connect(self) -> _Connection:
         if self._serve and self._server is None:
-            server = ManagerServer(self._address, self._authkey, self.limits)
+            server = ManagerServer(self._address, self._authkey, self.limits, **self._serve_caps)
             try:
                 server.start()
             except OSError as exc:
@@ -536,6 +589,10 @@ class ManagerBackend:
                 await deliver_challenge(read, write, self._authkey)
                 writer.write(frame(dumps([["hello", PROTOCOL]])))
                 [[status, hello]] = loads(await read_frame(reader, _HELLO_BYTES))
+                if status != 0 and "is not supported" in str(hello):
+                    # A server of protocol 1: it names no cap (its own was 512 MiB).
+                    writer.write(frame(dumps([["hello", 1]])))
+                    [[status, hello]] = loads(await read_frame(reader, _HELLO_BYTES))
         except ConnectionRefusedError as exc:
             raise BackendUnavailable(
                 f"{url}: connection refused: no manager server there "
@@ -572,9 +629,12 @@ class ManagerBackend:
         if status != 0:
             _close(writer)
             raise BackendUnavailable(f"{url}: the server refused: {hello}")
-        self._check_limits(hello.get("limits") if isinstance(hello, dict) else None)
+        if not isinstance(hello, dict):
+            _close(writer)
+            raise BackendUnavailable(f"{url}: not an xml_pipeline manager server (hello)")
+        self._check_limits(hello.get("limits"))
         self._connects += 1
-        return _Connection(self, writer, self._request_timeout)
+        return _Connection(self, writer, self._request_timeout, hello)
 
     def _check_limits(self, served: Any) -> None:
         wanted = self._explicit_limits
@@ -648,31 +708,39 @@ class ManagerBackend:
         return await self._call(_request("registry_clear"), _as_none)
 
     async def deadletter_add(self, letter: DeadLetter) -> str:
-        request = b'["deadletter_add",' + dead_letter_to_bytes(letter) + b"]"
+        conn = await self._connected()
+        request = b'["deadletter_add",' + dead_letter_to_bytes(_kept(letter, conn)) + b"]"
         return await self._call(request, _as_str)
 
     async def deadletter_add_many(self, letters: Sequence[DeadLetter]) -> list[str]:
         """Store the letters with one server-side call (one round trip), ids in order.
 
-        A batch past 64 MiB of JSON goes as several calls, so that no request frame
-        comes near :data:`MAX_REQUEST_BYTES`.
+        A batch larger than one request frame of the server's (``max_request_bytes``)
+        goes as several calls, pipelined back to back, each in a frame under the cap.
+        Each letter's data is cut to what the server keeps before it is sent.
+
+        Raises:
+            RequestTooLarge: one letter alone is over the cap (nothing was sent).
         """
         if not letters:
             return []
+        conn = await self._connected()
+        encoded = [dead_letter_to_bytes(_kept(letter, conn)) for letter in letters]
+        room = conn.max_request_bytes - _FRAMING - len(_MANY) - 2  # the call's "]]"
+        largest = max(map(len, encoded))
+        if largest > room:
+            raise conn.too_large(largest + len(_MANY) + 2 + _FRAMING)
         requests: list[bytes] = []
-        chunk: list[bytes] = []
-        size = 0
-        for letter in letters:
-            data = dead_letter_to_bytes(letter)
-            if chunk and size + len(data) > _MANY_BYTES:
-                requests.append(b'["deadletter_add_many",[' + b",".join(chunk) + b"]]")
-                chunk, size = [], 0
-            chunk.append(data)
-            size += len(data) + 1
-        requests.append(b'["deadletter_add_many",[' + b",".join(chunk) + b"]]")
+        start, size = 0, 0
+        for n, data in enumerate(encoded):
+            if n > start and size + 1 + len(data) > room:
+                requests.append(_MANY + b",".join(encoded[start:n]) + b"]]")
+                start, size = n, 0
+            size += len(data) + (1 if n > start else 0)
+        requests.append(_MANY + b",".join(encoded[start:]) + b"]]")
+        del encoded
         if len(requests) == 1:
             return await self._call(requests[0], _as_strs)
-        conn = await self._connected()
         futures: list[asyncio.Future[list[str]]] = []
         for request in requests:  # enqueued together, in order: pipelined back to back
             futures.append(conn.loop.create_future())
@@ -722,6 +790,14 @@ class ManagerBackend:
     async def close(self) -> None:
         """Alias of :meth:`aclose`."""
         await self.aclose()
+
+
+def _kept(letter: DeadLetter, conn: _Connection) -> DeadLetter:
+    """``letter`` with its data cut to what the server keeps (it would cut it anyway)."""
+    cap = conn.dead_letter_bytes
+    if cap is None or len(letter.data) <= cap:
+        return letter
+    return dataclasses.replace(letter, data=letter.data[:cap])
 
 
 def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:

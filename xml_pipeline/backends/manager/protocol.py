@@ -29,14 +29,18 @@ from typing import Any
 import pydantic_core
 
 from ..base import Slot, slot_from_obj
+from ..scheme import ManagerOptions
 
 __all__ = [
     "AUTHKEY_ENV",
     "HANDSHAKE_FRAME_BYTES",
     "FrameBuffer",
+    "FrameTooLarge",
     "ReadFrame",
     "WriteFrame",
+    "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_CALLS",
     "PROTOCOL",
     "SLOT_KEYS",
     "answer_challenge",
@@ -58,11 +62,24 @@ __all__ = [
 AUTHKEY_ENV = "XML_PIPELINE_MANAGER_AUTHKEY"
 """The environment variable holding the authkey when no ``authkey`` option is given."""
 
-PROTOCOL = 1
-"""The wire protocol version, checked by ``hello``."""
+PROTOCOL = 2
+"""The wire protocol version, checked by ``hello``. 2: the answer to ``hello`` names the
+server's ``max_request_bytes``, which the client keeps every request frame under (a
+server still accepts clients of protocol 1)."""
 
-MAX_REQUEST_BYTES = 512 * 1024 * 1024
-"""The largest request frame a server reads (before authentication: 256 bytes)."""
+_DEFAULTS = ManagerOptions()
+
+MAX_REQUEST_BYTES = _DEFAULTS.max_request_bytes
+"""The default largest request frame a server reads (8 MiB; its ``max_request_bytes``;
+before authentication: 256 bytes). See :class:`~xml_pipeline.backends.ManagerOptions`."""
+
+MAX_CONNECTIONS = _DEFAULTS.max_connections
+"""The default number of clients a server keeps at once (its ``max_connections``)."""
+
+MAX_REQUEST_CALLS = 4096
+"""The most calls one request frame may hold (a client sends at most 1,024): a frame
+of millions of tiny calls is refused before any runs, instead of holding the server's
+thread for seconds and making an answer many times its size."""
 
 HANDSHAKE_FRAME_BYTES = 256
 """The largest frame either side reads before the peer has proved it holds the key."""
@@ -224,13 +241,23 @@ def frame(data: bytes) -> bytes:
     return _HEADER.pack(size) + data
 
 
+class FrameTooLarge(ValueError):
+    """A frame's header announces more bytes than the reader accepts (nothing of it
+    was buffered beyond what had already arrived)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a frame of {size} bytes")
+        self.size = size
+        self.limit = limit
+
+
 async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """One frame from a stream. ValueError: larger than ``limit``; IncompleteReadError: EOF."""
+    """One frame from a stream. FrameTooLarge: larger than ``limit``; IncompleteReadError: EOF."""
     (size,) = _HEADER.unpack(await reader.readexactly(4))
     if size == -1:
         (size,) = _LONG_HEADER.unpack(await reader.readexactly(8))
     if size < 0 or size > limit:
-        raise ValueError(f"a frame of {size} bytes")
+        raise FrameTooLarge(size, limit)
     return await reader.readexactly(size)
 
 
@@ -276,7 +303,8 @@ class FrameBuffer:
         """The next whole frame, or None until more bytes come.
 
         Raises:
-            ValueError: the next frame is larger than :attr:`limit`.
+            FrameTooLarge: the next frame's header announces more than :attr:`limit`
+                (raised from the header alone: the frame is never gathered).
         """
         data, pos = self._data, self._pos
         end = len(data)
@@ -290,7 +318,7 @@ class FrameBuffer:
             (size,) = _LONG_HEADER.unpack_from(data, start)
             start += 8
         if size < 0 or size > self.limit:
-            raise ValueError(f"a frame of {size} bytes")
+            raise FrameTooLarge(size, self.limit)
         stop = start + size
         if stop > end:
             return None

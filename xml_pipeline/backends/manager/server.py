@@ -1,11 +1,17 @@
 """The manager server: one :class:`~xml_pipeline.backends.store.Store` served over TCP.
 
-The server runs an event loop of its own in one thread (uvloop where installed).
-Each connection is a protocol (:class:`_Session`): a task authenticates the client
-within ``handshake_timeout_s`` (the loop's own timeout, no socket options), then
-each request runs in ``data_received`` as its frame completes. A request's calls run in
+The server runs an event loop of its own in one thread (uvloop where installed), and
+no other: connections are protocols of that loop, not threads. Each connection is a
+protocol (:class:`_Session`): a task authenticates the client within
+``handshake_timeout_s`` (the loop's own timeout, no socket options), then each
+request runs in ``data_received`` as its frame completes. A request's calls run in
 order, one ``Store`` method each, with nothing in between: the loop is the only
-thread touching the store, so it needs no lock. :func:`serve_forever` is the
+thread touching the store, so it needs no lock.
+
+The server defends that thread: a request frame is at most ``max_request_bytes``
+(refused from its length header, never gathered) and holds at most
+:data:`~.protocol.MAX_REQUEST_CALLS` calls, and at most ``max_connections`` clients are
+kept (a connection past that is closed at once). :func:`serve_forever` is the
 ``python -m xml_pipeline manager`` command's loop.
 """
 
@@ -18,6 +24,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from types import TracebackType
@@ -35,9 +42,12 @@ from ..base import (
 from ..store import Store
 from .protocol import (
     HANDSHAKE_FRAME_BYTES,
+    MAX_CONNECTIONS,
     MAX_REQUEST_BYTES,
+    MAX_REQUEST_CALLS,
     PROTOCOL,
     FrameBuffer,
+    FrameTooLarge,
     answer_challenge,
     deliver_challenge,
     display,
@@ -61,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 5.0  # close(): how long the server's thread may take to stop
 _PRE_AUTH_BYTES = 64 << 10  # unread input of a client not yet authenticated: reading pauses
+_REFUSED_LOG_S = 10.0  # refused connections are logged at most this often
 
 
 def _encode_result(value: Any) -> bytes:
@@ -173,6 +184,11 @@ class ManagerServer:
         authkey: the shared secret clients must prove they hold.
         limits: the store's trimming and eviction bounds.
         handshake_timeout_s: how long a new connection may take to authenticate.
+        max_request_bytes: the largest request frame read; a client announcing a larger
+            one is answered why and disconnected as soon as its length header arrives
+            (the others are served on). Clients learn it from ``hello``.
+        max_connections: how many clients are kept at once (authenticated or not); a
+            connection past that is closed at once, the others unaffected.
     """
 
     def __init__(
@@ -182,10 +198,19 @@ class ManagerServer:
         limits: HistoryLimits | None = None,
         *,
         handshake_timeout_s: float = 5.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if not authkey:
             raise ValueError("the manager server needs a non-empty authkey")
+        if max_request_bytes < HANDSHAKE_FRAME_BYTES or max_connections < 1:
+            raise ValueError(
+                f"max_request_bytes must be at least {HANDSHAKE_FRAME_BYTES} and "
+                "max_connections at least 1"
+            )
         self.limits = limits or HistoryLimits()
+        self.max_request_bytes = max_request_bytes
+        self.max_connections = max_connections
         self._requested = address
         self._authkey = authkey
         self._handshake_timeout = handshake_timeout_s
@@ -206,6 +231,8 @@ class ManagerServer:
         self._started = threading.Event()
         self._failure: BaseException | None = None
         self._sessions: set[_Session] = set()  # the connections (the server's thread only)
+        self._refused = 0  # connections refused past max_connections, not yet logged
+        self._refused_logged = -_REFUSED_LOG_S  # monotonic time of that last log line
         self._closed = False
 
     def __repr__(self) -> str:
@@ -311,11 +338,32 @@ class ManagerServer:
     # -- requests --------------------------------------------------------------------
 
     def _hello(self, protocol: int) -> dict[str, Any]:
-        if protocol != PROTOCOL:
+        if not 1 <= protocol <= PROTOCOL:
             raise ValueError(
-                f"protocol {protocol} is not supported (this server speaks {PROTOCOL})"
+                f"protocol {protocol} is not supported (this server speaks 1 to {PROTOCOL})"
             )
-        return {"protocol": PROTOCOL, "limits": dataclasses.asdict(self.limits)}
+        return {
+            "protocol": PROTOCOL,
+            "limits": dataclasses.asdict(self.limits),
+            "max_request_bytes": self.max_request_bytes,
+        }
+
+    def _admit(self, peer: Any) -> bool:
+        """Whether a new connection may be kept (its session is not counted yet)."""
+        if len(self._sessions) < self.max_connections:
+            return True
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSED_LOG_S:
+            logger.warning(
+                "manager: %d connection(s) refused (the last from %s): the server already "
+                "holds %d clients, its cap (max_connections)",
+                self._refused,
+                peer,
+                self.max_connections,
+            )
+            self._refused, self._refused_logged = 0, now
+        return False
 
     def _ping(self) -> None:
         return None
@@ -325,6 +373,11 @@ class ManagerServer:
         calls = loads(data)
         if type(calls) is not list:
             raise ValueError("a request is a JSON array of calls")
+        if len(calls) > MAX_REQUEST_CALLS:
+            raise ValueError(
+                f"a request of {len(calls)} calls is over the manager's cap of "
+                f"{MAX_REQUEST_CALLS} calls"
+            )
         parts: list[bytes] = []
         for call in calls:
             name = call[0] if type(call) is list and call and type(call[0]) is str else None
@@ -358,8 +411,10 @@ class _Session(asyncio.Protocol):
 
     Before the client is authenticated, frames are at most
     :data:`~.protocol.HANDSHAKE_FRAME_BYTES` and reading pauses past
-    :data:`_PRE_AUTH_BYTES` of unread input; afterwards, reading pauses while the
-    client does not read its answers (the transport's write buffer is full).
+    :data:`_PRE_AUTH_BYTES` of unread input; afterwards, frames are at most the
+    server's ``max_request_bytes`` (refused from the header), and reading pauses while
+    the client does not read its answers (the transport's write buffer is full). A
+    connection past the server's ``max_connections`` is closed in ``connection_made``.
     """
 
     def __init__(self, server: ManagerServer, sessions: set[_Session]) -> None:
@@ -381,10 +436,16 @@ class _Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._peer = transport.get_extra_info("peername")
+        if not self._server._admit(self._peer):
+            self._eof = True  # nothing it sends is read
+            self._transport.abort()
+            return
         self._sessions.add(self)
         self._handshake = self._loop.create_task(self._authenticate())
 
     def data_received(self, data: bytes) -> None:
+        if self._eof:
+            return
         self._frames.feed(data)
         if self._serving:
             self._serve()
@@ -439,7 +500,7 @@ class _Session(asyncio.Protocol):
         except asyncio.CancelledError:
             self.abort()  # the connection is gone, or the server is stopping
             return
-        self._frames.limit = MAX_REQUEST_BYTES
+        self._frames.limit = server.max_request_bytes
         self._serving = True
         self._resume()
         self._serve()  # what came with the end of the handshake
@@ -481,6 +542,12 @@ class _Session(asyncio.Protocol):
                 if data is None:
                     return
                 reply = run(data)
+            except FrameTooLarge as exc:
+                self._refuse(
+                    f"request of {exc.size} bytes is over the manager's cap of {exc.limit} "
+                    "bytes (max_request_bytes)"
+                )
+                return
             except (ValueError, RecursionError) as exc:
                 logger.warning("manager: bad request from %s, disconnecting: %s", self._peer, exc)
                 self.abort()
@@ -510,6 +577,17 @@ class _Session(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
 
+    def _refuse(self, why: str) -> None:
+        """Answer a request that will not be read with ``why``, then disconnect."""
+        logger.warning("manager: %s from %s, disconnecting", why, self._peer)
+        self._eof = True  # what keeps arriving is dropped, not gathered
+        self._frames = FrameBuffer(0)
+        if self._transport is not None:
+            # Best effort: the answer leaves now if the socket takes it; the client may
+            # see the connection reset first (it is still sending the frame).
+            self._transport.write(frame(dumps([[1, why]])))
+        self.abort()
+
     def abort(self) -> None:
         """Close the connection now (what was not sent is dropped)."""
         if self._transport is not None:
@@ -522,6 +600,8 @@ def serve_forever(
     limits: HistoryLimits | None = None,
     *,
     ready: Callable[[tuple[str, int]], object] | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> int:
     """Serve a store at ``address`` until SIGINT or SIGTERM. Call from the main thread.
 
@@ -530,6 +610,8 @@ def serve_forever(
         authkey: the shared secret.
         limits: the store's bounds.
         ready: called with the address served once clients can connect.
+        max_request_bytes: the largest request frame read (see :class:`ManagerServer`).
+        max_connections: how many clients are kept at once.
 
     Returns:
         The number of the signal that stopped the server.
@@ -542,7 +624,14 @@ def serve_forever(
     # signal waits for sigwait below instead of interrupting anything.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
-        with ManagerServer(address, authkey, limits) as server:
+        server = ManagerServer(
+            address,
+            authkey,
+            limits,
+            max_request_bytes=max_request_bytes,
+            max_connections=max_connections,
+        )
+        with server:
             if ready is not None:
                 ready(server.address)
             signum = int(signal.sigwait(signals))
