@@ -12,6 +12,7 @@ from typing import Any
 from lxml import etree
 from pydantic import BaseModel
 
+from .backends.base import DeadLetter
 from .config import Listener
 from .exceptions import MessageError
 from .frame import Frame
@@ -74,9 +75,14 @@ class Message:
         "qname",
         "raw",
         "re",
+        "replayed",
         "sender",
         "to",
     )
+
+    # Set only on a message fed back by StreamPump.replay (never read on the hot path):
+    # its refusal keeps the dead letter's history.
+    replayed: DeadLetter
 
     def __init__(
         self,
@@ -210,14 +216,15 @@ class Route:
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
         self.replies: list[tuple[Reply, Message]] | None = None
-        self.refusals: list[tuple[MessageError, Message]] | None = None
+        # (why, the output, whether it was a response rather than a forward)
+        self.refusals: list[tuple[MessageError, Message, bool]] | None = None
 
     def reply(self, reply: Reply, out: Message) -> None:
         if self.replies is None:
             self.replies = []
         self.replies.append((reply, out))
 
-    def refuse(self, error: MessageError, out: Message) -> None:
+    def refuse(self, error: MessageError, out: Message, *, response: bool = False) -> None:
         if self.refusals is None:
             self.refusals = []
-        self.refusals.append((error, out))
+        self.refusals.append((error, out, response))

@@ -617,9 +617,8 @@ class Node:
         except (KeyError, UnicodeDecodeError) as exc:
             logger.error("dropping reply entry %s: %s", entry.id, exc)
             await pump._dead_letter(
-                EgressFailed(f"a reply entry that cannot be read: {exc!r}"),
-                f.get(b"x"), None, None, None,
-            )  # fmt: skip
+                EgressFailed(f"a reply entry that cannot be read: {exc!r}"), f.get(b"x"), None
+            )
             await self._ack(entry)
             return
         try:
@@ -653,9 +652,8 @@ class Node:
         except (KeyError, UnicodeDecodeError) as exc:
             logger.error("dropping stream entry %s: %s", entry.id, exc)
             await pump._dead_letter(
-                HandlerFailed(f"a stream entry that cannot be delivered: {exc}"),
-                f.get(b"x"), None, None, None,
-            )  # fmt: skip
+                HandlerFailed(f"a stream entry that cannot be delivered: {exc}"), f.get(b"x"), None
+            )
             # Acknowledged as a message that ended without a reply (a request() that
             # waits for it hears so, see RedisStreams.commit).
             cause = f.get(b"c", b"").decode(errors="replace")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import difflib
 import functools
 import itertools
@@ -105,7 +106,13 @@ Egress = Callable[[Reply], Awaitable[None] | None]
 # backend) gives up after this long; the pool bounds its own.
 _STEP_TIMEOUT_S = 10.0
 _ABANDON_BATCH = 500
-_REASON_CHARS = 2000  # of a dead letter's reason (a parser's message can quote the input)
+_REPLAYING: contextvars.ContextVar[DeadLetter | None] = contextvars.ContextVar(
+    "xml_pipeline_replaying", default=None
+)  # the dead letter a replay is feeding back as input (its refusal keeps its history)
+_REASON_CHARS = 2000
+_ENVELOPE_MARK = (
+    ENVELOPE_NAMESPACE.encode()
+)  # of a dead letter's reason (a parser's message can quote the input)
 _RETRY_S = 0.5  # a delivery from a stream that found Redis unreachable runs again then
 _WARNED_KEPT = 1024
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
@@ -480,9 +487,7 @@ class StreamPump:
             logger.debug("dead-lettering message %s: %s", msg.id, reason)
             data = msg.raw if msg.raw is not None else msg.xml()
             error = Abandoned(reason)
-            letters.append(
-                self._letter(error, data, d.runtime.name, d.frame.uuid, msg.id, msg.sender)
-            )
+            letters.append(self._letter(error, data, "delivery", d.runtime.name, d.frame.uuid, msg))
         written = 0
         # Bounded even when the backend is slow or down: what is not written by the
         # deadline is counted and logged once.
@@ -775,7 +780,7 @@ class StreamPump:
                     label = sender if xml_safe(sender) == sender else None
                 if raw is None and isinstance(message, str):
                     raw = message[: self.organism.history.dead_letter_bytes].encode("utf-8")
-                await self._reject(exc, raw, label, given_id, on_reply)
+                await self._reject(exc, raw, label, given_id, on_reply, to=to)
                 return None
             uuid = root.uuid if root is not None else (new_thread or self._frames.new_uuid())
             mark = None
@@ -859,9 +864,11 @@ class StreamPump:
         label: str | None,
         re_id: str | None = None,
         on_reply: asyncio.Future[Reply] | None = None,
+        *,
+        to: str | None = None,
     ) -> None:
         logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
-        await self._dead_letter(exc, raw, None, None, None, label)
+        await self._dead_letter(exc, raw, "ingress", sender=label, message_id=re_id, to=to)
         reply = Reply(None, PUMP_SENDER, label, self._new_id(), huh_for(exc, raw), re_id)
         if on_reply is not None and not on_reply.done():
             on_reply.set_result(reply)
@@ -1106,8 +1113,8 @@ class StreamPump:
             for reply, out in route.replies:
                 await self._emit(reply, out, recorded=True)
         if route.refusals is not None:
-            for error, out in route.refusals:
-                await self._refuse(error, out, frame, rt)
+            for error, out, response in route.refusals:
+                await self._refuse(error, out, frame, rt, response=response)
 
     async def _deliver_offloaded(self, d: Delivery) -> None:
         """Deliver to a cpu_bound listener: its handler runs in a worker process."""
@@ -1277,7 +1284,7 @@ class StreamPump:
                         f"{rt.name} answered with a payload the pump cannot decode: {exc}",
                         listener=rt.name,
                     )
-                    route.refuse(error, out)
+                    route.refuse(error, out, response=True)
                     return
             await self._record(parent, "in", out, parent.origin)
             reply = Reply(parent.uuid, out.sender, parent.origin, out.id, out.model, out.re)
@@ -1293,7 +1300,7 @@ class StreamPump:
                 )
             self._check_room(len(route.deliveries) + 1, rt.name)
         except MessageError as exc:
-            route.refuse(exc, out)
+            route.refuse(exc, out, response=True)
             return
         route.deliveries.append(Delivery(out, target, parent, frame, rt))
 
@@ -1318,9 +1325,12 @@ class StreamPump:
                 listener=listener,
             )
 
-    async def _refuse(self, exc: MessageError, out: Message, frame: Frame, rt: Runtime) -> None:
+    async def _refuse(
+        self, exc: MessageError, out: Message, frame: Frame, rt: Runtime, *, response: bool
+    ) -> None:
         """A message a handler emitted cannot be routed: dead letter, and Huh to its sender."""
-        await self._dead_letter(exc, out.xml(), rt.name, frame.uuid, out.id, rt.name)
+        stage = "response" if response else "forward"
+        await self._dead_letter(exc, out.xml(), stage, rt.name, frame.uuid, out)
         if not out.after_huh:
             await self._send_huh(exc, out, frame, rt, PUMP_SENDER)
 
@@ -1362,9 +1372,13 @@ class StreamPump:
                     )  # fmt: skip
                 error = EgressFailed(f"egress failed: {type(exc).__name__}: {exc}")
                 with contextlib.suppress(Exception):
-                    data = msg.xml() if msg is not None else None
-                    await self._dead_letter(error, data, None, reply.thread_id, reply.message_id,
-                                            reply.sender)  # fmt: skip
+                    # The reply as it would have been written: a replay writes it again.
+                    cls = type(reply.payload)
+                    await self._dead_letter(
+                        error, reply.to_xml(), "egress", None, reply.thread_id, msg,
+                        sender=reply.sender, message_id=reply.message_id, to=reply.to,
+                        re=reply.re, payload_class=f"{cls.__module__}:{cls.__qualname__}",
+                    )  # fmt: skip
 
     # -- errors ----------------------------------------------------------------
 
@@ -1380,12 +1394,147 @@ class StreamPump:
         self._rejected += 1
         await self._reject(error, data, sender)
 
+    async def replay(self, letter: DeadLetter) -> bool:
+        """Feed a dead letter back where it failed. Returns False if it was refused again.
+
+        By the letter's ``stage``:
+
+        * ``delivery``: delivered again to its listener, on the frame where it failed,
+          from the same sender: the conversation goes on, and its answer goes where it
+          would have gone (to the caller's frame, or out with the conversation's
+          thread, sender label and ``<re>``).
+        * ``forward`` / ``response``: the message its listener emitted in that frame is
+          routed again, as the forward or the response it was.
+        * ``egress``: the reply is handed to egress again (no handler runs).
+        * ``ingress``, or no stage: fed in as input, as from its first sender.
+
+        A delivery whose frame is gone (expired, evicted) or whose listener no longer
+        exists is fed in as new input to that listener instead (logged). A letter
+        refused again becomes a new dead letter that keeps the first code and reason,
+        one more ``attempts`` and the new refusal as ``last_error``. Claiming the
+        letter, so that it is replayed once, is the caller's (see ``deadletters
+        replay``, which deletes it atomically first).
+
+        Raises:
+            PumpClosed: the pump is not running.
+        """
+        if not self._running:
+            raise PumpClosed("the pump is not running")
+        token = _REPLAYING.set(letter)
+        try:
+            if letter.stage == "egress":
+                return await self._replay_reply(letter)
+            stage, name, thread = letter.stage, letter.listener, letter.thread_id
+            rt = self._runtimes.get(name) if name is not None else None
+            if stage in ("delivery", "forward", "response") and rt is not None and thread:
+                frame = await self._frames.resolve(thread)
+                if frame is not None and frame.listener == rt.name:
+                    await self._admit()
+                    self._hold()
+                    try:
+                        return await self._replay_in_frame(letter, frame, rt)
+                    finally:
+                        self._release()
+                logger.warning(
+                    "replaying dead letter %s: its frame %s (%s) is gone; fed in as new "
+                    "input", letter.id, thread, name,
+                )  # fmt: skip
+            is_envelope = _ENVELOPE_MARK in letter.data[:400]
+            try:
+                root = await self._ingest(
+                    letter.data,
+                    to=None if is_envelope else (letter.listener or letter.to),
+                    sender=letter.sender or "replay",
+                    thread=None,
+                    reserve=False,  # its <id> was reserved when it was first accepted
+                )
+            except MessageError:
+                return False
+            return root is not None
+        finally:
+            _REPLAYING.reset(token)
+
+    async def _replay_in_frame(self, letter: DeadLetter, frame: Frame, rt: Runtime) -> bool:
+        stage = letter.stage
+        try:
+            element = parse_bytes(letter.data, self._settings.limits)
+            if element.tag == _MESSAGE_TAG:
+                element = envelope_from_element(element).payload
+        except MessageError as exc:
+            await self._dead_letter(exc, letter.data, stage, rt.name, frame.uuid, None,
+                                    sender=letter.sender, message_id=letter.message_id,
+                                    re=letter.re, to=letter.to)  # fmt: skip
+            return False
+        qname = str(element.tag)
+        if stage == "delivery":
+            sender = letter.sender or PUMP_SENDER
+            msg = Message(self._new_id(), sender, rt.name, qname, element=element, re=letter.re)
+        else:
+            msg = Message(self._new_id(), rt.name, letter.to, qname, element=element, re=letter.re)
+        msg.cause = self._new_id()
+        msg.replayed = letter
+        route = Route()
+        if stage == "delivery":
+            if qname not in rt.codecs:
+                route.refuse(self._no_route(rt.name, qname, None), msg)
+            else:
+                # Who it came from decides where an error about it goes: the frame's
+                # caller for a forward, the listener that answered for a response.
+                parent = await self._frames.parent(frame)
+                if sender in (parent.listener, parent.origin) or parent.hops == ():
+                    reply_frame, reply_to = parent, self._runtimes.get(parent.listener or "")
+                else:
+                    reply_frame = await self._frames.child(frame, sender)
+                    reply_to = self._runtimes.get(sender)
+                route.deliveries.append(Delivery(msg, rt, frame, reply_frame, reply_to))
+        elif stage == "response":
+            await self._plan_respond(msg, frame, rt, route)
+        else:
+            await self._plan_forward(msg, frame, rt, route)
+        if route.deliveries:
+            if self._node is not None:
+                await self._node.accept(msg, route.deliveries)
+            else:
+                for delivery in route.deliveries:
+                    self._enqueue(delivery)
+        if route.replies is not None:
+            for reply, out in route.replies:
+                await self._emit(reply, out, recorded=True)
+        if route.refusals is None:
+            return True
+        for error, out, response in route.refusals:
+            if stage == "delivery":
+                await self._dead_letter(error, letter.data, stage, rt.name, frame.uuid, out)
+            else:
+                await self._refuse(error, out, frame, rt, response=response)
+        return False
+
+    async def _replay_reply(self, letter: DeadLetter) -> bool:
+        """Hand an egress letter's reply to egress again."""
+        try:
+            env = envelope_from_element(parse_bytes(letter.data, self._settings.limits))
+            cls = import_object(letter.payload_class or "")
+            if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+                raise ConfigError(f"{letter.payload_class!r} is not a pydantic model class")
+            model = codec_for(cls).decode(env.payload)
+        except (MessageError, ConfigError) as exc:
+            reason = f"the reply cannot be made again: {exc}"
+            await self._dead_letter(EgressFailed(reason), letter.data, "egress", None,
+                                    letter.thread_id, None, sender=letter.sender,
+                                    message_id=letter.message_id, to=letter.to,
+                                    re=letter.re, payload_class=letter.payload_class)  # fmt: skip
+            return False
+        failures = self._egress_failures
+        reply = Reply(env.thread, env.sender, env.to, env.id or self._new_id(), model, env.re)
+        await self._emit(reply, None, recorded=True)
+        return self._egress_failures == failures
+
     async def _fail(self, d: Delivery, exc: MessageError) -> None:
         rt = d.runtime
         rt.failed += 1
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
-        await self._dead_letter(exc, data, rt.name, d.frame.uuid, msg.id, msg.sender)
+        await self._dead_letter(exc, data, "delivery", rt.name, d.frame.uuid, msg)
         d.routed = True
         if msg.qname == _HUH_QNAME or msg.after_huh:
             logger.warning(
@@ -1439,34 +1588,55 @@ class StreamPump:
         self,
         exc: MessageError,
         data: bytes | None,
-        listener: str | None,
-        thread_id: str | None,
-        message_id: str | None,
-        sender: str | None = None,
+        stage: str | None,
+        listener: str | None = None,
+        thread_id: str | None = None,
+        msg: Message | None = None,
+        **fields: Any,
     ) -> DeadLetter:
+        """The dead letter of ``exc`` at ``stage``; ``fields`` override what ``msg``
+        says (``sender``, ``message_id``, ``re``, ``to``) or add ``payload_class``.
+
+        A letter being replayed that is refused again keeps its first code and reason,
+        one more attempt, and the new refusal as ``last_error``.
+        """
+        code, reason = exc.code, exc.reason[:_REASON_CHARS]
+        attempts, last_error = 1, None
+        prior = getattr(msg, "replayed", None) if msg is not None else None
+        if prior is None and stage == "ingress":
+            prior = _REPLAYING.get()
+        if prior is not None:
+            attempts, last_error = prior.attempts + 1, f"{code}: {reason}"
+            code, reason = prior.code, prior.reason
+        if msg is not None:
+            fields = {"sender": msg.sender, "message_id": msg.id, "re": msg.re,
+                      "to": msg.to, **fields}  # fmt: skip
         return DeadLetter(
             id="",
             timestamp=time.time(),
-            code=exc.code,
-            reason=exc.reason[:_REASON_CHARS],
+            code=code,
+            reason=reason,
             listener=listener,
             thread_id=thread_id,
-            message_id=message_id,
             data=bytes(data or b"")[: self.organism.history.dead_letter_bytes],
-            sender=sender,
+            attempts=attempts,
+            last_error=last_error,
+            stage=stage,
+            **{"message_id": None, **fields},
         )
 
     async def _dead_letter(
         self,
         exc: MessageError,
         data: bytes | None,
-        listener: str | None,
-        thread_id: str | None,
-        message_id: str | None,
-        sender: str | None = None,
+        stage: str | None,
+        listener: str | None = None,
+        thread_id: str | None = None,
+        msg: Message | None = None,
+        **fields: Any,
     ) -> None:
         self._dead_letters += 1
-        letter = self._letter(exc, data, listener, thread_id, message_id, sender)
+        letter = self._letter(exc, data, stage, listener, thread_id, msg, **fields)
         try:
             await self.backend.deadletter_add(letter)
         except XmlPipelineError:

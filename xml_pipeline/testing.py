@@ -275,7 +275,10 @@ async def _dead_letters_expire(b: Backend) -> None:
 
 
 async def _dead_letter_history_round_trips(b: Backend) -> None:
-    letter = replace(_letter("r"), sender="caller é", attempts=3, last_error="timeout: slow")
+    letter = replace(
+        _letter("r"), sender="caller é", attempts=3, last_error="timeout: slow",
+        stage="egress", re="m-1", to="caller é", payload_class="pkg.mod:Pong",
+    )  # fmt: skip
     [letter_id] = await b.deadletter_add_many([letter])
     _equal(await b.deadletter_list(), [replace(letter, id=letter_id)], "the letter read back")
 

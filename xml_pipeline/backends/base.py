@@ -84,6 +84,15 @@ class DeadLetter:
         attempts: how many times it was refused (a replay refused again adds one).
         last_error: the latest refusal, ``"code: reason"``, when it was refused again
             (``code`` and ``reason`` stay those of the first).
+        stage: where it failed: ``"ingress"`` (refused input), ``"delivery"`` (its
+            handler failed on it, in ``thread_id``), ``"forward"`` or ``"response"``
+            (a handler's output, emitted by ``listener`` in ``thread_id``, could not be
+            routed) or ``"egress"`` (a reply that could not be written; ``data`` is its
+            envelope). None when unknown (a letter from before it was recorded).
+        re: the id of the outside message the failed one descends from (a reply's
+            ``<re>``).
+        to: the message's addressee, if it named one.
+        payload_class: ``module:qualname`` of an egress letter's payload class.
     """
 
     id: str
@@ -97,6 +106,10 @@ class DeadLetter:
     sender: str | None = None
     attempts: int = 1
     last_error: str | None = None
+    stage: str | None = None
+    re: str | None = None
+    to: str | None = None
+    payload_class: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +406,17 @@ def slot_from_obj(obj: Any) -> Slot:
         raise ValueError(f"not a slot: {exc}") from exc
 
 
+_OPTIONAL = (
+    ("sender", "sender"),
+    ("last_error", "last_error"),
+    ("stage", "stage"),
+    ("re", "re"),
+    ("to", "to"),
+    ("payload_class", "class"),
+)
+"""Optional string fields of a dead letter: (attribute, JSON key), left out when None."""
+
+
 def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
     """Serialize a dead letter to the documented JSON format."""
     return _json(
@@ -405,9 +429,8 @@ def dead_letter_to_bytes(letter: DeadLetter) -> bytes:
             "thread": letter.thread_id,
             "message": letter.message_id,
             "data": base64.b64encode(letter.data).decode("ascii"),
-            **({"sender": letter.sender} if letter.sender is not None else {}),
             **({"attempts": letter.attempts} if letter.attempts != 1 else {}),
-            **({"last_error": letter.last_error} if letter.last_error is not None else {}),
+            **{key: v for attr, key in _OPTIONAL if (v := getattr(letter, attr)) is not None},
         }
     ).encode()
 
@@ -429,9 +452,8 @@ def dead_letter_from_obj(obj: Any) -> DeadLetter:
             thread_id=obj.get("thread"),
             message_id=obj.get("message"),
             data=base64.b64decode(obj["data"]),
-            sender=obj.get("sender"),
             attempts=int(obj.get("attempts", 1)),
-            last_error=obj.get("last_error"),
+            **{attr: obj.get(key) for attr, key in _OPTIONAL},
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a dead letter: {exc}") from exc

@@ -30,7 +30,7 @@ from ..backends import (
     redact_url,
 )
 from ..config import Organism
-from ..exceptions import BackendUnavailable, ConfigError, MessageError
+from ..exceptions import BackendUnavailable, ConfigError
 from ..pump import StreamPump
 from ..reply import Reply
 from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _positive
@@ -145,6 +145,12 @@ def _as_json(letter: DeadLetter) -> str:
             "thread": letter.thread_id,
             "message": letter.message_id,
             "data": letter.data.decode("utf-8", "replace"),
+            "stage": letter.stage,
+            "sender": letter.sender,
+            "to": letter.to,
+            "re": letter.re,
+            "attempts": letter.attempts,
+            "last_error": letter.last_error,
         },
         ensure_ascii=False,
     )
@@ -179,12 +185,14 @@ async def replay_letters(
 ) -> tuple[int, int]:
     """Feed dead letters back to the organism; replies go to stdout, one per line.
 
-    A dead letter whose data is a whole envelope is injected as it is; one that
-    holds a bare payload goes to its listener (if it names one). Each letter is
-    claimed before it is injected, by deleting it (atomic on every backend): of
-    replays running at once, exactly one injects it. One refused again is replaced by
-    the dead letter of its new refusal; one that could not be injected for another
-    reason (the backend down, the pump stopping) is written back.
+    Each goes back where it failed (:meth:`~xml_pipeline.StreamPump.replay`): a failed
+    delivery continues its conversation in its frame, a reply that could not be
+    written is written again, refused input is fed in as from its first sender. Each
+    letter is claimed before it is fed back, by deleting it (atomic on every backend):
+    of replays running at once, exactly one feeds it. One refused again is replaced by
+    the dead letter of its new refusal (which keeps the first code and reason and
+    counts the attempts); one that could not be fed back for another reason (the
+    backend down, the pump stopping) is written back.
 
     The pump joins the organism's store (see :func:`joining_organism`): it never
     serves one of its own.
@@ -208,22 +216,16 @@ async def replay_letters(
         for letter in letters:
             if not await pump.backend.deadletter_delete(letter.id):
                 continue  # claimed by another replay (or purged) meanwhile
-            is_envelope = b"https://xml-pipeline.org/ns/envelope/v1" in letter.data[:400]
-            to = None if is_envelope else letter.listener
             try:
-                # Not taken for a retry of itself: the letter's <id> was reserved
-                # when the message was first accepted.
-                root = await pump._ingest(letter.data, to=to, sender="replay", thread=None,
-                                          reserve=False)  # fmt: skip
-            except MessageError:
-                root = None
+                fed = await pump.replay(letter)
             except BaseException:
-                # Not injected: the letter goes back (under a new id).
+                # Not fed back: the letter goes back (under a new id).
                 with anyio.CancelScope(shield=True):
                     await pump.backend.deadletter_add(letter)
                 raise
-            if root is None:
-                # Refused again: the refusal is a new dead letter, which replaces this one.
+            if not fed:
+                # Refused again: the refusal is a new dead letter, which replaces this
+                # one and keeps its history (first code and reason, attempts).
                 refused += 1
                 continue
             accepted += 1
