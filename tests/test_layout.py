@@ -23,7 +23,7 @@ PUBLIC_API = [
     "NoRoute", "Organism", "Overloaded", "ParseLimits", "Payload", "PayloadInvalid",
     "PeerDenied", "PoolStatistics", "ProcessPoolSettings", "PumpClosed", "PumpError",
     "PumpSettings", "PumpStatistics", "Reply", "RequestTooLarge", "Slot", "StreamPump",
-    "WorkerCrashed",
+    "Unanswered", "WorkerCrashed",
     "XmlPipelineError", "__version__", "backend_scheme", "build_envelope", "client_url",
     "codec_for", "error_for_code", "load_organism", "open_backend", "parse_envelope",
     "payload_from_xml", "serves",

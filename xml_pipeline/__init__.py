@@ -63,7 +63,7 @@ from .offload import PoolStatistics
 from .parser import ParseLimits
 from .payload import CORE_NAMESPACE, Huh, Payload, codec_for, payload_from_xml
 from .pump import StreamPump
-from .reply import ListenerStatistics, PumpStatistics, Reply
+from .reply import ListenerStatistics, PumpStatistics, Reply, Unanswered
 
 __all__ = [
     "CORE_NAMESPACE",
@@ -115,6 +115,7 @@ __all__ = [
     "RequestTooLarge",
     "Slot",
     "StreamPump",
+    "Unanswered",
     "WorkerCrashed",
     "XmlPipelineError",
     "__version__",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .backends.base import Backend
 
-__all__ = ["Frame", "FrameRegistry"]
+__all__ = ["Frame", "FrameRegistry", "decode_frame"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,9 @@ class _Uuids:
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
 
 
-def _decode(uuid: str, chain: str) -> Frame | None:
+def decode_frame(uuid: str, chain: str) -> Frame | None:
+    """The frame of a registry entry (``uuid`` and its ``chain``); None if the chain
+    is not a frame's."""
     try:
         parts = json.loads(chain)
     except ValueError:
@@ -164,7 +166,7 @@ class FrameRegistry:
         chain = await self._backend.registry_get_chain(uuid)
         if chain is None:
             return None
-        frame = _decode(uuid, chain)
+        frame = decode_frame(uuid, chain)
         return self._remember(frame) if frame is not None else None
 
     def known(self, uuid: str, chain: str) -> Frame | None:
@@ -173,7 +175,7 @@ class FrameRegistry:
         frame = self._by_uuid.get(uuid)
         if frame is not None:
             return frame
-        frame = _decode(uuid, chain)
+        frame = decode_frame(uuid, chain)
         return self._remember(frame) if frame is not None else None
 
     async def child(self, frame: Frame, listener: str) -> Frame:

@@ -79,17 +79,17 @@ from .exceptions import (
     PumpError,
     XmlPipelineError,
 )
-from .frame import Frame, FrameRegistry
+from .frame import Frame, FrameRegistry, decode_frame
 from .handler import HandlerMetadata, responses_of
 from .offload import PoolStatistics, SyncRunner, WorkerPool, worker_spec
 from .parser import parse_bytes
 from .payload import Huh, codec_for
-from .reply import ListenerStatistics, PumpStatistics, Reply
+from .reply import ListenerStatistics, PumpStatistics, Reply, Unanswered
 from .routing import RoutingTable
 from .transport import open_transport
 from .worker import Meta
 
-__all__ = ["StreamPump"]
+__all__ = ["StreamPump", "unanswered_conversations"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ _THREAD_TOKEN = _regex.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 # across processes and restarts; the value names the conversation that took it.
 # A key is "re:" + a JSON list: frame chains are bare JSON lists, so the two never meet.
 _RESERVED_PREFIX = "re:"
+_REPLAY_CLAIM = "re:replay:"  # registry key of an unanswered conversation fed back
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -145,6 +146,47 @@ async def _complete(aw: Coroutine[Any, Any, None]) -> None:
         task.result()  # its own error first
         raise asyncio.CancelledError
     task.result()
+
+
+async def unanswered_conversations(
+    backend: Backend, *, older_than_s: float = 0.0
+) -> list[Unanswered]:
+    """The conversations in ``backend`` whose input was accepted and that hold no
+    answer, oldest first: what a pump that crashed (or was killed) left unanswered.
+
+    Read from the histories (a root frame whose history holds its input and no reply),
+    so it needs a backend that outlives the pump (``manager://``, ``redis://``). A
+    conversation in flight, or one that ends without an answer by design, is listed
+    too: ``older_than_s`` leaves out what was accepted less than that long ago. Costs
+    one history read per conversation in the registry.
+    """
+    chains = await backend.registry_list_all()
+    claimed = {chain[len(_REPLAY_CLAIM) :] for chain in chains.values()
+               if chain.startswith(_REPLAY_CLAIM)}  # fmt: skip
+    roots = []
+    for uuid, chain in chains.items():
+        frame = decode_frame(uuid, chain) if chain.startswith("[") else None
+        if frame is not None and not frame.hops and frame.root == uuid:
+            roots.append(frame)
+    limit = time.time() - older_than_s
+    found: list[Unanswered] = []
+    for i in range(0, len(roots), 100):
+        batch = roots[i : i + 100]
+        histories = await asyncio.gather(*(backend.buffer_get_thread(f.uuid) for f in batch))
+        for frame, slots in zip(batch, histories, strict=True):
+            if not slots or slots[0].direction != "out" or slots[0].timestamp > limit:
+                continue  # no input kept (expired, trimmed), or too recent
+            if any(slot.direction == "in" for slot in slots):
+                continue  # answered (a reply, or a Huh)
+            first = slots[0]
+            found.append(
+                Unanswered(
+                    frame.uuid, frame.origin, first.to, first.message_id,
+                    first.payload, first.timestamp, frame.uuid in claimed,
+                )
+            )  # fmt: skip
+    found.sort(key=lambda u: u.timestamp)
+    return found
 
 
 class StreamPump:
@@ -1528,6 +1570,64 @@ class StreamPump:
         reply = Reply(env.thread, env.sender, env.to, env.id or self._new_id(), model, env.re)
         await self._emit(reply, None, recorded=True)
         return self._egress_failures == failures
+
+    async def unanswered(self, *, older_than_s: float = 0.0) -> list[Unanswered]:
+        """The conversations whose input was accepted and that hold no answer, oldest
+        first: what a pump that crashed (or was killed) left unanswered. See
+        :func:`unanswered_conversations`."""
+        return await unanswered_conversations(self.backend, older_than_s=older_than_s)
+
+    async def replay_conversation(self, thread_id: str, *, again: bool = False) -> bool:
+        """Feed an unanswered conversation's input again, into the same conversation:
+        its answer goes out on ``thread_id`` with the input's id as ``<re>``.
+
+        Claimed once in the backend (atomically): of replays running at once, one
+        feeds it; one already fed back is not fed again unless ``again``. What the
+        first attempt did before it stopped stays done (handlers may see the input
+        twice: at least once, as after any crash).
+
+        Returns:
+            False: not fed (unknown, answered, no input kept, or claimed already).
+
+        Raises:
+            PumpClosed: the pump is not running.
+        """
+        if not self._running:
+            raise PumpClosed("the pump is not running")
+        root = await self._frames.resolve(thread_id)
+        if root is None or root.hops:
+            return False
+        slots = await self.backend.buffer_get_thread(thread_id)
+        if not slots or slots[0].direction != "out" or any(s.direction == "in" for s in slots):
+            return False
+        claim = f"{_REPLAY_CLAIM}{thread_id}"
+        mark = f"{_RESERVED_PREFIX}replay {self._new_id()} {time.time():.3f}"
+        if again:
+            await self.backend.registry_set(claim, mark)
+        elif await self.backend.registry_setdefault(claim, mark) != mark:
+            return False
+        first = slots[0]
+        msg = Message(self._new_id(), root.origin, first.to, first.payload, xml=first.xml,
+                      re=first.message_id, cause=self._new_id())  # fmt: skip
+        await self._admit()
+        self._hold()
+        try:
+            try:
+                targets = self._ingress_targets(msg)
+            except MessageError as exc:
+                await self._reject(exc, first.xml, root.origin, first.message_id, to=first.to)
+                return False
+            children = [await self._frames.child(root, rt.name) for rt in targets]
+            deliveries = [Delivery(msg, rt, child, root, None)
+                          for rt, child in zip(targets, children, strict=True)]  # fmt: skip
+            if self._node is not None:
+                await self._node.accept(msg, deliveries)
+            else:
+                for d in deliveries:
+                    self._enqueue(d)
+        finally:
+            self._release()
+        return True
 
     async def _fail(self, d: Delivery, exc: MessageError) -> None:
         rt = d.runtime

@@ -15,7 +15,32 @@ from .exceptions import error_for_code
 from .offload import PoolStatistics
 from .payload import Huh, codec_for
 
-__all__ = ["ListenerStatistics", "PumpStatistics", "Reply"]
+__all__ = ["ListenerStatistics", "PumpStatistics", "Reply", "Unanswered"]
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """A conversation whose input was accepted and that has no answer in its history
+    (see :meth:`StreamPump.unanswered <xml_pipeline.StreamPump.unanswered>`).
+
+    Attributes:
+        thread_id: the conversation's id (its root frame).
+        sender: the outside sender's label.
+        to: the listener the input was addressed to, if it named one.
+        message_id: the input's id (its ``<id>``, or the one the pump gave it): what
+            the answer's ``<re>`` will be.
+        payload: the input's payload class, ``{namespace}local``.
+        timestamp: when it was accepted (seconds since the epoch).
+        replayed: already fed back by ``replay_conversation``.
+    """
+
+    thread_id: str
+    sender: str
+    to: str | None
+    message_id: str
+    payload: str
+    timestamp: float
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

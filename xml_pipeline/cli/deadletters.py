@@ -31,8 +31,8 @@ from ..backends import (
 )
 from ..config import Organism
 from ..exceptions import BackendUnavailable, ConfigError
-from ..pump import StreamPump
-from ..reply import Reply
+from ..pump import StreamPump, unanswered_conversations
+from ..reply import Reply, Unanswered
 from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _positive
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "main",
     "purge_letters",
     "replay_letters",
+    "replay_unanswered",
 ]
 
 
@@ -56,10 +57,31 @@ def add_parser(sub: Any) -> None:
         description="Dead letters of the organism's backend (manager:// or redis://).",
     )
     dead.add_argument("organism", type=Path, help="the organism YAML file")
-    dead.add_argument("action", choices=("list", "replay", "purge"))
+    dead.add_argument(
+        "action",
+        choices=("list", "replay", "purge", "unanswered", "replay-unanswered"),
+        help="unanswered: the accepted conversations with no answer (what a pump that "
+        "crashed left); replay-unanswered: feed their input again",
+    )
     dead.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
-    dead.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
-                      help="only this dead letter (repeatable); default: all")  # fmt: skip
+    dead.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this dead letter, or conversation for replay-unanswered "
+        "(repeatable); default: all",
+    )
+    dead.add_argument(
+        "--older-than",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="unanswered: only conversations accepted at least S seconds ago",
+    )
+    dead.add_argument("--again", action="store_true",
+                      help="replay-unanswered: also conversations fed back before")  # fmt: skip
     dead.add_argument("--json", action="store_true", help="list: one JSON object per line")
     dead.add_argument("--limit", type=_positive, metavar="N", help="list: at most N")
     dead.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS)
@@ -78,6 +100,8 @@ def main(organism: Organism, args: argparse.Namespace) -> int:
 
 
 async def _main_async(organism: Organism, args: argparse.Namespace) -> int:
+    if args.action in ("unanswered", "replay-unanswered"):
+        return await _unanswered(organism, args)
     if args.action == "replay":
         accepted, refused = await replay_letters(
             organism, args.ids, timeout_s=organism.settings.drain_timeout_s
@@ -98,7 +122,76 @@ async def _main_async(organism: Organism, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _unanswered(organism: Organism, args: argparse.Namespace) -> int:
+    if args.action == "unanswered":
+        backend = open_backend(organism.backend, organism.history, **organism.backend_options)
+        try:
+            await backend.ping()
+            found = await unanswered_conversations(backend, older_than_s=args.older_than)
+        finally:
+            await backend.aclose()
+        for u in _select_threads(found, args.ids):
+            if args.json:
+                print(json.dumps(dataclasses.asdict(u), ensure_ascii=False))
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(u.timestamp))
+            again = "  (replayed)" if u.replayed else ""
+            print(f"{u.thread_id}  {when}  {u.sender:<15} {u.to or '-':<15} "
+                  f"{u.message_id}  {u.payload}{again}")  # fmt: skip
+        sys.stdout.flush()
+        return EXIT_OK
+    fed, skipped = await replay_unanswered(
+        organism, args.ids, older_than_s=args.older_than, again=args.again,
+        timeout_s=organism.settings.drain_timeout_s,
+    )  # fmt: skip
+    print(f"replayed {fed} unanswered conversation(s); {skipped} skipped (answered, or "
+          "replayed before: --again)", file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
 # -- the actions ---------------------------------------------------------------------
+
+
+def _select_threads(found: list[Unanswered], ids: Sequence[str]) -> list[Unanswered]:
+    return found if not ids else [u for u in found if u.thread_id in set(ids)]
+
+
+async def replay_unanswered(
+    organism: Organism,
+    ids: Sequence[str],
+    *,
+    older_than_s: float = 0.0,
+    again: bool = False,
+    timeout_s: float,
+) -> tuple[int, int]:
+    """Feed the input of unanswered conversations again, each into its own conversation
+    (:meth:`~xml_pipeline.StreamPump.replay_conversation`); replies go to stdout.
+
+    Returns:
+        (fed back, skipped: answered meanwhile, or claimed by an earlier replay)
+
+    Raises:
+        ConfigError: as :func:`joining_organism`.
+    """
+    organism = joining_organism(organism)
+    out = sys.stdout.buffer
+
+    def egress(reply: Reply) -> None:
+        out.write(reply.to_xml() + b"\n")
+        out.flush()
+
+    fed = skipped = 0
+    async with StreamPump(organism, egress=egress) as pump:
+        found = _select_threads(await pump.unanswered(older_than_s=older_than_s), ids)
+        for u in found:
+            if await pump.replay_conversation(u.thread_id, again=again):
+                fed += 1
+            else:
+                skipped += 1
+        if not await pump.drain(timeout_s):
+            print("xml_pipeline: warning: replay did not finish within the drain timeout",
+                  file=sys.stderr)  # fmt: skip
+    return fed, skipped
 
 
 def joining_organism(organism: Organism) -> Organism:
