@@ -49,7 +49,7 @@ from ._node import OUTBOX, Node, Outbox
 from ._stats import percentile
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
-from .config import Listener, Organism, import_object
+from .config import Organism, import_object
 from .envelope import (
     ENVELOPE_NAMESPACE,
     envelope_from_element,
@@ -1014,7 +1014,7 @@ class StreamPump:
             self._loop,
         )
         try:
-            result = await self._call(listener, model, meta)
+            result = await self._call(rt, model, meta)
             responses = responses_of(listener.name, result)
         except InvalidReturn as exc:
             logger.warning("handler of %s: %s", listener.name, exc.reason)
@@ -1144,21 +1144,27 @@ class StreamPump:
             outs.append((output.is_response, out))
         await self._send_outs(d, outs)
 
-    async def _call(self, listener: Listener, model: BaseModel, meta: HandlerMetadata) -> Any:
+    async def _call(self, rt: Runtime, model: BaseModel, meta: HandlerMetadata) -> Any:
+        listener = rt.listener
         timeout = listener.timeout_s
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        scope: asyncio.Timeout | None = None
+        result: Any = None
         try:
             if listener.is_async:
-                if timeout is None:
-                    return await listener.handler(model, meta)
-                async with asyncio.timeout(timeout) as scope:
-                    return await listener.handler(model, meta)
-            future = self._sync[listener.name].submit(listener.handler, model, meta)
-            if timeout is None:
-                return await future
-            async with asyncio.timeout(timeout) as scope:
-                return await future
+                call = listener.handler(model, meta)
+                if deadline is None:
+                    return await call
+                async with asyncio.timeout_at(deadline) as scope:
+                    result = await call
+            else:
+                future = self._sync[listener.name].submit(listener.handler, model, meta)
+                if deadline is None:
+                    return await future
+                async with asyncio.timeout_at(deadline) as scope:
+                    result = await future
         except TimeoutError as exc:
-            if timeout is not None and scope.expired():
+            if scope is not None and scope.expired():
                 if not listener.is_async:
                     logger.warning(
                         "%s is past its timeout; if it already started, it keeps its thread "
@@ -1187,6 +1193,19 @@ class StreamPump:
             raise HandlerFailed(
                 f"{listener.name} raised {type(exc).__name__}: {exc}", listener=listener.name
             ) from exc
+        if deadline is not None and timeout is not None:
+            late = asyncio.get_running_loop().time() - deadline
+            if late >= 0:
+                # It ended past its deadline before the timer could fire: the loop was
+                # held meanwhile (by this handler, as a rule). Its answer is dropped,
+                # as it would have been had the timer fired in time.
+                raise HandlerTimeout(
+                    f"{listener.name} did not finish within {timeout:g} s (it returned "
+                    f"after {timeout + late:.3f} s, holding up the event loop; its answer "
+                    "was dropped)",
+                    listener=listener.name,
+                )
+        return result
 
     def _no_route(self, target: str | None, qname: str, listener: str | None) -> NoRoute:
         """A NoRoute naming the target, with a hint when the payload's namespace is off."""
