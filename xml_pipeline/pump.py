@@ -36,6 +36,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import BaseModel
 
+from ._blocking import BlockWatch, Steps
 from ._delivery import (
     LATENCY_SAMPLES,
     Delivery,
@@ -233,6 +234,9 @@ class StreamPump:
         self._dead_letters = 0
         self._duplicates = 0
         self._egress_failures = 0
+        # Times inline handler steps and watches the loop's lateness (see _blocking).
+        limit = self._settings.blocked_loop_s
+        self._watch = BlockWatch(limit) if limit else None
         # This node's name in the consumer group and the listeners it serves (with a
         # transport), and its streams side (None: the in-process inboxes).
         self._node: Node | None = None
@@ -328,6 +332,8 @@ class StreamPump:
                 if self._node is not None:
                     for task, name in self._node.tasks():
                         tg.start_soon(task, name=name)
+                if self._watch is not None:
+                    tg.start_soon(self._watch.monitor, name="xml_pipeline loop monitor")
                 task_status.started()
         finally:
             self._served.set()
@@ -545,6 +551,8 @@ class StreamPump:
                 queued=sum(q.qsize() for q in rt.inboxes),
                 latency_p50_ms=p50,
                 latency_p99_ms=p99,
+                blocked=rt.blocked,
+                blocked_max_ms=rt.blocked_max * 1e3 if rt.blocked else None,
             )
         return PumpStatistics(
             ingress=self._ingress,
@@ -556,6 +564,7 @@ class StreamPump:
             listeners=MappingProxyType(listeners),
             pool=self._pool_stats if self._pool is None else self._pool.statistics(),
             abandoned=self._abandoned_count,
+            blocked_loop=0 if self._watch is None else self._watch.count,
         )
 
     # -- ingress ---------------------------------------------------------------
@@ -1147,16 +1156,26 @@ class StreamPump:
     async def _call(self, rt: Runtime, model: BaseModel, meta: HandlerMetadata) -> Any:
         listener = rt.listener
         timeout = listener.timeout_s
+        # The deadline is set before the handler starts: a first step that holds the
+        # event loop (run below, before anything is awaited) counts against it.
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         scope: asyncio.Timeout | None = None
         result: Any = None
         try:
             if listener.is_async:
-                call = listener.handler(model, meta)
-                if deadline is None:
-                    return await call
-                async with asyncio.timeout_at(deadline) as scope:
-                    result = await call
+                call: Any = listener.handler(model, meta)
+                watch = self._watch
+                if watch is not None:
+                    # Its first step runs here, timed; most handlers end in it. The
+                    # rest of one that suspends is awaited as Steps, each step timed
+                    # (see _blocking).
+                    result = watch.first_step(rt, call)
+                    call = result if type(result) is Steps else None
+                if call is not None:
+                    if deadline is None:
+                        return await call
+                    async with asyncio.timeout_at(deadline) as scope:
+                        result = await call
             else:
                 future = self._sync[listener.name].submit(listener.handler, model, meta)
                 if deadline is None:
@@ -1197,8 +1216,8 @@ class StreamPump:
             late = asyncio.get_running_loop().time() - deadline
             if late >= 0:
                 # It ended past its deadline before the timer could fire: the loop was
-                # held meanwhile (by this handler, as a rule). Its answer is dropped,
-                # as it would have been had the timer fired in time.
+                # held meanwhile (by this handler, as a rule; see _blocking). Its answer
+                # is dropped, as it would have been had the timer fired in time.
                 raise HandlerTimeout(
                     f"{listener.name} did not finish within {timeout:g} s (it returned "
                     f"after {timeout + late:.3f} s, holding up the event loop; its answer "
