@@ -1220,8 +1220,8 @@ class StreamPump:
                 # is dropped, as it would have been had the timer fired in time.
                 raise HandlerTimeout(
                     f"{listener.name} did not finish within {timeout:g} s (it returned "
-                    f"after {timeout + late:.3f} s, holding up the event loop; its answer "
-                    "was dropped)",
+                    f"after {timeout + late:.3f} s, the event loop being held meanwhile; "
+                    "its answer was dropped)",
                     listener=listener.name,
                 )
         return result
