@@ -142,6 +142,8 @@ class Runtime:
     """A listener's inboxes, workers and counters."""
 
     __slots__ = (
+        "blocked",
+        "blocked_max",
         "codecs",
         "failed",
         "handled",
@@ -167,6 +169,10 @@ class Runtime:
         self.in_flight = 0
         self.latencies = array("d", bytes(8 * LATENCY_SAMPLES))
         self.latency_n = 0
+        # Steps of its async handler that held the event loop (see _blocking), and
+        # the longest of them in seconds.
+        self.blocked = 0
+        self.blocked_max = 0.0
 
 
 class Delivery:

@@ -181,6 +181,15 @@ class _PumpSection(_Strict):
         "messages inside the pump above this is refused with `Huh(overloaded)`; a value "
         "below `queue_size` is raised to `queue_size`",
     )
+    blocked_loop_s: float | None = Field(
+        0.25,
+        ge=0,
+        description="an `async def` handler step (the code between two awaits) that holds "
+        "the event loop this long or longer is reported: one WARNING per listener naming "
+        "it, counted in `statistics()`; a monitor task also reports the loop blocked this "
+        "long by anything else. `0` or null: not watched (see "
+        "[handlers](handlers.md#blocking-the-event-loop))",
+    )
 
 
 class _ListenerSection(_Strict):
@@ -451,6 +460,9 @@ class PumpSettings:
     """The garbage collector's generation-0 threshold an application may raise to at
     least this while it runs the pump (None: leave it alone). ``StreamPump`` changes
     no process-wide state and ignores it; the command line (``run``, ``bench``) opts in."""
+    blocked_loop_s: float | None = _PUMP.blocked_loop_s
+    """Report an async handler (or anything else) holding the event loop this long or
+    longer (None or 0: not watched)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -890,6 +902,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                 sync_threads=p.sync_threads,
                 gc_threshold=p.gc_threshold,
                 max_in_pump=max(p.max_in_pump, p.queue_size),
+                blocked_loop_s=p.blocked_loop_s,
             ),
             boot=tuple(BootMessage(b.payload.encode("utf-8"), b.to, b.sender) for b in config.boot),
             path=path,

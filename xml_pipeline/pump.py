@@ -37,6 +37,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import BaseModel
 
+from ._blocking import BlockWatch, Steps
 from ._delivery import (
     LATENCY_SAMPLES,
     Delivery,
@@ -50,7 +51,7 @@ from ._node import OUTBOX, Node, Outbox
 from ._stats import percentile
 from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
 from .backends.memory import MemoryBackend
-from .config import Listener, Organism, import_object
+from .config import Organism, import_object
 from .envelope import (
     ENVELOPE_NAMESPACE,
     envelope_from_element,
@@ -283,6 +284,9 @@ class StreamPump:
         self._dead_letters = 0
         self._duplicates = 0
         self._egress_failures = 0
+        # Times inline handler steps and watches the loop's lateness (see _blocking).
+        limit = self._settings.blocked_loop_s
+        self._watch = BlockWatch(limit) if limit else None
         # This node's name in the consumer group and the listeners it serves (with a
         # transport), and its streams side (None: the in-process inboxes).
         self._node: Node | None = None
@@ -378,6 +382,8 @@ class StreamPump:
                 if self._node is not None:
                     for task, name in self._node.tasks():
                         tg.start_soon(task, name=name)
+                if self._watch is not None:
+                    tg.start_soon(self._watch.monitor, name="xml_pipeline loop monitor")
                 task_status.started()
         finally:
             self._served.set()
@@ -594,6 +600,8 @@ class StreamPump:
                 queued=sum(q.qsize() for q in rt.inboxes),
                 latency_p50_ms=p50,
                 latency_p99_ms=p99,
+                blocked=rt.blocked,
+                blocked_max_ms=rt.blocked_max * 1e3 if rt.blocked else None,
             )
         return PumpStatistics(
             ingress=self._ingress,
@@ -605,6 +613,7 @@ class StreamPump:
             listeners=MappingProxyType(listeners),
             pool=self._pool_stats if self._pool is None else self._pool.statistics(),
             abandoned=self._abandoned_count,
+            blocked_loop=0 if self._watch is None else self._watch.count,
         )
 
     # -- ingress ---------------------------------------------------------------
@@ -1065,7 +1074,7 @@ class StreamPump:
             self._loop,
         )
         try:
-            result = await self._call(listener, model, meta)
+            result = await self._call(rt, model, meta)
             responses = responses_of(listener.name, result)
         except InvalidReturn as exc:
             logger.warning("handler of %s: %s", listener.name, exc.reason)
@@ -1195,21 +1204,37 @@ class StreamPump:
             outs.append((output.is_response, out))
         await self._send_outs(d, outs)
 
-    async def _call(self, listener: Listener, model: BaseModel, meta: HandlerMetadata) -> Any:
+    async def _call(self, rt: Runtime, model: BaseModel, meta: HandlerMetadata) -> Any:
+        listener = rt.listener
         timeout = listener.timeout_s
+        # The deadline is set before the handler starts: a first step that holds the
+        # event loop (run below, before anything is awaited) counts against it.
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        scope: asyncio.Timeout | None = None
+        result: Any = None
         try:
             if listener.is_async:
-                if timeout is None:
-                    return await listener.handler(model, meta)
-                async with asyncio.timeout(timeout) as scope:
-                    return await listener.handler(model, meta)
-            future = self._sync[listener.name].submit(listener.handler, model, meta)
-            if timeout is None:
-                return await future
-            async with asyncio.timeout(timeout) as scope:
-                return await future
+                call: Any = listener.handler(model, meta)
+                watch = self._watch
+                if watch is not None:
+                    # Its first step runs here, timed; most handlers end in it. The
+                    # rest of one that suspends is awaited as Steps, each step timed
+                    # (see _blocking).
+                    result = watch.first_step(rt, call)
+                    call = result if type(result) is Steps else None
+                if call is not None:
+                    if deadline is None:
+                        return await call
+                    async with asyncio.timeout_at(deadline) as scope:
+                        result = await call
+            else:
+                future = self._sync[listener.name].submit(listener.handler, model, meta)
+                if deadline is None:
+                    return await future
+                async with asyncio.timeout_at(deadline) as scope:
+                    result = await future
         except TimeoutError as exc:
-            if timeout is not None and scope.expired():
+            if scope is not None and scope.expired():
                 if not listener.is_async:
                     logger.warning(
                         "%s is past its timeout; if it already started, it keeps its thread "
@@ -1238,6 +1263,19 @@ class StreamPump:
             raise HandlerFailed(
                 f"{listener.name} raised {type(exc).__name__}: {exc}", listener=listener.name
             ) from exc
+        if deadline is not None and timeout is not None:
+            late = asyncio.get_running_loop().time() - deadline
+            if late >= 0:
+                # It ended past its deadline before the timer could fire: the loop was
+                # held meanwhile (by this handler, as a rule; see _blocking). Its answer
+                # is dropped, as it would have been had the timer fired in time.
+                raise HandlerTimeout(
+                    f"{listener.name} did not finish within {timeout:g} s (it returned "
+                    f"after {timeout + late:.3f} s, the event loop being held meanwhile; "
+                    "its answer was dropped)",
+                    listener=listener.name,
+                )
+        return result
 
     def _no_route(self, target: str | None, qname: str, listener: str | None) -> NoRoute:
         """A NoRoute naming the target, with a hint when the payload's namespace is off."""

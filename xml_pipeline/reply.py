@@ -114,7 +114,13 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class ListenerStatistics:
-    """Counters of one listener (a snapshot)."""
+    """Counters of one listener (a snapshot).
+
+    Attributes:
+        blocked: times a step of its ``async def`` handler held the event loop for
+            ``pump.blocked_loop_s`` or longer (every other listener waited meanwhile).
+        blocked_max_ms: the longest of those steps (None: none).
+    """
 
     received: int
     handled: int
@@ -123,6 +129,8 @@ class ListenerStatistics:
     queued: int
     latency_p50_ms: float | None
     latency_p99_ms: float | None
+    blocked: int = 0
+    blocked_max_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +149,9 @@ class PumpStatistics:
         in_pump: messages queued or being handled right now.
         listeners: per listener, by name.
         pool: the worker process pool of ``cpu_bound`` listeners (None without one).
+        blocked_loop: times the event loop was held for ``pump.blocked_loop_s`` or
+            longer: by a listener's handler (the listeners' ``blocked`` add up to part
+            of it) or by anything else (a task a handler started, an egress callback).
     """
 
     ingress: int
@@ -152,3 +163,4 @@ class PumpStatistics:
     listeners: MappingProxyType[str, ListenerStatistics]
     pool: PoolStatistics | None = None
     abandoned: int = 0
+    blocked_loop: int = 0
