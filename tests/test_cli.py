@@ -604,9 +604,11 @@ def test_closed_stdout_or_a_reader_gone_is_one_line(command: str) -> None:
         (["schema"], "schema: missing the organism file"),
         (["bench"], "bench: missing the organism file"),
         (["deadletters"], "deadletters: missing the organism file and the action (list, replay"),
-        (["deadletters", str(HELLO)], "deadletters: missing the action (list, replay or purge)"),
+        (["deadletters", str(HELLO)],
+         "deadletters: missing the action (list, replay, purge, unanswered or replay-unanswered)"),
         (["deadletters", str(HELLO), "frob"],
-         "deadletters: 'frob' is not a valid action; choose from 'list', 'replay', 'purge'"),
+         "deadletters: 'frob' is not a valid action; choose from 'list', 'replay', 'purge', "
+         "'unanswered', 'replay-unanswered'"),
         (["manager"], "manager: missing --address (usage: python -m xml_pipeline manager "),
         ([str(HELLO), "--frob"], "run: unknown option --frob (see python -m xml_pipeline run"),
         (["check", str(HELLO), "extra"], "check: unexpected argument 'extra'"),

@@ -67,7 +67,7 @@ def gc_tuning(threshold: int | None) -> Iterator[None]:
 # How argparse names the positional arguments, and what to say instead.
 _POSITIONAL = {
     "organism": "the organism file",
-    "action": "the action (list, replay or purge)",
+    "action": "the action (list, replay, purge, unanswered or replay-unanswered)",
     "command": "a command or an organism file",
 }
 _SYNOPSIS = {

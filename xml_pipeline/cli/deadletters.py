@@ -53,7 +53,8 @@ def add_parser(sub: Any) -> None:
     """Add the ``deadletters`` subcommand to the subparsers ``sub`` of the command line."""
     dead = sub.add_parser(
         "deadletters",
-        help="list, replay or purge the dead letters of a shared backend",
+        help="list, replay or purge the dead letters of a shared backend; list or replay "
+        "what a crashed pump left unanswered",
         description="Dead letters of the organism's backend (manager:// or redis://).",
     )
     dead.add_argument("organism", type=Path, help="the organism YAML file")
