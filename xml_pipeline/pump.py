@@ -56,6 +56,7 @@ from .envelope import (
 )
 from .exceptions import (
     Abandoned,
+    BackendCorrupted,
     BackendError,
     BackendFailed,
     BackendUnavailable,
@@ -64,6 +65,7 @@ from .exceptions import (
     Duplicate,
     EgressFailed,
     EnvelopeError,
+    FrameCorrupted,
     HandlerFailed,
     HandlerTimeout,
     InvalidReturn,
@@ -953,9 +955,10 @@ class StreamPump:
                     box = None
                     retry = True
                 elif isinstance(exc, BackendError):
-                    logger.warning("backend failed delivering to %s: %s", rt.name, exc)
-                    error: MessageError = BackendFailed(
-                        f"the backend failed delivering to {rt.name}: {exc}", listener=rt.name
+                    if not isinstance(exc, BackendCorrupted):
+                        logger.warning("backend failed delivering to %s: %s", rt.name, exc)
+                    error: MessageError = self._backend_failed(
+                        exc, f"delivering to {rt.name}", rt.name
                     )
                 else:  # a bug in the pump itself: keep serving
                     logger.exception("internal error delivering to %s", rt.name)
@@ -1089,14 +1092,8 @@ class StreamPump:
         except BackendError as exc:
             if d.entry is not None and isinstance(exc, BackendUnavailable):
                 raise  # from a stream: tried again, nothing committed (see _worker)
-            await self._fail(
-                d,
-                BackendFailed(
-                    f"the backend failed routing what {rt.name} emitted (nothing was "
-                    f"delivered): {exc}",
-                    listener=rt.name,
-                ),
-            )
+            what = f"routing what {rt.name} emitted (nothing was delivered)"
+            await self._fail(d, self._backend_failed(exc, what, rt.name))
             return
         for delivery in route.deliveries:
             self._enqueue(delivery)
@@ -1379,6 +1376,20 @@ class StreamPump:
         self._ingress += 1
         self._rejected += 1
         await self._reject(error, data, sender)
+
+    @staticmethod
+    def _backend_failed(exc: BackendError, doing: str, listener: str) -> BackendFailed:
+        """What a message fails with when the backend failed ``doing`` something for it:
+        ``backend-corrupted`` when the backend lost part of its frame (the message can
+        only fail again there: said at ERROR, with what to delete), else
+        ``backend-unavailable``."""
+        if isinstance(exc, BackendCorrupted):
+            logger.error("the backend lost part of a frame, %s: %s", doing, exc)
+            return FrameCorrupted(
+                f"the backend lost part of this conversation's frames, {doing}: {exc}",
+                listener=listener,
+            )
+        return BackendFailed(f"the backend failed {doing}: {exc}", listener=listener)
 
     async def _fail(self, d: Delivery, exc: MessageError) -> None:
         rt = d.runtime
