@@ -13,15 +13,22 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from cli_process import until
 from redis_server import RedisServer, running_redis
+from support import Ping, ping_xml, pong
 
 from xml_pipeline import (
     BackendCorrupted,
     FrameCorrupted,
+    HandlerMetadata,
     Huh,
+    Listener,
+    Organism,
+    Reply,
     StreamPump,
     load_organism,
 )
+from xml_pipeline import pump as pump_module
 from xml_pipeline.backends import HistoryLimits, Slot
 from xml_pipeline.backends.redis import RedisBackend
 
@@ -201,3 +208,94 @@ async def test_a_frame_missing_half_its_registry_entry_is_a_typed_error_at_ingre
             await greet(pump, "ann", thread="conv-b")
         assert (await greet(pump, "bob")).payload.text == "HELLO, BOB!"
         assert pump.statistics().in_pump == 0
+
+
+# -- dead letters while Redis is down: the spill ------------------------------------------
+
+
+def failing_organism(url: str, handler: Any) -> Organism:
+    """One listener, ``boom``; Redis calls fail at once while it is down (no retries)."""
+    return Organism(
+        name="spill",
+        listeners=(Listener("boom", (Ping,), handler, concurrency=32),),
+        backend=url,
+        backend_options={"prefix": PREFIX, "retries": 0, "outage_s": 0, "connect_timeout_s": 1},
+    )
+
+
+async def rejected(pump: StreamPump, n: int) -> None:
+    """``n`` malformed inputs: each is a dead letter, and needs no Redis but for that."""
+    for i in range(n):
+        assert await pump.inject(f"<not-xml {i}".encode()) is None
+
+
+async def test_dead_letters_made_while_redis_is_down_are_kept_and_written_when_it_is_back(
+    server: RedisServer,
+) -> None:
+    entered = 0
+    release = asyncio.Event()
+
+    async def fail_later(payload: Ping, meta: HandlerMetadata) -> None:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        raise RuntimeError(f"no {payload.n}")
+
+    replies: list[Reply] = []
+    async with StreamPump(failing_organism(server.url, fail_later), egress=replies.append) as pump:
+        requests = [
+            asyncio.create_task(pump.request(ping_xml(i), to="boom", timeout=30)) for i in range(20)
+        ]
+
+        def settled() -> bool:
+            boom = pump.statistics().listeners["boom"]
+            return boom.received == 20 and boom.in_flight == entered and boom.queued == 20 - entered
+
+        await until(settled, "every request in its handler or queued behind one")
+        await asyncio.to_thread(server.stop)
+        release.set()  # the handlers fail (those queued fail to record their input)
+        answers = await asyncio.gather(*requests)
+        await rejected(pump, 5)
+        stats = pump.statistics()
+        assert (stats.spilled, stats.spilled_total, stats.spill_dropped) == (25, 25, 0), stats
+        assert all(isinstance(a.payload, Huh) for a in answers)
+
+        await asyncio.to_thread(server.start)
+        await until(lambda: pump.statistics().spilled == 0, "the kept dead letters written")
+        letters = await pump.backend.deadletter_list()
+        stats = pump.statistics()
+    assert (stats.spilled_total, stats.spill_dropped, stats.dead_letters) == (25, 0, 25)
+    assert len(letters) == 25 and len({d.id for d in letters}) == 25
+    failed = [d for d in letters if d.listener == "boom"]
+    assert sorted(d.message_id or "" for d in failed) == sorted(a.re or "" for a in answers)
+    assert {d.code for d in failed} <= {"handler-error", "backend-unavailable"}
+    assert entered == 0 or any(d.code == "handler-error" for d in failed)
+    assert [d.code for d in letters if d.listener is None] == ["malformed"] * 5
+
+
+async def test_the_spill_is_bounded_and_counts_what_it_drops(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pump_module, "SPILL_LETTERS", 5)
+    async with StreamPump(failing_organism(server.url, pong)) as pump:
+        await asyncio.to_thread(server.stop)
+        await rejected(pump, 8)
+        stats = pump.statistics()
+        assert (stats.spilled, stats.spilled_total, stats.spill_dropped) == (5, 5, 3), stats
+        assert "full (5 letters or 16777216 bytes); 1 dropped so far" in caplog.text
+        await asyncio.to_thread(server.start)
+        await until(lambda: pump.statistics().spilled == 0, "the kept dead letters written")
+        letters = await pump.backend.deadletter_list()
+    assert [d.data for d in letters] == [f"<not-xml {i}".encode() for i in range(5)]
+
+
+async def test_the_spill_is_written_at_shutdown(server: RedisServer) -> None:
+    async with StreamPump(failing_organism(server.url, pong)) as pump:
+        await asyncio.to_thread(server.stop)
+        await rejected(pump, 5)
+        assert pump.statistics().spilled == 5
+        await asyncio.to_thread(server.start)
+    assert pump.statistics().spilled == 0
+    async with backend_on(server.url) as backend:
+        letters = await backend.deadletter_list()
+    assert [d.data for d in letters] == [f"<not-xml {i}".encode() for i in range(5)]

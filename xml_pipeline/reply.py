@@ -110,12 +110,19 @@ class PumpStatistics:
         duplicates: ingress messages ignored as retries of one already accepted
             (same sender label and ``<id>``).
         egress: replies that reached external senders.
-        dead_letters: dead letters written.
+        dead_letters: dead letters made (written, or kept in the spill until the
+            backend takes them).
         abandoned: messages dead-lettered because the pump stopped before handling
             them (code ``shutdown``; counted in ``dead_letters`` too).
         in_pump: messages queued or being handled right now.
         listeners: per listener, by name.
         pool: the worker process pool of ``cpu_bound`` listeners (None without one).
+        spilled: dead letters the backend could not take, kept in the pump's memory
+            right now; they are written as soon as it answers again (and at shutdown,
+            within ``drain_timeout_s``).
+        spilled_total: dead letters kept in the spill since the pump started.
+        spill_dropped: dead letters lost: the spill was full (1,000 letters or 16 MiB),
+            or the backend refused the letter itself.
     """
 
     ingress: int
@@ -127,3 +134,6 @@ class PumpStatistics:
     listeners: MappingProxyType[str, ListenerStatistics]
     pool: PoolStatistics | None = None
     abandoned: int = 0
+    spilled: int = 0
+    spilled_total: int = 0
+    spill_dropped: int = 0
