@@ -14,10 +14,11 @@ PACKAGE = Path(xml_pipeline.__file__).parent
 
 # Changing this list changes the public API: say so in CHANGELOG.md.
 PUBLIC_API = [
-    "Abandoned", "Backend", "BackendError", "BackendFailed", "BackendScheme",
-    "BackendUnavailable", "BootMessage", "CORE_NAMESPACE", "Client", "ConfigError", "DeadLetter",
-    "DepthExceeded", "Duplicate", "ENVELOPE_NAMESPACE", "EgressFailed", "Envelope",
-    "EnvelopeError", "Frame", "Handler", "HandlerFailed", "HandlerMetadata",
+    "Abandoned", "Backend", "BackendCorrupted", "BackendError", "BackendFailed",
+    "BackendScheme", "BackendUnavailable", "BootMessage", "CORE_NAMESPACE", "Client",
+    "ConfigError", "DeadLetter", "DepthExceeded", "Duplicate", "ENVELOPE_NAMESPACE",
+    "EgressFailed", "Envelope", "EnvelopeError", "Frame", "FrameCorrupted", "Handler",
+    "HandlerFailed", "HandlerMetadata",
     "HandlerResponse", "HandlerTimeout", "HistoryLimits", "Huh", "InvalidReturn", "Listener",
     "ListenerStatistics", "MalformedMessage", "MessageError", "MessageTooLarge", "NoReply",
     "NoRoute", "Organism", "Overloaded", "ParseLimits", "Payload", "PayloadInvalid",

@@ -31,6 +31,7 @@ from .config import (
 from .envelope import ENVELOPE_NAMESPACE, Envelope, build_envelope, parse_envelope
 from .exceptions import (
     Abandoned,
+    BackendCorrupted,
     BackendError,
     BackendFailed,
     BackendUnavailable,
@@ -39,6 +40,7 @@ from .exceptions import (
     Duplicate,
     EgressFailed,
     EnvelopeError,
+    FrameCorrupted,
     HandlerFailed,
     HandlerTimeout,
     InvalidReturn,
@@ -71,6 +73,7 @@ __all__ = [
     "Abandoned",
     "ENVELOPE_NAMESPACE",
     "Backend",
+    "BackendCorrupted",
     "BackendError",
     "BackendFailed",
     "BackendScheme",
@@ -84,6 +87,7 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "Frame",
+    "FrameCorrupted",
     "Handler",
     "HandlerFailed",
     "HandlerMetadata",

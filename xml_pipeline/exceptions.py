@@ -9,6 +9,7 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
     │   └── PumpClosed                        not running: not started yet, stopping or stopped
     ├── BackendError
     │   ├── BackendUnavailable                the backend cannot be reached
+    │   ├── BackendCorrupted                  the backend lost part of a frame (Redis)
     │   └── RequestTooLarge                   one call is over the backend's request cap (not sent)
     └── MessageError                          one message was rejected; .code names why
         ├── MalformedMessage        malformed   not well-formed XML, DTD, entities, XInclude
@@ -25,6 +26,7 @@ Errors about one message carry the ``code`` that its ``Huh`` reply uses::
         ├── Overloaded              overloaded      a forward while ``max_in_pump`` messages wait
         ├── EgressFailed            egress          the egress callback raised
         ├── BackendFailed           backend-unavailable  the backend failed while routing it
+        │   └── FrameCorrupted      backend-corrupted    ... because it lost part of a frame
         ├── Duplicate               duplicate       a retry of an accepted message (no Huh)
         ├── Abandoned               shutdown        still queued when the pump stopped
         └── NoReply                 no-reply        the conversation ended without a reply (no Huh)
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 __all__ = [
     "Abandoned",
+    "BackendCorrupted",
     "BackendError",
     "BackendFailed",
     "NoReply",
@@ -50,6 +53,7 @@ __all__ = [
     "ConfigError",
     "DepthExceeded",
     "EnvelopeError",
+    "FrameCorrupted",
     "HandlerFailed",
     "HandlerTimeout",
     "InvalidReturn",
@@ -90,6 +94,16 @@ class BackendError(XmlPipelineError):
 
 class BackendUnavailable(BackendError):
     """The backend cannot be reached (bad URL scheme, server down, wrong credentials)."""
+
+
+class BackendCorrupted(BackendError):
+    """The backend holds only part of something it keeps together: a frame's history
+    without its index, or one half of a registry entry (Redis lost keys: eviction, an
+    expiry, a partial restore, a key deleted by hand).
+
+    Nothing was written by the call that found it; it fails the same way until the
+    damaged keys, which the message names, are deleted. Retrying does not help.
+    """
 
 
 class RequestTooLarge(BackendError):
@@ -215,6 +229,14 @@ class BackendFailed(MessageError):
     code = "backend-unavailable"
 
 
+class FrameCorrupted(BackendFailed):
+    """The backend lost part of a frame this message was recorded or routed on (see
+    :class:`BackendCorrupted`): the message failed, and will fail again on that frame
+    until the damaged keys are deleted. A new conversation is not affected."""
+
+    code = "backend-corrupted"
+
+
 class NoReply(MessageError):
     """The conversation ended (nothing left in flight) without a reply to the caller.
 
@@ -238,6 +260,6 @@ _BY_CODE: dict[str, type[MessageError]] = {
     for cls in (
         MalformedMessage, MessageTooLarge, EnvelopeError, NoRoute, PayloadInvalid, PeerDenied,
         DepthExceeded, HandlerFailed, InvalidReturn, HandlerTimeout, WorkerCrashed, Overloaded,
-        EgressFailed, BackendFailed, Duplicate, Abandoned, NoReply,
+        EgressFailed, BackendFailed, FrameCorrupted, Duplicate, Abandoned, NoReply,
     )
 }  # fmt: skip

@@ -25,10 +25,13 @@ import functools
 import itertools
 import json
 import logging
+import os
+import random
 import re as _regex
 import socket
 import time
 import uuid as _uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -49,7 +52,15 @@ from ._delivery import (
 )
 from ._node import OUTBOX, Node, Outbox
 from ._stats import percentile
-from .backends import Backend, DeadLetter, Slot, backend_scheme, client_url, open_backend
+from .backends import (
+    Backend,
+    DeadLetter,
+    Slot,
+    backend_scheme,
+    client_url,
+    open_backend,
+)
+from .backends.base import letter_size
 from .backends.memory import MemoryBackend
 from .config import Organism, import_object
 from .envelope import (
@@ -58,6 +69,7 @@ from .envelope import (
 )
 from .exceptions import (
     Abandoned,
+    BackendCorrupted,
     BackendError,
     BackendFailed,
     BackendUnavailable,
@@ -66,6 +78,7 @@ from .exceptions import (
     Duplicate,
     EgressFailed,
     EnvelopeError,
+    FrameCorrupted,
     HandlerFailed,
     HandlerTimeout,
     InvalidReturn,
@@ -116,6 +129,13 @@ _ENVELOPE_MARK = (
 )  # of a dead letter's reason (a parser's message can quote the input)
 _RETRY_S = 0.5  # a delivery from a stream that found Redis unreachable runs again then
 _WARNED_KEPT = 1024
+# Dead letters the backend could not take are kept in memory (the spill) and written
+# once it answers again: at most this many, holding at most this many bytes of data
+# and reasons; past that they are counted and dropped.
+SPILL_LETTERS = 1000
+SPILL_BYTES = 16 * 1024 * 1024
+_SPILL_RETRY_S = 0.5  # the spill is written again after this, doubling...
+_SPILL_RETRY_CAP_S = 10.0  # ...up to this (jittered)
 # A <thread> naming a conversation nobody knows yet opens one under that name: a
 # bounded token, so that clients can name their conversations (and retry them).
 _THREAD_TOKEN = _regex.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -282,6 +302,12 @@ class StreamPump:
         self._rejected = 0
         self._egress_count = 0
         self._dead_letters = 0
+        # The spill (see SPILL_LETTERS): oldest first, written by _keep_spilling.
+        self._spill: deque[DeadLetter] = deque()
+        self._spill_bytes = 0
+        self._spilled_total = 0
+        self._spill_dropped = 0
+        self._spill_ready = asyncio.Event()
         self._duplicates = 0
         self._egress_failures = 0
         # Times inline handler steps and watches the loop's lateness (see _blocking).
@@ -384,6 +410,7 @@ class StreamPump:
                         tg.start_soon(task, name=name)
                 if self._watch is not None:
                     tg.start_soon(self._watch.monitor, name="xml_pipeline loop monitor")
+                tg.start_soon(self._keep_spilling, name="xml_pipeline dead-letter spill")
                 task_status.started()
         finally:
             self._served.set()
@@ -507,7 +534,19 @@ class StreamPump:
                         self._closed.set()
 
     async def _abandon_all(self) -> None:
-        """Dead-letter what the workers left: running first, then queued, in batches."""
+        """Dead-letter what the workers left: running first, then queued, in batches;
+        the spill (letters the backend could not take earlier) goes first. Both within
+        ``drain_timeout_s``: what is not written by then is counted and logged."""
+        deadline = anyio.current_time() + self._settings.drain_timeout_s
+        if self._spill:
+            with anyio.CancelScope(deadline=deadline):
+                await self._write_spill()
+            if self._spill:
+                logger.error(
+                    "could not write %d dead letter(s) kept while the backend failed, "
+                    "at shutdown within %g s: they are lost",
+                    len(self._spill), self._settings.drain_timeout_s,
+                )  # fmt: skip
         abandoned = self._abandoned
         self._abandoned = []
         for rt in self._runtimes.values():
@@ -539,7 +578,7 @@ class StreamPump:
         written = 0
         # Bounded even when the backend is slow or down: what is not written by the
         # deadline is counted and logged once.
-        with anyio.move_on_after(self._settings.drain_timeout_s):
+        with anyio.CancelScope(deadline=deadline):
             for i in range(0, len(letters), _ABANDON_BATCH):
                 batch = letters[i : i + _ABANDON_BATCH]
                 try:
@@ -614,6 +653,9 @@ class StreamPump:
             pool=self._pool_stats if self._pool is None else self._pool.statistics(),
             abandoned=self._abandoned_count,
             blocked_loop=0 if self._watch is None else self._watch.count,
+            spilled=len(self._spill),
+            spilled_total=self._spilled_total,
+            spill_dropped=self._spill_dropped,
         )
 
     # -- ingress ---------------------------------------------------------------
@@ -1011,9 +1053,10 @@ class StreamPump:
                     box = None
                     retry = True
                 elif isinstance(exc, BackendError):
-                    logger.warning("backend failed delivering to %s: %s", rt.name, exc)
-                    error: MessageError = BackendFailed(
-                        f"the backend failed delivering to {rt.name}: {exc}", listener=rt.name
+                    if not isinstance(exc, BackendCorrupted):
+                        logger.warning("backend failed delivering to %s: %s", rt.name, exc)
+                    error: MessageError = self._backend_failed(
+                        exc, f"delivering to {rt.name}", rt.name
                     )
                 else:  # a bug in the pump itself: keep serving
                     logger.exception("internal error delivering to %s", rt.name)
@@ -1147,14 +1190,8 @@ class StreamPump:
         except BackendError as exc:
             if d.entry is not None and isinstance(exc, BackendUnavailable):
                 raise  # from a stream: tried again, nothing committed (see _worker)
-            await self._fail(
-                d,
-                BackendFailed(
-                    f"the backend failed routing what {rt.name} emitted (nothing was "
-                    f"delivered): {exc}",
-                    listener=rt.name,
-                ),
-            )
+            what = f"routing what {rt.name} emitted (nothing was delivered)"
+            await self._fail(d, self._backend_failed(exc, what, rt.name))
             return
         for delivery in route.deliveries:
             self._enqueue(delivery)
@@ -1667,6 +1704,20 @@ class StreamPump:
             self._release()
         return True
 
+    @staticmethod
+    def _backend_failed(exc: BackendError, doing: str, listener: str) -> BackendFailed:
+        """What a message fails with when the backend failed ``doing`` something for it:
+        ``backend-corrupted`` when the backend lost part of its frame (the message can
+        only fail again there: said at ERROR, with what to delete), else
+        ``backend-unavailable``."""
+        if isinstance(exc, BackendCorrupted):
+            logger.error("the backend lost part of a frame, %s: %s", doing, exc)
+            return FrameCorrupted(
+                f"the backend lost part of this conversation's frames, {doing}: {exc}",
+                listener=listener,
+            )
+        return BackendFailed(f"the backend failed {doing}: {exc}", listener=listener)
+
     async def _fail(self, d: Delivery, exc: MessageError) -> None:
         rt = d.runtime
         rt.failed += 1
@@ -1741,8 +1792,8 @@ class StreamPump:
         code, reason = exc.code, exc.reason[:_REASON_CHARS]
         attempts, last_error = 1, None
         prior = getattr(msg, "replayed", None) if msg is not None else None
-        if prior is None and stage == "ingress":
-            prior = _REPLAYING.get()
+        if prior is None:
+            prior = _REPLAYING.get()  # refused again while replay() feeds it
         if prior is not None:
             attempts, last_error = prior.attempts + 1, f"{code}: {reason}"
             code, reason = prior.code, prior.reason
@@ -1750,7 +1801,9 @@ class StreamPump:
             fields = {"sender": msg.sender, "message_id": msg.id, "re": msg.re,
                       "to": msg.to, **fields}  # fmt: skip
         return DeadLetter(
-            id="",
+            # Named here, not by the backend: a letter written again (from the spill,
+            # after a write that may have been applied) replaces itself, once.
+            id=f"dl-{os.urandom(16).hex()}",
             timestamp=time.time(),
             code=code,
             reason=reason,
@@ -1775,7 +1828,99 @@ class StreamPump:
     ) -> None:
         self._dead_letters += 1
         letter = self._letter(exc, data, stage, listener, thread_id, msg, **fields)
+        if self._spill:  # the backend failed already: this one goes after those
+            self._to_spill(letter, None)
+            return
         try:
             await self.backend.deadletter_add(letter)
-        except XmlPipelineError:
-            logger.exception("could not write a dead letter (%s: %s)", exc.code, exc.reason)
+        except XmlPipelineError as error:
+            self._to_spill(letter, error)
+
+    # -- the spill: dead letters the backend could not take ---------------------
+
+    def _to_spill(self, letter: DeadLetter, error: XmlPipelineError | None) -> None:
+        """Keep ``letter`` until the backend takes it (see :data:`SPILL_LETTERS`)."""
+        size = letter_size(letter)
+        if len(self._spill) >= SPILL_LETTERS or self._spill_bytes + size > SPILL_BYTES:
+            self._spill_dropped += 1
+            n = self._spill_dropped
+            if n == 1 or n % 1000 == 0:
+                logger.warning(
+                    "dead letters kept while the backend fails: full (%d letters or %d "
+                    "bytes); %d dropped so far (this one %s: %s)",
+                    SPILL_LETTERS, SPILL_BYTES, n, letter.code, letter.reason,
+                )  # fmt: skip
+            return
+        if error is not None and not self._spill:
+            logger.warning(
+                "could not write a dead letter (%s: %s): %s; it is kept in memory (up to "
+                "%d letters or %d bytes) and written when the backend answers again",
+                letter.code, letter.reason, error, SPILL_LETTERS, SPILL_BYTES,
+            )  # fmt: skip
+        self._spill.append(letter)
+        self._spill_bytes += size
+        self._spilled_total += 1
+        self._spill_ready.set()
+
+    async def _keep_spilling(self) -> None:
+        """Write the spill whenever it holds letters, backing off while the backend
+        fails (a task of the pump's task group, until the shutdown)."""
+        delay = _SPILL_RETRY_S
+        while True:
+            await self._spill_ready.wait()
+            if await self._write_spill():
+                delay = _SPILL_RETRY_S
+                continue
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, _SPILL_RETRY_CAP_S)
+
+    async def _write_spill(self) -> bool:
+        """Write the spill, oldest first, in batches. False: the backend failed (what
+        it took is out of the spill, the rest stays)."""
+        spill = self._spill
+        written = 0
+        while spill:
+            batch = list(itertools.islice(spill, _ABANDON_BATCH))
+            try:
+                await self.backend.deadletter_add_many(batch)
+            except BackendUnavailable:
+                return False
+            except XmlPipelineError as exc:
+                # Refused, not unreachable: one letter may be at fault (too large for
+                # the store, say); the others are written one by one, it is dropped.
+                logger.error("could not write %d kept dead letter(s): %s", len(batch), exc)
+                if not await self._write_one_by_one(batch):
+                    return False
+                continue
+            for letter in batch:
+                self._unspill(letter)
+            written += len(batch)
+        self._spill_ready.clear()
+        if written:
+            logger.warning(
+                "wrote %d dead letter(s) kept while the backend failed (%d dropped so far)",
+                written, self._spill_dropped,
+            )  # fmt: skip
+        return True
+
+    async def _write_one_by_one(self, batch: list[DeadLetter]) -> bool:
+        for letter in batch:
+            try:
+                await self.backend.deadletter_add(letter)
+            except BackendUnavailable:
+                return False
+            except XmlPipelineError as exc:
+                self._spill_dropped += 1
+                logger.error(
+                    "dropped a dead letter the backend refuses (%s: %s): %s",
+                    letter.code, letter.reason, exc,
+                )  # fmt: skip
+            self._unspill(letter)
+        return True
+
+    def _unspill(self, letter: DeadLetter) -> None:
+        """``letter``, written or dropped, leaves the spill (its head)."""
+        spill = self._spill
+        if spill and spill[0] is letter:
+            spill.popleft()
+            self._spill_bytes -= letter_size(letter)

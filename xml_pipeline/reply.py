@@ -143,7 +143,8 @@ class PumpStatistics:
         duplicates: ingress messages ignored as retries of one already accepted
             (same sender label and ``<id>``).
         egress: replies that reached external senders.
-        dead_letters: dead letters written.
+        dead_letters: dead letters made (written, or kept in the spill until the
+            backend takes them).
         abandoned: messages dead-lettered because the pump stopped before handling
             them (code ``shutdown``; counted in ``dead_letters`` too).
         in_pump: messages queued or being handled right now.
@@ -152,6 +153,12 @@ class PumpStatistics:
         blocked_loop: times the event loop was held for ``pump.blocked_loop_s`` or
             longer: by a listener's handler (the listeners' ``blocked`` add up to part
             of it) or by anything else (a task a handler started, an egress callback).
+        spilled: dead letters the backend could not take, kept in the pump's memory
+            right now; they are written as soon as it answers again (and at shutdown,
+            within ``drain_timeout_s``).
+        spilled_total: dead letters kept in the spill since the pump started.
+        spill_dropped: dead letters lost: the spill was full (1,000 letters or 16 MiB),
+            or the backend refused the letter itself.
     """
 
     ingress: int
@@ -164,3 +171,6 @@ class PumpStatistics:
     pool: PoolStatistics | None = None
     abandoned: int = 0
     blocked_loop: int = 0
+    spilled: int = 0
+    spilled_total: int = 0
+    spill_dropped: int = 0

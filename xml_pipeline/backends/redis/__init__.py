@@ -56,6 +56,12 @@ up to 2 s, jittered), at most ``retries`` times; then the caller gets
 :class:`~xml_pipeline.exceptions.BackendUnavailable`. An outage and the recovery are
 logged once each. A backend instance belongs to the event loop it is first used on.
 
+A frame whose keys Redis lost some of (a history without its index, or behind it; an
+index without its history; half a registry entry) is refused by the scripts that meet
+it (an error reply ``CORRUPTED <what>``), which the caller gets as
+:class:`~xml_pipeline.exceptions.BackendCorrupted`, never retried: counting the frame
+again from 0 would write duplicate and wrong indexes.
+
 Modules (import from the package: ``from xml_pipeline.backends.redis import
 RedisBackend``)::
 

@@ -38,6 +38,7 @@ from .scripts import (
     DEAD_LETTER_PURGE,
     GET_SLOT,
     REGISTRY_DELETE,
+    REGISTRY_GET,
     REGISTRY_SET,
 )
 
@@ -294,11 +295,23 @@ class RedisBackend:
         return await self._registry_set(chain, uuid, True)
 
     async def registry_get_uuid(self, chain: str) -> str | None:
-        reply = await self._pipeline.call(b"GET", self._chain + chain.encode())
+        """The uuid of a chain, checked against the uuid's own key.
+
+        Raises:
+            BackendCorrupted: the uuid's key is missing or names another chain.
+        """
+        c = chain.encode()
+        reply = await self._pipeline.eval(REGISTRY_GET, (self._chain + c,), self._uuid, c)
         return None if reply is None else bytes(reply).decode()
 
     async def registry_get_chain(self, uuid: str) -> str | None:
-        reply = await self._pipeline.call(b"GET", self._uuid + uuid.encode())
+        """The chain of a uuid, checked against the chain's own key.
+
+        Raises:
+            BackendCorrupted: the chain's key is missing or names another uuid.
+        """
+        u = uuid.encode()
+        reply = await self._pipeline.eval(REGISTRY_GET, (self._uuid + u,), self._chain, u)
         return None if reply is None else bytes(reply).decode()
 
     async def registry_delete(self, uuid: str) -> bool:

@@ -33,7 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ...exceptions import BackendError, BackendUnavailable
+from ...exceptions import BackendCorrupted, BackendError, BackendUnavailable
 from ..base import redact_url
 from .scripts import Script
 
@@ -48,6 +48,14 @@ _MAX_BATCH = 1024
 """Commands per pipeline at most."""
 _BACKOFF_S = 0.1
 _BACKOFF_CAP_S = 2.0
+_CORRUPTED = "CORRUPTED "
+"""How this package's scripts start an error about keys Redis lost half of."""
+_LOST_HALF = (
+    "Redis lost part of what is kept together (keys evicted, expired or deleted one "
+    "without the other, or a partial restore), so it is refused rather than guessed at. "
+    "Delete the keys named to start that frame afresh (its history or registry entry is "
+    "lost), and run Redis with maxmemory-policy noeviction and AOF"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +364,10 @@ class Pipeline:
                     " (the command may or may not have been applied)"
                 )
             return BackendUnavailable(f"{self.url} is unreachable: {_reason(exc)}")
+        if isinstance(exc, ResponseError) and str(exc).startswith(_CORRUPTED):
+            # (error() in a script adds " script: <sha>, on @user_script:<line>.")
+            what = str(exc)[len(_CORRUPTED) :].rpartition(" script: ")
+            return BackendCorrupted(f"{self.url}: {what[0] or what[2]}. {_LOST_HALF}")
         if isinstance(exc, RedisError):
             # (a script's command refused for memory comes back as a plain error)
             if isinstance(exc, OutOfMemoryError) or "used memory > 'maxmemory'" in str(exc):

@@ -23,6 +23,7 @@ __all__ = [
     "PUBLISH",
     "READ",
     "REGISTRY_DELETE",
+    "REGISTRY_GET",
     "REGISTRY_SET",
     "Script",
     "UNLEASE",
@@ -63,6 +64,8 @@ READ = Script.load("read.lua")
 """A node's read of its inboxes, fenced by its leases (``read.lua``)."""
 GET_SLOT = Script.load("get_slot.lua")
 REGISTRY_SET = Script.load("registry_set.lua")
+REGISTRY_GET = Script.load("registry_get.lua")
+"""One half of a registry entry, checked against the other (``registry_get.lua``)."""
 REGISTRY_DELETE = Script.load("registry_delete.lua")
 DEAD_LETTER_ADD = Script.load("lib_deadletter.lua", "deadletter_add.lua")
 DEAD_LETTER_LIST = Script.load("lib_deadletter.lua", "deadletter_list.lua")

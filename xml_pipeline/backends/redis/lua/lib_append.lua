@@ -3,6 +3,11 @@
 -- key, stats; field "in:<id>"/"out:<id>"; tail = the slot's JSON after '{"i":0,';
 -- max slots, ttl ms, the chain key prefix, refresh below (ms). Returns the slot's index
 -- (the existing one when the field was appended before: idempotent by message id).
+-- A frame that lost one of its two keys (hist holds more slots than hidx says were
+-- written, or hist is gone while hidx says slots were written) is refused with an error
+-- 'CORRUPTED <what>', and nothing of this slot is written: counting again from the
+-- index hidx lacks would write duplicates and wrong indexes. The check costs nothing
+-- more than a comparison: RPUSH answers the list's length, and the push is undone.
 local function append_slot(hist, hidx, uuid_key, stats, field, tail, max_slots, ttl,
                            chain_prefix, refresh_below)
   local got = redis.call('HMGET', hidx, field, 'next')
@@ -12,6 +17,18 @@ local function append_slot(hist, hidx, uuid_key, stats, field, tail, max_slots, 
   else
     index = tonumber(got[2] or '0')
     local kept = redis.call('RPUSH', hist, '{"i":' .. string.format('%d', index) .. ',' .. tail)
+    if kept > index + 1 or (kept == 1 and index > 0) then
+      redis.call('RPOP', hist)
+      if not got[2] then
+        error({err = 'CORRUPTED ' .. hist .. ' holds ' .. (kept - 1) .. ' slot(s) but ' ..
+               hidx .. ', its index, is missing'})
+      elseif kept == 1 then
+        error({err = 'CORRUPTED ' .. hist .. ' is missing but ' .. hidx .. ' says ' ..
+               index .. ' slot(s) were written'})
+      end
+      error({err = 'CORRUPTED ' .. hist .. ' holds ' .. (kept - 1) .. ' slot(s) but ' ..
+             hidx .. ' says only ' .. index .. ' were written'})
+    end
     redis.call('HSET', hidx, field, index, '#' .. index, field, 'next', index + 1)
     local drop = kept - max_slots
     if drop > 0 then

@@ -1,8 +1,21 @@
 -- registry_set.lua, run by xml_pipeline/backends/redis/backend.py (REGISTRY_SET).
 -- KEYS: chain key, uuid key. ARGV: chain, uuid, ttl ms, chain key prefix, uuid key
 -- prefix, "1" for setdefault. Returns the uuid the chain maps to afterwards.
+-- setdefault of a chain already mapped checks the other half of the entry first: a
+-- uuid key that is missing or names another chain is an error 'CORRUPTED <what>'
+-- (Redis lost half of the entry), not a frame handed out as if it were whole.
 local current = redis.call('GET', KEYS[1])
 if current and ARGV[6] == '1' then
+  local back = ARGV[5] .. current
+  local chain = redis.call('GET', back)
+  if chain ~= ARGV[1] then
+    local found = ' is missing'
+    if chain then
+      found = ' maps to another chain, ' .. chain
+    end
+    return redis.error_reply('CORRUPTED ' .. KEYS[1] .. ' maps to ' .. current .. ' but ' ..
+                             back .. found)
+  end
   return current
 end
 local chain, uuid = ARGV[1], ARGV[2]
