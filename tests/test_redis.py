@@ -603,3 +603,35 @@ async def test_the_pump_rides_out_a_redis_restart(
     assert len(messages) == 2, messages
     assert f"{server.url} is unreachable (" in messages[0], messages
     assert f"{server.url} is reachable again after" in messages[1], messages
+
+
+async def test_dead_letters_kept_before_the_budget_are_counted_and_expire(
+    redis_server: RedisServer,
+) -> None:
+    """Letters written by a release without the budget (no byte count, no time) are
+    counted once by the first dead-letter script, and expire like the others; deleting
+    them never drives the count below 0."""
+    prefix = f"test-upgrade-{uuid.uuid4().hex[:12]}"
+    limits = HistoryLimits(dead_letter_ttl_s=1.0)
+    backend = RedisBackend.from_url(redis_server.url, limits, prefix=prefix)
+    old = [DeadLetter(f"old-{i}", 1.0, "malformed", "r", None, None, None, b"x" * 100)
+           for i in range(3)]  # fmt: skip
+    try:
+        async with raw_client(redis_server.url) as r:
+            for i, letter in enumerate(old):
+                await r.zadd(f"{prefix}:dl:ids", {letter.id: i + 1})
+                await r.hset(f"{prefix}:dl:data", letter.id, dead_letter_to_bytes(letter))
+        assert await backend.deadletter_delete("old-0")
+        info = await backend.info()
+        assert info["dead_letter_bytes"] == 2 * len(dead_letter_to_bytes(old[1])), info
+        assert [x.id for x in await backend.deadletter_list()] == ["old-1", "old-2"]
+        await until(lambda: _no_letters(backend), "the old letters expired", 10)
+        info = await backend.info()
+        assert (info["dead_letter_bytes"], info["dead_letters_expired"]) == (0, 2), info
+    finally:
+        await backend.deadletter_purge()
+        await backend.aclose()
+
+
+async def _no_letters(backend: RedisBackend) -> bool:
+    return await backend.deadletter_list() == []

@@ -13,18 +13,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from cli_process import until
+from lxml import etree
 from support import NS, Ping, Pong
 
 from xml_pipeline import (
     DeadLetter,
     HandlerMetadata,
     HandlerResponse,
+    Huh,
     Listener,
     Organism,
     Payload,
     Reply,
     StreamPump,
+    build_envelope,
 )
+from xml_pipeline.backends import Backend
+from xml_pipeline.backends.memory import MemoryBackend
 
 
 class Job(Payload):
@@ -66,13 +71,14 @@ class Organ:
 
 
 @asynccontextmanager
-async def organism(organ: Organ) -> AsyncIterator[StreamPump]:
+async def organism(organ: Organ, backend: Backend | None = None) -> AsyncIterator[StreamPump]:
     listeners = (
         Listener("front", (Ping, Done), organ.front),
         Listener("worker", (Job,), organ.worker),
     )
-    async with StreamPump(Organism(name="replayed", listeners=listeners), egress=organ.egress) as p:
-        yield p
+    org = Organism(name="replayed", listeners=listeners)
+    async with StreamPump(org, egress=organ.egress, backend=backend) as pump:
+        yield pump
 
 
 async def _letters(pump: StreamPump, count: int) -> list[DeadLetter]:
@@ -163,3 +169,85 @@ async def test_refused_input_is_fed_in_as_from_its_first_sender() -> None:
         )
         assert again.last_error is not None and again.last_error.startswith("malformed: ")
         assert [r.to for r in organ.replies] == ["bob", "bob"], "each refusal answered to bob"
+
+
+async def test_refused_input_replayed_runs_once_with_a_client_retry() -> None:
+    """Its <id> was never reserved (it was refused before): the replay reserves it, so
+    a client that sent it again meanwhile does not get it run twice."""
+    backend = MemoryBackend()
+    organ = Organ(broken=False)
+    job = etree.fromstring(f'<Job xmlns="{NS}"><n>42</n></Job>')
+    data = build_envelope(sender="alice", to="worker", id="order-42", payload=job)
+    lonely = Organism(name="replayed", listeners=(Listener("front", (Ping, Done), organ.front),))
+    async with StreamPump(lonely, egress=organ.egress, backend=backend) as pump:
+        assert await pump.inject(data) is None, "no worker yet: no-route"
+    [letter] = await backend.deadletter_list()
+    assert (letter.stage, letter.code) == ("ingress", "no-route")
+    async with organism(organ, backend) as pump:
+        assert await pump.inject(data) is not None, "the client sends it again"
+        await backend.deadletter_delete(letter.id)
+        assert await pump.replay(letter), "a retry of what was accepted: nothing to do"
+        await pump.wait_idle()
+        assert organ.worker_calls == 1
+        assert pump.statistics().duplicates == 1
+
+
+async def test_a_failed_response_is_replayed_from_the_listener_that_answered() -> None:
+    """front answers worker's Done by failing: the replay's Huh goes back to worker (who
+    sent the response), in worker's frame, as the first time, not out to the caller."""
+    seen: list[tuple[str, bool, bool]] = []
+    huhs: list[str] = []
+
+    async def front(payload: Ping | Done | Huh, meta: HandlerMetadata) -> HandlerResponse | None:
+        if isinstance(payload, Huh):
+            return None
+        if isinstance(payload, Ping):
+            return HandlerResponse(Job(n=payload.n), to="worker")
+        seen.append((meta.from_id, meta.from_external, meta.is_self_call))
+        raise RuntimeError("front cannot take Done")
+
+    async def worker(payload: Job | Huh, meta: HandlerMetadata) -> HandlerResponse | None:
+        if isinstance(payload, Huh):
+            huhs.append(payload.code)
+            return None
+        return HandlerResponse.respond(Done(n=payload.n, by="worker"))
+
+    replies: list[Reply] = []
+    listeners = (
+        Listener("front", (Ping, Done, Huh), front),
+        Listener("worker", (Job, Huh), worker),
+    )
+    org = Organism(name="responses", listeners=listeners)
+    async with StreamPump(org, egress=replies.append) as pump:
+        await pump.inject(Ping(n=5), to="front", sender="alice")
+        [letter] = await _letters(pump, 1)
+        await until(lambda: huhs == ["handler-error"], "the Huh to worker", 10)
+        assert (letter.stage, letter.listener, letter.sender) == ("delivery", "front", "worker")
+        await pump.backend.deadletter_delete(letter.id)
+        assert await pump.replay(letter)
+        await until(lambda: huhs == ["handler-error"] * 2, "the second Huh to worker", 10)
+        assert seen == [("worker", False, False)] * 2, "the same metadata both times"
+        assert replies == [], "nothing went out to alice"
+
+
+async def test_the_next_hop_failing_after_a_replay_is_a_letter_of_its_own() -> None:
+    """front's Job had no route (no worker yet): replayed once worker exists, it gets
+    there, and worker's failure is worker's letter (handler-error), not the first
+    letter's no-route counted once more."""
+    backend = MemoryBackend()
+    organ = Organ()
+    lonely = Organism(name="replayed", listeners=(Listener("front", (Ping, Done), organ.front),))
+    async with StreamPump(lonely, egress=organ.egress, backend=backend) as pump:
+        await pump.inject(Ping(n=1), to="front", sender="alice")
+        [first] = await _letters(pump, 1)
+    assert (first.stage, first.code, first.listener) == ("forward", "no-route", "front")
+    async with organism(organ, backend) as pump:
+        await backend.deadletter_delete(first.id)
+        assert await pump.replay(first), "routed this time"
+        [second] = await _letters(pump, 1)
+        assert (second.stage, second.code, second.listener) == (
+            "delivery",
+            "handler-error",
+            "worker",
+        )
+        assert (second.attempts, second.last_error) == (1, None)

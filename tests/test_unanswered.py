@@ -100,7 +100,9 @@ def test_a_crash_leaves_its_unanswered_conversations_listed_and_replayable(
     assert sorted(u["message_id"] for u in left) == sorted(f"job-{n}" for n in range(1, JOBS, 2))
     assert {(u["sender"], u["to"], u["replayed"]) for u in left} == {("client", "sleeper", False)}
 
-    replay = cli("deadletters", path, "replay-unanswered")
+    refused = cli("deadletters", path, "replay-unanswered")
+    assert refused.returncode == 2 and b"needs --older-than" in refused.stderr
+    replay = cli("deadletters", path, "replay-unanswered", "--older-than", "0.001")
     assert replay.returncode == 0, replay.stderr
     replies = [parse_envelope(line) for line in replay.stdout.splitlines()]
     # Each answer is on its own conversation, about its own input, to its client.
@@ -109,7 +111,7 @@ def test_a_crash_leaves_its_unanswered_conversations_listed_and_replayable(
     }
     assert sorted(calls(tmp_path)[-JOBS // 2 :]) == list(range(1, JOBS, 2)), "each replayed once"
 
-    again = cli("deadletters", path, "replay-unanswered", "--again")
+    again = cli("deadletters", path, "replay-unanswered", "--older-than", "0.001", "--again")
     assert again.returncode == 0 and again.stdout == b"", "answered now: nothing to feed"
     assert cli("deadletters", path, "unanswered").stdout == b""
 
@@ -133,14 +135,16 @@ def test_a_conversation_is_replayed_once_unless_again(tmp_path: Path, redis_serv
         pump.signal(signal.SIGKILL)
         pump.proc.wait(10)
     # Replayed while it hangs again: fed once, then claimed.
-    with CliProcess("deadletters", path, "replay-unanswered", env={**os.environ, "HANG": "1"}):
+    old = ("--older-than", "0.001")
+    with CliProcess("deadletters", path, "replay-unanswered", *old,
+                    env={**os.environ, "HANG": "1"}):  # fmt: skip
         wait_until(lambda: calls(tmp_path) == [1, 1], "the replay started")
-        second = cli("deadletters", path, "replay-unanswered")
+        second = cli("deadletters", path, "replay-unanswered", *old)
         assert b"replayed 0 unanswered conversation(s); 1 skipped" in second.stderr
     listed = cli("deadletters", path, "unanswered", "--json")
     [left] = [json.loads(line) for line in listed.stdout.splitlines()]
     assert left["replayed"] is True
-    forced = cli("deadletters", path, "replay-unanswered", "--again")
+    forced = cli("deadletters", path, "replay-unanswered", "--id", left["thread_id"], "--again")
     assert b"replayed 1 unanswered" in forced.stderr
     [reply] = [parse_envelope(line) for line in forced.stdout.splitlines()]
     assert (reply.thread, reply.re) == (left["thread_id"], "job-1")

@@ -32,7 +32,7 @@ import socket
 import time
 import uuid as _uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -540,7 +540,12 @@ class StreamPump:
         deadline = anyio.current_time() + self._settings.drain_timeout_s
         if self._spill:
             with anyio.CancelScope(deadline=deadline):
-                await self._write_spill()
+                delay = 0.05
+                # A backend that does not retry by itself (manager://) may be back in
+                # a moment: tried again, with backoff, until the deadline.
+                while not await self._write_spill():
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
             if self._spill:
                 logger.error(
                     "could not write %d dead letter(s) kept while the backend failed, "
@@ -574,7 +579,8 @@ class StreamPump:
             logger.debug("dead-lettering message %s: %s", msg.id, reason)
             data = msg.raw if msg.raw is not None else msg.xml()
             error = Abandoned(reason)
-            letters.append(self._letter(error, data, "delivery", d.runtime.name, d.frame.uuid, msg))
+            letters.append(self._letter(error, data, "delivery", d.runtime.name, d.frame.uuid, msg,
+                                        reply_thread=d.reply_frame.uuid))  # fmt: skip
         written = 0
         # Bounded even when the backend is slow or down: what is not written by the
         # deadline is counted and logged once.
@@ -1300,7 +1306,8 @@ class StreamPump:
             raise HandlerFailed(
                 f"{listener.name} raised {type(exc).__name__}: {exc}", listener=listener.name
             ) from exc
-        if deadline is not None and timeout is not None:
+        if deadline is not None and timeout is not None and listener.is_async:
+            # (A sync handler's thread kept its own time: its answer stands.)
             late = asyncio.get_running_loop().time() - deadline
             if late >= 0:
                 # It ended past its deadline before the timer could fire: the loop was
@@ -1546,12 +1553,8 @@ class StreamPump:
             if stage in ("delivery", "forward", "response") and rt is not None and thread:
                 frame = await self._frames.resolve(thread)
                 if frame is not None and frame.listener == rt.name:
-                    await self._admit()
-                    self._hold()
-                    try:
+                    async with self._as_input():
                         return await self._replay_in_frame(letter, frame, rt)
-                    finally:
-                        self._release()
                 logger.warning(
                     "replaying dead letter %s: its frame %s (%s) is gone; fed in as new "
                     "input", letter.id, thread, name,
@@ -1563,7 +1566,10 @@ class StreamPump:
                     to=None if is_envelope else (letter.listener or letter.to),
                     sender=letter.sender or "replay",
                     thread=None,
-                    reserve=False,  # its <id> was reserved when it was first accepted
+                    # Refused input never reserved its <id>: reserved now, so a client
+                    # that sends it again meanwhile runs it once. Anything else was
+                    # reserved when it was first accepted.
+                    reserve=letter.stage == "ingress",
                 )
             except MessageError:
                 return False
@@ -1595,14 +1601,8 @@ class StreamPump:
             if qname not in rt.codecs:
                 route.refuse(self._no_route(rt.name, qname, None), msg)
             else:
-                # Who it came from decides where an error about it goes: the frame's
-                # caller for a forward, the listener that answered for a response.
-                parent = await self._frames.parent(frame)
-                if sender in (parent.listener, parent.origin) or parent.hops == ():
-                    reply_frame, reply_to = parent, self._runtimes.get(parent.listener or "")
-                else:
-                    reply_frame = await self._frames.child(frame, sender)
-                    reply_to = self._runtimes.get(sender)
+                reply_frame = await self._reply_frame_of(letter, frame, sender)
+                reply_to = self._runtimes.get(reply_frame.listener or "")
                 route.deliveries.append(Delivery(msg, rt, frame, reply_frame, reply_to))
         elif stage == "response":
             await self._plan_respond(msg, frame, rt, route)
@@ -1611,6 +1611,8 @@ class StreamPump:
         if route.deliveries:
             if self._node is not None:
                 await self._node.accept(msg, route.deliveries)
+            elif not self._running:  # stopped meanwhile: the inboxes were emptied
+                raise PumpClosed("the pump stopped before the letter was fed back")
             else:
                 for delivery in route.deliveries:
                     self._enqueue(delivery)
@@ -1625,6 +1627,41 @@ class StreamPump:
             else:
                 await self._refuse(error, out, frame, rt, response=response)
         return False
+
+    async def _reply_frame_of(self, letter: DeadLetter, frame: Frame, sender: str) -> Frame:
+        """Where an error about a replayed delivery goes (as the first time): the frame
+        its letter recorded; for a letter without one, the caller's frame when the
+        sender is its owner (a forward), else the sender's own frame (a response)."""
+        if letter.reply_thread is not None:
+            known = await self._frames.resolve(letter.reply_thread)
+            if known is not None:
+                return known
+        parent = await self._frames.parent(frame)
+        if sender == (parent.listener if parent.hops else parent.origin):
+            return parent
+        return await self._frames.child(frame, sender)
+
+    @contextlib.asynccontextmanager
+    async def _as_input(self) -> AsyncIterator[None]:
+        """A replay feeding something in, counted as input: admitted (it waits while the
+        pump is full), held while it is planned, and waited for by a stopping pump."""
+        if not self._running:
+            raise PumpClosed("the pump is stopping or stopped")
+        self._ingesting += 1
+        self._ingest_done.clear()
+        try:
+            await self._admit()
+            if not self._running:
+                raise PumpClosed("the pump stopped before the letter was fed back")
+            self._hold()
+            try:
+                yield
+            finally:
+                self._release()
+        finally:
+            self._ingesting -= 1
+            if not self._ingesting:
+                self._ingest_done.set()
 
     async def _replay_reply(self, letter: DeadLetter) -> bool:
         """Hand an egress letter's reply to egress again."""
@@ -1684,24 +1721,29 @@ class StreamPump:
         first = slots[0]
         msg = Message(self._new_id(), root.origin, first.to, first.payload, xml=first.xml,
                       re=first.message_id, cause=self._new_id())  # fmt: skip
-        await self._admit()
-        self._hold()
         try:
-            try:
-                targets = self._ingress_targets(msg)
-            except MessageError as exc:
-                await self._reject(exc, first.xml, root.origin, first.message_id, to=first.to)
-                return False
-            children = [await self._frames.child(root, rt.name) for rt in targets]
-            deliveries = [Delivery(msg, rt, child, root, None)
-                          for rt, child in zip(targets, children, strict=True)]  # fmt: skip
-            if self._node is not None:
-                await self._node.accept(msg, deliveries)
-            else:
-                for d in deliveries:
-                    self._enqueue(d)
-        finally:
-            self._release()
+            async with self._as_input():
+                try:
+                    targets = self._ingress_targets(msg)
+                except MessageError as exc:
+                    await self._reject(exc, first.xml, root.origin, first.message_id,
+                                       to=first.to)  # fmt: skip
+                    return False
+                children = [await self._frames.child(root, rt.name) for rt in targets]
+                deliveries = [Delivery(msg, rt, child, root, None)
+                              for rt, child in zip(targets, children, strict=True)]  # fmt: skip
+                if self._node is not None:
+                    await self._node.accept(msg, deliveries)
+                elif not self._running:
+                    raise PumpClosed("the pump stopped before the conversation was fed")
+                else:
+                    for d in deliveries:
+                        self._enqueue(d)
+        except BaseException:
+            # Not fed after all: a later replay must be able to feed it.
+            with anyio.CancelScope(shield=True), contextlib.suppress(XmlPipelineError):
+                await self.backend.registry_delete(mark)
+            raise
         return True
 
     @staticmethod
@@ -1723,7 +1765,8 @@ class StreamPump:
         rt.failed += 1
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
-        await self._dead_letter(exc, data, "delivery", rt.name, d.frame.uuid, msg)
+        await self._dead_letter(exc, data, "delivery", rt.name, d.frame.uuid, msg,
+                                reply_thread=d.reply_frame.uuid)  # fmt: skip
         d.routed = True
         if msg.qname == _HUH_QNAME or msg.after_huh:
             logger.warning(
@@ -1794,6 +1837,8 @@ class StreamPump:
         prior = getattr(msg, "replayed", None) if msg is not None else None
         if prior is None:
             prior = _REPLAYING.get()  # refused again while replay() feeds it
+        if prior is not None and (prior.stage, prior.listener) != (stage, listener):
+            prior = None  # another step failed (the next hop, say): a letter of its own
         if prior is not None:
             attempts, last_error = prior.attempts + 1, f"{code}: {reason}"
             code, reason = prior.code, prior.reason

@@ -93,6 +93,8 @@ class DeadLetter:
             ``<re>``).
         to: the message's addressee, if it named one.
         payload_class: ``module:qualname`` of an egress letter's payload class.
+        reply_thread: a delivery's reply frame: where an error about the message went
+            (its caller's frame for a forward, the answering listener's for a response).
     """
 
     id: str
@@ -110,6 +112,7 @@ class DeadLetter:
     re: str | None = None
     to: str | None = None
     payload_class: str | None = None
+    reply_thread: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +416,7 @@ _OPTIONAL = (
     ("re", "re"),
     ("to", "to"),
     ("payload_class", "class"),
+    ("reply_thread", "reply"),
 )
 """Optional string fields of a dead letter: (attribute, JSON key), left out when None."""
 

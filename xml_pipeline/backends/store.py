@@ -269,6 +269,7 @@ class Store:
     # -- lifecycle -------------------------------------------------------------
 
     def info(self) -> dict[str, int]:
+        self._expire_letters()
         return {
             "buffer_threads": len(self._histories),
             "registry_entries": len(self._uuid_to_chain),

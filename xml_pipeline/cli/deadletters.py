@@ -79,7 +79,8 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=0.0,
         metavar="S",
-        help="unanswered: only conversations accepted at least S seconds ago",
+        help="unanswered, replay-unanswered: only conversations accepted at least S "
+        "seconds ago (replay-unanswered needs it, or --id)",
     )
     dead.add_argument("--again", action="store_true",
                       help="replay-unanswered: also conversations fed back before")  # fmt: skip
@@ -141,6 +142,15 @@ async def _unanswered(organism: Organism, args: argparse.Namespace) -> int:
                   f"{u.message_id}  {u.payload}{again}")  # fmt: skip
         sys.stdout.flush()
         return EXIT_OK
+    if args.older_than <= 0 and not args.ids:
+        # A conversation a running pump is still working on is unanswered too: feeding
+        # it again would run it twice. The operator says what counts as abandoned.
+        _error(
+            "replay-unanswered needs --older-than S (a conversation accepted at least S "
+            "seconds ago, longer than any of your handlers runs, counts as abandoned) or "
+            "--id THREAD"
+        )
+        return EXIT_USAGE
     fed, skipped = await replay_unanswered(
         organism, args.ids, older_than_s=args.older_than, again=args.again,
         timeout_s=organism.settings.drain_timeout_s,
@@ -313,7 +323,7 @@ async def replay_letters(
             try:
                 fed = await pump.replay(letter)
             except BaseException:
-                # Not fed back: the letter goes back (under a new id).
+                # Not fed back: the letter goes back (under its own id).
                 with anyio.CancelScope(shield=True):
                     await pump.backend.deadletter_add(letter)
                 raise

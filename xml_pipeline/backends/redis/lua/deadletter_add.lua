@@ -5,14 +5,14 @@
 -- Stored in order; an id already stored is overwritten in place (so a retry stores
 -- nothing twice). Returns {letters dropped by this call, total dropped so far,
 -- letters cut to their sample by this call, total cut so far}.
+dl_sync()
 dl_expire(tonumber(ARGV[3]))
 local budget = tonumber(ARGV[2])
 local used = tonumber(redis.call('HGET', KEYS[4], 'dead_letter_bytes') or '0')
 if redis.call('ZCARD', KEYS[1]) == 0 then
   used = 0 -- nothing kept: start the count afresh
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = dl_now_ms()
 local cut = 0
 for i = 4, #ARGV, 4 do
   local id, letter, sample = ARGV[i], ARGV[i + 1], ARGV[i + 2]
