@@ -21,7 +21,9 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "gc_tuning"]
 # The commands log under one name, whichever module they live in.
 logger = logging.getLogger("xml_pipeline.cli")
 
-COMMANDS = ("run", "check", "schema", "manager", "deadletters", "bench", "status", "send")
+COMMANDS = (
+    "run", "check", "schema", "manager", "deadletters", "bench", "status", "send", "graph",
+)  # fmt: skip
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -77,6 +79,7 @@ _SYNOPSIS = {
     "manager": "--address HOST:PORT",
     "deadletters": "ORGANISM.yaml list|replay|purge",
     "bench": "ORGANISM.yaml [--messages N]",
+    "graph": "ORGANISM.yaml [--format mermaid|dot|svg]",
 }
 _PROG = "python -m xml_pipeline"
 
