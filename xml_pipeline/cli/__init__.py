@@ -10,7 +10,7 @@ organism. See docs/cli.md for every command. One module per command family:
 - :mod:`.manager`: ``manager``;
 - :mod:`.deadletters`: ``deadletters list|replay|purge``;
 - :mod:`.bench`: ``bench``;
-- :mod:`.graph`: ``graph``;
+- :mod:`.graph`: ``graph``; :mod:`.thread`: ``thread``;
 - :mod:`._common`: what they share (exit statuses, the argument parser, error
   lines, the event loop choice, a closed stdout, :func:`gc_tuning`).
 
@@ -29,7 +29,7 @@ from .. import __version__
 from ..backends import check_backend_url
 from ..config import load_organism
 from ..exceptions import XmlPipelineError
-from . import bench, check, deadletters, graph, manager, run, send, status
+from . import bench, check, deadletters, graph, manager, run, send, status, thread
 from ._common import (
     _PROG,
     COMMANDS,
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_parser(sub)
     send.add_parser(sub)
     graph.add_parser(sub)
+    thread.add_parser(sub)
     return parser
 
 
@@ -110,7 +111,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         writes_stdout = args.command in ("check", "run") or (
             args.command == "schema" and args.out is None
         ) or (args.command == "deadletters" and args.action == "list") or (
-            args.command in ("status", "send", "graph")
+            args.command in ("status", "send", "graph", "thread")
         )  # fmt: skip
         if writes_stdout and not _stream_open(sys.stdout):
             _error("standard output is closed")
@@ -128,6 +129,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return send.main(organism, args)
         if args.command == "graph":
             return graph.main(organism, args)
+        if args.command == "thread":
+            return thread.main(organism, args)
         return run.main(organism, args)
     except XmlPipelineError as exc:
         _error(str(exc))

@@ -23,6 +23,7 @@ logger = logging.getLogger("xml_pipeline.cli")
 
 COMMANDS = (
     "run", "check", "schema", "manager", "deadletters", "bench", "status", "send", "graph",
+    "thread",
 )  # fmt: skip
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -71,6 +72,7 @@ _POSITIONAL = {
     "organism": "the organism file",
     "action": "the action (list, replay, purge, unanswered or replay-unanswered)",
     "command": "a command or an organism file",
+    "id": "the id of a frame or of a conversation's first message",
 }
 _SYNOPSIS = {
     "run": "ORGANISM.yaml [--input FILE|-] [--to NAME]",
@@ -80,6 +82,7 @@ _SYNOPSIS = {
     "deadletters": "ORGANISM.yaml list|replay|purge",
     "bench": "ORGANISM.yaml [--messages N]",
     "graph": "ORGANISM.yaml [--format mermaid|dot|svg]",
+    "thread": "ORGANISM.yaml ID [--payloads] [--json]",
 }
 _PROG = "python -m xml_pipeline"
 
