@@ -181,6 +181,7 @@ class Node:
         self.name = name
         self.serves = serves
         self.claim_idle_ms = claim_idle_ms
+        self._started = time.time()
         self.max_deliveries = max_deliveries
         self.shards = {listener.name: listener.shards for listener in pump.organism.listeners}
         self.replies = streams.replies(name)
@@ -224,6 +225,9 @@ class Node:
                 f"{streams.layout_key.decode()!r}"
             )
         await self._alone_under_name()
+        # The name is claimed now, before the pump says it runs: a second process
+        # started under it from then on sees this node (the heartbeat task beats on).
+        await streams.heartbeat(self.name, self._beat_info(), _HEARTBEAT_TTL_MS)
         keys = [streams.inbox(n, k) for n, count in self.shards.items() for k in range(count)]
         await asyncio.gather(*(streams.ensure_group(key) for key in [*keys, self.replies]))
 
@@ -231,12 +235,14 @@ class Node:
         """Refuse to start while another process runs under this node's name (two
         consumers of one name would each commit what the other holds). A heartbeat
         left by a process that died (``kill -9``) runs out within a few seconds: this
-        waits until it is clearly stale (no beat for 1.5 beat periods), or until a new
+        waits until it is clearly stale (no beat for 2.5 beat periods), or until a new
         beat shows that its process is alive."""
         last = await self.streams.last_heartbeat(self.name)
         if last is None:
             return
-        stale_ms = int(_HEARTBEAT_S * 1500)
+        # 2.5 beat periods: a live node on a loaded machine may beat a second late; a
+        # second consumer under its name would be worse than a restart waiting 5 s.
+        stale_ms = int(_HEARTBEAT_S * 2500)
         waited = False
         while last is not None and last[1] < stale_ms:
             if not waited:
@@ -773,24 +779,26 @@ class Node:
                 settled = False
         return settled
 
+    def _beat_info(self) -> dict[str, Any]:
+        """What a heartbeat says about this node."""
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "listeners": sorted(self.serves),
+            "held": self.held_total(),
+            "shards": {name: sorted(owned) for name, owned in self.owned.items()},
+            "taken_over": self.taken_over,
+            "draining": self.draining,
+            "started": self._started,
+            "version": __version__,
+        }
+
     async def _heartbeat(self) -> None:
         """Say that this node is alive (``status`` lists it, the other nodes count it
         when they share the shards) every 2 s, for 6 s."""
-        started = time.time()
         while True:
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "listeners": sorted(self.serves),
-                "held": self.held_total(),
-                "shards": {name: sorted(owned) for name, owned in self.owned.items()},
-                "taken_over": self.taken_over,
-                "draining": self.draining,
-                "started": started,
-                "version": __version__,
-            }
             try:
-                await self.streams.heartbeat(self.name, info, _HEARTBEAT_TTL_MS)
+                await self.streams.heartbeat(self.name, self._beat_info(), _HEARTBEAT_TTL_MS)
             except BackendError as exc:
                 logger.warning("node %s: heartbeat failed: %s", self.name, exc)
             with anyio.move_on_after(_HEARTBEAT_S):
