@@ -50,7 +50,15 @@ from ..parser import parse_bytes
 from ..payload import Huh
 from ..pump import StreamPump
 from ..reply import PumpStatistics
-from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _loop_factory, gc_tuning
+from ._common import (
+    _LOG_LEVELS,
+    EXIT_OK,
+    EXIT_USAGE,
+    _add_log_format,
+    _error,
+    _loop_factory,
+    gc_tuning,
+)
 from ._common import _positive as _count
 
 __all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
@@ -103,6 +111,7 @@ def add_parser(sub: Any) -> None:
     add("--log-level", default="ERROR", type=str.upper,
         choices=_LOG_LEVELS,
         help="logging level on stderr (default ERROR: the table counts failures)")  # fmt: skip
+    _add_log_format(bench)
 
 
 # -- what is measured ----------------------------------------------------------------
