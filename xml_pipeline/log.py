@@ -16,15 +16,16 @@ frame's uuid), ``frame`` (the thread id a handler sees), ``listener`` and
 
 Where the delivery fields come from:
 
-- the pump's own records about a delivery or an ingress message pass them with
-  ``extra=`` (a handler failed, a retry ignored, a message refused): these carry
-  them whatever the pump's options;
-- every record logged while a handler runs (the handler's own lines, in async
-  handlers and in sync handlers' threads) carries the delivery that called it when
-  the pump was made with ``log_context=True`` (``run --log-format json`` does): the
-  pump then sets a context variable around each delivery, which :func:`delivery_fields`
-  reads. It costs a little on every hop, so it is off unless asked for. Handlers of
-  ``cpu_bound`` listeners run in worker processes, whose logging is their own.
+- every record logged while a delivery runs (the pump's about its handler: raised,
+  timed out, returned something invalid; the handler's own, in async handlers and in
+  sync handlers' threads) carries it when the pump was made with ``log_context=True``
+  (``run --log-format json`` does): the pump then sets a context variable around each
+  delivery, which :func:`delivery_fields` reads. It costs a little on every hop, so it
+  is off unless asked for. Handlers of ``cpu_bound`` listeners run in worker
+  processes, whose logging is their own;
+- the pump's records between deliveries (a backend failed delivering, an internal
+  error, a retry ignored or a message refused at ingress) pass the fields with
+  ``extra=``, whatever the option.
 """
 
 from __future__ import annotations
