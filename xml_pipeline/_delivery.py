@@ -5,6 +5,7 @@ from an error. Private to the engine (:mod:`xml_pipeline.pump`)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from array import array
 from typing import Any
@@ -21,6 +22,7 @@ from .payload import Codec, Huh, codec_for
 from .reply import Reply
 
 __all__ = [
+    "CURRENT_DELIVERY",
     "LATENCY_SAMPLES",
     "Delivery",
     "Message",
@@ -28,6 +30,7 @@ __all__ = [
     "Runtime",
     "excerpt",
     "huh_for",
+    "log_fields",
     "xml_safe",
 ]
 
@@ -209,6 +212,23 @@ class Delivery:
         # node that accepted its conversation (None on the in-process path).
         self.entry: Any = None
         self.node: str | None = None
+
+
+# The delivery whose handler runs in this context, for log records (xml_pipeline.log).
+# Set only by a pump made with log_context=True (see StreamPump._in_log_context).
+CURRENT_DELIVERY: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "xml_pipeline delivery", default=None
+)
+
+
+def log_fields(d: Delivery) -> dict[str, str]:
+    """The fields a log record about the delivery ``d`` carries (``extra=``)."""
+    return {
+        "conversation": d.frame.root,
+        "frame": d.frame.uuid,
+        "listener": d.runtime.name,
+        "message_id": d.message.id,
+    }
 
 
 class Route:

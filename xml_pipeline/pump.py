@@ -42,12 +42,14 @@ from pydantic import BaseModel
 
 from ._blocking import BlockWatch, Steps
 from ._delivery import (
+    CURRENT_DELIVERY,
     LATENCY_SAMPLES,
     Delivery,
     Message,
     Route,
     Runtime,
     huh_for,
+    log_fields,
     xml_safe,
 )
 from ._node import OUTBOX, Node, Outbox
@@ -229,6 +231,9 @@ class StreamPump:
             ``timeout_s`` of the listeners served, at least 60 s).
         max_deliveries: an entry delivered more often than this without being
             committed (a message that kills its node, say) is dead-lettered.
+        log_context: every record logged while a handler runs carries the delivery's
+            conversation, frame, listener and message id (see :mod:`xml_pipeline.log`).
+            Off by default: it costs a little on every hop.
     """
 
     def __init__(
@@ -242,8 +247,10 @@ class StreamPump:
         serve: Collection[str] | None = None,
         claim_idle_ms: int | None = None,
         max_deliveries: int = 5,
+        log_context: bool = False,
     ) -> None:
         self.organism = organism
+        self._log_context = log_context
         self._settings = organism.settings
         self._owns_backend = backend is None
         self.backend: Backend = (
@@ -362,7 +369,7 @@ class StreamPump:
             for rt in self._runtimes.values():
                 if not rt.listener.is_async and not rt.listener.cpu_bound:
                     size = min(rt.listener.concurrency, self._settings.sync_threads)
-                    self._sync[rt.name] = SyncRunner(rt.name, size)
+                    self._sync[rt.name] = SyncRunner(rt.name, size, carry_context=self._log_context)
             # One task group owns every task the pump starts. It is entered here and
             # left in __aexit__, so a task that fails cancels the body of the
             # `async with` (structured concurrency). The workers live in a nested
@@ -395,6 +402,8 @@ class StreamPump:
                     if rt.name not in self._serves:
                         continue
                     deliver = self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
+                    if self._log_context:  # decided here, once: nothing on the hop otherwise
+                        deliver = functools.partial(self._in_log_context, deliver)
                     for i, inbox in enumerate(rt.inboxes):
                         tg.start_soon(
                             self._worker, rt, inbox, deliver, name=f"listener {rt.name}#{i}"
@@ -892,7 +901,8 @@ class StreamPump:
                 taken = await self.backend.registry_setdefault(key, mark)
                 if taken != mark:
                     self._duplicates += 1
-                    logger.info("message %r from %r is a retry; ignored", given_id, label)
+                    logger.info("message %r from %r is a retry; ignored", given_id, label,
+                                extra={"message_id": given_id})  # fmt: skip
                     if on_reject is not None:
                         on_reject(Duplicate(f"message {given_id!r} was already accepted"))
                     return taken[len(_RESERVED_PREFIX) :].partition(" ")[0]
@@ -966,7 +976,8 @@ class StreamPump:
         *,
         to: str | None = None,
     ) -> None:
-        logger.info("rejected at ingress (%s): %s", exc.code, exc.reason)
+        logger.info("rejected at ingress (%s): %s", exc.code, exc.reason,
+                    extra=None if re_id is None else {"message_id": re_id})  # fmt: skip
         await self._dead_letter(exc, raw, "ingress", sender=label, message_id=re_id, to=to)
         reply = Reply(None, PUMP_SENDER, label, self._new_id(), huh_for(exc, raw), re_id)
         if on_reply is not None and not on_reply.done():
@@ -993,6 +1004,20 @@ class StreamPump:
                 self._open[cause] += 1
         inboxes = rt.inboxes
         inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
+
+    @staticmethod
+    async def _in_log_context(deliver: Callable[[Delivery], Awaitable[None]], d: Delivery) -> None:
+        """``deliver(d)`` with ``d`` as the delivery log records name (log_context=True).
+
+        A context variable rather than ``extra=`` on each call: the handler's own log
+        lines carry it too. Set around the delivery in the worker task's context, so
+        only this delivery sees it (measured: benchmarks/relay.py, CHANGELOG).
+        """
+        token = CURRENT_DELIVERY.set(d)
+        try:
+            await deliver(d)
+        finally:
+            CURRENT_DELIVERY.reset(token)
 
     def _done_with(self, delivery: Delivery) -> None:
         """A delivery left the pump: a request() whose message caused nothing that is
@@ -1055,17 +1080,20 @@ class StreamPump:
                 if box is not None and isinstance(exc, BackendUnavailable) and self._running:
                     # Redis cannot be reached: nothing of this run is committed, and
                     # the delivery is tried again (its entry stays this node's).
-                    logger.info("%s: %s; the delivery is tried again", rt.name, exc)
+                    logger.info("%s: %s; the delivery is tried again", rt.name, exc,
+                                extra=log_fields(delivery))  # fmt: skip
                     box = None
                     retry = True
                 elif isinstance(exc, BackendError):
                     if not isinstance(exc, BackendCorrupted):
-                        logger.warning("backend failed delivering to %s: %s", rt.name, exc)
+                        logger.warning("backend failed delivering to %s: %s", rt.name, exc,
+                                       extra=log_fields(delivery))  # fmt: skip
                     error: MessageError = self._backend_failed(
                         exc, f"delivering to {rt.name}", rt.name
                     )
                 else:  # a bug in the pump itself: keep serving
-                    logger.exception("internal error delivering to %s", rt.name)
+                    logger.exception("internal error delivering to %s", rt.name,
+                                     extra=log_fields(delivery))  # fmt: skip
                     error = HandlerFailed(
                         f"internal error: {type(exc).__name__}: {exc}", listener=rt.name
                     )

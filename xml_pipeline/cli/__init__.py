@@ -20,7 +20,6 @@ This module builds the parser from the commands' ``add_parser`` and dispatches.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from ._common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    _configure_logging,
     _error,
     _Parser,
     _silence_stdout,
@@ -85,11 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             EXIT_USAGE,
             f"xml_pipeline: error: {args.command}: {what} (see {_PROG} {args.command} --help)\n",
         )
-    logging.basicConfig(
-        level=getattr(args, "log_level", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
         return _dispatch(args)
     except KeyboardInterrupt:  # before the command installed its own handlers

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
+from ..log import JsonFormatter
+
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "gc_tuning"]
 
 # The commands log under one name, whichever module they live in.
@@ -29,6 +31,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_FORMATS = ("text", "json")
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _error(message: str) -> None:
@@ -141,6 +145,34 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+# -- logging -------------------------------------------------------------------------
+
+
+def _add_log_format(parser: argparse.ArgumentParser) -> None:
+    """``--log-format``, for every command that takes ``--log-level``."""
+    parser.add_argument(
+        "--log-format",
+        choices=_LOG_FORMATS,
+        default="text",
+        help="log records on stderr as text (default) or one JSON object per line",
+    )
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    """Log to stderr at ``level``, as text or JSON lines (the library configures none).
+
+    With ``json``, warnings go through logging too, so that stderr holds only JSON
+    lines for a log shipper to read.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+        logging.captureWarnings(True)
+    else:
+        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 # -- the event loop ------------------------------------------------------------------

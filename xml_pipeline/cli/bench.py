@@ -50,7 +50,16 @@ from ..parser import parse_bytes
 from ..payload import Huh
 from ..pump import StreamPump
 from ..reply import PumpStatistics
-from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _loop_factory, gc_tuning
+from . import _plot
+from ._common import (
+    _LOG_LEVELS,
+    EXIT_OK,
+    EXIT_USAGE,
+    _add_log_format,
+    _error,
+    _loop_factory,
+    gc_tuning,
+)
 from ._common import _positive as _count
 
 __all__ = ["BenchMessage", "BenchOptions", "BenchResult", "add_parser", "main", "run_bench"]
@@ -100,9 +109,13 @@ def add_parser(sub: Any) -> None:
     add("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
         help="event loop; auto (default) uses uvloop when it is installed")  # fmt: skip
     add("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    add("--plot", type=Path, metavar="FILE",
+        help="also draw the latency distribution and the throughput over time to FILE "
+        f"(.svg or .png; needs {_plot.INSTALL_HINT})")  # fmt: skip
     add("--log-level", default="ERROR", type=str.upper,
         choices=_LOG_LEVELS,
         help="logging level on stderr (default ERROR: the table counts failures)")  # fmt: skip
+    _add_log_format(bench)
 
 
 # -- what is measured ----------------------------------------------------------------
@@ -119,17 +132,27 @@ class BenchMessage:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BenchOptions:
-    """How to run: at most ``messages`` (None: no limit), for at most ``duration_s``."""
+    """How to run: at most ``messages`` (None: no limit), for at most ``duration_s``.
+
+    ``timeline``: also record when each message ended (:attr:`BenchResult.completed_s`,
+    for ``--plot``); off, the run keeps only the latencies.
+    """
 
     messages: int | None = DEFAULT_MESSAGES
     duration_s: float | None = None
     concurrency: int = 64
     timeout_s: float = 30.0
+    timeline: bool = False
 
 
 @dataclasses.dataclass(slots=True)
 class BenchResult:
-    """The figures of one run (see docs/bench.md)."""
+    """The figures of one run (see docs/bench.md).
+
+    ``latencies_s`` holds the latency of each answered message; ``completed_s``, with
+    :attr:`BenchOptions.timeline`, when each message ended (answered or not), in
+    seconds from the start of the run.
+    """
 
     messages: int = 0
     ok: int = 0
@@ -141,6 +164,7 @@ class BenchResult:
     error_codes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
     latencies_s: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+    completed_s: array[float] = dataclasses.field(default_factory=lambda: array("d"))
     cpu_user_s: float = 0.0
     cpu_system_s: float = 0.0
     workers_cpu_s: float | None = None
@@ -222,6 +246,9 @@ class _Bench:
         timeout = self.options.timeout_s
         result = self.result
         latencies = result.latencies_s
+        # The timeline costs an append per message: only when asked (--plot).
+        ended = result.completed_s if self.options.timeline else None
+        start = self.start
         clock = time.perf_counter
         while not (self.expired or self.stop.is_set()):
             index = self.started
@@ -257,6 +284,8 @@ class _Bench:
                 else:
                     latencies.append(clock() - t0)
                     result.ok += 1
+            if ended is not None:
+                ended.append(clock() - start)
             self.finished += 1
 
     async def progress(self, out: IO[str]) -> None:
@@ -428,6 +457,16 @@ def main(args: argparse.Namespace) -> int:
         folder = args.json.parent
         if args.json.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
             return fail(f"--json {args.json}: cannot write there")
+    if args.plot is not None:
+        folder = args.plot.parent
+        if args.plot.suffix.lower().lstrip(".") not in _plot.FORMATS:
+            return fail(f"--plot {args.plot}: the file name must end in .svg or .png")
+        if args.plot.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            return fail(f"--plot {args.plot}: cannot write there")
+        try:
+            _plot.require()  # now: a run of minutes must not end in this error
+        except _plot.PlotUnavailable as exc:
+            return fail(str(exc))
     if args.workers is not None:
         pool = dataclasses.replace(organism.process_pool, workers=args.workers)
         organism = dataclasses.replace(organism, process_pool=pool)
@@ -451,6 +490,7 @@ def main(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         concurrency=args.concurrency,
         timeout_s=args.timeout,
+        timeline=args.plot is not None,
     )
     try:
         loop_factory, loop_name = _loop_factory(args.loop)
@@ -479,6 +519,11 @@ def main(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             return fail(f"--json {args.json}: {exc.strerror or exc}", 1)
+    if args.plot is not None:
+        try:
+            _plot.write_plot(args.plot, report, result.latencies_s, result.completed_s)
+        except OSError as exc:
+            return fail(f"--plot {args.plot}: {exc.strerror or exc}", 1)
     return EXIT_OK
 
 

@@ -33,7 +33,7 @@ from ..config import Organism
 from ..exceptions import BackendUnavailable, ConfigError
 from ..pump import StreamPump, unanswered_conversations
 from ..reply import Reply, Unanswered
-from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _error, _positive
+from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _add_log_format, _error, _positive
 
 __all__ = [
     "add_parser",
@@ -87,6 +87,7 @@ def add_parser(sub: Any) -> None:
     dead.add_argument("--json", action="store_true", help="list: one JSON object per line")
     dead.add_argument("--limit", type=_positive, metavar="N", help="list: at most N")
     dead.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS)
+    _add_log_format(dead)
 
 
 def main(organism: Organism, args: argparse.Namespace) -> int:

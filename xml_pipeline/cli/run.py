@@ -47,6 +47,7 @@ from ._common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    _add_log_format,
     _error,
     _loop_factory,
     _positive,
@@ -129,6 +130,7 @@ def add_parser(sub: Any) -> None:
         choices=_LOG_LEVELS,
         help="logging level on stderr (default WARNING)",
     )
+    _add_log_format(run)
 
 
 def main(organism: Organism, args: argparse.Namespace) -> int:
@@ -310,6 +312,8 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
         serve=serve,
         claim_idle_ms=args.claim_idle_ms,
         max_deliveries=args.max_deliveries,
+        # The handlers' own records name their delivery: what JSON logs are read for.
+        log_context=args.log_format == "json",
     )
     started = drained = failed = cancelled = False
     try:

@@ -18,6 +18,7 @@ from ._common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    _add_log_format,
     _error,
     _positive,
     _transport_of,
@@ -52,6 +53,7 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     send.add_argument("--max-bytes", type=_positive, default=1 << 20, metavar="N")
     send.add_argument("--log-level", choices=_LOG_LEVELS, default="warning")
+    _add_log_format(send)
 
 
 def main(organism: Organism, args: argparse.Namespace) -> int:

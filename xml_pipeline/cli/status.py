@@ -15,7 +15,7 @@ from .._stats import table
 from ..backends import client_url, open_backend, redact_url
 from ..config import Organism
 from ..transport import open_transport
-from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _transport_of
+from ._common import _LOG_LEVELS, EXIT_OK, EXIT_USAGE, _add_log_format, _transport_of
 
 __all__ = ["add_parser", "collect", "main"]
 
@@ -33,6 +33,7 @@ def add_parser(sub: Any) -> None:
     status.add_argument("--backend", metavar="URL", help="override the organism's backend URL")
     status.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     status.add_argument("--log-level", choices=_LOG_LEVELS, default="warning")
+    _add_log_format(status)
 
 
 def main(organism: Organism, args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from ..backends import Backend, Slot, backend_scheme, open_backend, redact_url
 from ..config import Organism
 from ..exceptions import BackendUnavailable, ConfigError
 from ..frame import Frame, decode_frame
-from ._common import _LOG_LEVELS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _error
+from ._common import _LOG_LEVELS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _add_log_format, _error
 from .deadletters import joining_organism
 
 __all__ = [
@@ -299,6 +299,7 @@ def add_parser(sub: Any) -> None:
     thread.add_argument("--payloads", action="store_true", help="print each slot's payload")
     thread.add_argument("--json", action="store_true", help="one JSON object (ASCII)")
     thread.add_argument("--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS)
+    _add_log_format(thread)
 
 
 def main(organism: Organism, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -31,11 +32,17 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 class SyncRunner:
-    """Runs callables in at most ``size`` daemon threads, started on demand."""
+    """Runs callables in at most ``size`` daemon threads, started on demand.
 
-    def __init__(self, name: str, size: int) -> None:
+    With ``carry_context``, each callable runs in a copy of the submitter's context
+    variables (as ``asyncio.to_thread`` does): the pump's log context reaches sync
+    handlers. Off by default, as copying costs on every call.
+    """
+
+    def __init__(self, name: str, size: int, *, carry_context: bool = False) -> None:
         self._name = name
         self._size = size
+        self._carry_context = carry_context
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
@@ -46,6 +53,8 @@ class SyncRunner:
         """Run ``fn(*args)`` in a thread; the future resolves on the calling loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self._carry_context:
+            fn, args = contextvars.copy_context().run, (fn, *args)
         with self._lock:
             spawn = self._idle == 0 and self._threads < self._size
             if spawn:
