@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from xml_pipeline.envelope import (  # noqa: E402
     Envelope,
     envelope_from_element,
 )
+from xml_pipeline.metrics import serve_metrics  # noqa: E402
 from xml_pipeline.parser import ParseLimits, parse_bytes  # noqa: E402
 
 NS = "https://example.org/relay"
@@ -368,15 +370,34 @@ def write_report(
 
 
 @contextlib.asynccontextmanager
-async def running(organism: Organism, **kwargs: Any) -> AsyncIterator[StreamPump]:
+async def running(
+    organism: Organism, *, metrics: list[tuple[str, int]] | None = None, **kwargs: Any
+) -> AsyncIterator[StreamPump]:
     """``StreamPump(organism, **kwargs)`` with the collector tuned as ``run`` tunes it.
 
     GC tuning is process-wide, so the library leaves it to applications: a benchmark
     is one, and measures the pump as the command line runs it (``pump.gc_threshold``).
+    ``metrics``: a list to get the address of the metrics served on a free loopback
+    port, as ``run --metrics`` serves them (None: no metrics).
     """
     with gc_tuning(organism.settings.gc_threshold):
-        async with StreamPump(organism, **kwargs) as pump:
-            yield pump
+        pump = StreamPump(organism, **kwargs)
+        async with contextlib.AsyncExitStack() as stack:
+            if metrics is not None:
+                served = await stack.enter_async_context(serve_metrics(pump, "127.0.0.1", 0))
+                metrics.append(served.address)
+            async with pump:
+                yield pump
+
+
+def scrape(address: tuple[str, int]) -> str:
+    """GET /metrics at ``address`` (a blocking call)."""
+    host, port = address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        text: str = response.read().decode()
+    if "xml_pipeline_listener_handled_total" not in text:
+        raise RuntimeError("the metrics lack the listeners' counters")
+    return text
 
 
 # -- servers the scripts start --------------------------------------------------------

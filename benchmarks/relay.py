@@ -49,6 +49,7 @@ from _common import (
     relay_organism,
     run_on,
     running,
+    scrape,
     write_report,
 )
 
@@ -75,13 +76,20 @@ class _Replies:
             self.done.set()
 
 
-async def saturated(org: Organism, messages: list[bytes], hops: int) -> dict[str, Any]:
-    """Every message injected as fast as the pump admits it; the best case for hops/s."""
+async def saturated(
+    org: Organism, messages: list[bytes], hops: int, metrics: bool = False
+) -> dict[str, Any]:
+    """Every message injected as fast as the pump admits it; the best case for hops/s.
+
+    ``metrics``: served as ``run --metrics`` serves them (histograms, backend calls
+    timed, the probe task, the HTTP server on a free loopback port), scraped once at
+    the end."""
     n = len(messages)
     replies = _Replies(n)
     starts, latencies, done = replies.starts, replies.latencies, replies.done
 
-    async with running(org, egress=replies.egress) as pump:
+    served: list[tuple[str, int]] | None = [] if metrics else None
+    async with running(org, egress=replies.egress, metrics=served) as pump:
         gc.collect()
         start = time.perf_counter()
         for seq, data in enumerate(messages):
@@ -90,6 +98,8 @@ async def saturated(org: Organism, messages: list[bytes], hops: int) -> dict[str
         await asyncio.wait_for(done.wait(), 600)
         elapsed = time.perf_counter() - start
         stats = pump.statistics()
+        if served:
+            await asyncio.to_thread(scrape, served[0])
     if stats.dead_letters or stats.rejected:
         raise SystemExit(f"benchmark run had errors: {stats}")
     handled = sum(s.handled for s in stats.listeners.values())
@@ -141,14 +151,19 @@ async def paced(org: Organism, messages: list[bytes], rate: float) -> dict[str, 
 
 
 def run_saturated(
-    org: Organism, messages: list[bytes], hops: int, loop_name: str, profile: bool
+    org: Organism,
+    messages: list[bytes],
+    hops: int,
+    loop_name: str,
+    profile: bool,
+    metrics: bool = False,
 ) -> dict[str, Any]:
     with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
         if not profile:
-            return runner.run(saturated(org, messages, hops))  # type: ignore[no-any-return]
+            return runner.run(saturated(org, messages, hops, metrics))  # type: ignore[no-any-return]
         profiler = cProfile.Profile()
         profiler.enable()
-        result = runner.run(saturated(org, messages, hops))
+        result = runner.run(saturated(org, messages, hops, metrics))
         profiler.disable()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
@@ -174,6 +189,12 @@ def main() -> int:
     )
     ap.add_argument("--load", type=float, default=0.5, help="paced rate as a share of the peak")
     ap.add_argument("--profile", action="store_true", help="cProfile top 25 to stderr")
+    ap.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve Prometheus metrics during the saturated runs, as run --metrics does "
+        "(needs prometheus-client)",
+    )
     args = ap.parse_args()
 
     lasts = [int(x) for x in args.last.split(",")]
@@ -190,8 +211,9 @@ def main() -> int:
             for loop_name in loops:
                 profile = args.profile and i == 0
                 result = run_saturated(
-                    organisms[last], messages[last], hops_of(last), loop_name, profile
-                )
+                    organisms[last], messages[last], hops_of(last), loop_name, profile,
+                    args.metrics,
+                )  # fmt: skip
                 runs.setdefault((last, loop_name), []).append(result)
     single: dict[str, list[dict[str, Any]]] = {}
     if args.latency_messages:

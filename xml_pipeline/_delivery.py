@@ -23,6 +23,7 @@ from .reply import Reply
 
 __all__ = [
     "CURRENT_DELIVERY",
+    "LATENCY_BUCKETS",
     "LATENCY_SAMPLES",
     "Delivery",
     "Message",
@@ -36,6 +37,12 @@ __all__ = [
 
 _EXCERPT_CHARS = 200
 LATENCY_SAMPLES = 4096  # a listener's latency ring (statistics' p50/p99)
+# The upper bounds (seconds) of a listener's latency histogram, kept only while metrics
+# are exported (see xml_pipeline.metrics): from 100 µs (one hop is ~30 µs) to a minute.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
 
 
 def xml_safe(text: str) -> str:
@@ -147,13 +154,16 @@ class Runtime:
     __slots__ = (
         "blocked",
         "blocked_max",
+        "buckets",
         "codecs",
         "failed",
+        "failures",
         "handled",
         "in_flight",
         "inboxes",
         "latencies",
         "latency_n",
+        "latency_sum",
         "listener",
         "name",
         "received",
@@ -172,6 +182,14 @@ class Runtime:
         self.in_flight = 0
         self.latencies = array("d", bytes(8 * LATENCY_SAMPLES))
         self.latency_n = 0
+        # Failures by Huh code (not on the path of a message that succeeds).
+        self.failures: dict[str, int] = {}
+        # The latency histogram: a count per LATENCY_BUCKETS bound plus one for +Inf
+        # (not cumulative), and the sum of the latencies; None unless metrics are on.
+        # Counted since it was switched on, never from the sliding ring above: a
+        # Prometheus histogram's buckets are counts since start.
+        self.buckets: array[int] | None = None
+        self.latency_sum = 0.0
         # Steps of its async handler that held the event loop (see _blocking), and
         # the longest of them in seconds.
         self.blocked = 0

@@ -120,6 +120,8 @@ class ListenerStatistics:
         blocked: times a step of its ``async def`` handler held the event loop for
             ``pump.blocked_loop_s`` or longer (every other listener waited meanwhile).
         blocked_max_ms: the longest of those steps (None: none).
+        failures: ``failed`` by the ``Huh`` code of each failure (``handler-error``,
+            ``timeout``, ``peer-denied``, …).
     """
 
     received: int
@@ -131,6 +133,7 @@ class ListenerStatistics:
     latency_p99_ms: float | None
     blocked: int = 0
     blocked_max_ms: float | None = None
+    failures: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ class PumpStatistics:
     Attributes:
         ingress: messages offered to ingress.
         rejected: ingress messages refused (malformed, too large, bad envelope, no route).
+        rejections: ``rejected`` by the ``Huh`` code of each refusal.
         duplicates: ingress messages ignored as retries of one already accepted
             (same sender label and ``<id>``).
         egress: replies that reached external senders.
@@ -174,3 +178,4 @@ class PumpStatistics:
     spilled: int = 0
     spilled_total: int = 0
     spill_dropped: int = 0
+    rejections: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -39,6 +40,7 @@ from .._stats import table
 from ..backends import backend_scheme, redact_url, serves
 from ..config import Organism
 from ..exceptions import BackendUnavailable, MessageTooLarge, XmlPipelineError
+from ..metrics import parse_address, require_prometheus, serve_metrics
 from ..pump import StreamPump
 from ..reply import PumpStatistics, Reply
 from ._common import (
@@ -115,6 +117,12 @@ def add_parser(sub: Any) -> None:
         "(default %(default)s)",
     )
     run.add_argument("--stats", action="store_true", help="print per-listener statistics at exit")
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this address while "
+        "running (HOST defaults to 127.0.0.1; needs pip install 'xml-pipeline[metrics]')",
+    )
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
     run.add_argument(
         "--workers",
@@ -158,6 +166,12 @@ def _run_usage_problem(organism: Organism, args: argparse.Namespace) -> str | No
         return "--input -: standard input is closed"
     if not args.sender or not args.sender.isprintable():
         return "--sender must be printable text"
+    if args.metrics is not None:
+        try:
+            parse_address(args.metrics)
+            require_prometheus()
+        except (ValueError, ImportError) as exc:
+            return f"--metrics: {exc}"
     return None
 
 
@@ -316,7 +330,19 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
         log_context=args.log_format == "json",
     )
     started = drained = failed = cancelled = False
+    # The metrics server lives as long as the run: entered before the pump starts,
+    # left (thread joined, port closed) before this returns.
+    metrics = contextlib.AsyncExitStack()
     try:
+        if args.metrics is not None:
+            host, port = parse_address(args.metrics)
+            try:
+                await metrics.enter_async_context(
+                    serve_metrics(pump, host, port, draining=stop.is_set)
+                )
+            except OSError as exc:
+                _error(f"--metrics {args.metrics}: cannot listen: {exc.strerror or exc}")
+                return EXIT_USAGE
         try:
             async with pump:
                 started = True
@@ -355,6 +381,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
                 cancelled = True
         finished = True
     finally:
+        await metrics.aclose()
         writer.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
