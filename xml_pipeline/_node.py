@@ -115,7 +115,9 @@ def _message_fields(msg: Message, node: str) -> dict[bytes, bytes]:
     if msg.after_huh:
         fields[b"h"] = b"1"
     if msg.trace is not None:  # set only when a pump traces
-        fields[b"tp"] = (traceparent_of(msg.trace) or "").encode()
+        traceparent = traceparent_of(msg.trace)
+        if traceparent is not None:
+            fields[b"tp"] = traceparent.encode()
     path = (
         msg.path
         if msg.path is not None

@@ -76,9 +76,10 @@ def valid_traceparent(text: str | None) -> str | None:
 
 
 def traceparent_of(trace: SpanContext | str | None) -> str | None:
-    """The W3C ``traceparent`` of a message's parent (``Message.trace``)."""
+    """The W3C ``traceparent`` of a message's parent (``Message.trace``); None if it
+    has none, or one from outside that is not valid."""
     if trace is None or isinstance(trace, str):
-        return trace
+        return valid_traceparent(trace)
     return f"00-{trace.trace_id:032x}-{trace.span_id:016x}-{int(trace.trace_flags):02x}"
 
 
