@@ -110,10 +110,11 @@ def test_bare_payload_parsing() -> None:
     sender=st.text(min_size=1, max_size=12),
     to=st.none() | st.text(max_size=12),
     thread=st.none() | st.text(max_size=12),
+    traceparent=st.none() | st.just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
 )
 @settings(max_examples=300, deadline=None)
 def test_envelope_around_bytes_is_build_envelope(
-    text: str, sender: str, to: str | None, thread: str | None
+    text: str, sender: str, to: str | None, thread: str | None, traceparent: str | None
 ) -> None:
     from support import Note, Ping
 
@@ -123,11 +124,11 @@ def test_envelope_around_bytes_is_build_envelope(
         codec = codec_for(type(model))
         try:
             payload_xml = codec.encode_bytes(model)
-            plain = Reply(thread, sender, to, "m-1", model)
+            plain = Reply(thread, sender, to, "m-1", model, traceparent=traceparent)
             expected = plain.to_xml()
         except ValueError:
             continue  # text XML cannot carry: refused either way
-        fast = Reply(thread, sender, to, "m-1", model)
+        fast = Reply(thread, sender, to, "m-1", model, traceparent=traceparent)
         object.__setattr__(fast, "_payload_xml", payload_xml)  # as the pump sets it
         assert fast.to_xml() == expected
 

@@ -120,3 +120,12 @@ def read_history(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
 async def read_history_async(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
     slots = await meta.history()
     return _pong(payload, meta, ",".join(f"{s.direction}:{s.sender}" for s in slots))
+
+
+def traced(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """Answers with the trace context it runs under in the worker: ``<trace id>-<span id>``
+    of the current span (all zeros: none)."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return _pong(payload, meta, f"{ctx.trace_id:032x}-{ctx.span_id:016x}")

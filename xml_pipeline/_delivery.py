@@ -88,6 +88,7 @@ class Message:
         "replayed",
         "sender",
         "to",
+        "trace",
     )
 
     # Set only on a message fed back by StreamPump.replay (never read on the hot path):
@@ -126,6 +127,9 @@ class Message:
         # Emitted by a handler that was handling a Huh: an error about this message
         # is dead-lettered without another Huh, so Huh handlers cannot loop.
         self.after_huh = False
+        # Its parent span, when the pump traces (see _tracing): a SpanContext made
+        # here, or a W3C traceparent from outside (an envelope, a stream entry).
+        self.trace: Any = None
 
     def element(self) -> etree._Element:
         element = self._element

@@ -24,6 +24,7 @@ Stream entries carry a message and where it goes, as flat fields:
     l f fc      delivery: the target listener, its frame and the frame's chain,
     rf rfc rt   the frame it answers on and its chain, the listener it answers to
     th o        reply: the conversation (root frame), the external sender's label
+    tp          the W3C traceparent of the message's parent span (when a node traces)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import anyio
 from pydantic import BaseModel
 
 from ._delivery import Delivery, Message, huh_for
+from ._tracing import TRACEPARENT_CHARS, traceparent_of
 from ._version import __version__
 from .backends.base import Slot
 from .exceptions import (
@@ -112,6 +114,10 @@ def _message_fields(msg: Message, node: str) -> dict[bytes, bytes]:
         fields[b"c"] = msg.cause.encode()
     if msg.after_huh:
         fields[b"h"] = b"1"
+    if msg.trace is not None:  # set only when a pump traces
+        traceparent = traceparent_of(msg.trace)
+        if traceparent is not None:
+            fields[b"tp"] = traceparent.encode()
     path = (
         msg.path
         if msg.path is not None
@@ -818,4 +824,8 @@ def _message_of(f: dict[bytes, bytes]) -> Message:
         path=text(b"p"), re=text(b"re"), cause=text(b"c"),
     )  # fmt: skip
     msg.after_huh = f.get(b"h") == b"1"
+    trace = f.get(b"tp")
+    if trace is not None and len(trace) == TRACEPARENT_CHARS:
+        # (checked, and ignored if invalid, by a node that traces)
+        msg.trace = trace.decode(errors="replace")
     return msg

@@ -9,12 +9,18 @@
         <thread>…</thread>     optional at ingress
         <id>…</id>             optional at ingress; the pump assigns one
         <re>…</re>             on replies: the id of the external message they answer
+        <traceparent>…</traceparent>  optional: W3C trace context (see below)
       </meta>
       <Greeting xmlns="https://example.org/hello">…</Greeting>   exactly one payload
     </message>
 
 Envelopes are only ever built with lxml, never by string formatting, so the text
 of ``from``, ``to`` and ``thread`` round-trips exactly whatever characters it holds.
+
+``<traceparent>`` carries a W3C trace context (``00-<32 hex>-<16 hex>-<2 hex>``) so
+that a trace continues through the pump (a caller's, hop to hop, node to node). It is
+outside input that nothing depends on: one that is not exactly of that form is
+ignored (``Envelope.traceparent`` is None), never refused, whatever its length.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from ._text import NOT_XML, escape
+from ._tracing import valid_traceparent
 from .exceptions import EnvelopeError
 from .parser import DEFAULT_LIMITS, ParseLimits, parse_bytes
 
@@ -42,6 +49,7 @@ _FIELDS = {
     _NS + "thread": "thread",
     _NS + "id": "id",
     _NS + "re": "re",
+    _NS + "traceparent": "traceparent",
 }
 
 
@@ -50,6 +58,7 @@ class Envelope:
     """A parsed envelope. ``payload`` is the payload's root element.
 
     ``re`` is set on replies: the id of the external message the reply answers.
+    ``traceparent`` is the W3C trace context the sender gave, if it was valid.
     """
 
     sender: str
@@ -58,6 +67,7 @@ class Envelope:
     id: str | None
     payload: etree._Element
     re: str | None = None
+    traceparent: str | None = None
 
     @property
     def qname(self) -> str:
@@ -115,6 +125,10 @@ def envelope_from_element(root: etree._Element) -> Envelope:
         if not _blank(field.tail):
             raise EnvelopeError("stray text in <meta>")
         text = field.text or ""
+        if name == "traceparent":
+            # Ignored unless valid (a trace is not worth refusing a message for).
+            values[name] = valid_traceparent(text) or ""
+            continue
         if len(text) > MAX_META_CHARS:
             raise EnvelopeError(f"<{name}> is longer than {MAX_META_CHARS} characters")
         values[name] = text
@@ -128,6 +142,7 @@ def envelope_from_element(root: etree._Element) -> Envelope:
         id=values.get("id") or None,
         payload=payload,
         re=values.get("re") or None,
+        traceparent=values.get("traceparent") or None,
     )
 
 
@@ -154,6 +169,7 @@ def build_envelope(
     thread: str | None = None,
     id: str | None = None,  # noqa: A002 - the wire name
     re: str | None = None,
+    traceparent: str | None = None,
 ) -> bytes:
     """Serialize an envelope.
 
@@ -179,6 +195,8 @@ def build_envelope(
         etree.SubElement(meta, _NS + "id").text = id
     if re is not None:
         etree.SubElement(meta, _NS + "re").text = re
+    if traceparent is not None:
+        etree.SubElement(meta, _NS + "traceparent").text = traceparent
     if payload.getparent() is not None:
         payload = copy.deepcopy(payload)
     message.append(payload)
@@ -197,6 +215,7 @@ def _envelope_around(
     thread: str | None = None,
     id: str | None = None,  # noqa: A002 - the wire name
     re: str | None = None,
+    traceparent: str | None = None,
 ) -> bytes | None:
     """:func:`build_envelope` around an already serialized, namespaced payload.
 
@@ -208,7 +227,11 @@ def _envelope_around(
     if _ENVELOPE_NS_BYTES in payload_xml:
         return None  # lxml would drop or move that declaration inside the envelope
     parts = [_OPEN]
-    for tag, value in (("from", sender), ("to", to), ("thread", thread), ("id", id), ("re", re)):
+    fields = (
+        ("from", sender), ("to", to), ("thread", thread), ("id", id), ("re", re),
+        ("traceparent", traceparent),
+    )  # fmt: skip
+    for tag, value in fields:
         if value is None:
             continue
         if NOT_XML.search(value) is not None:

@@ -57,6 +57,7 @@ from ._delivery import (
 )
 from ._node import OUTBOX, Node, Outbox
 from ._stats import percentile
+from ._tracing import Tracing, tracing_for
 from .backends import (
     Backend,
     DeadLetter,
@@ -109,6 +110,8 @@ from .transport import open_transport
 from .worker import Meta
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from .transport.redis import RedisStreams
 
 __all__ = ["StreamPump", "unanswered_conversations"]
@@ -240,6 +243,10 @@ class StreamPump:
         log_context: every record logged while a handler runs carries the delivery's
             conversation, frame, listener and message id (see :mod:`xml_pipeline.log`).
             Off by default: it costs a little on every hop.
+        tracing: OpenTelemetry spans, one per delivery (the ``otel`` extra; see
+            docs/operating.md). None (default): on when the application has set a
+            global tracer provider by the time the pump starts; True: with the global
+            provider; a ``TracerProvider``: with that one; False: off.
     """
 
     def __init__(
@@ -254,6 +261,7 @@ class StreamPump:
         claim_idle_ms: int | None = None,
         max_deliveries: int = 5,
         log_context: bool = False,
+        tracing: bool | TracerProvider | None = None,
     ) -> None:
         self.organism = organism
         self._log_context = log_context
@@ -327,6 +335,10 @@ class StreamPump:
         # Times inline handler steps and watches the loop's lateness (see _blocking).
         limit = self._settings.blocked_loop_s
         self._watch = BlockWatch(limit) if limit else None
+        # Spans (see _tracing): decided once, when the pump starts; None: no tracing,
+        # and the delivery path is the one without it.
+        self._tracing_setting = tracing
+        self._tracing: Tracing | None = None
         # This node's name in the consumer group and the listeners it serves (with a
         # transport), and its streams side (None: the in-process inboxes).
         self._node: Node | None = None
@@ -369,6 +381,7 @@ class StreamPump:
         self._state = "starting"
         self._loop = asyncio.get_running_loop()
         try:
+            self._tracing = tracing_for(self._tracing_setting)
             await self.backend.ping()
             if self._node is not None:
                 await self._node.open()
@@ -408,9 +421,17 @@ class StreamPump:
                 for rt in self._runtimes.values():
                     if rt.name not in self._serves:
                         continue
-                    deliver = self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
+                    deliver: Callable[[Delivery], Awaitable[None]] = (
+                        self._deliver_offloaded if rt.listener.cpu_bound else self._deliver
+                    )
                     if self._log_context:  # decided here, once: nothing on the hop otherwise
                         deliver = functools.partial(self._in_log_context, deliver)
+                    if self._tracing is not None:
+                        # Wrapped once here: a pump that does not trace pays nothing
+                        # per delivery. (The span of a cpu_bound delivery is made here,
+                        # around the pool call: its context goes with the task, so the
+                        # handler's own spans in the worker are its children.)
+                        deliver = self._tracing.wrap(deliver)
                     for i, inbox in enumerate(rt.inboxes):
                         tg.start_soon(
                             self._worker, rt, inbox, deliver, name=f"listener {rt.name}#{i}"
@@ -882,8 +903,11 @@ class StreamPump:
         root: Frame | None = None
         label: str | None = None  # the envelope's <from>, once known
         given_id: str | None = None  # the envelope's <id>
+        tracing = self._tracing
+        span = token = None  # the input's span, when the pump traces
         try:
             try:
+                traceparent = None
                 if isinstance(message, BaseModel):
                     label = sender
                     msg = Message(
@@ -896,6 +920,7 @@ class StreamPump:
                         env = envelope_from_element(element)
                         label, given_id, thread = env.sender, env.id, env.thread
                         to = env.to if env.to is not None else to
+                        traceparent = env.traceparent
                         element = env.payload
                     else:
                         label = sender
@@ -903,6 +928,10 @@ class StreamPump:
                         given_id or self._new_id(), label, to, str(element.tag),
                         element=element, raw=raw,
                     )  # fmt: skip
+                if tracing is not None:
+                    # The current span while the input is taken in: a refusal's Huh
+                    # carries its context too.
+                    span, token = tracing.receive(msg, traceparent)
                 # What the replies answer (<re>), and what a request() matches them by:
                 # the pump's own id when the sender's <id> might not be unique here.
                 msg.re = msg.id
@@ -927,6 +956,8 @@ class StreamPump:
             except MessageError as exc:
                 self._rejected += 1
                 self._rejections[exc.code] = self._rejections.get(exc.code, 0) + 1
+                if span is not None and tracing is not None:
+                    tracing.refused(span, exc)
                 if on_reject is not None:
                     on_reject(exc)
                 if label is None or xml_safe(label) != label:
@@ -936,6 +967,8 @@ class StreamPump:
                 await self._reject(exc, raw, label, given_id, on_reply, to=to)
                 return None
             uuid = root.uuid if root is not None else (new_thread or self._frames.new_uuid())
+            if span is not None:
+                span.set_attribute("messaging.message.conversation_id", uuid)
             mark = None
             if given_id is not None and reserve:
                 # Reserve (sender, <id>) atomically: of concurrent retries, on any
@@ -985,6 +1018,8 @@ class StreamPump:
                     self._enqueue(d)
             return root.uuid
         finally:
+            if tracing is not None and span is not None:
+                tracing.end(span, token)
             self._release()
 
     async def _unreserve(self, mark: str) -> None:
@@ -1035,6 +1070,10 @@ class StreamPump:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def _enqueue(self, delivery: Delivery) -> None:
+        if self._tracing is not None:
+            # Made by the delivery running now (its span is the current one): its
+            # child. Done here, where every message made inside the pump passes.
+            self._tracing.stamp(delivery.message)
         if self._node is not None:
             box = OUTBOX.get()
             if box is not None:  # a delivery from a stream: added by its commit
@@ -1308,7 +1347,12 @@ class StreamPump:
                 history = list(await self.backend.buffer_get_thread(frame.uuid))
         meta = Meta._make(self._meta_of(d))
         try:
-            outputs = await pool.run(listener.name, msg.xml(), meta, history, listener.timeout_s)
+            # With the context of this delivery's span (the current one) when the pump
+            # traces: the handler's own spans in the worker are its children.
+            trace = None if self._tracing is None else self._tracing.traceparent_now()
+            outputs = await pool.run(
+                listener.name, msg.xml(), meta, history, listener.timeout_s, trace
+            )
         except MessageError as exc:
             if isinstance(exc, InvalidReturn):
                 logger.warning("handler of %s: %s", listener.name, exc.reason)
@@ -1349,7 +1393,12 @@ class StreamPump:
                     async with asyncio.timeout_at(deadline) as scope:
                         result = await call
             else:
-                future = self._sync[listener.name].submit(listener.handler, model, meta)
+                runner = self._sync[listener.name]
+                if self._tracing is None:
+                    future = runner.submit(listener.handler, model, meta)
+                else:  # in the delivery's context: its own spans are the span's children
+                    run = contextvars.copy_context().run
+                    future = runner.submit(run, listener.handler, model, meta)
                 if deadline is None:
                     return await future
                 async with asyncio.timeout_at(deadline) as scope:
@@ -1540,6 +1589,15 @@ class StreamPump:
         """Hand a reply to the external sender (and to a request() waiting for it)."""
         node = self._node
         box = OUTBOX.get() if node is not None else None
+        tracing = self._tracing
+        if tracing is not None and reply.traceparent is None:
+            # The context of the delivery that made it (a reply from another node
+            # carries its own), so that the caller can continue the trace.
+            if msg is not None:
+                tracing.stamp(msg)
+            trace = msg.trace if msg is not None else tracing.current()
+            if trace is not None:
+                object.__setattr__(reply, "traceparent", tracing.traceparent(trace))
         if not recorded and reply.thread_id is not None and msg is not None:
             try:
                 root = await self._frames.resolve(reply.thread_id)
@@ -1843,6 +1901,8 @@ class StreamPump:
         rt = d.runtime
         rt.failed += 1
         rt.failures[exc.code] = rt.failures.get(exc.code, 0) + 1
+        if self._tracing is not None:
+            self._tracing.failed(exc)  # on the span of the delivery (the current one)
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
         await self._dead_letter(exc, data, "delivery", rt.name, d.frame.uuid, msg,

@@ -55,6 +55,8 @@ class Reply:
         payload: the payload model (a :class:`Huh` for errors).
         re: the id of the external message this reply answers (its ``<id>``, or
             the one the pump gave it): what a client matches replies by.
+        traceparent: the W3C trace context of the delivery that made the reply, when
+            the pump traces (written in the envelope's ``<meta>``).
     """
 
     thread_id: str | None
@@ -63,6 +65,7 @@ class Reply:
     message_id: str
     payload: BaseModel
     re: str | None = None
+    traceparent: str | None = None
     # The payload as the pump serialized it for the history, when it is namespaced:
     # the envelope is then built around these bytes instead of encoding it again.
     _payload_xml: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -99,6 +102,7 @@ class Reply:
                 thread=self.thread_id,
                 id=self.message_id,
                 re=self.re,
+                traceparent=self.traceparent,
             )
             if data is not None:
                 return data
@@ -108,6 +112,7 @@ class Reply:
             thread=self.thread_id,
             id=self.message_id,
             re=self.re,
+            traceparent=self.traceparent,
             payload=codec_for(type(self.payload)).encode(self.payload),
         )
 

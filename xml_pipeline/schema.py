@@ -222,10 +222,17 @@ _ENVELOPE_XSD = """\
     accepting the payload). thread: the conversation (absent or unknown at ingress: a new
     one; an unknown token of 1-128 characters names the new conversation). id: the
     message id (the pump assigns one when absent; a sender's retry with the same id is
-    ignored). re: on replies, the id of the external message answered.
+    ignored). re: on replies, the id of the external message answered. traceparent: a W3C
+    trace context (version 00), continued by the pump's spans and written on replies
+    when the pump traces; the pump ignores one that does not match this pattern.
   </xs:documentation></xs:annotation>
   <xs:simpleType name="text">
     <xs:restriction base="xs:string"><xs:maxLength value="1024"/></xs:restriction>
+  </xs:simpleType>
+  <xs:simpleType name="traceparent">
+    <xs:restriction base="xs:string">
+      <xs:pattern value="[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"/>
+    </xs:restriction>
   </xs:simpleType>
   <xs:element name="message">
     <xs:complexType>
@@ -242,6 +249,7 @@ _ENVELOPE_XSD = """\
               <xs:element name="thread" type="env:text" minOccurs="0"/>
               <xs:element name="id" type="env:text" minOccurs="0"/>
               <xs:element name="re" type="env:text" minOccurs="0"/>
+              <xs:element name="traceparent" type="env:traceparent" minOccurs="0"/>
             </xs:all>
           </xs:complexType>
         </xs:element>

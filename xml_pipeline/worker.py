@@ -59,6 +59,7 @@ from typing import Any, NamedTuple, TypedDict
 
 from pydantic import BaseModel
 
+from ._tracing import worker_context, worker_detach
 from .backends import open_backend
 from .backends.base import Backend, HistoryLimits, Slot
 from .config import import_object
@@ -165,6 +166,10 @@ class Task(NamedTuple):
     xml: bytes  # the payload element
     meta: Meta
     history: list[Slot] | None  # the frame's history (history_snapshot), or None
+    # The W3C traceparent of the pump's span around this task, when the pump traces:
+    # the handler runs under it, so the spans it makes (with the worker's own tracer
+    # provider, if the process has one) are children of that span, in the same trace.
+    trace: str | None = None
 
 
 class Output(NamedTuple):
@@ -473,15 +478,20 @@ def _run(state: _State, task: Task) -> Result:
         return _error("handler-error", exc, trace=True)
     hist, blocking = _history_access(state, name, meta.thread_id, task.history)
     info = HandlerMetadata(*meta, hist, None, blocking)
+    token = None if task.trace is None else worker_context(task.trace)
     try:
         result = entry.handler(model, info)
         if inspect.iscoroutine(result):
+            # (run_until_complete copies this context into the handler's task)
             result = state.loop.run_until_complete(result)
         responses = responses_of(name, result)
     except InvalidReturn as exc:
         return _error(exc.code, exc)
     except BaseException as exc:  # SystemExit and the like too: one message fails, not a batch
         return _error("handler-error", exc, trace=True)
+    finally:
+        if token is not None:
+            worker_detach(token)
     outs: list[Output] = []
     try:
         for response in responses:

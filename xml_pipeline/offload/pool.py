@@ -473,8 +473,10 @@ class WorkerPool:
         meta: Meta,
         history: list[Slot] | None,
         timeout: float | None,
+        trace: str | None = None,
     ) -> list[Output]:
-        """Run one task; its handler's responses, encoded.
+        """Run one task; its handler's responses, encoded. ``trace``: the W3C
+        ``traceparent`` the handler runs under in the worker (see ``Task.trace``).
 
         Raises:
             MessageError: the handler failed (the subclass names how).
@@ -483,7 +485,7 @@ class WorkerPool:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         future: asyncio.Future[Result] = self._loop.create_future()
-        self._ready.append(_Task(worker.Task(listener, xml, meta, history), future, timeout))
+        self._ready.append(_Task(worker.Task(listener, xml, meta, history, trace), future, timeout))
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch)
