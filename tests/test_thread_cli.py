@@ -182,3 +182,17 @@ def test_hostile_store_contents_are_escaped(tmp_path: Path, redis_server: Any) -
     assert as_json["origin"] == sender
     assert as_json["frame"]["children"][0]["listener"] == "a\x1bb"
     assert as_json["frame"]["slots"][0]["xml"].startswith("<P>\x1b]0;pwned")
+
+
+def test_an_outside_id_two_senders_used_is_ambiguous(tmp_path: Path, redis_server: Any) -> None:
+    """An <id> is unique per sender only: two senders' first messages with one id name
+    no single conversation, and the command says so instead of picking one."""
+    path = relay(tmp_path, redis_server.url)
+    other = hop("same-1", 2).replace(b"<from>tester</from>", b"<from>other</from>")
+    run = cli(path, "--no-boot", "--input", "-", stdin=hop("same-1", 1) + other)
+    assert run.returncode == 0, run.stderr
+    done = cli("thread", path, "same-1")
+    assert done.returncode == 1
+    assert b"2 conversations have a first message with id 'same-1' (from other, tester)" in (
+        done.stderr
+    )

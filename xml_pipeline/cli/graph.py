@@ -35,6 +35,7 @@ from ._common import EXIT_FAILURE, EXIT_OK, _error
 __all__ = [
     "FORMATS",
     "GraphNode",
+    "GraphvizMissing",
     "RoutingGraph",
     "add_parser",
     "dot",

@@ -35,6 +35,7 @@ from ._common import _LOG_LEVELS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _add_log_fo
 from .deadletters import joining_organism
 
 __all__ = [
+    "AmbiguousId",
     "Conversation",
     "FrameTree",
     "add_parser",
@@ -149,15 +150,31 @@ async def _histories(backend: Backend, uuids: list[str]) -> dict[str, list[Slot]
 
 
 async def _by_first_message(backend: Backend, frames: list[Frame], wanted: str) -> Frame | None:
-    """The root frame whose first slot is the outside message ``wanted``."""
+    """The root frame whose first slot is the outside message ``wanted`` (one slot read
+    per conversation).
+
+    Raises:
+        AmbiguousId: an ``<id>`` is unique per sender only: several senders used it.
+    """
     roots = [f for f in frames if not f.hops and f.root == f.uuid]
+    found: list[Frame] = []
     for i in range(0, len(roots), _BATCH):
         batch = roots[i : i + _BATCH]
-        histories = await asyncio.gather(*(backend.buffer_get_thread(f.uuid) for f in batch))
-        for frame, slots in zip(batch, histories, strict=True):
-            if slots and slots[0].direction == "out" and slots[0].message_id == wanted:
-                return frame
-    return None
+        firsts = await asyncio.gather(*(backend.buffer_get_slot(f.uuid, 0) for f in batch))
+        for frame, first in zip(batch, firsts, strict=True):
+            if first is not None and first.direction == "out" and first.message_id == wanted:
+                found.append(frame)
+    if len(found) > 1:
+        senders = ", ".join(sorted(printable(f.origin) for f in found))
+        raise AmbiguousId(
+            f"{len(found)} conversations have a first message with id "
+            f"{printable(wanted)!r} (from {senders}): name one by its thread id"
+        )
+    return found[0] if found else None
+
+
+class AmbiguousId(LookupError):
+    """An outside ``<id>`` names the first message of several conversations."""
 
 
 # -- output --------------------------------------------------------------------------
@@ -315,11 +332,15 @@ def main(organism: Organism, args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_USAGE
     with asyncio.Runner() as runner:
-        conversation = runner.run(_read(organism, args.id))
+        try:
+            conversation = runner.run(_read(organism, args.id))
+        except AmbiguousId as exc:
+            _error(str(exc))
+            return EXIT_FAILURE
     if conversation is None:
         _error(
             f"no conversation in {redact_url(organism.backend)} has a frame or a first "
-            f"message with id {printable(args.id)!r}"
+            f"message with id '{printable(args.id)}'"
         )
         return EXIT_FAILURE
     if args.json:
