@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -164,6 +165,27 @@ async def _unanswered(organism: Organism, args: argparse.Namespace) -> int:
 # -- the actions ---------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _replaying_pump(organism: Organism, timeout_s: float) -> AsyncIterator[StreamPump]:
+    """The organism's pump joined to its store (:func:`joining_organism`), writing every
+    reply to stdout, one per line; drained (at most ``timeout_s``) when the block ends.
+
+    Raises:
+        ConfigError: as :func:`joining_organism`.
+    """
+    out = sys.stdout.buffer
+
+    def egress(reply: Reply) -> None:
+        out.write(reply.to_xml() + b"\n")
+        out.flush()
+
+    async with StreamPump(joining_organism(organism), egress=egress) as pump:
+        yield pump
+        if not await pump.drain(timeout_s):
+            print("xml_pipeline: warning: replay did not finish within the drain timeout",
+                  file=sys.stderr)  # fmt: skip
+
+
 def _select_threads(found: list[Unanswered], ids: Sequence[str]) -> list[Unanswered]:
     return found if not ids else [u for u in found if u.thread_id in set(ids)]
 
@@ -185,24 +207,14 @@ async def replay_unanswered(
     Raises:
         ConfigError: as :func:`joining_organism`.
     """
-    organism = joining_organism(organism)
-    out = sys.stdout.buffer
-
-    def egress(reply: Reply) -> None:
-        out.write(reply.to_xml() + b"\n")
-        out.flush()
-
     fed = skipped = 0
-    async with StreamPump(organism, egress=egress) as pump:
+    async with _replaying_pump(organism, timeout_s) as pump:
         found = _select_threads(await pump.unanswered(older_than_s=older_than_s), ids)
         for u in found:
             if await pump.replay_conversation(u.thread_id, again=again):
                 fed += 1
             else:
                 skipped += 1
-        if not await pump.drain(timeout_s):
-            print("xml_pipeline: warning: replay did not finish within the drain timeout",
-                  file=sys.stderr)  # fmt: skip
     return fed, skipped
 
 
@@ -308,15 +320,8 @@ async def replay_letters(
     Raises:
         ConfigError: as :func:`joining_organism`.
     """
-    organism = joining_organism(organism)
-    out = sys.stdout.buffer
-
-    def egress(reply: Reply) -> None:
-        out.write(reply.to_xml() + b"\n")
-        out.flush()
-
     accepted = refused = 0
-    async with StreamPump(organism, egress=egress) as pump:
+    async with _replaying_pump(organism, timeout_s) as pump:
         letters = _select(await pump.backend.deadletter_list(), ids)
         for letter in letters:
             if not await pump.backend.deadletter_delete(letter.id):
@@ -334,7 +339,4 @@ async def replay_letters(
                 refused += 1
                 continue
             accepted += 1
-        if not await pump.drain(timeout_s):
-            print("xml_pipeline: warning: replay did not finish within the drain timeout",
-                  file=sys.stderr)  # fmt: skip
     return accepted, refused
