@@ -415,6 +415,9 @@ class StreamPump:
 
     async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every listener worker (and the pool's watchdog) until cancelled."""
+        # This task and those it starts run for as long as the pump: not in the
+        # context (the span) of the application's task that entered the pump.
+        isolated = None if self._tracing is None else self._tracing.isolate()
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
@@ -450,6 +453,8 @@ class StreamPump:
                 tg.start_soon(self._keep_spilling, name="xml_pipeline dead-letter spill")
                 task_status.started()
         finally:
+            if isolated is not None and self._tracing is not None:
+                self._tracing.restore(isolated)
             self._served.set()
 
     async def _start_pool(self) -> None:
