@@ -38,7 +38,10 @@ from xml_pipeline import (
     StreamPump,
     load_organism,
 )
+from xml_pipeline.backends.base import Slot
+from xml_pipeline.backends.memory import MemoryBackend
 from xml_pipeline.envelope import ENVELOPE_NAMESPACE, build_envelope, parse_envelope
+from xml_pipeline.exceptions import BackendUnavailable
 
 ORGANISMS = Path(__file__).resolve().parent.parent / "organisms"
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -293,11 +296,64 @@ async def test_a_failed_delivery_says_so_and_its_huh_descends_from_it(spans: Spa
     assert reply.traceparent == traceparent(hop)
 
 
+class FailingShouts(MemoryBackend):
+    """A memory backend that raises ``error`` when a Shout is recorded as delivered:
+    the pump's delivery function raises it, after the handler-facing part would start
+    (the failure the pump handles itself, outside what the handler did)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def buffer_append(self, thread_id: str, slot: Slot) -> int:
+        if slot.direction == "in" and slot.payload.endswith("}Shout"):
+            raise self.error
+        return await super().buffer_append(thread_id, slot)
+
+
 def outside(spans: list[ReadableSpan], ambient: ReadableSpan) -> None:
     """None of ``spans`` is in the trace of ``ambient`` (the application's span that
     was current where the pump was entered)."""
     assert ambient not in spans
     assert all(trace_id(s) != trace_id(ambient) for s in spans), tree([*spans, ambient])
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BackendUnavailable("the backend is down (injected)"), "backend-unavailable"),
+        (RuntimeError("a bug (injected)"), "handler-error"),
+    ],
+    ids=["backend-error", "internal-error"],
+)
+async def test_a_failure_the_pump_handles_is_on_its_delivery_span(
+    tmp_path: Path, spans: Spans, error: Exception, code: str
+) -> None:
+    """The pump entered inside an application's span; a delivery function raises
+    (not the handler): the Huh it sends descends from that delivery's span, which says
+    the Huh's code; nothing is filed under the application's span."""
+    tracer = spans.provider.get_tracer("app")
+    async with contextlib.AsyncExitStack() as stack:
+        with tracer.start_as_current_span("app startup"):
+            pump = await stack.enter_async_context(
+                StreamPump(hello(tmp_path), backend=FailingShouts(error), tracing=spans.provider)
+            )
+        reply = await pump.request(GREETING, to="greeter")
+        await pump.wait_idle()
+    assert isinstance(reply.payload, Huh) and reply.payload.code == code
+    (ambient,) = spans.named("app startup")
+    ours = [s for s in spans.finished() if s.name != "app startup"]
+    outside(ours, ambient)
+    assert tree(ours) == [
+        (0, "receive", "Greeting"),
+        (1, "process greeter", "Greeting"),
+        (2, "process shouter", "Shout"),
+    ]
+    (hop,) = spans.named("process shouter")
+    assert hop.status.status_code is StatusCode.ERROR
+    attrs = hop.attributes or {}
+    assert attrs["xml_pipeline.huh"] == attrs["error.type"] == code
+    assert reply.traceparent == traceparent(hop)
 
 
 async def test_a_message_fed_outside_a_delivery_starts_a_trace(spans: Spans) -> None:

@@ -33,9 +33,10 @@ readers, instrumented clients) is not filed under that span either.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,9 @@ class Tracing:
         self._error = StatusCode.ERROR
         self._status = Status
         self._invalid = trace.INVALID_SPAN_CONTEXT
+        # Deliveries whose function raised, by the delivery: their spans stay open
+        # until the pump has said how they failed (see resumed()).
+        self._raised: dict[Delivery, Span] = {}
 
     # -- contexts ----------------------------------------------------------------
 
@@ -241,13 +245,18 @@ class Tracing:
         self, deliver: Callable[[Delivery], Awaitable[None]]
     ) -> Callable[[Delivery], Awaitable[None]]:
         """``deliver`` run inside a span of its own, the current one meanwhile (so what
-        the handler and the pump make meanwhile descends from it)."""
+        the handler and the pump make meanwhile descends from it).
+
+        When ``deliver`` raises an exception, its span is left open: the caller says
+        how the delivery failed inside :meth:`resumed`, which ends it.
+        """
         tracer = self.tracer
         trace = self._trace
         attach = self._context.attach
         detach = self._context.detach
         parent_of = self._parent
         kind = self._consumer
+        raised = self._raised
 
         async def traced(d: Delivery) -> None:
             msg = d.message
@@ -272,19 +281,45 @@ class Tracing:
             )
             token = attach(trace.set_span_in_context(span))
             mine = _RUNNING.set(span)
+            ending: Span | None = span
             try:
                 await deliver(d)
             except BaseException as exc:
-                # Cancelled (the pump stops), a bug in the pump, Redis unreachable
-                # (the delivery runs again, with a span of its own): said on the span.
+                # Cancelled (the pump stops), a bug in the pump, the backend failing,
+                # Redis unreachable (the delivery runs again, with a span of its own):
+                # said on the span.
                 self._fail(span, type(exc).__name__, str(exc) or type(exc).__name__)
+                if isinstance(exc, Exception):
+                    # The pump handles it after this returns (a Huh, a retry): the
+                    # span stays open for that, until resumed() ends it.
+                    raised[d] = span
+                    ending = None
                 raise
             finally:
                 _RUNNING.reset(mine)
                 detach(token)
-                span.end()
+                if ending is not None:
+                    ending.end()
 
         return traced
+
+    @contextlib.contextmanager
+    def resumed(self, d: Delivery) -> Iterator[None]:
+        """The span of ``d``, whose delivery function raised, current again while
+        the pump handles what it raised (so the Huh descends from it and
+        :meth:`failed` finds it); ended on leaving."""
+        span = self._raised.pop(d, None)
+        if span is None:
+            yield
+            return
+        token = self._context.attach(self._trace.set_span_in_context(span))
+        mine = _RUNNING.set(span)
+        try:
+            yield
+        finally:
+            _RUNNING.reset(mine)
+            self._context.detach(token)
+            span.end()
 
     def failed(self, exc: MessageError) -> None:
         """The running delivery failed: its span says how (status, the Huh's code)."""
