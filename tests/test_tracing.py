@@ -7,10 +7,12 @@ pump: nothing here sets OpenTelemetry's global provider, which a process can set
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,10 @@ from xml_pipeline import (
     StreamPump,
     load_organism,
 )
+from xml_pipeline.backends.base import Slot
+from xml_pipeline.backends.memory import MemoryBackend
 from xml_pipeline.envelope import ENVELOPE_NAMESPACE, build_envelope, parse_envelope
+from xml_pipeline.exceptions import BackendUnavailable
 
 ORGANISMS = Path(__file__).resolve().parent.parent / "organisms"
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -289,6 +294,115 @@ async def test_a_failed_delivery_says_so_and_its_huh_descends_from_it(spans: Spa
     attrs = hop.attributes or {}
     assert attrs["xml_pipeline.huh"] == attrs["error.type"] == "handler-error"
     assert reply.traceparent == traceparent(hop)
+
+
+class FailingShouts(MemoryBackend):
+    """A memory backend that raises ``error`` when a Shout is recorded as delivered:
+    the pump's delivery function raises it, after the handler-facing part would start
+    (the failure the pump handles itself, outside what the handler did)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def buffer_append(self, thread_id: str, slot: Slot) -> int:
+        if slot.direction == "in" and slot.payload.endswith("}Shout"):
+            raise self.error
+        return await super().buffer_append(thread_id, slot)
+
+
+def outside(spans: list[ReadableSpan], ambient: ReadableSpan) -> None:
+    """None of ``spans`` is in the trace of ``ambient`` (the application's span that
+    was current where the pump was entered)."""
+    assert ambient not in spans
+    assert all(trace_id(s) != trace_id(ambient) for s in spans), tree([*spans, ambient])
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BackendUnavailable("the backend is down (injected)"), "backend-unavailable"),
+        (RuntimeError("a bug (injected)"), "handler-error"),
+    ],
+    ids=["backend-error", "internal-error"],
+)
+async def test_a_failure_the_pump_handles_is_on_its_delivery_span(
+    tmp_path: Path, spans: Spans, error: Exception, code: str
+) -> None:
+    """The pump entered inside an application's span; a delivery function raises
+    (not the handler): the Huh it sends descends from that delivery's span, which says
+    the Huh's code; nothing is filed under the application's span."""
+    tracer = spans.provider.get_tracer("app")
+    async with contextlib.AsyncExitStack() as stack:
+        with tracer.start_as_current_span("app startup"):
+            pump = await stack.enter_async_context(
+                StreamPump(hello(tmp_path), backend=FailingShouts(error), tracing=spans.provider)
+            )
+        reply = await pump.request(GREETING, to="greeter")
+        await pump.wait_idle()
+    assert isinstance(reply.payload, Huh) and reply.payload.code == code
+    (ambient,) = spans.named("app startup")
+    ours = [s for s in spans.finished() if s.name != "app startup"]
+    outside(ours, ambient)
+    assert tree(ours) == [
+        (0, "receive", "Greeting"),
+        (1, "process greeter", "Greeting"),
+        (2, "process shouter", "Shout"),
+    ]
+    (hop,) = spans.named("process shouter")
+    assert hop.status.status_code is StatusCode.ERROR
+    attrs = hop.attributes or {}
+    assert attrs["xml_pipeline.huh"] == attrs["error.type"] == code
+    assert reply.traceparent == traceparent(hop)
+
+
+async def test_a_message_fed_outside_a_delivery_starts_a_trace(spans: Spans) -> None:
+    """A conversation fed again by the application, inside a span of its own: its
+    delivery is not filed under that span (the pump's spans only are parents)."""
+
+    async def silent(payload: Ping, meta: HandlerMetadata) -> None:
+        return None  # no answer: the conversation stays unanswered
+
+    organism = Organism(name="t", listeners=(Listener(name="s", payloads=(Ping,), handler=silent),))
+    tracer = spans.provider.get_tracer("app")
+    async with StreamPump(organism, tracing=spans.provider) as pump:
+        thread = await pump.inject(ping_xml(1), to="s")
+        await pump.wait_idle()
+        with tracer.start_as_current_span("app work"):
+            assert await pump.replay_conversation(thread)
+        await pump.wait_idle()
+    (ambient,) = spans.named("app work")
+    first, again = sorted(spans.named("process s"), key=lambda s: s.start_time or 0)
+    assert first.parent is not None  # the receive span
+    assert again.parent is None  # a trace of its own
+    outside([again], ambient)
+
+
+async def test_a_node_parents_nothing_under_the_span_it_was_started_in(
+    tmp_path: Path, spans: Spans, redis_server: Any
+) -> None:
+    """A stream entry without ``tp`` (from a node that does not trace), taken by a
+    node started inside an application's span: a trace of its own, not that span's."""
+    shutil.copy(ORGANISMS / "hello.py", tmp_path / "hello.py")
+    text = (ORGANISMS / "hello_nodes.yaml").read_text()
+    text = text.replace("redis://127.0.0.1:6379/0", redis_server.url)
+    text = text.replace("prefix: hello-nodes", f"prefix: tr{uuid.uuid4().hex[:10]}")
+    (tmp_path / "nodes.yaml").write_text(text)
+    organism = load_organism(tmp_path / "nodes.yaml")
+    tracer = spans.provider.get_tracer("app")
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(
+            StreamPump(organism, node="a", serve=["greeter"], tracing=False)
+        )
+        with tracer.start_as_current_span("app startup"):
+            await stack.enter_async_context(
+                StreamPump(organism, node="b", serve=["shouter"], tracing=spans.provider)
+            )
+        (await a.request(GREETING, to="greeter")).raise_for_huh()
+    (ambient,) = spans.named("app startup")
+    (hop,) = spans.named("process shouter")
+    assert hop.parent is None
+    outside([hop], ambient)
 
 
 def test_replies_write_a_traceparent_the_xsd_accepts() -> None:

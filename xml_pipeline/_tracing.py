@@ -21,13 +21,23 @@ per message, which is why "the API is installed" alone does not turn tracing on.
 A message inside the pump holds its parent as ``Message.trace``: a ``SpanContext``
 when it was made in this process, or a W3C ``traceparent`` string when it came from
 outside (an envelope, a stream entry); parsed only when a span is started from it.
+
+Only the pump's own spans (a delivery's, an input's) are parents of what the pump
+makes: they are kept in a context variable of this module, not read back as
+OpenTelemetry's current span, which outside them is whatever span the application had
+open (the one around ``async with StreamPump(...)``, say, which every task the pump
+starts would otherwise inherit). The pump's long-lived tasks also run in an empty
+OpenTelemetry context (:meth:`Tracing.isolate`), so what runs in them (a node's stream
+readers, instrumented clients) is not filed under that span either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -59,6 +69,9 @@ _ZERO_SPAN = "0" * 16
 _STATUS_CHARS = 200  # of a failure's reason, as the span's status description
 
 SYSTEM = "xml_pipeline"
+
+# The pump's span running now (a delivery's or an input's), None outside them.
+_RUNNING: ContextVar[Span | None] = ContextVar("xml_pipeline span", default=None)
 
 
 def valid_traceparent(text: str | None) -> str | None:
@@ -139,12 +152,30 @@ class Tracing:
         self._error = StatusCode.ERROR
         self._status = Status
         self._invalid = trace.INVALID_SPAN_CONTEXT
+        # Deliveries whose function raised, by the delivery: their spans stay open
+        # until the pump has said how they failed (see resumed()).
+        self._raised: dict[Delivery, Span] = {}
 
     # -- contexts ----------------------------------------------------------------
 
+    def isolate(self) -> tuple[Any, Any]:
+        """Make the context of the running task empty (no span, no OpenTelemetry
+        context): the pump's own tasks start from here, not from the context of the
+        application's task that entered the pump. Returns what :meth:`restore` takes."""
+        return self._context.attach(self._context.Context()), _RUNNING.set(None)
+
+    def restore(self, tokens: tuple[Any, Any]) -> None:
+        otel, mine = tokens
+        _RUNNING.reset(mine)
+        self._context.detach(otel)
+
     def current(self) -> SpanContext | None:
-        """The span context of the span running now (None: none)."""
-        ctx = self._trace.get_current_span().get_span_context()
+        """The span context of the pump's span running now (a delivery's or an
+        input's); None outside them, whatever span the application has open."""
+        span = _RUNNING.get()
+        if span is None:
+            return None
+        ctx = span.get_span_context()
         return ctx if ctx.is_valid else None
 
     def _parent(self, trace: SpanContext | str | None) -> Any:
@@ -170,7 +201,8 @@ class Tracing:
     traceparent = staticmethod(traceparent_of)
 
     def stamp(self, msg: Message) -> None:
-        """Give ``msg`` the running span as its parent, unless it has one already."""
+        """Give ``msg`` the pump's running span as its parent, unless it has one
+        already. Outside the pump's spans it keeps None: its delivery starts a trace."""
         if msg.trace is None:
             msg.trace = self.current()
 
@@ -195,10 +227,15 @@ class Tracing:
             },
         )
         msg.trace = span.get_span_context()
-        return span, self._context.attach(self._trace.set_span_in_context(span))
+        return span, (
+            self._context.attach(self._trace.set_span_in_context(span)),
+            _RUNNING.set(span),
+        )
 
     def end(self, span: Span, token: Any) -> None:
-        self._context.detach(token)
+        otel, mine = token
+        _RUNNING.reset(mine)
+        self._context.detach(otel)
         span.end()
 
     def refused(self, span: Span, exc: MessageError) -> None:
@@ -208,13 +245,18 @@ class Tracing:
         self, deliver: Callable[[Delivery], Awaitable[None]]
     ) -> Callable[[Delivery], Awaitable[None]]:
         """``deliver`` run inside a span of its own, the current one meanwhile (so what
-        the handler and the pump make meanwhile descends from it)."""
+        the handler and the pump make meanwhile descends from it).
+
+        When ``deliver`` raises an exception, its span is left open: the caller says
+        how the delivery failed inside :meth:`resumed`, which ends it.
+        """
         tracer = self.tracer
         trace = self._trace
         attach = self._context.attach
         detach = self._context.detach
         parent_of = self._parent
         kind = self._consumer
+        raised = self._raised
 
         async def traced(d: Delivery) -> None:
             msg = d.message
@@ -238,23 +280,51 @@ class Tracing:
                 },
             )
             token = attach(trace.set_span_in_context(span))
+            mine = _RUNNING.set(span)
+            ending: Span | None = span
             try:
                 await deliver(d)
             except BaseException as exc:
-                # Cancelled (the pump stops), a bug in the pump, Redis unreachable
-                # (the delivery runs again, with a span of its own): said on the span.
+                # Cancelled (the pump stops), a bug in the pump, the backend failing,
+                # Redis unreachable (the delivery runs again, with a span of its own):
+                # said on the span.
                 self._fail(span, type(exc).__name__, str(exc) or type(exc).__name__)
+                if isinstance(exc, Exception):
+                    # The pump handles it after this returns (a Huh, a retry): the
+                    # span stays open for that, until resumed() ends it.
+                    raised[d] = span
+                    ending = None
                 raise
             finally:
+                _RUNNING.reset(mine)
                 detach(token)
-                span.end()
+                if ending is not None:
+                    ending.end()
 
         return traced
 
+    @contextlib.contextmanager
+    def resumed(self, d: Delivery) -> Iterator[None]:
+        """The span of ``d``, whose delivery function raised, current again while
+        the pump handles what it raised (so the Huh descends from it and
+        :meth:`failed` finds it); ended on leaving."""
+        span = self._raised.pop(d, None)
+        if span is None:
+            yield
+            return
+        token = self._context.attach(self._trace.set_span_in_context(span))
+        mine = _RUNNING.set(span)
+        try:
+            yield
+        finally:
+            _RUNNING.reset(mine)
+            self._context.detach(token)
+            span.end()
+
     def failed(self, exc: MessageError) -> None:
         """The running delivery failed: its span says how (status, the Huh's code)."""
-        span = self._trace.get_current_span()
-        if span.is_recording():
+        span = _RUNNING.get()
+        if span is not None and span.is_recording():
             self._fail(span, exc.code, exc.reason)
 
     def _fail(self, span: Span, code: str, reason: str) -> None:

@@ -415,6 +415,9 @@ class StreamPump:
 
     async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every listener worker (and the pool's watchdog) until cancelled."""
+        # This task and those it starts run for as long as the pump: not in the
+        # context (the span) of the application's task that entered the pump.
+        isolated = None if self._tracing is None else self._tracing.isolate()
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
@@ -450,6 +453,8 @@ class StreamPump:
                 tg.start_soon(self._keep_spilling, name="xml_pipeline dead-letter spill")
                 task_status.started()
         finally:
+            if isolated is not None and self._tracing is not None:
+                self._tracing.restore(isolated)
             self._served.set()
 
     async def _start_pool(self) -> None:
@@ -1161,31 +1166,14 @@ class StreamPump:
                     self._abandoned.append((delivery, "running"))
                 raise
             except Exception as exc:
-                if box is not None and isinstance(exc, BackendUnavailable) and self._running:
-                    # Redis cannot be reached: nothing of this run is committed, and
-                    # the delivery is tried again (its entry stays this node's).
-                    logger.info("%s: %s; the delivery is tried again", rt.name, exc,
-                                extra=log_fields(delivery))  # fmt: skip
+                from_stream = box is not None
+                if self._tracing is None:
+                    retry = await self._delivery_raised(delivery, exc, from_stream)
+                else:  # under the delivery's span, still open: the Huh descends from it
+                    with self._tracing.resumed(delivery):
+                        retry = await self._delivery_raised(delivery, exc, from_stream)
+                if retry:
                     box = None
-                    retry = True
-                elif isinstance(exc, BackendError):
-                    if not isinstance(exc, BackendCorrupted):
-                        logger.warning("backend failed delivering to %s: %s", rt.name, exc,
-                                       extra=log_fields(delivery))  # fmt: skip
-                    error: MessageError = self._backend_failed(
-                        exc, f"delivering to {rt.name}", rt.name
-                    )
-                else:  # a bug in the pump itself: keep serving
-                    logger.exception("internal error delivering to %s", rt.name,
-                                     extra=log_fields(delivery))  # fmt: skip
-                    error = HandlerFailed(
-                        f"internal error: {type(exc).__name__}: {exc}", listener=rt.name
-                    )
-                if not retry:
-                    try:
-                        await self._fail(delivery, error)
-                    except Exception:
-                        logger.exception("could not report an internal error")
             finally:
                 if token is not None:
                     OUTBOX.reset(token)
@@ -1205,6 +1193,32 @@ class StreamPump:
                 await self._node.commit(delivery, box)
             elif retry:
                 again = delivery
+
+    async def _delivery_raised(self, delivery: Delivery, exc: Exception, from_stream: bool) -> bool:
+        """A delivery function raised ``exc`` (not a handler's failure: those are
+        Huhs already). Returns True when the delivery is to run again; else it failed,
+        and its sender was told."""
+        rt = delivery.runtime
+        if from_stream and isinstance(exc, BackendUnavailable) and self._running:
+            # Redis cannot be reached: nothing of this run is committed, and the
+            # delivery is tried again (its entry stays this node's).
+            logger.info("%s: %s; the delivery is tried again", rt.name, exc,
+                        extra=log_fields(delivery))  # fmt: skip
+            return True
+        if isinstance(exc, BackendError):
+            if not isinstance(exc, BackendCorrupted):
+                logger.warning("backend failed delivering to %s: %s", rt.name, exc,
+                               extra=log_fields(delivery))  # fmt: skip
+            error: MessageError = self._backend_failed(exc, f"delivering to {rt.name}", rt.name)
+        else:  # a bug in the pump itself: keep serving
+            logger.exception("internal error delivering to %s", rt.name,
+                             extra=log_fields(delivery))  # fmt: skip
+            error = HandlerFailed(f"internal error: {type(exc).__name__}: {exc}", listener=rt.name)
+        try:
+            await self._fail(delivery, error)
+        except Exception:
+            logger.exception("could not report an internal error")
+        return False
 
     async def _record(self, frame: Frame, direction: str, msg: Message, to: str | None) -> None:
         slot = Slot(0, direction, msg.sender, to, msg.qname, msg.id, time.time(), msg.xml())  # type: ignore[arg-type]
@@ -1902,7 +1916,7 @@ class StreamPump:
         rt.failed += 1
         rt.failures[exc.code] = rt.failures.get(exc.code, 0) + 1
         if self._tracing is not None:
-            self._tracing.failed(exc)  # on the span of the delivery (the current one)
+            self._tracing.failed(exc)  # on the span of the delivery (the running one)
         msg = d.message
         data = msg.raw if msg.raw is not None else msg.xml()
         await self._dead_letter(exc, data, "delivery", rt.name, d.frame.uuid, msg,
