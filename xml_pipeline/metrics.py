@@ -511,6 +511,9 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # The listen backlog (socketserver's is 5): connections that come in a burst wait
+    # to be accepted instead of having their SYN dropped and retried a second later.
+    request_queue_size = 64
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
