@@ -5,11 +5,16 @@ and parsed with prometheus-client's own parser."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import select
+import signal
 import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,8 +24,16 @@ import pytest
 from cli_process import ROOT, CliProcess, until, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import free_port
+from support import Ping, Pong, ping_xml
 
-from xml_pipeline import StreamPump, load_organism
+from xml_pipeline import (
+    HandlerMetadata,
+    HandlerResponse,
+    Listener,
+    Organism,
+    StreamPump,
+    load_organism,
+)
 from xml_pipeline.metrics import parse_address, serve_metrics
 
 CHECKER = """
@@ -104,24 +117,36 @@ def test_run_serves_counters_that_match_the_input(checks: Path) -> None:
         cli.send(b"<<<not xml\n")
         cli.send(b'<Nope xmlns="https://example.org/none"/>\n')
 
-        wait_until(
-            lambda: value(samples(port), "xml_pipeline_egress_total") == 7, "7 replies counted"
-        )
-        found = samples(port)
-        assert value(found, "xml_pipeline_ingress_total") == 7
-        assert value(found, "xml_pipeline_listener_received_total", listener="checker") == 5
-        assert value(found, "xml_pipeline_listener_handled_total", listener="checker") == 3
-        failed = "xml_pipeline_listener_failed_total"
-        assert value(found, failed, listener="checker", code="handler-error") == 2
-        assert value(found, "xml_pipeline_rejected_total", code="malformed") == 1
-        assert value(found, "xml_pipeline_rejected_total", code="no-route") == 1
-        assert value(found, "xml_pipeline_dead_letters_total") == 4
-        assert value(found, "xml_pipeline_listener_in_flight", listener="checker") == 0
-        assert value(found, "xml_pipeline_listener_queued", listener="checker") == 0
-        # The histogram counts every delivery once, cumulatively, +Inf = count.
+        # Served values are up to a probe interval old: wait until they are the input's.
         latency = "xml_pipeline_listener_latency_seconds"
-        assert value(found, f"{latency}_count", listener="checker") == 5
-        assert value(found, f"{latency}_bucket", listener="checker", le="+Inf") == 5
+        failed = "xml_pipeline_listener_failed_total"
+        expected: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
+            ("xml_pipeline_egress_total", ()): 7,
+            ("xml_pipeline_ingress_total", ()): 7,
+            ("xml_pipeline_listener_received_total", (("listener", "checker"),)): 5,
+            ("xml_pipeline_listener_handled_total", (("listener", "checker"),)): 3,
+            (failed, (("code", "handler-error"), ("listener", "checker"))): 2,
+            ("xml_pipeline_rejected_total", (("code", "malformed"),)): 1,
+            ("xml_pipeline_rejected_total", (("code", "no-route"),)): 1,
+            ("xml_pipeline_dead_letters_total", ()): 4,
+            ("xml_pipeline_listener_in_flight", (("listener", "checker"),)): 0,
+            ("xml_pipeline_listener_queued", (("listener", "checker"),)): 0,
+            # The histogram counts every delivery once, cumulatively, +Inf = count.
+            (f"{latency}_count", (("listener", "checker"),)): 5,
+            (f"{latency}_bucket", (("le", "+Inf"), ("listener", "checker"))): 5,
+        }
+        found = {}
+
+        def counted() -> bool:
+            nonlocal found
+            found = samples(port)
+            return all(found.get(key) == v for key, v in expected.items())
+
+        try:
+            wait_until(counted, "the input's counts")
+        except TimeoutError:
+            assert {key: found.get(key) for key in expected} == expected
+            raise
         buckets = sorted(
             (float(dict(labels)["le"]), v)
             for (name, labels), v in found.items()
@@ -151,19 +176,27 @@ def test_backend_calls_are_timed_per_operation(checks: Path) -> None:
         wait_until(lambda: get_or_none(port, "/healthz") == (200, "ok\n"), "/healthz")
         for name in ("a", "b"):
             cli.send(check(name))
-        wait_until(
-            lambda: value(samples(port), "xml_pipeline_egress_total") == 2, "2 replies counted"
-        )
-        found = samples(port)
-        # A conversation: a root and a child frame, two slots each way... at least 4.
+        found = {}
+
+        def counted() -> bool:
+            # Served values are up to a probe interval old; the pings are the probe's.
+            nonlocal found
+            found = samples(port)
+            calls = "xml_pipeline_backend_calls_total"
+            return (
+                value(found, "xml_pipeline_egress_total") == 2
+                and value(found, calls, operation="ping") is not None
+                # A conversation: a root and a child frame, two slots each way... >= 4.
+                and (value(found, calls, operation="buffer_append") or 0) >= 4
+            )
+
+        wait_until(counted, "2 replies and the pings counted")
         appends = value(found, "xml_pipeline_backend_calls_total", operation="buffer_append")
-        assert appends is not None and appends >= 4
         seconds = "xml_pipeline_backend_call_seconds"
         assert value(found, f"{seconds}_count", operation="buffer_append") == appends
         assert value(found, f"{seconds}_bucket", operation="buffer_append", le="+Inf") == appends
         assert 0 < (value(found, f"{seconds}_sum", operation="buffer_append") or 0) < 60
         assert value(found, "xml_pipeline_backend_errors_total", operation="buffer_append") == 0
-        assert value(found, "xml_pipeline_backend_calls_total", operation="ping") is not None
         wait_until(lambda: value(samples(port), "xml_pipeline_backend_up") == 1, "backend up")
         _, err = cli.finish()
     assert cli.returncode == 0, err
@@ -278,3 +311,125 @@ def _served_names() -> set[str]:
     if sys.platform.startswith("linux"):
         assert "process_cpu_seconds_total" in names
     return names
+
+
+# -- the probes see the event loop; the server never holds it up ------------------------
+
+released = threading.Event()  # lets the handler below give the event loop back
+
+
+async def hold_the_loop(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    released.wait(30)  # a blocking call in an async handler: the loop runs nothing else
+    return HandlerResponse.respond(Pong(n=payload.n))
+
+
+@pytest.mark.anyio
+async def test_probes_fail_while_the_event_loop_is_held() -> None:
+    listener = Listener(name="hold", payloads=(Ping,), handler=hold_the_loop)
+    replies: list[Any] = []
+    pump = StreamPump(Organism(name="held", listeners=(listener,)), egress=replies.append)
+    released.clear()
+    seen: list[tuple[tuple[int, str], tuple[int, str]]] = []
+
+    def watch(port: int) -> None:
+        # A thread: the test's own coroutine cannot run while the loop is held. It lets
+        # the handler go once both probes failed (/healthz after 10 intervals, 1 s).
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                ready, live = get(port, "/readyz"), get(port, "/healthz")
+                if ready[0] == 503 and live[0] == 503:
+                    seen.append((ready, live))
+                    return
+        finally:
+            released.set()
+
+    async with serve_metrics(pump, "127.0.0.1", 0, probe_interval_s=0.1) as served:
+        port = served.address[1]
+        async with pump:
+
+            async def ready() -> bool:
+                return await asyncio.to_thread(get, port, "/readyz") == (200, "ready\n")
+
+            await until(ready, "ready before the loop is held")
+            watcher = threading.Thread(target=watch, args=(port,))
+            watcher.start()
+            try:
+                await pump.inject(ping_xml(1), to="hold")
+                await until(lambda: bool(replies), "the held handler's reply")
+            finally:
+                released.set()
+                await asyncio.to_thread(watcher.join)
+            assert seen, "/readyz and /healthz kept answering 200 while the loop was held"
+            (_, ready_body), (_, live_body) = seen[0]
+            assert ready_body.startswith("not ready: event loop not responding for ")
+            assert live_body.startswith("event loop not responding for ")
+            await until(ready, "ready again once the loop runs")
+            assert await asyncio.to_thread(get, port, "/healthz") == (200, "ok\n")
+
+
+def connect_idle(port: int, n: int) -> list[socket.socket]:
+    """``n`` clients that connect, send a byte of a request and nothing more."""
+    clients = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"G")
+        clients.append(client)
+    return clients
+
+
+def test_slow_clients_do_not_hold_up_the_exit() -> None:
+    port = free_port()
+    with CliProcess(
+        "organisms/hello.yaml", "--metrics", f"127.0.0.1:{port}", "--input", "-"
+    ) as cli:
+        wait_until(lambda: get_or_none(port, "/readyz") == (200, "ready\n"), "/readyz")
+        clients = connect_idle(port, 3)
+        try:
+            # Answered after them: the server has accepted the slow ones.
+            assert get(port, "/healthz") == (200, "ok\n")
+            start = time.monotonic()
+            cli.signal(signal.SIGTERM)
+            cli.proc.wait(20)
+            took = time.monotonic() - start
+        finally:
+            for client in clients:
+                client.close()
+        _, err = cli.finish()
+    assert cli.returncode == 0, err
+    assert took < 3, f"run took {took:.1f} s to exit with slow metrics clients connected"
+    assert port_closed(port)
+
+
+def test_a_silent_client_leaves_json_logs_intact() -> None:
+    port = free_port()
+    args = ("--metrics", f"127.0.0.1:{port}", "--input", "-", "--log-format", "json")
+    with CliProcess("organisms/hello.yaml", *args, "--log-level", "debug") as cli:
+        wait_until(lambda: get_or_none(port, "/healthz") == (200, "ok\n"), "/healthz")
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            start = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(1) == b"", "the server answered a request never sent"
+            # Closed by the server at the request timeout (5 s), not at once.
+            assert 3 < time.monotonic() - start < 15
+        _, err = cli.finish()
+    assert cli.returncode == 0, err
+    for line in err.decode().splitlines():
+        json.loads(line)  # every stderr line is a JSON record, no traceback
+
+
+@pytest.mark.anyio
+async def test_connections_past_the_limit_are_closed_at_once() -> None:
+    pump = StreamPump(load_organism(ROOT / "organisms" / "hello.yaml"))
+    async with serve_metrics(pump, "127.0.0.1", 0) as served:
+        port = served.address[1]
+        clients = await asyncio.to_thread(connect_idle, port, 17)  # the limit is 16
+        try:
+            readable, _, _ = await asyncio.to_thread(select.select, clients, [], [], 3)
+            assert readable == [clients[-1]], "only the connection past the limit closed"
+            assert clients[-1].recv(1) == b""
+        finally:
+            for client in clients:
+                client.close()
+        # Once they are gone, the server answers again.
+        assert await asyncio.to_thread(get, port, "/healthz") == (200, "ok\n")

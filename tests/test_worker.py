@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -300,6 +302,60 @@ async def test_workers_are_recycled_after_recycle_after_tasks(run_pump: Any) -> 
             lambda: sum(alive(pid) for pid in set(pids)) == 1, "the retired workers exited"
         )
         assert worker_pids(h.pump) == {pids[-1]}
+
+
+async def test_worker_cpu_never_goes_down_while_a_slot_is_claimed_again(run_pump: Any) -> None:
+    async with run_pump([offloaded(wh.echo)], process_pool=POOL) as h:
+        for i in range(20):
+            await h.pump.request(ping_xml(i), to="cpu")
+        pool = h.pump._pool
+        assert pool is not None
+
+        def cpu() -> float:
+            stats = h.pump.statistics().pool
+            assert stats is not None
+            return stats.worker_cpu_s
+
+        before = cpu()
+        assert before > 0
+        # What a worker starting in a used slot does (worker.initialize): two steps
+        # under the workers' lock, made here by another thread (the lock is reentrant),
+        # with a read after each.
+        lock = pool._control.get_lock()
+        shared = pool._control.get_obj()
+        slot = pool._status[0]
+        steps = (
+            lambda: setattr(shared, "retired_cpu_ns", shared.retired_cpu_ns + slot.cpu_ns),
+            lambda: setattr(slot, "cpu_ns", 0),
+        )
+        todo: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        done: queue.Queue[bool] = queue.Queue()
+
+        def reclaim() -> None:
+            if not lock.acquire(timeout=5):
+                done.put(False)
+                return
+            try:
+                while (step := todo.get(timeout=10)) is not None:
+                    step()
+                    done.put(True)
+            finally:
+                lock.release()
+
+        holder = threading.Thread(target=reclaim)
+        holder.start()
+        readings = []
+        try:
+            for step in steps:
+                todo.put(step)
+                assert await asyncio.to_thread(done.get, timeout=10)
+                readings.append(cpu())
+        finally:
+            todo.put(None)
+            await asyncio.to_thread(holder.join, 10)
+        readings.append(cpu())
+        assert readings == sorted(readings) and readings[0] >= before, readings
+        assert readings[-1] == pytest.approx(before, abs=0.5), readings
 
 
 async def test_memory_limit_gives_the_handler_a_memory_error(run_pump: Any) -> None:

@@ -4,37 +4,47 @@
 on one port:
 
 - ``/metrics``: the pump's counters (see docs/operating.md for the list);
-- ``/healthz``: 200 while the process serves (liveness);
+- ``/healthz``: 200 while the process serves and its event loop runs (liveness): 503
+  once the probe task has not run for 10 probe intervals;
 - ``/readyz``: 200 when the backend and the transport answered their last ping, the
-  worker pool is up and the pump runs and is not draining; 503 and the reasons
-  otherwise (readiness).
+  worker pool is up, the pump runs and is not draining, and the probe task ran within
+  3 probe intervals; 503 and the reasons otherwise (readiness).
 
 Needs the ``metrics`` extra (``pip install 'xml-pipeline[metrics]'``: prometheus-client);
 it is imported only when metrics are served.
 
-How it stays off the hot path: a custom collector reads the pump's own counters
-(:meth:`StreamPump.statistics`) when Prometheus scrapes, so a message pays nothing
-for the counters. Three things are counted only while metrics are served: a latency
-histogram per listener (a bisect into fixed buckets per delivery: cumulative counts
-since start, as a Prometheus histogram means; the pump's sliding ring of samples
-could not give them), backend calls (each operation of the backend protocol timed,
-for the backends that do I/O), and what a probe task finds every
-``probe_interval_s``: the backend's and the transport's pings, and the transport's
-inbox streams. The scrape runs in the HTTP
-server's thread and reads plain counters (copies made in C, atomic under the GIL),
-so a scrape never waits for the event loop and the loop never waits for a scrape.
+How it stays off the hot path: a custom collector serves the pump's own counters
+(:meth:`StreamPump.statistics`), so a message pays nothing for the counters. Three
+things are counted only while metrics are served: a latency histogram per listener (a
+bisect into fixed buckets per delivery: cumulative counts since start, as a Prometheus
+histogram means; the pump's sliding ring of samples could not give them), backend
+calls (each operation of the backend protocol timed, for the backends that do I/O),
+and what a probe task finds: the backend's and the transport's pings, and the
+transport's inbox streams.
+
+Threads: the HTTP server runs in a thread of its own and a thread per request, which
+must not run code over the pump's structures while the loop changes them. So the
+probe task, on the event loop, makes an immutable snapshot of everything a scrape
+serves every ``probe_interval_s`` (values are at most that old) and swaps it in with
+one assignment; a scrape reads that snapshot, never waits for the loop, and the loop
+never waits for a scrape. The snapshot's age is also how the probes see that the loop
+runs. Leaving :func:`serve_metrics` waits for no client: requests are bounded in
+number and in time, and their sockets are shut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
+import sys
 import threading
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -48,6 +58,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
     from .pump import StreamPump
+    from .reply import PumpStatistics
 
 __all__ = [
     "BACKEND_BUCKETS",
@@ -76,6 +87,13 @@ _OPERATIONS = (
     "deadletter_delete", "deadletter_purge", "ping", "info",
 )  # fmt: skip
 _PREFIX = "xml_pipeline_"
+# /readyz fails once the probe task has not run for this many probe intervals (the event
+# loop is held: nothing sent to the pump would be handled), /healthz once it has not
+# for _LIVENESS_INTERVALS (the loop is wedged: restarting the process is the remedy).
+_READINESS_INTERVALS = 3
+_LIVENESS_INTERVALS = 10
+
+logger = logging.getLogger("xml_pipeline.metrics")
 
 
 def require_prometheus() -> None:
@@ -168,21 +186,79 @@ def _meter_backend(backend: Backend) -> tuple[dict[str, _Operation], Callable[[]
 # -- health ------------------------------------------------------------------------
 
 
-class _Probe:
-    """What the probe task found last: pings and the transport's inboxes."""
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What a scrape and the probes read: made on the event loop by the probe task,
+    replaced whole (one reference swap), never changed, so the HTTP thread runs no
+    code over structures the loop mutates."""
 
-    def __init__(self, pump: StreamPump, draining: Callable[[], bool] | None) -> None:
+    taken: float  # time.monotonic() when the loop made it: how the loop is seen to run
+    stats: PumpStatistics
+    latency: Mapping[str, tuple[list[int], float]]
+    # operation -> (calls, errors, seconds, per-bucket counts)
+    operations: Mapping[str, tuple[int, int, float, list[int]]]
+    backend_up: bool | None  # None: not pinged yet
+    backend_ping_s: float | None
+    transport_up: bool | None
+    inboxes: Mapping[str, Mapping[str, Any]]
+
+
+class _Probe:
+    """The probe task: pings the backend and the transport, and every ``interval``
+    makes the :class:`_Snapshot` the HTTP thread reads."""
+
+    def __init__(
+        self,
+        pump: StreamPump,
+        draining: Callable[[], bool] | None,
+        operations: dict[str, _Operation],
+        interval: float,
+    ) -> None:
         self.pump = pump
         self.draining = draining
-        self.backend_up: bool | None = None  # None: not pinged yet
+        self.operations = operations
+        self.interval = interval
+        self.backend_up: bool | None = None
         self.backend_ping_s: float | None = None
         self.transport_up: bool | None = None
         self.inboxes: dict[str, dict[str, Any]] = {}
+        self.snapshot = self._take()
 
-    async def run(self, interval: float) -> None:
-        while True:
-            await self.probe(interval)
-            await asyncio.sleep(interval)
+    def _take(self) -> _Snapshot:
+        pump = self.pump
+        return _Snapshot(
+            taken=time.monotonic(),
+            stats=pump.statistics(),
+            latency=pump._latency_histograms(),
+            operations={
+                name: (op.calls, op.errors, op.seconds, list(op.buckets))
+                for name, op in self.operations.items()
+            },
+            backend_up=self.backend_up,
+            backend_ping_s=self.backend_ping_s,
+            transport_up=self.transport_up,
+            inboxes=self.inboxes,
+        )
+
+    def refresh(self) -> None:
+        """Make a new snapshot (on the event loop only)."""
+        self.snapshot = self._take()
+
+    async def run(self) -> None:
+        # The pings run in a task of their own: a backend that takes its whole deadline
+        # to answer must not make the loop look stuck, nor the counters older.
+        pinger: asyncio.Future[None] | None = None
+        try:
+            while True:
+                if pinger is None or pinger.done():
+                    pinger = asyncio.ensure_future(self.probe(self.interval))
+                self.refresh()
+                await asyncio.sleep(self.interval)
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pinger
 
     async def probe(self, timeout: float) -> None:
         pump = self.pump
@@ -196,30 +272,48 @@ class _Probe:
             self.backend_up = True
             self.backend_ping_s = time.perf_counter() - start
         streams = pump._transport_streams()
-        if streams is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                inboxes = {}
-                for listener in pump.organism.listeners:
-                    inboxes[listener.name] = await streams.inbox_status(
-                        listener.name, listener.shards
-                    )
-        except Exception:
-            self.transport_up = False
-        else:
-            self.transport_up = True
-            self.inboxes = inboxes
+        if streams is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    inboxes = {}
+                    for listener in pump.organism.listeners:
+                        inboxes[listener.name] = await streams.inbox_status(
+                            listener.name, listener.shards
+                        )
+            except Exception:
+                self.transport_up = False
+            else:
+                self.transport_up = True
+                self.inboxes = inboxes
+        self.refresh()
+
+    def stalled_s(self) -> float:
+        """Seconds since the event loop last ran the probe task (any thread)."""
+        return time.monotonic() - self.snapshot.taken
+
+    def unresponsive(self, intervals: int) -> str | None:
+        """Why the loop counts as stuck, if the probe task has not run for
+        ``intervals`` probe intervals (any thread)."""
+        stalled = self.stalled_s()
+        if stalled <= intervals * self.interval:
+            return None
+        return f"event loop not responding for {stalled:.1f} s"
 
     def problems(self) -> list[str]:
-        """Why the pump is not ready (empty: it is)."""
+        """Why the pump is not ready (empty: it is). Runs in the HTTP thread: the
+        pump's state and the draining flag are single attributes, read as they are
+        now (a drain shows at once); the pings come from the snapshot."""
         found = self.pump._unready()
         if self.draining is not None and self.draining() and "draining" not in found:
             found.append("draining")
-        if not self.backend_up:
-            found.append("backend not answering" if self.backend_up is False else "starting")
-        if self.pump.transport is not None and not self.transport_up:
+        snapshot = self.snapshot
+        if not snapshot.backend_up:
+            found.append("backend not answering" if snapshot.backend_up is False else "starting")
+        if self.pump.transport is not None and not snapshot.transport_up:
             found.append("transport not answering")
+        stuck = self.unresponsive(_READINESS_INTERVALS)
+        if stuck is not None:
+            found.append(stuck)
         return found
 
 
@@ -227,12 +321,12 @@ class _Probe:
 
 
 class _PumpCollector:
-    """Reads the pump's counters when Prometheus scrapes (nothing per message)."""
+    """Turns the probe task's latest snapshot into metric families when Prometheus
+    scrapes (in the HTTP thread: it reads the snapshot, nothing the loop changes)."""
 
-    def __init__(self, pump: StreamPump, probe: _Probe, operations: dict[str, _Operation]) -> None:
+    def __init__(self, pump: StreamPump, probe: _Probe) -> None:
         self.pump = pump
         self.probe = probe
-        self.operations = operations
 
     def describe(self) -> Iterable[Any]:
         return ()  # unchecked collector: the families depend on the organism
@@ -251,7 +345,8 @@ class _PumpCollector:
             return GaugeMetricFamily(_PREFIX + name, doc, labels=list(labels))
 
         pump = self.pump
-        stats = pump.statistics()
+        snapshot = self.probe.snapshot  # one read: every family from the same moment
+        stats = snapshot.stats
         info = gauge("info", "The organism this process runs (always 1).",
                      ("organism", "node", "version"))  # fmt: skip
         info.add_metric([pump.organism.name, pump.node, __version__], 1)
@@ -285,7 +380,7 @@ class _PumpCollector:
             "statistics() p50/p99 measure it.",
             labels=["listener"],
         )
-        for name, (counts, total) in pump._latency_histograms().items():
+        for name, (counts, total) in snapshot.latency.items():
             latency.add_metric([name], _cumulative(LATENCY_BUCKETS, counts), total)
         yield latency
 
@@ -347,26 +442,25 @@ class _PumpCollector:
             _PREFIX + "backend_call_seconds", "Backend call latency, by operation.",
             labels=["operation"],
         )  # fmt: skip
-        for name, op in self.operations.items():
-            counts = list(op.buckets)
+        for name, (n, failures, total, counts) in snapshot.operations.items():
             if not sum(counts):
                 continue
-            calls.add_metric([name], op.calls)
-            errors.add_metric([name], op.errors)
-            seconds.add_metric([name], _cumulative(BACKEND_BUCKETS, counts), op.seconds)
+            calls.add_metric([name], n)
+            errors.add_metric([name], failures)
+            seconds.add_metric([name], _cumulative(BACKEND_BUCKETS, counts), total)
         yield from (calls, errors, seconds)
-        probe = self.probe
         yield GaugeMetricFamily(_PREFIX + "backend_up", "1 if the backend answered its "
-                                "last ping.", value=1 if probe.backend_up else 0)  # fmt: skip
-        if probe.backend_ping_s is not None:
+                                "last ping.", value=1 if snapshot.backend_up else 0)  # fmt: skip
+        if snapshot.backend_ping_s is not None:
             yield GaugeMetricFamily(_PREFIX + "backend_ping_seconds", "How long the last "
-                                    "answered ping took.", value=probe.backend_ping_s)  # fmt: skip
+                                    "answered ping took.",
+                                    value=snapshot.backend_ping_s)  # fmt: skip
 
         # -- the transport (Redis Streams)
         if pump.transport is not None:
             yield GaugeMetricFamily(_PREFIX + "transport_up", "1 if the transport "
                                     "answered its last probe.",
-                                    value=1 if probe.transport_up else 0)  # fmt: skip
+                                    value=1 if snapshot.transport_up else 0)  # fmt: skip
             length = gauge("transport_stream_length", "Entries of the listener's inbox "
                            "streams not yet done.", ["listener"])  # fmt: skip
             pending = gauge("transport_pending", "Entries delivered to a node, not yet "
@@ -374,7 +468,7 @@ class _PumpCollector:
             lag = gauge("transport_lag", "Entries not yet delivered to any node.", ["listener"])
             oldest = gauge("transport_oldest_pending_seconds", "Age of the oldest pending "
                            "entry (0: none).", ["listener"])  # fmt: skip
-            for name, status in probe.inboxes.items():
+            for name, status in snapshot.inboxes.items():
                 length.add_metric([name], status["length"])
                 pending.add_metric([name], status["pending"])
                 lag.add_metric([name], status["lag"])
@@ -394,23 +488,117 @@ def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str,
 
 # -- the HTTP server -----------------------------------------------------------------
 
+# A request (reading it and answering) gets this long in all, however slowly its client
+# sends or reads: then its socket is shut and its thread ends.
+_REQUEST_TIMEOUT_S = 5.0
+# Requests served at once; a connection past them is closed at once (a thread each:
+# a flood of idle connections must not make threads without limit).
+_MAX_REQUESTS = 16
+# Leaving serve_metrics: how long the loop waits for the server's thread to stop (it
+# polls every 0.1 s; the requests are not waited for, their sockets are shut).
+_STOP_TIMEOUT_S = 2.0
+
+
+def _one_line(exc: BaseException | None) -> str:
+    return "?" if exc is None else f"{type(exc).__name__}: {exc}".splitlines()[0]
+
 
 class _Server(ThreadingMixIn, WSGIServer):
-    # Each request in a thread of its own; server_close() joins them (nothing is left
-    # behind), and a client gets _REQUEST_TIMEOUT_S to send its request.
-    daemon_threads = False
-    block_on_close = True
+    """A thread per request, daemon threads that only read the snapshot; at most
+    _MAX_REQUESTS at once, each bounded to _REQUEST_TIMEOUT_S in all; errors logged
+    in one line, never printed."""
+
+    daemon_threads = True
+    block_on_close = False
     allow_reuse_address = True
+    # The listen backlog (socketserver's is 5): connections that come in a burst wait
+    # to be accepted instead of having their SYN dropped and retried a second later.
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.Semaphore(_MAX_REQUESTS)
+        self._open: dict[Any, float] = {}  # request socket -> its deadline (monotonic)
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: closed, not queued
+            return
+        with self._open_lock:
+            self._open[request] = time.monotonic() + _REQUEST_TIMEOUT_S
+        try:
+            threading.Thread(
+                target=self.process_request_thread, args=(request, client_address),
+                name="xml_pipeline metrics request", daemon=True,
+            ).start()  # fmt: skip
+        except BaseException:
+            self._slots.release()
+            raise  # serve_forever logs it (handle_error) and closes the request
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        # Forgotten before it is closed, under the lock abort_requests holds: a socket
+        # is never shut after its descriptor was closed (and maybe reused).
+        with self._open_lock:
+            self._open.pop(request, None)
+            super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        # In serve_forever's thread, at every poll (0.1 s).
+        self.abort_requests(time.monotonic())
+
+    def abort_requests(self, now: float | None = None) -> None:
+        """Shut the sockets of the requests past their deadline (every one, with
+        ``now`` None): their thread's read or write returns at once and it ends."""
+        with self._open_lock:
+            for request, deadline in self._open.items():
+                if now is None or deadline <= now:
+                    with contextlib.suppress(OSError):
+                        request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr: a client that times out or hangs
+        # up is not worth one, and a raw one would break --log-format json.
+        logger.debug(
+            "metrics request from %s failed: %s", client_address, _one_line(sys.exc_info()[1])
+        )
 
 
-_REQUEST_TIMEOUT_S = 5.0
+class _ErrorLog:
+    """The ``wsgi.errors`` stream: what wsgiref would print to stderr (an exception in
+    the application, with its traceback) is logged as one line instead."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._text.append(text)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._text.extend(lines)
+
+    def flush(self) -> None:
+        lines = [line for line in "".join(self._text).splitlines() if line.strip()]
+        self._text.clear()
+        if lines:
+            logger.warning("metrics request failed: %s", lines[-1].strip())
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = _REQUEST_TIMEOUT_S
+    timeout = _REQUEST_TIMEOUT_S  # per read or write; _Server bounds the whole request
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # a scrape every few seconds is not worth a line on stderr
+
+    def get_stderr(self) -> Any:
+        return _ErrorLog()
 
 
 def _app(metrics_app: Callable[..., Any], probe: _Probe) -> Callable[..., Any]:
@@ -427,6 +615,9 @@ def _app(metrics_app: Callable[..., Any], probe: _Probe) -> Callable[..., Any]:
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/healthz":
+            stuck = probe.unresponsive(_LIVENESS_INTERVALS)
+            if stuck is not None:
+                return text(start_response, "503 Service Unavailable", stuck + "\n")
             return text(start_response, "200 OK", "ok\n")
         if path == "/readyz":
             problems = probe.problems()
@@ -448,6 +639,14 @@ class MetricsServer:
         self.address: tuple[str, int] = (str(host), int(port))
 
 
+def _stop(server: _Server, thread: threading.Thread) -> None:
+    """Stop serving and close the port (in a thread of the loop's executor)."""
+    server.shutdown()  # serve_forever notices within its poll interval (0.1 s)
+    thread.join()
+    server.abort_requests()  # requests under way end now, not at their deadline
+    server.server_close()
+
+
 @contextlib.asynccontextmanager
 async def serve_metrics(
     pump: StreamPump,
@@ -460,8 +659,12 @@ async def serve_metrics(
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` of ``pump`` for the ``async with``
     block. Enter it before the pump starts (its histograms count from then on).
 
-    The server runs in a thread of its own and the probe in a task; both are stopped
-    and waited for when the block is left, and the port is closed.
+    The server runs in a thread of its own and the probe in a task. The probe task
+    makes a snapshot of the counters every ``probe_interval_s`` (what ``/metrics``
+    serves: at most that old) and is how the probes see the event loop run:
+    ``/readyz`` fails once it has not run for 3 intervals, ``/healthz`` for 10.
+    Leaving the block stops both without waiting for requests under way (their
+    sockets are shut), within about 2 s at most, and closes the port.
 
     Args:
         pump: the pump to report on.
@@ -469,8 +672,8 @@ async def serve_metrics(
         port: the port (0: any free one; see ``MetricsServer.address``).
         draining: returns True once the application drains the pump (``/readyz``
             then answers 503).
-        probe_interval_s: how often the backend and the transport are pinged and the
-            transport's inboxes measured.
+        probe_interval_s: how often the counters are read, the backend and the
+            transport pinged and the transport's inboxes measured.
 
     Raises:
         ImportError: prometheus-client is not installed.
@@ -484,12 +687,14 @@ async def serve_metrics(
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     server = make_server(host, port, lambda e, s: [], server_class=Server, handler_class=_Handler)
+    unmeter: Callable[[], None] = lambda: None  # noqa: E731
+    thread: threading.Thread | None = None
     try:
         operations, unmeter = _meter_backend(pump.backend)
         pump._count_latencies()
-        probe = _Probe(pump, draining)
+        probe = _Probe(pump, draining, operations, probe_interval_s)
         registry = CollectorRegistry(auto_describe=False)
-        collector: Collector = _PumpCollector(pump, probe, operations)
+        collector: Collector = _PumpCollector(pump, probe)
         registry.register(collector)
         ProcessCollector(registry=registry)
         server.set_app(_app(make_wsgi_app(registry), probe))
@@ -498,18 +703,20 @@ async def serve_metrics(
             name="xml_pipeline metrics", daemon=True,
         )  # fmt: skip
         thread.start()
-        prober = asyncio.ensure_future(probe.run(probe_interval_s))
+        prober = asyncio.ensure_future(probe.run())
         try:
             yield MetricsServer(server)
         finally:
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
-            # shutdown() waits for serve_forever to notice, within its poll interval
-            # (0.1 s): done on the loop, so that a cancellation cannot interrupt it and
-            # leave the thread serving.
-            server.shutdown()
-            thread.join()
-            unmeter()
+            # Off the loop, and bounded: the loop never waits for a client. If this
+            # wait is cancelled or times out, the thread still stops the server.
+            stopping = asyncio.ensure_future(asyncio.to_thread(_stop, server, thread))
+            done, _ = await asyncio.wait({stopping}, timeout=_STOP_TIMEOUT_S)
+            if not done:
+                logger.warning("the metrics server did not stop within %g s", _STOP_TIMEOUT_S)
     finally:
-        server.server_close()
+        unmeter()  # whatever failed above: the backend is not left metered
+        if thread is None:
+            server.server_close()  # not served: nothing else closes the port

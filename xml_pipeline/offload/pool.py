@@ -115,7 +115,8 @@ class PoolStatistics:
         in_flight: tasks submitted and not yet answered.
         worker_cpu_s: CPU seconds (user + system) of every worker process this pool
             ever ran, as the workers report it after each batch (the CPU of a
-            worker's last batch, if it was killed in it, is not counted).
+            worker's last batch, if it was killed in it, is not counted); it never
+            decreases.
         pids: the worker processes alive now.
     """
 
@@ -297,6 +298,7 @@ class WorkerPool:
         self._crashes = 0
         self._timeouts = 0
         self._recycles = 0
+        self._cpu_ns = 0  # the worker CPU last read (statistics())
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -311,8 +313,9 @@ class WorkerPool:
         self._slots = max(1024, _SLOTS_PER_WORKER * self._workers)
         self._status = self._ctx.RawArray(worker.WorkerStatus, self._slots)
         self._control = self._ctx.Value(worker.Control)
-        # Read without its lock (which only the workers take, to claim a slot): a worker
-        # killed while holding it must not hang the pool.
+        # Read without its lock (which the workers take to claim a slot), except by
+        # statistics(), which only tries it: a worker killed while holding it must not
+        # hang the pool.
         self._shared = self._control.get_obj()
         if self._settings.start_method == "forkserver":
             # Process-global, and read only when the fork server starts (with the
@@ -448,9 +451,21 @@ class WorkerPool:
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of the pool's counters."""
-        cpu_ns = 0
+        cpu_ns = self._cpu_ns
         if self._status is not None:
-            cpu_ns = self._shared.retired_cpu_ns + sum(s.cpu_ns for s in self._claimed())
+            # Under the workers' lock: a worker reclaiming a slot moves its CPU to
+            # retired_cpu_ns in two steps, and a read between them would count it twice
+            # or not at all (a counter going down). Tried, not waited for (a worker
+            # holds it for microseconds, or forever if killed then): while it is held
+            # the last value stands. Never less than that either (a worker claims
+            # without the lock after a timeout).
+            lock = self._control.get_lock()
+            if lock.acquire(False):
+                try:
+                    read = self._shared.retired_cpu_ns + sum(s.cpu_ns for s in self._claimed())
+                finally:
+                    lock.release()
+                cpu_ns = self._cpu_ns = max(cpu_ns, read)
         return PoolStatistics(
             workers=self._workers,
             tasks=self._tasks_done,
