@@ -227,7 +227,7 @@ def organism_of(
     name: str, listeners: Sequence[Listener], *, queue_size: int = 2048, **history: Any
 ) -> Organism:
     """An organism for a benchmark, with relay.yaml's pump settings and the given history."""
-    base = load_organism(ROOT / "organisms" / "relay.yaml")
+    base = relay_organism(3)  # loads relay.yaml with organisms/relay.py first on sys.path
     return Organism(
         name=name,
         listeners=tuple(listeners),

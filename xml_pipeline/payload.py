@@ -27,6 +27,7 @@ from lxml import etree
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ._text import NOT_XML, escape
+from ._xmlmodel import plan_of
 from .exceptions import ConfigError, PayloadInvalid
 from .parser import parse_bytes
 
@@ -305,10 +306,13 @@ class _PlainCodec:
 class _XmlModelCodec:
     """Codec for a pydantic-xml ``BaseXmlModel``."""
 
-    __slots__ = ("cls", "namespace", "qname", "tag")
+    __slots__ = ("_plan", "cls", "namespace", "qname", "tag")
 
     def __init__(self, cls: type[BaseModel]) -> None:
         self.cls = cls
+        # A faster route for models of a common shape, giving the same models and
+        # elements as pydantic-xml (see _xmlmodel); None: pydantic-xml only.
+        self._plan = plan_of(cls)
         self.tag = getattr(cls, "__xml_tag__", None) or cls.__name__
         prefix = getattr(cls, "__xml_ns__", None)
         nsmap: dict[str, str] = dict(getattr(cls, "__xml_nsmap__", None) or {})
@@ -333,6 +337,10 @@ class _XmlModelCodec:
         self.qname = qname_of(namespace, self.tag)
 
     def decode(self, element: etree._Element) -> BaseModel:
+        if self._plan is not None:
+            model = self._plan.decode(element)
+            if model is not None:
+                return model
         try:
             return self.cls.from_xml_tree(element)  # type: ignore[attr-defined,no-any-return]
         except ValidationError as exc:
@@ -341,6 +349,8 @@ class _XmlModelCodec:
             raise PayloadInvalid(f"{self.tag}: {exc}") from exc
 
     def encode(self, model: BaseModel) -> etree._Element:
+        if self._plan is not None:
+            return self._plan.encode(model)
         element: etree._Element = model.to_xml_tree()  # type: ignore[attr-defined]
         return element
 
