@@ -433,3 +433,36 @@ async def test_connections_past_the_limit_are_closed_at_once() -> None:
                 client.close()
         # Once they are gone, the server answers again.
         assert await asyncio.to_thread(get, port, "/healthz") == (200, "ok\n")
+
+
+def test_a_node_serves_its_transport_metrics(checks: Path, redis_server: Any) -> None:
+    """On the Redis Streams transport, /metrics says the transport is up and measures
+    each listener's inbox: once everything is answered, nothing is queued or pending."""
+    port = free_port()
+    url = redis_server.url
+    checks.write_text(f"redis: {{prefix: metrics-{checks.parent.name}}}\n{ORGANISM}")
+    args = ("--backend", url, "--transport", url, "--node", "n1",
+            "--metrics", f"127.0.0.1:{port}", "--input", "-")  # fmt: skip
+    with CliProcess(checks, *args) as cli:
+        wait_until(lambda: get_or_none(port, "/healthz") == (200, "ok\n"), "/healthz")
+        for name in ("a", "b", "c"):
+            cli.send(check(name))
+        found: dict[Any, float] = {}
+
+        def measured() -> bool:
+            nonlocal found
+            found = samples(port)
+            return (
+                value(found, "xml_pipeline_egress_total") == 3
+                and value(found, "xml_pipeline_transport_up") == 1
+                and value(found, "xml_pipeline_transport_stream_length", listener="checker") == 0
+            )
+
+        wait_until(measured, "3 replies, the transport up and its inbox measured empty")
+        assert value(found, "xml_pipeline_transport_pending", listener="checker") == 0
+        assert value(found, "xml_pipeline_transport_lag", listener="checker") == 0
+        assert get(port, "/readyz")[0] == 200
+        cli.signal(signal.SIGTERM)  # a node serves until it is stopped
+        _, err = cli.finish()
+    assert cli.returncode == 0, err
+    assert port_closed(port)
