@@ -58,7 +58,10 @@ __all__ = [
     "TOKEN_ENV",
     "TOKEN_HEADER",
     "Dashboard",
+    "conversation_json",
+    "conversations_overview",
     "graph_layout",
+    "live_view",
 ]
 
 INSTALL_HINT = "pip install 'xml-pipeline[web]'"
