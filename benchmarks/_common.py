@@ -371,20 +371,33 @@ def write_report(
 
 @contextlib.asynccontextmanager
 async def running(
-    organism: Organism, *, metrics: list[tuple[str, int]] | None = None, **kwargs: Any
+    organism: Organism,
+    *,
+    metrics: list[tuple[str, int]] | None = None,
+    web: bool = False,
+    **kwargs: Any,
 ) -> AsyncIterator[StreamPump]:
     """``StreamPump(organism, **kwargs)`` with the collector tuned as ``run`` tunes it.
 
     GC tuning is process-wide, so the library leaves it to applications: a benchmark
     is one, and measures the pump as the command line runs it (``pump.gc_threshold``).
     ``metrics``: a list to get the address of the metrics served on a free loopback
-    port, as ``run --metrics`` serves them (None: no metrics).
+    port, as ``run --metrics`` serves them (None: no metrics); ``web``: with the
+    dashboard too, as ``run --metrics ... --web`` serves it.
     """
     with gc_tuning(organism.settings.gc_threshold):
         pump = StreamPump(organism, **kwargs)
         async with contextlib.AsyncExitStack() as stack:
             if metrics is not None:
-                served = await stack.enter_async_context(serve_metrics(pump, "127.0.0.1", 0))
+                dashboard = None
+                if web:
+                    from xml_pipeline.dashboard import Dashboard
+
+                    dashboard = Dashboard()
+                served = await stack.enter_async_context(
+                    serve_metrics(pump, "127.0.0.1", 0, dashboard=dashboard,
+                                  probe_interval_s=1.0 if web else 2.0)
+                )  # fmt: skip
                 metrics.append(served.address)
             async with pump:
                 yield pump

@@ -31,6 +31,7 @@ import gc
 import io
 import pstats
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,20 +77,41 @@ class _Replies:
             self.done.set()
 
 
+def _watch_events(address: tuple[str, int], stop: threading.Event) -> None:
+    """What one open dashboard page does: read the event stream until ``stop``."""
+    import http.client
+
+    while not stop.is_set():
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        try:
+            conn.request("GET", "/api/events")
+            response = conn.getresponse()
+            while not stop.is_set() and response.readline():
+                pass
+        except OSError:
+            stop.wait(0.1)
+        finally:
+            conn.close()
+
+
 async def saturated(
-    org: Organism, messages: list[bytes], hops: int, metrics: bool = False
+    org: Organism, messages: list[bytes], hops: int, metrics: bool = False, web: str = ""
 ) -> dict[str, Any]:
     """Every message injected as fast as the pump admits it; the best case for hops/s.
 
     ``metrics``: served as ``run --metrics`` serves them (histograms, backend calls
     timed, the probe task, the HTTP server on a free loopback port), scraped once at
-    the end."""
+    the end. ``web``: "served" adds the dashboard, "page" one open page's event stream."""
     n = len(messages)
     replies = _Replies(n)
     starts, latencies, done = replies.starts, replies.latencies, replies.done
 
-    served: list[tuple[str, int]] | None = [] if metrics else None
-    async with running(org, egress=replies.egress, metrics=served) as pump:
+    served: list[tuple[str, int]] | None = [] if metrics or web else None
+    stop_page = threading.Event()
+    async with running(org, egress=replies.egress, metrics=served, web=bool(web)) as pump:
+        if web == "page" and served:
+            threading.Thread(target=_watch_events, args=(served[0], stop_page),
+                             daemon=True).start()  # fmt: skip
         gc.collect()
         start = time.perf_counter()
         for seq, data in enumerate(messages):
@@ -98,6 +120,7 @@ async def saturated(
         await asyncio.wait_for(done.wait(), 600)
         elapsed = time.perf_counter() - start
         stats = pump.statistics()
+        stop_page.set()
         if served:
             await asyncio.to_thread(scrape, served[0])
     if stats.dead_letters or stats.rejected:
@@ -157,13 +180,14 @@ def run_saturated(
     loop_name: str,
     profile: bool,
     metrics: bool = False,
+    web: str = "",
 ) -> dict[str, Any]:
     with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
         if not profile:
-            return runner.run(saturated(org, messages, hops, metrics))  # type: ignore[no-any-return]
+            return runner.run(saturated(org, messages, hops, metrics, web))  # type: ignore[no-any-return]
         profiler = cProfile.Profile()
         profiler.enable()
-        result = runner.run(saturated(org, messages, hops, metrics))
+        result = runner.run(saturated(org, messages, hops, metrics, web))
         profiler.disable()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
@@ -195,6 +219,12 @@ def main() -> int:
         help="serve Prometheus metrics during the saturated runs, as run --metrics does "
         "(needs prometheus-client)",
     )
+    ap.add_argument(
+        "--web",
+        choices=("served", "page"),
+        help="also serve the dashboard (run --metrics ... --web): 'served' with no page "
+        "open, 'page' with one page's event stream open",
+    )
     args = ap.parse_args()
 
     lasts = [int(x) for x in args.last.split(",")]
@@ -212,7 +242,7 @@ def main() -> int:
                 profile = args.profile and i == 0
                 result = run_saturated(
                     organisms[last], messages[last], hops_of(last), loop_name, profile,
-                    args.metrics,
+                    args.metrics, args.web or "",
                 )  # fmt: skip
                 runs.setdefault((last, loop_name), []).append(result)
     single: dict[str, list[dict[str, Any]]] = {}

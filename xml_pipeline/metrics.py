@@ -57,6 +57,7 @@ from .backends.memory import MemoryBackend
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
+    from .dashboard import Dashboard
     from .pump import StreamPump
     from .reply import PumpStatistics
 
@@ -549,6 +550,12 @@ class _Server(ThreadingMixIn, WSGIServer):
             self._open.pop(request, None)
             super().shutdown_request(request)
 
+    def extend(self, request: Any, seconds: float) -> None:
+        """Give ``request`` ``seconds`` from now instead (the dashboard's event streams)."""
+        with self._open_lock:
+            if request in self._open:
+                self._open[request] = time.monotonic() + seconds
+
     def service_actions(self) -> None:
         # In serve_forever's thread, at every poll (0.1 s).
         self.abort_requests(time.monotonic())
@@ -600,9 +607,19 @@ class _Handler(WSGIRequestHandler):
     def get_stderr(self) -> Any:
         return _ErrorLog()
 
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        server, request = self.server, self.request
+        if isinstance(server, _Server):
+            environ["xml_pipeline.extend_deadline"] = lambda s: server.extend(request, s)
+        return environ
 
-def _app(metrics_app: Callable[..., Any], probe: _Probe) -> Callable[..., Any]:
-    """Route /healthz and /readyz; /metrics goes to prometheus-client's own app."""
+
+def _app(
+    metrics_app: Callable[..., Any], probe: _Probe, dashboard: Callable[..., Any] | None = None
+) -> Callable[..., Any]:
+    """Route /healthz and /readyz; /metrics goes to prometheus-client's own app, any
+    other path to the dashboard when it is served."""
 
     def text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
         data = body.encode()
@@ -625,6 +642,8 @@ def _app(metrics_app: Callable[..., Any], probe: _Probe) -> Callable[..., Any]:
                 return text(start_response, "503 Service Unavailable",
                             "not ready: " + "; ".join(problems) + "\n")  # fmt: skip
             return text(start_response, "200 OK", "ready\n")
+        if dashboard is not None:
+            return dashboard(environ, start_response)
         return text(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")
 
     return app
@@ -655,6 +674,7 @@ async def serve_metrics(
     *,
     draining: Callable[[], bool] | None = None,
     probe_interval_s: float = 2.0,
+    dashboard: Dashboard | None = None,
 ) -> AsyncIterator[MetricsServer]:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` of ``pump`` for the ``async with``
     block. Enter it before the pump starts (its histograms count from then on).
@@ -674,6 +694,8 @@ async def serve_metrics(
             then answers 503).
         probe_interval_s: how often the counters are read, the backend and the
             transport pinged and the transport's inboxes measured.
+        dashboard: also serve this web dashboard (:mod:`xml_pipeline.dashboard`) on
+            every other path; it reads the same snapshots.
 
     Raises:
         ImportError: prometheus-client is not installed.
@@ -697,7 +719,9 @@ async def serve_metrics(
         collector: Collector = _PumpCollector(pump, probe)
         registry.register(collector)
         ProcessCollector(registry=registry)
-        server.set_app(_app(make_wsgi_app(registry), probe))
+        if dashboard is not None:
+            dashboard.bind(pump, asyncio.get_running_loop(), lambda: probe.snapshot)
+        server.set_app(_app(make_wsgi_app(registry), probe, dashboard))
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1},
             name="xml_pipeline metrics", daemon=True,
@@ -707,6 +731,8 @@ async def serve_metrics(
         try:
             yield MetricsServer(server)
         finally:
+            if dashboard is not None:
+                dashboard.close()
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober

@@ -42,6 +42,7 @@ __all__ = [
     "list_letters",
     "main",
     "purge_letters",
+    "replay_letter",
     "replay_letters",
     "replay_unanswered",
 ]
@@ -324,19 +325,37 @@ async def replay_letters(
     async with _replaying_pump(organism, timeout_s) as pump:
         letters = _select(await pump.backend.deadletter_list(), ids)
         for letter in letters:
-            if not await pump.backend.deadletter_delete(letter.id):
+            fed = await replay_letter(pump, letter)
+            if fed is None:
                 continue  # claimed by another replay (or purged) meanwhile
-            try:
-                fed = await pump.replay(letter)
-            except BaseException:
-                # Not fed back: the letter goes back (under its own id).
-                with anyio.CancelScope(shield=True):
-                    await pump.backend.deadletter_add(letter)
-                raise
-            if not fed:
-                # Refused again: the refusal is a new dead letter, which replaces this
-                # one and keeps its history (first code and reason, attempts).
+            if fed:
+                accepted += 1
+            else:
                 refused += 1
-                continue
-            accepted += 1
     return accepted, refused
+
+
+async def replay_letter(pump: StreamPump, letter: DeadLetter) -> bool | None:
+    """Claim ``letter`` and feed it back through ``pump``: the one replay step that
+    ``deadletters replay`` and the dashboard share.
+
+    The letter is claimed by deleting it from the pump's backend (atomic on every
+    backend: of replays running at once, exactly one feeds it), then fed back
+    (:meth:`~xml_pipeline.StreamPump.replay`). One refused again is replaced by the dead
+    letter of its new refusal (which keeps the first code and reason and counts the
+    attempts); one that could not be fed back (the backend down, the pump stopping,
+    the caller cancelled) is written back under its own id.
+
+    Returns:
+        True if it was fed back and accepted, False if it was refused again, None if
+        it was not there to claim (replayed or purged by someone else).
+    """
+    if not await pump.backend.deadletter_delete(letter.id):
+        return None
+    try:
+        return await pump.replay(letter)
+    except BaseException:
+        # Not fed back: the letter goes back (under its own id).
+        with anyio.CancelScope(shield=True):
+            await pump.backend.deadletter_add(letter)
+        raise

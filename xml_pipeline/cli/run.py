@@ -61,6 +61,11 @@ from ._common import (
 from ._framing import TOO_LARGE, items
 from ._writer import ReplyWriter
 
+# Written here, not imported, so that run does not import the dashboard unless asked.
+TOKEN_ENV = "XML_PIPELINE_WEB_TOKEN"
+TOKEN_HEADER = "X-Dashboard-Token"
+WEB_INSTALL_HINT = "pip install 'xml-pipeline[web]'"
+
 __all__ = ["add_parser", "main"]
 
 
@@ -123,6 +128,18 @@ def add_parser(sub: Any) -> None:
         help="serve /metrics (Prometheus), /healthz and /readyz on this address while "
         "running (HOST defaults to 127.0.0.1; needs pip install 'xml-pipeline[metrics]')",
     )
+    run.add_argument(
+        "--web",
+        action="store_true",
+        help="also serve the live dashboard on the --metrics address (read-only unless "
+        "a token is given; needs pip install 'xml-pipeline[web]')",
+    )
+    run.add_argument(
+        "--web-token",
+        metavar="TOKEN",
+        help="allow the dashboard's actions (replay, purge) to requests that carry this "
+        f"token in the {TOKEN_HEADER} header (default: ${TOKEN_ENV})",
+    )
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
     run.add_argument(
         "--workers",
@@ -166,6 +183,15 @@ def _run_usage_problem(organism: Organism, args: argparse.Namespace) -> str | No
         return "--input -: standard input is closed"
     if not args.sender or not args.sender.isprintable():
         return "--sender must be printable text"
+    if args.web and args.metrics is None:
+        return "--web serves the dashboard on the --metrics address: give --metrics HOST:PORT"
+    if args.web_token is not None and not args.web:
+        return "--web-token applies to --web"
+    if args.web:
+        try:
+            require_prometheus()
+        except ImportError:
+            return f"--web: the dashboard needs prometheus-client: {WEB_INSTALL_HINT}"
     if args.metrics is not None:
         try:
             parse_address(args.metrics)
@@ -337,9 +363,19 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
         if args.metrics is not None:
             host, port = parse_address(args.metrics)
             try:
+                dashboard = None
+                if args.web:
+                    # Imported only when asked for: the core install does not need it.
+                    from ..dashboard import Dashboard
+
+                    dashboard = Dashboard(args.web_token or os.environ.get(TOKEN_ENV))
                 await metrics.enter_async_context(
-                    serve_metrics(pump, host, port, draining=stop.is_set)
-                )
+                    serve_metrics(
+                        pump, host, port, draining=stop.is_set, dashboard=dashboard,
+                        # The live view shows a new snapshot each second at most.
+                        probe_interval_s=1.0 if args.web else 2.0,
+                    )
+                )  # fmt: skip
             except OSError as exc:
                 _error(f"--metrics {args.metrics}: cannot listen: {exc.strerror or exc}")
                 return EXIT_USAGE

@@ -1,0 +1,187 @@
+"""``run --metrics ... --web``: the dashboard over plain HTTP (no browser): what it
+serves, its security properties (token, CSRF, headers, escaping) and the replay path."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_process import CliProcess, wait_until
+from dashboard_organism import HOSTILE, TOKEN, Organism, quote, running_organism
+
+from xml_pipeline.cli import run
+from xml_pipeline.cli.graph import routing_graph
+from xml_pipeline.dashboard import INSTALL_HINT as WEB_HINT
+from xml_pipeline.dashboard import TOKEN_ENV, TOKEN_HEADER, graph_layout
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Organism]:
+    with running_organism(tmp_path_factory.mktemp("dashboard")) as running:
+        yield running
+
+
+def test_the_cli_spells_the_dashboard_names_as_the_dashboard_does() -> None:
+    assert (run.TOKEN_ENV, run.TOKEN_HEADER, run.WEB_INSTALL_HINT) == (
+        TOKEN_ENV, TOKEN_HEADER, WEB_HINT,
+    )  # fmt: skip
+
+
+def test_every_response_carries_the_security_headers(organism: Organism) -> None:
+    for path in ("/", "/conversations", "/deadletters", "/static/dashboard.js",
+                 "/api/graph", "/api/stats", "/api/nothing"):  # fmt: skip
+        _, headers, _ = organism.request("GET", path)
+        csp = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
+        assert "unsafe-inline" not in csp
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+
+
+def test_pages_have_no_inline_script_and_assets_come_from_the_package(
+    organism: Organism,
+) -> None:
+    for path in ("/", "/conversations", "/deadletters"):
+        status, _, body = organism.request("GET", path)
+        assert status == 200
+        page = body.decode()
+        assert page.count("<script") == 1 and '<script src="/static/dashboard.js"' in page
+        assert "http://" not in page and "https://" not in page  # nothing fetched elsewhere
+    _, _, script = organism.request("GET", "/static/dashboard.js")
+    assert b"innerHTML" not in script and b"eval(" not in script
+    assert organism.request("GET", "/static/../__init__.py")[0] == 404
+
+
+def test_the_graph_has_every_listener_and_its_peers(organism: Organism) -> None:
+    graph = organism.get_json("/api/graph")
+    names = {node["name"] for node in graph["nodes"] if node["kind"] == "listener"}
+    assert names == {"checker", "front"}
+    ids = {node["name"]: node["id"] for node in graph["nodes"]}
+    assert {"from": ids["front"], "to": ids["checker"], "dashed": False} in graph["edges"]
+    assert graph["actions"] is True
+
+
+def test_graph_layout_puts_callees_right_of_callers(tmp_path: Path) -> None:
+    from xml_pipeline import load_organism
+
+    org = load_organism(Path(__file__).resolve().parent.parent / "organisms" / "hello.yaml")
+    layout = graph_layout(routing_graph(org))
+    x = {node["name"]: node["x"] for node in layout["nodes"]}
+    assert x["outside"] < x["greeter"] < x["shouter"]
+
+
+def test_counters_move_in_the_event_stream(organism: Organism) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", organism.port, timeout=10)
+    try:
+        conn.request("GET", "/api/events")
+        response = conn.getresponse()
+        assert response.getheader("Content-Type", "").startswith("text/event-stream")
+        before = organism.get_json("/api/stats")["listeners"]["checker"]["handled"]
+        organism.send("count-1", "count-2")
+        seen: list[int] = []
+
+        def moved() -> bool:
+            line = response.readline()
+            if line.startswith(b"data: "):
+                seen.append(json.loads(line[6:])["listeners"]["checker"]["handled"])
+            return bool(seen) and seen[-1] >= before + 2
+
+        wait_until(moved, "the handled counter moving by 2 in the event stream")
+    finally:
+        conn.close()
+
+
+def test_actions_need_the_token_in_a_header_from_the_same_origin(organism: Organism) -> None:
+    organism.send("boom")
+    letter = organism.dead_letter("boom")
+    assert organism.action("replay", letter["id"], token=None)[0] == 401
+    assert organism.action("replay", letter["id"], token="wrong")[0] == 401
+    # In the query string it does not count.
+    status, _, _ = organism.request(
+        "POST", f"/api/deadletters/replay?token={TOKEN}", {"id": letter["id"]},
+        {"Origin": organism.base},
+    )  # fmt: skip
+    assert status == 401
+    assert organism.action("purge", letter["id"], origin=None)[0] == 403
+    assert organism.action("purge", letter["id"], origin="http://evil.example")[0] == 403
+    # A form post (no JSON) is refused even with the token.
+    status, _, _ = organism.request(
+        "POST", "/api/deadletters/purge", None,
+        {"Origin": organism.base, TOKEN_HEADER: TOKEN,
+         "Content-Type": "application/x-www-form-urlencoded", "Content-Length": "0"},
+    )  # fmt: skip
+    assert status in (400, 415)
+    assert organism.get_json("/api/deadletters")["total"] >= 1  # nothing happened
+    status, body = organism.action("purge", letter["id"])
+    assert (status, body["purged"]) == (200, True)
+    assert organism.action("purge", letter["id"])[1]["purged"] is False
+
+
+def test_replay_answers_the_letter_once(organism: Organism) -> None:
+    organism.send("flaky-1")
+    letter = organism.dead_letter("flaky-1")
+    assert letter["code"] == "handler-error" and letter["listener"] == "checker"
+    status, body = organism.action("replay", letter["id"])
+    assert (status, body["result"]) == (200, "replayed")
+    wait_until(lambda: organism.replies_with("<name>flaky-1</name>") == 1, "the replayed answer")
+    assert organism.action("replay", letter["id"])[1]["result"] == "gone"
+    assert organism.replies_with("<name>flaky-1</name>") == 1
+
+
+def test_values_from_messages_are_escaped_in_every_json_answer(organism: Organism) -> None:
+    organism.send(*HOSTILE, "boom")
+    for name in HOSTILE:
+        organism.conversation_of(name)
+    bodies = [
+        organism.request("GET", "/api/conversations")[2],
+        organism.request("GET", "/api/deadletters")[2],
+        *(organism.request("GET", "/api/conversation?id=" + quote(organism.conversation_of(n)))[2]
+          for n in HOSTILE),
+    ]  # fmt: skip
+    for body in bodies:
+        assert b"<" not in body and b">" not in body
+    tree = json.loads(bodies[-1])
+    xml = tree["frame"]["slots"][0]["xml"]
+    assert "&lt;img src=x onerror=alert(1)&gt;" in xml  # the payload, as its XML says it
+
+
+def test_a_conversation_is_found_by_thread_and_by_first_message_id(organism: Organism) -> None:
+    organism.send("tree-1")
+    thread = organism.conversation_of("tree-1")
+    tree = organism.get_json("/api/conversation?id=" + quote(thread))
+    root = tree["frame"]
+    assert root["listener"] is None and [s["direction"] for s in root["slots"]] == ["out", "in"]
+    assert root["children"][0]["listener"] == "checker"
+    by_message = organism.get_json("/api/conversation?id=" + quote(root["slots"][0]["message"]))
+    assert by_message["conversation"] == tree["conversation"]
+    assert organism.request("GET", "/api/conversation?id=nope")[0] == 404
+    recent = organism.get_json("/api/conversations")["recent"]
+    assert any(c["conversation"] == tree["conversation"] for c in recent)
+
+
+def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
+    with running_organism(tmp_path, token=None) as organism:
+        organism.send("boom")
+        letter = organism.dead_letter("boom")
+        status, body = organism.action("replay", letter["id"], token="anything")
+        assert status == 403 and "read-only" in body["error"]
+        assert organism.get_json("/api/deadletters")["actions"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--web"], "--web serves the dashboard on the --metrics address"),
+        (["--web-token", "x"], "--web-token applies to --web"),
+    ],
+)
+def test_web_usage_errors(args: list[str], message: str) -> None:
+    organism = Path(__file__).resolve().parent.parent / "organisms" / "hello.yaml"
+    with CliProcess(organism, *args) as process:
+        _, err = process.finish()
+    assert process.returncode == 2
+    assert message in err.decode()
