@@ -734,12 +734,15 @@ async def test_a_cancelled_connection_task_fails_its_calls_and_the_next_call_rec
     try:
         await backend.ping()
         [watcher] = _watchers()
-        call = asyncio.ensure_future(backend.buffer_thread_len("t"))
+        # A 4 MiB request: the server takes milliseconds to read it, so it cannot be
+        # answered before the watcher is cancelled (a small call could be, under load).
+        big = _slot("big")._replace(xml=b"<P>" + b"x" * (4 << 20) + b"</P>")
+        call = asyncio.ensure_future(backend.buffer_append("t", big))
         await asyncio.sleep(0)  # written, not answered yet
         watcher.cancel()
         with pytest.raises(BackendUnavailable):
             await call
-        assert await backend.buffer_thread_len("t") == 0
+        assert await backend.buffer_thread_len("other") == 0
         assert backend.statistics().connects == 2
     finally:
         await backend.aclose()
