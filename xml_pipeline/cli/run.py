@@ -39,6 +39,7 @@ from typing import Any
 from .._stats import table
 from ..backends import backend_scheme, redact_url, serves
 from ..config import Organism
+from ..dashboard import TOKEN_ENV, TOKEN_HEADER, Dashboard
 from ..exceptions import BackendUnavailable, MessageTooLarge, XmlPipelineError
 from ..metrics import parse_address, require_prometheus, serve_metrics
 from ..pump import StreamPump
@@ -61,9 +62,6 @@ from ._common import (
 from ._framing import TOO_LARGE, items
 from ._writer import ReplyWriter
 
-# Written here, not imported, so that run does not import the dashboard unless asked.
-TOKEN_ENV = "XML_PIPELINE_WEB_TOKEN"
-TOKEN_HEADER = "X-Dashboard-Token"
 WEB_INSTALL_HINT = "pip install 'xml-pipeline[web]'"
 
 __all__ = ["add_parser", "main"]
@@ -365,9 +363,6 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
             try:
                 dashboard = None
                 if args.web:
-                    # Imported only when asked for: the core install does not need it.
-                    from ..dashboard import Dashboard
-
                     dashboard = Dashboard(args.web_token or os.environ.get(TOKEN_ENV))
                 await metrics.enter_async_context(
                     serve_metrics(

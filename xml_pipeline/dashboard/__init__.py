@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..backends.base import Backend, DeadLetter, Slot
+from ..cli.deadletters import replay_letter
 from ..cli.graph import RoutingGraph, routing_graph
 from ..cli.thread import AmbiguousId, Conversation, FrameTree, find_conversation
 from ..exceptions import MessageError
@@ -535,8 +536,6 @@ class Dashboard:
             lambda: self._replay(letter_id))})  # fmt: skip
 
     async def _replay(self, letter_id: str) -> dict[str, Any]:
-        from ..cli.deadletters import replay_letter
-
         pump = self._pump
         if pump is None:
             raise _HttpError("503 Service Unavailable", "the organism is not running")
