@@ -163,6 +163,53 @@ def test_a_conversation_is_found_by_thread_and_by_first_message_id(organism: Org
     assert any(c["conversation"] == tree["conversation"] for c in recent)
 
 
+def test_a_request_naming_another_host_is_refused(organism: Organism) -> None:
+    # After a DNS rebinding, a hostile page's requests reach this port naming its host.
+    evil = f"evil.example:{organism.port}"
+    for path in ("/", "/api/deadletters", "/api/conversations", "/api/stats"):
+        status, headers, body = organism.request("GET", path, headers={"Host": evil})
+        assert status == 421, path
+        assert "error" in json.loads(body)
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    organism.send("boom")
+    letter = organism.dead_letter("boom")
+    status, _, _ = organism.request(
+        "POST", "/api/deadletters/purge", {"id": letter["id"]},
+        {"Host": evil, "Origin": f"http://{evil}", TOKEN_HEADER: TOKEN},
+    )  # fmt: skip
+    assert status == 421
+    for origin in (f"http://evil.example:{organism.port}", f"https://127.0.0.1:{organism.port}",
+                   "null"):  # fmt: skip
+        assert organism.action("purge", letter["id"], origin=origin)[0] == 403, origin
+    assert any(item["id"] == letter["id"]
+               for item in organism.get_json("/api/deadletters")["letters"])  # fmt: skip
+    for host in (f"localhost:{organism.port}", f"[::1]:{organism.port}"):
+        assert organism.request("GET", "/api/stats", headers={"Host": host})[0] == 200, host
+
+
+def test_api_requests_a_browser_marks_cross_site_are_refused(organism: Organism) -> None:
+    status, _, body = organism.request(
+        "GET", "/api/stats", headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert status == 403 and "cross-site" in json.loads(body)["error"]
+    same = organism.request("GET", "/api/stats", headers={"Sec-Fetch-Site": "same-origin"})
+    assert same[0] == 200
+
+
+def test_web_host_names_a_proxy_s_host(tmp_path: Path) -> None:
+    with running_organism(tmp_path, extra=["--web-host", "dash.example"]) as organism:
+        for host in ("dash.example", f"dash.example:{organism.port}"):
+            assert organism.request("GET", "/api/stats", headers={"Host": host})[0] == 200
+        assert organism.request("GET", "/api/stats", headers={"Host": "other.example"})[0] == 421
+        organism.send("boom")
+        letter = organism.dead_letter("boom")
+        status, _, body = organism.request(
+            "POST", "/api/deadletters/purge", {"id": letter["id"]},
+            {"Host": "dash.example", "Origin": "http://dash.example", TOKEN_HEADER: TOKEN},
+        )  # fmt: skip
+        assert (status, json.loads(body)["purged"]) == (200, True)
+
+
 def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
     with running_organism(tmp_path, token=None) as organism:
         organism.send("boom")
@@ -177,6 +224,7 @@ def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
     [
         (["--web"], "--web serves the dashboard on the --metrics address"),
         (["--web-token", "x"], "--web-token applies to --web"),
+        (["--web-host", "x"], "--web-host applies to --web"),
     ],
 )
 def test_web_usage_errors(args: list[str], message: str) -> None:

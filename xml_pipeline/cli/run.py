@@ -140,6 +140,15 @@ def add_parser(sub: Any) -> None:
         help="allow the dashboard's actions (replay, purge) to requests that carry this "
         f"token in the {TOKEN_HEADER} header (default: ${TOKEN_ENV})",
     )
+    run.add_argument(
+        "--web-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (or NAME:PORT), as a reverse "
+        "proxy in front of the dashboard may send; repeatable (by default only the "
+        "--metrics address and localhost, 127.0.0.1, [::1] with its port)",
+    )
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
     run.add_argument(
         "--workers",
@@ -187,6 +196,11 @@ def _run_usage_problem(organism: Organism, args: argparse.Namespace) -> str | No
         return "--web serves the dashboard on the --metrics address: give --metrics HOST:PORT"
     if args.web_token is not None and not args.web:
         return "--web-token applies to --web"
+    if args.web_host and not args.web:
+        return "--web-host applies to --web"
+    if any(not name or not name.isprintable() or any(c in name for c in "/ @")
+           for name in args.web_host):  # fmt: skip
+        return "--web-host takes a host name (NAME or NAME:PORT)"
     if args.web:
         try:
             require_prometheus()
@@ -368,7 +382,9 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
                     # Imported only when asked for: the core install does not need it.
                     from ..dashboard import Dashboard
 
-                    dashboard = Dashboard(args.web_token or os.environ.get(TOKEN_ENV))
+                    dashboard = Dashboard(
+                        args.web_token or os.environ.get(TOKEN_ENV), hosts=args.web_host
+                    )
                 await metrics.enter_async_context(
                     serve_metrics(
                         pump, host, port, draining=stop.is_set, dashboard=dashboard,

@@ -19,10 +19,14 @@ the loop with :func:`asyncio.run_coroutine_threadsafe` and waited for with a
 deadline; a stuck loop makes those requests answer 503, never hang.
 
 Safety: read-only unless a token is given (``--web-token`` or ``XML_PIPELINE_WEB_TOKEN``).
-Actions (replay, purge) are POSTs that carry the token in the ``X-Dashboard-Token``
-header (never a query string, no cookies) and an ``Origin`` naming the same host
-and port as ``Host``: a page of another site can send neither (a custom header makes
-the browser ask first, and nothing here allows it). Every response carries a strict
+Every request must name an allowed ``Host`` (the bound ``host:port``, ``localhost``,
+``127.0.0.1`` or ``[::1]`` with the port, or a name given with ``--web-host``), else it
+is refused with 421: after a DNS rebinding a hostile page's requests name its own host,
+so it can read nothing. ``/api/`` requests a browser marks ``Sec-Fetch-Site:
+cross-site`` are refused too. Actions (replay, purge) are POSTs that carry the token in
+the ``X-Dashboard-Token`` header (never a query string, no cookies) and an ``Origin``
+of ``http://`` and an allowed host: a page of another site can send neither (a custom
+header makes the browser ask first, and nothing here allows it). Every response carries a strict
 Content-Security-Policy (``default-src 'self'``, no inline script, ``frame-ancestors
 'none'``) and ``X-Content-Type-Options: nosniff``. Values from messages reach the page
 only as JSON, whose ``<``, ``>`` and ``&`` are escaped, and the script sets them as
@@ -36,7 +40,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -58,6 +62,7 @@ __all__ = [
     "TOKEN_ENV",
     "TOKEN_HEADER",
     "Dashboard",
+    "allowed_hosts",
     "conversation_json",
     "conversations_overview",
     "graph_layout",
@@ -109,9 +114,23 @@ _BODY_CAP = 4096  # bytes of a POST body read
 
 
 class _HttpError(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
+        self.headers = headers
+
+
+def allowed_hosts(address: tuple[str, int], names: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` values the dashboard bound to ``address`` answers (lower case):
+    ``host:port`` as bound, the loopback names with the port, and each of ``names``
+    (from ``--web-host``) as given and with the port."""
+    host, port = address
+    bound = f"[{host}]" if ":" in host else host
+    allowed = {f"{bound}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+    for name in names:
+        allowed |= {name, f"{name}:{port}"}
+    return frozenset(h.lower() for h in allowed)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -321,10 +340,14 @@ class Dashboard:
 
     Args:
         token: the token actions need (None: read-only).
+        hosts: more names requests may give as ``Host`` (``--web-host``: the name a
+            reverse proxy passes on), besides the bound address and the loopback.
     """
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, hosts: Iterable[str] = ()) -> None:
         self.token = token or None
+        self._names = tuple(hosts)
+        self._hosts: frozenset[str] = frozenset()
         self._pump: StreamPump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._snapshot: Callable[[], Any] = lambda: None
@@ -334,11 +357,17 @@ class Dashboard:
         self._closing = threading.Event()
 
     def bind(
-        self, pump: StreamPump, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], Any]
+        self,
+        pump: StreamPump,
+        loop: asyncio.AbstractEventLoop,
+        snapshot: Callable[[], Any],
+        address: tuple[str, int],
     ) -> None:
-        """Attach to ``pump`` running on ``loop``; ``snapshot()`` returns the probe's
-        latest snapshot (called in request threads)."""
+        """Attach to ``pump`` running on ``loop``, served on ``address`` (host, port as
+        bound); ``snapshot()`` returns the probe's latest snapshot (called in request
+        threads)."""
         self._pump, self._loop, self._snapshot = pump, loop, snapshot
+        self._hosts = allowed_hosts(address, self._names)
         graph = routing_graph(pump.organism)
         self._layout = graph_layout(graph)
         self._cpu_bound = {node.name: node.cpu_bound for node in graph.listeners}
@@ -370,22 +399,37 @@ class Dashboard:
 
     @staticmethod
     def _respond(
-        start_response: Callable[..., Any], status: str, body: bytes, content_type: str
-    ) -> list[bytes]:
+        start_response: Callable[..., Any], status: str, body: bytes, content_type: str,
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> list[bytes]:  # fmt: skip
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        start_response(status, [*headers, *_SECURITY_HEADERS])
+        start_response(status, [*headers, *extra, *_SECURITY_HEADERS])
         return [body]
 
-    def _json(self, start_response: Callable[..., Any], value: Any,
-              status: str = "200 OK") -> list[bytes]:  # fmt: skip
+    def _json(self, start_response: Callable[..., Any], value: Any, status: str = "200 OK",
+              extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:  # fmt: skip
         return self._respond(start_response, status, _json_bytes(value),
-                             "application/json; charset=utf-8")  # fmt: skip
+                             "application/json; charset=utf-8", extra)  # fmt: skip
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         try:
+            self._check_host(environ)
             return self._route(environ, start_response)
         except _HttpError as exc:
-            return self._json(start_response, {"error": str(exc)}, exc.status)
+            return self._json(start_response, {"error": str(exc)}, exc.status, exc.headers)
+
+    def _check_host(self, environ: dict[str, Any]) -> None:
+        """Refuse a request that names another host (a DNS rebinding) or that a
+        browser says comes from another site."""
+        if environ.get("HTTP_HOST", "").lower() not in self._hosts:
+            raise _HttpError(
+                "421 Misdirected Request",
+                "this dashboard does not serve that host name "
+                "(a proxy must pass Host on, or be named with --web-host)",
+            )
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/api/") and environ.get("HTTP_SEC_FETCH_SITE") == "cross-site":
+            raise _HttpError("403 Forbidden", "cross-site request refused")
 
     def _route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -496,13 +540,12 @@ class Dashboard:
 
     def _check_action(self, environ: dict[str, Any]) -> None:
         """Raise unless a POST carries the token in its header and comes from a page
-        of this server (``Origin`` naming ``Host``)."""
+        of this server (``Origin``: ``http://`` and an allowed host)."""
         if self.token is None:
             raise _HttpError("403 Forbidden", "read-only: start run with --web-token "
                              f"(or {TOKEN_ENV}) to allow actions")  # fmt: skip
-        origin = environ.get("HTTP_ORIGIN", "")
-        host = environ.get("HTTP_HOST", "")
-        if not origin or not host or urlsplit(origin).netloc != host:
+        origin = urlsplit(environ.get("HTTP_ORIGIN", ""))
+        if origin.scheme != "http" or origin.netloc.lower() not in self._hosts or origin.path:
             raise _HttpError("403 Forbidden", "cross-origin request refused")
         given = environ.get("HTTP_" + TOKEN_HEADER.upper().replace("-", "_"), "")
         if not hmac.compare_digest(given.encode(), self.token.encode()):
