@@ -3,19 +3,25 @@ serves, its security properties (token, CSRF, headers, escaping) and the replay 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cli_process import CliProcess, wait_until
+from cli_process import ROOT, CliProcess, until, wait_until
 from dashboard_organism import HOSTILE, TOKEN, Organism, quote, running_organism
 
+import xml_pipeline.dashboard as dashboard_module
+from xml_pipeline import StreamPump, load_organism
 from xml_pipeline.cli import run
 from xml_pipeline.cli.graph import routing_graph
 from xml_pipeline.dashboard import INSTALL_HINT as WEB_HINT
-from xml_pipeline.dashboard import TOKEN_ENV, TOKEN_HEADER, graph_layout
+from xml_pipeline.dashboard import TOKEN_ENV, TOKEN_HEADER, Dashboard, graph_layout
+from xml_pipeline.metrics import serve_metrics
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -159,8 +165,12 @@ def test_a_conversation_is_found_by_thread_and_by_first_message_id(organism: Org
     by_message = organism.get_json("/api/conversation?id=" + quote(root["slots"][0]["message"]))
     assert by_message["conversation"] == tree["conversation"]
     assert organism.request("GET", "/api/conversation?id=nope")[0] == 404
-    recent = organism.get_json("/api/conversations")["recent"]
-    assert any(c["conversation"] == tree["conversation"] for c in recent)
+    # The overview is a copy at most a second old.
+    wait_until(
+        lambda: any(c["conversation"] == tree["conversation"]
+                    for c in organism.get_json("/api/conversations")["recent"]),
+        "the conversation in the overview",
+    )  # fmt: skip
 
 
 def test_a_request_naming_another_host_is_refused(organism: Organism) -> None:
@@ -233,3 +243,98 @@ def test_web_usage_errors(args: list[str], message: str) -> None:
         _, err = process.finish()
     assert process.returncode == 2
     assert message in err.decode()
+
+
+# -- in-process: a pump with the dashboard on its metrics server -----------------------
+
+
+@asynccontextmanager
+async def served(token: str | None = None) -> AsyncIterator[tuple[StreamPump, int]]:
+    """The hello organism running with the dashboard; (pump, port)."""
+    pump = StreamPump(load_organism(ROOT / "organisms" / "hello.yaml"))
+    async with serve_metrics(pump, "127.0.0.1", 0, dashboard=Dashboard(token)) as server, pump:
+        yield pump, server.address[1]
+
+
+def fetch(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request (in a thread: the loop must run meanwhile)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_a_second_expensive_read_meanwhile_is_answered_429() -> None:
+    async with served() as (pump, port):
+        started, release = asyncio.Event(), asyncio.Event()
+        listed = pump.backend.deadletter_list
+
+        async def slow(limit: int | None = None) -> Any:
+            started.set()
+            await release.wait()
+            return await listed(limit)
+
+        pump.backend.deadletter_list = slow  # type: ignore[method-assign]
+        first = asyncio.ensure_future(asyncio.to_thread(fetch, port, "GET", "/api/deadletters"))
+        await asyncio.wait_for(started.wait(), 10)
+        for path in ("/api/conversations", "/api/conversation?id=nope", "/api/deadletters"):
+            status, headers, body = await asyncio.to_thread(fetch, port, "GET", path)
+            assert (status, headers.get("Retry-After")) == (429, "1"), path
+            assert "error" in json.loads(body)
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        release.set()
+        assert (await first)[0] == 200
+        assert (await asyncio.to_thread(fetch, port, "GET", "/api/conversations"))[0] == 200
+
+
+@pytest.mark.anyio
+async def test_the_overview_and_the_dead_letters_are_read_once_a_second_at_most() -> None:
+    async with served() as (pump, port):
+        calls = {"registry": 0, "letters": 0}
+        registry, letters = pump.backend.registry_list_all, pump.backend.deadletter_list
+
+        async def count_registry() -> Any:
+            calls["registry"] += 1
+            return await registry()
+
+        async def count_letters(limit: int | None = None) -> Any:
+            calls["letters"] += 1
+            return await letters(limit)
+
+        pump.backend.registry_list_all = count_registry  # type: ignore[method-assign]
+        pump.backend.deadletter_list = count_letters  # type: ignore[method-assign]
+        for _ in range(3):
+            for path in ("/api/conversations", "/api/deadletters"):
+                assert (await asyncio.to_thread(fetch, port, "GET", path))[0] == 200
+        assert calls == {"registry": 1, "letters": 1}
+
+
+@pytest.mark.anyio
+async def test_a_search_by_message_id_is_refused_beyond_the_registry_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard_module, "_SEARCH_CAP", 5)
+    async with served() as (pump, port):
+        for n in range(6):
+            await pump.backend.registry_set(f"chain-{n}", f"uuid-{n}")
+        status, _, body = await asyncio.to_thread(fetch, port, "GET", "/api/conversation?id=x")
+        assert status == 400
+        assert json.loads(body)["error"] == (
+            "search by thread id; the registry holds 6 frames, too many to scan"
+        )
+
+        async def known() -> bool:
+            status, _, _ = await asyncio.to_thread(
+                fetch, port, "GET", "/api/conversation?id=uuid-1"
+            )
+            return status != 400  # a thread id is one lookup: never refused
+
+        await until(known, "a thread id searched")

@@ -109,6 +109,13 @@ _LOOP_TIMEOUT_S = 4.0
 _SCAN_CONVERSATIONS = 500
 _SHOWN = 25
 _DEAD_LETTERS = 200  # dead letters listed
+# The reads that grow with the store (a registry listing, every dead letter) run one at
+# a time: a second one meanwhile is answered 429. The overview and the dead letters are
+# answered from a copy at most this old, so open pages that poll cost one read a second.
+_CACHE_S = 1.0
+# A search by message id reads one history per conversation: refused (400) beyond this
+# many registry entries; a thread id is one lookup whatever the size.
+_SEARCH_CAP = 20_000
 _DATA_CAP = 4096  # bytes of a letter's original message shown
 _BODY_CAP = 4096  # bytes of a POST body read
 
@@ -354,6 +361,9 @@ class Dashboard:
         self._layout: dict[str, Any] = {}
         self._cpu_bound: dict[str, bool] = {}
         self._streams = threading.Semaphore(_MAX_STREAMS)
+        self._expensive = threading.Semaphore(1)
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._cache_lock = threading.Lock()
         self._closing = threading.Event()
 
     def bind(
@@ -396,6 +406,28 @@ class Dashboard:
                 "503 Service Unavailable",
                 f"the event loop did not answer within {_LOOP_TIMEOUT_S:g} s",
             ) from exc
+
+    def _read_on_loop(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """:meth:`_on_loop` for a read that grows with the store: one at a time."""
+        if not self._expensive.acquire(blocking=False):
+            raise _HttpError("429 Too Many Requests", "another read is under way: retry",
+                             (("Retry-After", "1"),))  # fmt: skip
+        try:
+            return self._on_loop(make)
+        finally:
+            self._expensive.release()
+
+    def _cached(self, key: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """The answer of :meth:`_read_on_loop` for ``key``, read again once older than
+        ``_CACHE_S``."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_S:
+            return hit[1]
+        value = self._read_on_loop(make)
+        with self._cache_lock:
+            self._cache[key] = (time.monotonic(), value)
+        return value
 
     @staticmethod
     def _respond(
@@ -453,8 +485,8 @@ class Dashboard:
         if path == "/api/events":
             return self._events(environ, start_response)
         if path == "/api/conversations":
-            return self._json(start_response, self._on_loop(
-                lambda: conversations_overview(self._backend())))  # fmt: skip
+            return self._json(start_response, self._cached(
+                "conversations", lambda: conversations_overview(self._backend())))  # fmt: skip
         if path == "/api/conversation":
             return self._conversation(start_response, (query.get("id") or [""])[0].strip())
         if path == "/api/deadletters":
@@ -504,10 +536,17 @@ class Dashboard:
             raise _HttpError("400 Bad Request", "give ?id= a thread id or a message id")
 
         async def read() -> Any:
-            return await find_conversation(self._backend(), wanted)
+            backend = self._backend()
+            if await backend.registry_get_chain(wanted) is None:
+                # Not a frame's id: finding it by message id reads every conversation.
+                entries = (await backend.info()).get("registry_entries", 0)
+                if entries > _SEARCH_CAP:
+                    raise _HttpError("400 Bad Request", "search by thread id; the registry "
+                                     f"holds {entries} frames, too many to scan")  # fmt: skip
+            return await find_conversation(backend, wanted)
 
         try:
-            found = self._on_loop(read)
+            found = self._read_on_loop(read)
         except AmbiguousId as exc:
             raise _HttpError("409 Conflict", str(exc)) from exc
         if found is None:
@@ -522,7 +561,7 @@ class Dashboard:
         async def read() -> list[DeadLetter]:
             return await self._backend().deadletter_list(None)
 
-        letters = self._on_loop(read)
+        letters: list[DeadLetter] = self._cached("deadletters", read)
         codes = sorted({letter.code for letter in letters})
         listeners = sorted({letter.listener for letter in letters if letter.listener})
         chosen = [
@@ -571,11 +610,17 @@ class Dashboard:
             raise _HttpError("400 Bad Request", 'expected {"id": "..."}') from exc
         if not isinstance(letter_id, str) or not letter_id:
             raise _HttpError("400 Bad Request", "id must be a string")
-        if path.endswith("/purge"):
-            deleted = self._on_loop(lambda: self._backend().deadletter_delete(letter_id))
-            return self._json(start_response, {"id": letter_id, "purged": bool(deleted)})
-        return self._json(start_response, {"id": letter_id, **self._on_loop(
-            lambda: self._replay(letter_id))})  # fmt: skip
+        try:
+            if path.endswith("/purge"):
+                deleted = self._on_loop(lambda: self._backend().deadletter_delete(letter_id))
+                result = {"purged": bool(deleted)}
+            else:
+                # Replay lists every dead letter (the backends have no lookup by id).
+                result = self._read_on_loop(lambda: self._replay(letter_id))
+        finally:
+            with self._cache_lock:
+                self._cache.clear()  # the page reads the letters again after an action
+        return self._json(start_response, {"id": letter_id, **result})
 
     async def _replay(self, letter_id: str) -> dict[str, Any]:
         from ..cli.deadletters import replay_letter
