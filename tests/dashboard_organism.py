@@ -57,7 +57,7 @@ listeners:
     handler: checks:relay
     peers: [checker]
 """
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-of-the-tests"
 HOSTILE = ('<script>alert("x")</script>', '"><img src=x onerror=alert(1)>')
 
 
@@ -153,7 +153,8 @@ def running_organism(
     args: list[str | Path] = [folder / "organism.yaml", "--input", "-", "--to", "checker",
                               "--metrics", f"127.0.0.1:{port}", "--web"]  # fmt: skip
     if token is not None:
-        args += ["--web-token", token]
+        (folder / "token").write_text(token + "\n")
+        args += ["--web-token-file", folder / "token"]
     args += extra
     with CliProcess(*args) as process:
         organism = Organism(process, port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,13 +15,20 @@ from typing import Any
 import pytest
 from cli_process import ROOT, CliProcess, until, wait_until
 from dashboard_organism import HOSTILE, TOKEN, Organism, quote, running_organism
+from redis_server import free_port
 
 import xml_pipeline.dashboard as dashboard_module
 from xml_pipeline import StreamPump, load_organism
 from xml_pipeline.cli import run
 from xml_pipeline.cli.graph import routing_graph
 from xml_pipeline.dashboard import INSTALL_HINT as WEB_HINT
-from xml_pipeline.dashboard import TOKEN_ENV, TOKEN_HEADER, Dashboard, graph_layout
+from xml_pipeline.dashboard import (
+    MIN_TOKEN,
+    TOKEN_ENV,
+    TOKEN_HEADER,
+    Dashboard,
+    graph_layout,
+)
 from xml_pipeline.metrics import serve_metrics
 
 pytestmark = pytest.mark.timeout(90)
@@ -33,8 +41,8 @@ def organism(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Organism]:
 
 
 def test_the_cli_spells_the_dashboard_names_as_the_dashboard_does() -> None:
-    assert (run.TOKEN_ENV, run.TOKEN_HEADER, run.WEB_INSTALL_HINT) == (
-        TOKEN_ENV, TOKEN_HEADER, WEB_HINT,
+    assert (run.TOKEN_ENV, run.TOKEN_HEADER, run.WEB_INSTALL_HINT, run.MIN_TOKEN) == (
+        TOKEN_ENV, TOKEN_HEADER, WEB_HINT, MIN_TOKEN,
     )  # fmt: skip
 
 
@@ -220,6 +228,47 @@ def test_web_host_names_a_proxy_s_host(tmp_path: Path) -> None:
         assert (status, json.loads(body)["purged"]) == (200, True)
 
 
+def test_short_tokens_from_a_file_or_the_environment_are_usage_errors(tmp_path: Path) -> None:
+    organism = Path(__file__).resolve().parent.parent / "organisms" / "hello.yaml"
+    (tmp_path / "token").write_text("  fifteen-chars!!  \n")  # stripped: 15
+    web = ["--metrics", "127.0.0.1:9", "--web"]
+    with CliProcess(organism, *web, "--web-token-file", tmp_path / "token") as process:
+        _, err = process.finish()
+    assert process.returncode == 2
+    assert b"--web-token-file: the token needs at least 16 characters" in err
+    env = {**os.environ, TOKEN_ENV: "short"}
+    with CliProcess(organism, *web, env=env) as process:
+        _, err = process.finish()
+    assert process.returncode == 2
+    assert f"${TOKEN_ENV}: the token needs at least 16 characters".encode() in err
+
+
+def test_a_token_on_the_command_line_is_warned_about(tmp_path: Path) -> None:
+    organism = Path(__file__).resolve().parent.parent / "organisms" / "hello.yaml"
+    port = free_port()
+    with CliProcess(organism, "--metrics", f"127.0.0.1:{port}", "--web", "--input", "-",
+                    "--web-token", TOKEN) as process:  # fmt: skip
+        process.wait_for_stderr(b"visible to other local users")
+        _, err = process.finish()
+    assert b"WARNING" in err and b"--web-token-file" in err and TOKEN_ENV.encode() in err
+
+
+def test_wrong_tokens_lock_the_actions_out_for_a_while(tmp_path: Path) -> None:
+    with running_organism(tmp_path) as organism:
+        organism.send("boom")
+        letter = organism.dead_letter("boom")
+        for n in range(5):
+            assert organism.action("purge", letter["id"], token=f"wrong-{n}")[0] == 401
+        status, headers, body = organism.request(
+            "POST", "/api/deadletters/purge", {"id": letter["id"]},
+            {"Origin": organism.base, TOKEN_HEADER: TOKEN},
+        )  # fmt: skip
+        assert status == 429 and 1 <= int(headers["Retry-After"]) <= 10
+        assert "too many wrong tokens" in json.loads(body)["error"]
+        assert any(item["id"] == letter["id"]
+                   for item in organism.get_json("/api/deadletters")["letters"])  # fmt: skip
+
+
 def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
     with running_organism(tmp_path, token=None) as organism:
         organism.send("boom")
@@ -234,6 +283,19 @@ def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
     [
         (["--web"], "--web serves the dashboard on the --metrics address"),
         (["--web-token", "x"], "--web-token applies to --web"),
+        (["--web-token-file", "x"], "--web-token-file applies to --web"),
+        (
+            ["--metrics", "127.0.0.1:9", "--web", "--web-token", "fifteen-chars!!"],
+            "--web-token: the token needs at least 16 characters",
+        ),
+        (
+            ["--metrics", "127.0.0.1:9", "--web", "--web-token-file", "no/such/file"],
+            "--web-token-file no/such/file: cannot read",
+        ),
+        (
+            ["--metrics", "127.0.0.1:9", "--web", "--web-token", "x" * 16, "--web-token-file", "x"],
+            "give --web-token or --web-token-file, not both",
+        ),
         (["--web-host", "x"], "--web-host applies to --web"),
     ],
 )

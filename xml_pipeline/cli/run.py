@@ -65,6 +65,7 @@ from ._writer import ReplyWriter
 TOKEN_ENV = "XML_PIPELINE_WEB_TOKEN"
 TOKEN_HEADER = "X-Dashboard-Token"
 WEB_INSTALL_HINT = "pip install 'xml-pipeline[web]'"
+MIN_TOKEN = 16  # characters of a dashboard token, at least
 
 __all__ = ["add_parser", "main"]
 
@@ -135,10 +136,17 @@ def add_parser(sub: Any) -> None:
         "a token is given; needs pip install 'xml-pipeline[web]')",
     )
     run.add_argument(
+        "--web-token-file",
+        metavar="PATH",
+        help="allow the dashboard's actions (replay, purge) to requests that carry the "
+        f"token this file holds (stripped; at least {MIN_TOKEN} characters) in the "
+        f"{TOKEN_HEADER} header (default: ${TOKEN_ENV})",
+    )
+    run.add_argument(
         "--web-token",
         metavar="TOKEN",
-        help="allow the dashboard's actions (replay, purge) to requests that carry this "
-        f"token in the {TOKEN_HEADER} header (default: ${TOKEN_ENV})",
+        help="the token itself (visible to other local users in the process list: "
+        f"prefer --web-token-file or ${TOKEN_ENV})",
     )
     run.add_argument(
         "--web-host",
@@ -194,8 +202,14 @@ def _run_usage_problem(organism: Organism, args: argparse.Namespace) -> str | No
         return "--sender must be printable text"
     if args.web and args.metrics is None:
         return "--web serves the dashboard on the --metrics address: give --metrics HOST:PORT"
-    if args.web_token is not None and not args.web:
-        return "--web-token applies to --web"
+    for option, value in (("--web-token", args.web_token),
+                          ("--web-token-file", args.web_token_file)):  # fmt: skip
+        if value is not None and not args.web:
+            return f"{option} applies to --web"
+    if args.web:
+        problem = _resolve_web_token(args)
+        if problem:
+            return problem
     if args.web_host and not args.web:
         return "--web-host applies to --web"
     if any(not name or not name.isprintable() or any(c in name for c in "/ @")
@@ -254,6 +268,32 @@ async def _feed(pump: StreamPump, organism: Organism, args: argparse.Namespace) 
 
 
 # -- the run -------------------------------------------------------------------------
+
+
+def _resolve_web_token(args: argparse.Namespace) -> str | None:
+    """Set ``args.dashboard_token`` from --web-token-file, --web-token or the
+    environment; the usage problem, if any."""
+    if args.web_token is not None and args.web_token_file is not None:
+        return "give --web-token or --web-token-file, not both"
+    if args.web_token_file is not None:
+        try:
+            with open(args.web_token_file, encoding="utf-8") as file:
+                token: str | None = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"--web-token-file {args.web_token_file}: cannot read: {exc}"
+        source = "--web-token-file"
+    elif args.web_token is not None:
+        logger.warning(
+            "--web-token: the token is visible to other local users (process list, shell "
+            "history); prefer $%s or --web-token-file", TOKEN_ENV,
+        )  # fmt: skip
+        token, source = args.web_token, "--web-token"
+    else:
+        token, source = os.environ.get(TOKEN_ENV) or None, f"${TOKEN_ENV}"
+    if token is not None and len(token) < MIN_TOKEN:
+        return f"{source}: the token needs at least {MIN_TOKEN} characters"
+    args.dashboard_token = token
+    return None
 
 
 def _run(organism: Organism, args: argparse.Namespace) -> int:
@@ -382,9 +422,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
                     # Imported only when asked for: the core install does not need it.
                     from ..dashboard import Dashboard
 
-                    dashboard = Dashboard(
-                        args.web_token or os.environ.get(TOKEN_ENV), hosts=args.web_host
-                    )
+                    dashboard = Dashboard(args.dashboard_token, hosts=args.web_host)
                 await metrics.enter_async_context(
                     serve_metrics(
                         pump, host, port, draining=stop.is_set, dashboard=dashboard,

@@ -18,7 +18,9 @@ object (conversations, dead letters, replay): one coroutine per request, submitt
 the loop with :func:`asyncio.run_coroutine_threadsafe` and waited for with a
 deadline; a stuck loop makes those requests answer 503, never hang.
 
-Safety: read-only unless a token is given (``--web-token`` or ``XML_PIPELINE_WEB_TOKEN``).
+Safety: read-only unless a token is given (``XML_PIPELINE_WEB_TOKEN``, ``--web-token-file``
+or ``--web-token``), of at least 16 characters; 5 wrong ones in a minute lock the
+actions out for 10 s.
 Every request must name an allowed ``Host`` (the bound ``host:port``, ``localhost``,
 ``127.0.0.1`` or ``[::1]`` with the port, or a name given with ``--web-host``), else it
 is refused with 421: after a DNS rebinding a hostile page's requests name its own host,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EVENT_INTERVAL_S",
     "INSTALL_HINT",
+    "MIN_TOKEN",
     "TOKEN_ENV",
     "TOKEN_HEADER",
     "Dashboard",
@@ -72,6 +75,12 @@ __all__ = [
 INSTALL_HINT = "pip install 'xml-pipeline[web]'"
 TOKEN_ENV = "XML_PIPELINE_WEB_TOKEN"
 TOKEN_HEADER = "X-Dashboard-Token"
+MIN_TOKEN = 16  # characters of a token, at least
+# Guessing the token: after this many wrong ones within _GUESS_WINDOW_S, every action
+# is answered 429 for _LOCKOUT_S (per process).
+_GUESSES = 5
+_GUESS_WINDOW_S = 60.0
+_LOCKOUT_S = 10.0
 EVENT_INTERVAL_S = 1.0  # the live view gets at most one event a second
 
 CSP = (
@@ -346,13 +355,22 @@ class Dashboard:
     (:func:`xml_pipeline.metrics.serve_metrics` with ``dashboard=``).
 
     Args:
-        token: the token actions need (None: read-only).
+        token: the token actions need (None: read-only), at least ``MIN_TOKEN``
+            characters.
         hosts: more names requests may give as ``Host`` (``--web-host``: the name a
             reverse proxy passes on), besides the bound address and the loopback.
+
+    Raises:
+        ValueError: the token is shorter than ``MIN_TOKEN``.
     """
 
     def __init__(self, token: str | None = None, hosts: Iterable[str] = ()) -> None:
         self.token = token or None
+        if self.token is not None and len(self.token) < MIN_TOKEN:
+            raise ValueError(f"a dashboard token needs at least {MIN_TOKEN} characters")
+        self._failures: list[float] = []  # when wrong tokens came (monotonic)
+        self._locked_until = 0.0
+        self._failures_lock = threading.Lock()
         self._names = tuple(hosts)
         self._hosts: frozenset[str] = frozenset()
         self._pump: StreamPump | None = None
@@ -581,14 +599,25 @@ class Dashboard:
         """Raise unless a POST carries the token in its header and comes from a page
         of this server (``Origin``: ``http://`` and an allowed host)."""
         if self.token is None:
-            raise _HttpError("403 Forbidden", "read-only: start run with --web-token "
+            raise _HttpError("403 Forbidden", "read-only: start run with --web-token-file "
                              f"(or {TOKEN_ENV}) to allow actions")  # fmt: skip
         origin = urlsplit(environ.get("HTTP_ORIGIN", ""))
         if origin.scheme != "http" or origin.netloc.lower() not in self._hosts or origin.path:
             raise _HttpError("403 Forbidden", "cross-origin request refused")
-        given = environ.get("HTTP_" + TOKEN_HEADER.upper().replace("-", "_"), "")
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise _HttpError("401 Unauthorized", f"a valid {TOKEN_HEADER} header is needed")
+        with self._failures_lock:
+            now = time.monotonic()
+            if now < self._locked_until:
+                wait = str(int(self._locked_until - now) + 1)
+                raise _HttpError("429 Too Many Requests", "too many wrong tokens: retry later",
+                                 (("Retry-After", wait),))  # fmt: skip
+            given = environ.get("HTTP_" + TOKEN_HEADER.upper().replace("-", "_"), "")
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                self._failures = [t for t in self._failures if now - t < _GUESS_WINDOW_S]
+                self._failures.append(now)
+                if len(self._failures) >= _GUESSES:
+                    self._failures.clear()
+                    self._locked_until = now + _LOCKOUT_S
+                raise _HttpError("401 Unauthorized", f"a valid {TOKEN_HEADER} header is needed")
         if environ.get("CONTENT_TYPE", "").split(";")[0].strip() != "application/json":
             raise _HttpError("415 Unsupported Media Type", "send application/json")
 
