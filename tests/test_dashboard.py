@@ -19,6 +19,7 @@ from redis_server import free_port
 
 import xml_pipeline.dashboard as dashboard_module
 from xml_pipeline import StreamPump, load_organism
+from xml_pipeline.backends.base import DeadLetter
 from xml_pipeline.cli import run
 from xml_pipeline.cli.graph import routing_graph
 from xml_pipeline.dashboard import INSTALL_HINT as WEB_HINT
@@ -400,3 +401,48 @@ async def test_a_search_by_message_id_is_refused_beyond_the_registry_cap(
             return status != 400  # a thread id is one lookup: never refused
 
         await until(known, "a thread id searched")
+
+
+@pytest.mark.anyio
+async def test_a_replay_past_the_deadline_answers_202_and_replays_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard_module, "_LOOP_TIMEOUT_S", 0.2)
+    async with served(TOKEN) as (pump, port):
+        letter_id = await pump.backend.deadletter_add(DeadLetter(
+            id="", timestamp=0.0, code="handler-error", reason="r", listener="greeter",
+            thread_id=None, message_id=None, data=b"<x/>",
+        ))  # fmt: skip
+        fed: list[str] = []
+        done = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow_replay(letter: DeadLetter) -> bool:
+            fed.append(letter.id)  # fed: a cancel from now on would write it back
+            await release.wait()  # the pump's queues full: back-pressure
+            done.set()
+            return True
+
+        monkeypatch.setattr(pump, "replay", slow_replay)
+        headers = {"Origin": f"http://127.0.0.1:{port}", TOKEN_HEADER: TOKEN}
+        status, _, body = await asyncio.to_thread(
+            fetch, port, "POST", "/api/deadletters/replay", {"id": letter_id}, headers
+        )
+        assert status == 202
+        assert json.loads(body) == {"id": letter_id, "status": "in progress"}
+        release.set()
+
+        await asyncio.wait_for(done.wait(), 10)
+
+        async def ended() -> bool:
+            # The replay holds the one-at-a-time bound until its task ends.
+            status, _, _ = await asyncio.to_thread(fetch, port, "GET", "/api/conversations")
+            return status != 429
+
+        await until(ended, "the replay task ended")
+        assert await pump.backend.deadletter_list() == []  # never written back
+        status, _, body = await asyncio.to_thread(
+            fetch, port, "POST", "/api/deadletters/replay", {"id": letter_id}, headers
+        )
+        assert (status, json.loads(body)["result"]) == (200, "gone")
+        assert fed == [letter_id]

@@ -129,6 +129,9 @@ _DATA_CAP = 4096  # bytes of a letter's original message shown
 _BODY_CAP = 4096  # bytes of a POST body read
 
 
+_IN_PROGRESS: Any = object()  # an action still running when its request answers
+
+
 class _HttpError(Exception):
     def __init__(self, status: str, message: str,
                  headers: tuple[tuple[str, str], ...] = ()) -> None:  # fmt: skip
@@ -379,6 +382,7 @@ class Dashboard:
         self._layout: dict[str, Any] = {}
         self._cpu_bound: dict[str, bool] = {}
         self._streams = threading.Semaphore(_MAX_STREAMS)
+        self._actions: set[asyncio.Future[Any]] = set()  # running on the loop (its own)
         self._expensive = threading.Semaphore(1)
         self._cache: dict[str, tuple[float, Any]] = {}
         self._cache_lock = threading.Lock()
@@ -424,6 +428,52 @@ class Dashboard:
                 "503 Service Unavailable",
                 f"the event loop did not answer within {_LOOP_TIMEOUT_S:g} s",
             ) from exc
+
+    def _act_on_loop(
+        self, make: Callable[[], Coroutine[Any, Any, Any]], *, expensive: bool = False
+    ) -> Any:
+        """Run the action ``make()`` as a task the loop owns, and wait for its result
+        up to the deadline; ``_IN_PROGRESS`` once it passed.
+
+        An action is never cancelled on the HTTP deadline: a cancel can land after the
+        message was fed, and the letter would then be written back and fed twice. A
+        slow answer is back-pressure (the pump's queues full), not a stuck loop; the
+        task finishes on its own. ``expensive``: hold the one-at-a-time bound of the
+        reads that grow with the store until the task ends (429 when it is taken).
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise _HttpError("503 Service Unavailable", "the organism is not running")
+        if expensive and not self._expensive.acquire(blocking=False):
+            raise _HttpError("429 Too Many Requests", "another read is under way: retry",
+                             (("Retry-After", "1"),))  # fmt: skip
+
+        def release() -> None:
+            if expensive:
+                self._expensive.release()
+
+        async def start() -> Any:
+            try:
+                task = asyncio.ensure_future(make())
+            except BaseException:
+                release()
+                raise
+            self._actions.add(task)
+            task.add_done_callback(self._actions.discard)
+            task.add_done_callback(lambda _: release())
+            return await asyncio.shield(task)
+
+        coroutine = start()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError as exc:
+            coroutine.close()
+            release()
+            raise _HttpError("503 Service Unavailable", "the organism is not running") from exc
+        try:
+            return future.result(_LOOP_TIMEOUT_S)
+        except FutureTimeout:
+            return _IN_PROGRESS
 
     def _read_on_loop(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """:meth:`_on_loop` for a read that grows with the store: one at a time."""
@@ -641,14 +691,17 @@ class Dashboard:
             raise _HttpError("400 Bad Request", "id must be a string")
         try:
             if path.endswith("/purge"):
-                deleted = self._on_loop(lambda: self._backend().deadletter_delete(letter_id))
-                result = {"purged": bool(deleted)}
+                deleted = self._act_on_loop(lambda: self._backend().deadletter_delete(letter_id))
+                result = deleted if deleted is _IN_PROGRESS else {"purged": bool(deleted)}
             else:
                 # Replay lists every dead letter (the backends have no lookup by id).
-                result = self._read_on_loop(lambda: self._replay(letter_id))
+                result = self._act_on_loop(lambda: self._replay(letter_id), expensive=True)
         finally:
             with self._cache_lock:
                 self._cache.clear()  # the page reads the letters again after an action
+        if result is _IN_PROGRESS:
+            return self._json(start_response, {"id": letter_id, "status": "in progress"},
+                              "202 Accepted")  # fmt: skip
         return self._json(start_response, {"id": letter_id, **result})
 
     async def _replay(self, letter_id: str) -> dict[str, Any]:
