@@ -30,6 +30,7 @@ from xml_pipeline.dashboard import (
     Dashboard,
     graph_layout,
 )
+from xml_pipeline.exceptions import BackendUnavailable, PumpClosed
 from xml_pipeline.metrics import serve_metrics
 
 pytestmark = pytest.mark.timeout(90)
@@ -446,3 +447,46 @@ async def test_a_replay_past_the_deadline_answers_202_and_replays_once(
         )
         assert (status, json.loads(body)["result"]) == (200, "gone")
         assert fed == [letter_id]
+
+
+def test_too_many_query_fields_are_a_400_not_a_crash(organism: Organism) -> None:
+    query = "&".join(f"f{n}=x" for n in range(9))
+    for path in ("/api/deadletters", "/api/conversation", "/"):
+        status, headers, body = organism.request("GET", f"{path}?{query}")
+        assert status == 400, path
+        assert "too many query fields" in json.loads(body)["error"]
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert b"metrics request failed" not in organism.process.stderr
+
+
+def test_head_is_refused_and_holds_no_event_stream(organism: Organism) -> None:
+    for _ in range(6):  # more than the streams that may be open at once
+        status, headers, body = organism.request("HEAD", "/api/events")
+        assert (status, headers["Allow"], body) == (405, "GET, POST", b"")
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    assert organism.request("HEAD", "/")[0] == 405
+    conn = http.client.HTTPConnection("127.0.0.1", organism.port, timeout=10)
+    try:
+        conn.request("GET", "/api/events")
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error", [BackendUnavailable("redis down"), PumpClosed("the pump is closed")]
+)
+async def test_a_backend_or_pump_failure_is_a_json_503(error: Exception) -> None:
+    async with served() as (pump, port):
+
+        async def failing(*args: Any) -> Any:
+            raise error
+
+        pump.backend.deadletter_list = failing  # type: ignore[method-assign]
+        pump.backend.registry_get_chain = failing  # type: ignore[method-assign]
+        for path in ("/api/deadletters", "/api/conversation?id=x"):
+            status, headers, body = await asyncio.to_thread(fetch, port, "GET", path)
+            assert status == 503, path
+            assert str(error) in json.loads(body)["error"]
+            assert headers["X-Content-Type-Options"] == "nosniff"

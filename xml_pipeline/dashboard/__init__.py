@@ -51,7 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 from ..backends.base import Backend, DeadLetter, Slot
 from ..cli.graph import RoutingGraph, routing_graph
 from ..cli.thread import AmbiguousId, Conversation, FrameTree, find_conversation
-from ..exceptions import MessageError
+from ..exceptions import BackendError, MessageError, PumpClosed
 from ..frame import decode_frame
 from ..parser import parse_bytes
 
@@ -512,11 +512,24 @@ class Dashboard:
                              "application/json; charset=utf-8", extra)  # fmt: skip
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        head = environ.get("REQUEST_METHOD") == "HEAD"
         try:
             self._check_host(environ)
+            if head:
+                # Not served: a HEAD of /api/events would hold a stream slot, of the
+                # API a backend read, for headers only.
+                raise _HttpError("405 Method Not Allowed", "GET or POST only",
+                                 (("Allow", "GET, POST"),))  # fmt: skip
             return self._route(environ, start_response)
         except _HttpError as exc:
-            return self._json(start_response, {"error": str(exc)}, exc.status, exc.headers)
+            answer = self._json(start_response, {"error": str(exc)}, exc.status, exc.headers)
+        except PumpClosed as exc:
+            answer = self._json(start_response, {"error": f"the pump is stopping: {exc}"},
+                                "503 Service Unavailable")  # fmt: skip
+        except BackendError as exc:
+            answer = self._json(start_response, {"error": f"the backend failed: {exc}"},
+                                "503 Service Unavailable")  # fmt: skip
+        return [] if head else answer  # a HEAD answer has its headers only
 
     def _check_host(self, environ: dict[str, Any]) -> None:
         """Refuse a request that names another host (a DNS rebinding) or that a
@@ -534,11 +547,15 @@ class Dashboard:
     def _route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=8)
+        try:
+            query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=8)
+        except ValueError as exc:  # more than 8 fields
+            raise _HttpError("400 Bad Request", "too many query fields (8 at most)") from exc
         if method == "POST":
             return self._action(environ, start_response, path)
-        if method not in ("GET", "HEAD"):
-            raise _HttpError("405 Method Not Allowed", "GET or POST only")
+        if method != "GET":
+            raise _HttpError("405 Method Not Allowed", "GET or POST only",
+                             (("Allow", "GET, POST"),))  # fmt: skip
         if path in _PAGES:
             body = files(__package__).joinpath("static", _PAGES[path]).read_bytes()
             return self._respond(start_response, "200 OK", body, "text/html; charset=utf-8")
