@@ -7,7 +7,7 @@ import http.client
 import json
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ listeners:
     handler: checks:relay
     peers: [checker]
 """
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-of-the-tests"
 HOSTILE = ('<script>alert("x")</script>', '"><img src=x onerror=alert(1)>')
 
 
@@ -142,16 +142,20 @@ class Organism:
 
 
 @contextmanager
-def running_organism(folder: Path, *, token: str | None = TOKEN) -> Iterator[Organism]:
-    """``run --metrics 127.0.0.1:PORT --web [--web-token]`` reading stdin, until the
-    block ends (then stdin is closed and the exit awaited)."""
+def running_organism(
+    folder: Path, *, token: str | None = TOKEN, extra: Sequence[str] = ()
+) -> Iterator[Organism]:
+    """``run --metrics 127.0.0.1:PORT --web [--web-token] [extra...]`` reading stdin,
+    until the block ends (then stdin is closed and the exit awaited)."""
     (folder / "checks.py").write_text(HANDLERS)
     (folder / "organism.yaml").write_text(ORGANISM)
     port = free_port()
     args: list[str | Path] = [folder / "organism.yaml", "--input", "-", "--to", "checker",
                               "--metrics", f"127.0.0.1:{port}", "--web"]  # fmt: skip
     if token is not None:
-        args += ["--web-token", token]
+        (folder / "token").write_text(token + "\n")
+        args += ["--web-token-file", folder / "token"]
+    args += extra
     with CliProcess(*args) as process:
         organism = Organism(process, port)
 

@@ -3,19 +3,32 @@ serves, its security properties (token, CSRF, headers, escaping) and the replay 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cli_process import CliProcess, wait_until
+from cli_process import ROOT, CliProcess, until, wait_until
 from dashboard_organism import HOSTILE, TOKEN, Organism, quote, running_organism
+from redis_server import free_port
 
-from xml_pipeline.cli import run
+import xml_pipeline.dashboard as dashboard_module
+from xml_pipeline import StreamPump, load_organism
+from xml_pipeline.backends.base import DeadLetter
 from xml_pipeline.cli.graph import routing_graph
-from xml_pipeline.dashboard import INSTALL_HINT as WEB_HINT
-from xml_pipeline.dashboard import TOKEN_ENV, TOKEN_HEADER, graph_layout
+from xml_pipeline.dashboard import (
+    TOKEN_ENV,
+    TOKEN_HEADER,
+    Dashboard,
+    graph_layout,
+)
+from xml_pipeline.exceptions import BackendUnavailable, PumpClosed
+from xml_pipeline.metrics import serve_metrics
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -24,12 +37,6 @@ pytestmark = pytest.mark.timeout(90)
 def organism(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Organism]:
     with running_organism(tmp_path_factory.mktemp("dashboard")) as running:
         yield running
-
-
-def test_the_cli_spells_the_dashboard_names_as_the_dashboard_does() -> None:
-    assert (run.TOKEN_ENV, run.TOKEN_HEADER, run.WEB_INSTALL_HINT) == (
-        TOKEN_ENV, TOKEN_HEADER, WEB_HINT,
-    )  # fmt: skip
 
 
 def test_every_response_carries_the_security_headers(organism: Organism) -> None:
@@ -159,8 +166,100 @@ def test_a_conversation_is_found_by_thread_and_by_first_message_id(organism: Org
     by_message = organism.get_json("/api/conversation?id=" + quote(root["slots"][0]["message"]))
     assert by_message["conversation"] == tree["conversation"]
     assert organism.request("GET", "/api/conversation?id=nope")[0] == 404
-    recent = organism.get_json("/api/conversations")["recent"]
-    assert any(c["conversation"] == tree["conversation"] for c in recent)
+    # The overview is a copy at most a second old.
+    wait_until(
+        lambda: any(c["conversation"] == tree["conversation"]
+                    for c in organism.get_json("/api/conversations")["recent"]),
+        "the conversation in the overview",
+    )  # fmt: skip
+
+
+def test_a_request_naming_another_host_is_refused(organism: Organism) -> None:
+    # After a DNS rebinding, a hostile page's requests reach this port naming its host.
+    evil = f"evil.example:{organism.port}"
+    for path in ("/", "/api/deadletters", "/api/conversations", "/api/stats"):
+        status, headers, body = organism.request("GET", path, headers={"Host": evil})
+        assert status == 421, path
+        assert "error" in json.loads(body)
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    organism.send("boom")
+    letter = organism.dead_letter("boom")
+    status, _, _ = organism.request(
+        "POST", "/api/deadletters/purge", {"id": letter["id"]},
+        {"Host": evil, "Origin": f"http://{evil}", TOKEN_HEADER: TOKEN},
+    )  # fmt: skip
+    assert status == 421
+    for origin in (f"http://evil.example:{organism.port}", f"https://127.0.0.1:{organism.port}",
+                   "null"):  # fmt: skip
+        assert organism.action("purge", letter["id"], origin=origin)[0] == 403, origin
+    assert any(item["id"] == letter["id"]
+               for item in organism.get_json("/api/deadletters")["letters"])  # fmt: skip
+    for host in (f"localhost:{organism.port}", f"[::1]:{organism.port}"):
+        assert organism.request("GET", "/api/stats", headers={"Host": host})[0] == 200, host
+
+
+def test_api_requests_a_browser_marks_cross_site_are_refused(organism: Organism) -> None:
+    status, _, body = organism.request(
+        "GET", "/api/stats", headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert status == 403 and "cross-site" in json.loads(body)["error"]
+    same = organism.request("GET", "/api/stats", headers={"Sec-Fetch-Site": "same-origin"})
+    assert same[0] == 200
+
+
+def test_web_host_names_a_proxy_s_host(tmp_path: Path) -> None:
+    with running_organism(tmp_path, extra=["--web-host", "dash.example"]) as organism:
+        for host in ("dash.example", f"dash.example:{organism.port}"):
+            assert organism.request("GET", "/api/stats", headers={"Host": host})[0] == 200
+        assert organism.request("GET", "/api/stats", headers={"Host": "other.example"})[0] == 421
+        organism.send("boom")
+        letter = organism.dead_letter("boom")
+        status, _, body = organism.request(
+            "POST", "/api/deadletters/purge", {"id": letter["id"]},
+            {"Host": "dash.example", "Origin": "http://dash.example", TOKEN_HEADER: TOKEN},
+        )  # fmt: skip
+        assert (status, json.loads(body)["purged"]) == (200, True)
+
+
+def test_short_tokens_from_a_file_or_the_environment_are_usage_errors(tmp_path: Path) -> None:
+    organism = Path(__file__).resolve().parent.parent / "organisms" / "hello.yaml"
+    (tmp_path / "token").write_text("  fifteen-chars!!  \n")  # stripped: 15
+    web = ["--metrics", "127.0.0.1:9", "--web"]
+    with CliProcess(organism, *web, "--web-token-file", tmp_path / "token") as process:
+        _, err = process.finish()
+    assert process.returncode == 2
+    assert b"--web-token-file: the token needs at least 16 characters" in err
+    env = {**os.environ, TOKEN_ENV: "short"}
+    with CliProcess(organism, *web, env=env) as process:
+        _, err = process.finish()
+    assert process.returncode == 2
+    assert f"${TOKEN_ENV}: the token needs at least 16 characters".encode() in err
+
+
+def test_a_token_on_the_command_line_is_warned_about(tmp_path: Path) -> None:
+    organism = Path(__file__).resolve().parent.parent / "organisms" / "hello.yaml"
+    port = free_port()
+    with CliProcess(organism, "--metrics", f"127.0.0.1:{port}", "--web", "--input", "-",
+                    "--web-token", TOKEN) as process:  # fmt: skip
+        process.wait_for_stderr(b"visible to other local users")
+        _, err = process.finish()
+    assert b"WARNING" in err and b"--web-token-file" in err and TOKEN_ENV.encode() in err
+
+
+def test_wrong_tokens_lock_the_actions_out_for_a_while(tmp_path: Path) -> None:
+    with running_organism(tmp_path) as organism:
+        organism.send("boom")
+        letter = organism.dead_letter("boom")
+        for n in range(5):
+            assert organism.action("purge", letter["id"], token=f"wrong-{n}")[0] == 401
+        status, headers, body = organism.request(
+            "POST", "/api/deadletters/purge", {"id": letter["id"]},
+            {"Origin": organism.base, TOKEN_HEADER: TOKEN},
+        )  # fmt: skip
+        assert status == 429 and 1 <= int(headers["Retry-After"]) <= 10
+        assert "too many wrong tokens" in json.loads(body)["error"]
+        assert any(item["id"] == letter["id"]
+                   for item in organism.get_json("/api/deadletters")["letters"])  # fmt: skip
 
 
 def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
@@ -177,6 +276,20 @@ def test_without_a_token_the_dashboard_is_read_only(tmp_path: Path) -> None:
     [
         (["--web"], "--web serves the dashboard on the --metrics address"),
         (["--web-token", "x"], "--web-token applies to --web"),
+        (["--web-token-file", "x"], "--web-token-file applies to --web"),
+        (
+            ["--metrics", "127.0.0.1:9", "--web", "--web-token", "fifteen-chars!!"],
+            "--web-token: the token needs at least 16 characters",
+        ),
+        (
+            ["--metrics", "127.0.0.1:9", "--web", "--web-token-file", "no/such/file"],
+            "--web-token-file no/such/file: cannot read",
+        ),
+        (
+            ["--metrics", "127.0.0.1:9", "--web", "--web-token", "x" * 16, "--web-token-file", "x"],
+            "give --web-token or --web-token-file, not both",
+        ),
+        (["--web-host", "x"], "--web-host applies to --web"),
     ],
 )
 def test_web_usage_errors(args: list[str], message: str) -> None:
@@ -185,3 +298,186 @@ def test_web_usage_errors(args: list[str], message: str) -> None:
         _, err = process.finish()
     assert process.returncode == 2
     assert message in err.decode()
+
+
+# -- in-process: a pump with the dashboard on its metrics server -----------------------
+
+
+@asynccontextmanager
+async def served(token: str | None = None) -> AsyncIterator[tuple[StreamPump, int]]:
+    """The hello organism running with the dashboard; (pump, port)."""
+    pump = StreamPump(load_organism(ROOT / "organisms" / "hello.yaml"))
+    async with serve_metrics(pump, "127.0.0.1", 0, dashboard=Dashboard(token)) as server, pump:
+        yield pump, server.address[1]
+
+
+def fetch(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request (in a thread: the loop must run meanwhile)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_a_second_expensive_read_meanwhile_is_answered_429() -> None:
+    async with served() as (pump, port):
+        started, release = asyncio.Event(), asyncio.Event()
+        listed = pump.backend.deadletter_list
+
+        async def slow(limit: int | None = None) -> Any:
+            started.set()
+            await release.wait()
+            return await listed(limit)
+
+        pump.backend.deadletter_list = slow  # type: ignore[method-assign]
+        first = asyncio.ensure_future(asyncio.to_thread(fetch, port, "GET", "/api/deadletters"))
+        await asyncio.wait_for(started.wait(), 10)
+        for path in ("/api/conversations", "/api/conversation?id=nope", "/api/deadletters"):
+            status, headers, body = await asyncio.to_thread(fetch, port, "GET", path)
+            assert (status, headers.get("Retry-After")) == (429, "1"), path
+            assert "error" in json.loads(body)
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        release.set()
+        assert (await first)[0] == 200
+        assert (await asyncio.to_thread(fetch, port, "GET", "/api/conversations"))[0] == 200
+
+
+@pytest.mark.anyio
+async def test_the_overview_and_the_dead_letters_are_read_once_a_second_at_most() -> None:
+    async with served() as (pump, port):
+        calls = {"registry": 0, "letters": 0}
+        registry, letters = pump.backend.registry_list_all, pump.backend.deadletter_list
+
+        async def count_registry() -> Any:
+            calls["registry"] += 1
+            return await registry()
+
+        async def count_letters(limit: int | None = None) -> Any:
+            calls["letters"] += 1
+            return await letters(limit)
+
+        pump.backend.registry_list_all = count_registry  # type: ignore[method-assign]
+        pump.backend.deadletter_list = count_letters  # type: ignore[method-assign]
+        for _ in range(3):
+            for path in ("/api/conversations", "/api/deadletters"):
+                assert (await asyncio.to_thread(fetch, port, "GET", path))[0] == 200
+        assert calls == {"registry": 1, "letters": 1}
+
+
+@pytest.mark.anyio
+async def test_a_search_by_message_id_is_refused_beyond_the_registry_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard_module, "_SEARCH_CAP", 5)
+    async with served() as (pump, port):
+        for n in range(6):
+            await pump.backend.registry_set(f"chain-{n}", f"uuid-{n}")
+        status, _, body = await asyncio.to_thread(fetch, port, "GET", "/api/conversation?id=x")
+        assert status == 400
+        assert json.loads(body)["error"] == (
+            "search by thread id; the registry holds 6 frames, too many to scan"
+        )
+
+        async def known() -> bool:
+            status, _, _ = await asyncio.to_thread(
+                fetch, port, "GET", "/api/conversation?id=uuid-1"
+            )
+            return status != 400  # a thread id is one lookup: never refused
+
+        await until(known, "a thread id searched")
+
+
+@pytest.mark.anyio
+async def test_a_replay_past_the_deadline_answers_202_and_replays_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard_module, "_LOOP_TIMEOUT_S", 0.2)
+    async with served(TOKEN) as (pump, port):
+        letter_id = await pump.backend.deadletter_add(DeadLetter(
+            id="", timestamp=0.0, code="handler-error", reason="r", listener="greeter",
+            thread_id=None, message_id=None, data=b"<x/>",
+        ))  # fmt: skip
+        fed: list[str] = []
+        done = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow_replay(letter: DeadLetter) -> bool:
+            fed.append(letter.id)  # fed: a cancel from now on would write it back
+            await release.wait()  # the pump's queues full: back-pressure
+            done.set()
+            return True
+
+        monkeypatch.setattr(pump, "replay", slow_replay)
+        headers = {"Origin": f"http://127.0.0.1:{port}", TOKEN_HEADER: TOKEN}
+        status, _, body = await asyncio.to_thread(
+            fetch, port, "POST", "/api/deadletters/replay", {"id": letter_id}, headers
+        )
+        assert status == 202
+        assert json.loads(body) == {"id": letter_id, "status": "in progress"}
+        release.set()
+
+        await asyncio.wait_for(done.wait(), 10)
+
+        async def ended() -> bool:
+            # The replay holds the one-at-a-time bound until its task ends.
+            status, _, _ = await asyncio.to_thread(fetch, port, "GET", "/api/conversations")
+            return status != 429
+
+        await until(ended, "the replay task ended")
+        assert await pump.backend.deadletter_list() == []  # never written back
+        status, _, body = await asyncio.to_thread(
+            fetch, port, "POST", "/api/deadletters/replay", {"id": letter_id}, headers
+        )
+        assert (status, json.loads(body)["result"]) == (200, "gone")
+        assert fed == [letter_id]
+
+
+def test_too_many_query_fields_are_a_400_not_a_crash(organism: Organism) -> None:
+    query = "&".join(f"f{n}=x" for n in range(9))
+    for path in ("/api/deadletters", "/api/conversation", "/"):
+        status, headers, body = organism.request("GET", f"{path}?{query}")
+        assert status == 400, path
+        assert "too many query fields" in json.loads(body)["error"]
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert b"metrics request failed" not in organism.process.stderr
+
+
+def test_head_is_refused_and_holds_no_event_stream(organism: Organism) -> None:
+    for _ in range(6):  # more than the streams that may be open at once
+        status, headers, body = organism.request("HEAD", "/api/events")
+        assert (status, headers["Allow"], body) == (405, "GET, POST", b"")
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    assert organism.request("HEAD", "/")[0] == 405
+    conn = http.client.HTTPConnection("127.0.0.1", organism.port, timeout=10)
+    try:
+        conn.request("GET", "/api/events")
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error", [BackendUnavailable("redis down"), PumpClosed("the pump is closed")]
+)
+async def test_a_backend_or_pump_failure_is_a_json_503(error: Exception) -> None:
+    async with served() as (pump, port):
+
+        async def failing(*args: Any) -> Any:
+            raise error
+
+        pump.backend.deadletter_list = failing  # type: ignore[method-assign]
+        pump.backend.registry_get_chain = failing  # type: ignore[method-assign]
+        for path in ("/api/deadletters", "/api/conversation?id=x"):
+            status, headers, body = await asyncio.to_thread(fetch, port, "GET", path)
+            assert status == 503, path
+            assert str(error) in json.loads(body)["error"]
+            assert headers["X-Content-Type-Options"] == "nosniff"

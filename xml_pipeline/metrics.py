@@ -720,7 +720,8 @@ async def serve_metrics(
         registry.register(collector)
         ProcessCollector(registry=registry)
         if dashboard is not None:
-            dashboard.bind(pump, asyncio.get_running_loop(), lambda: probe.snapshot)
+            address = (str(server.server_address[0]), int(server.server_address[1]))
+            dashboard.bind(pump, asyncio.get_running_loop(), lambda: probe.snapshot, address)
         server.set_app(_app(make_wsgi_app(registry), probe, dashboard))
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1},

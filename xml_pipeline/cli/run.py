@@ -36,10 +36,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+# The module, not its names: the dashboard reads the cli's commands (graph, thread,
+# deadletters), so whichever of the two is imported first, the other may still be
+# loading; its names are looked up when run runs.
+from .. import dashboard as web
 from .._stats import table
 from ..backends import backend_scheme, redact_url, serves
 from ..config import Organism
-from ..dashboard import TOKEN_ENV, TOKEN_HEADER, Dashboard
 from ..exceptions import BackendUnavailable, MessageTooLarge, XmlPipelineError
 from ..metrics import parse_address, require_prometheus, serve_metrics
 from ..pump import StreamPump
@@ -61,8 +64,6 @@ from ._common import (
 )
 from ._framing import TOO_LARGE, items
 from ._writer import ReplyWriter
-
-WEB_INSTALL_HINT = "pip install 'xml-pipeline[web]'"
 
 __all__ = ["add_parser", "main"]
 
@@ -133,10 +134,26 @@ def add_parser(sub: Any) -> None:
         "a token is given; needs pip install 'xml-pipeline[web]')",
     )
     run.add_argument(
+        "--web-token-file",
+        metavar="PATH",
+        help="allow the dashboard's actions (replay, purge) to requests that carry the "
+        f"token this file holds (stripped; at least {web.MIN_TOKEN} characters) in the "
+        f"{web.TOKEN_HEADER} header (default: ${web.TOKEN_ENV})",
+    )
+    run.add_argument(
         "--web-token",
         metavar="TOKEN",
-        help="allow the dashboard's actions (replay, purge) to requests that carry this "
-        f"token in the {TOKEN_HEADER} header (default: ${TOKEN_ENV})",
+        help="the token itself (visible to other local users in the process list: "
+        f"prefer --web-token-file or ${web.TOKEN_ENV})",
+    )
+    run.add_argument(
+        "--web-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (or NAME:PORT), as a reverse "
+        "proxy in front of the dashboard may send; repeatable (by default only the "
+        "--metrics address and localhost, 127.0.0.1, [::1] with its port)",
     )
     run.add_argument("--no-boot", action="store_true", help="do not inject the boot messages")
     run.add_argument(
@@ -183,13 +200,24 @@ def _run_usage_problem(organism: Organism, args: argparse.Namespace) -> str | No
         return "--sender must be printable text"
     if args.web and args.metrics is None:
         return "--web serves the dashboard on the --metrics address: give --metrics HOST:PORT"
-    if args.web_token is not None and not args.web:
-        return "--web-token applies to --web"
+    for option, value in (("--web-token", args.web_token),
+                          ("--web-token-file", args.web_token_file)):  # fmt: skip
+        if value is not None and not args.web:
+            return f"{option} applies to --web"
+    if args.web:
+        problem = _resolve_web_token(args)
+        if problem:
+            return problem
+    if args.web_host and not args.web:
+        return "--web-host applies to --web"
+    if any(not name or not name.isprintable() or any(c in name for c in "/ @")
+           for name in args.web_host):  # fmt: skip
+        return "--web-host takes a host name (NAME or NAME:PORT)"
     if args.web:
         try:
             require_prometheus()
         except ImportError:
-            return f"--web: the dashboard needs prometheus-client: {WEB_INSTALL_HINT}"
+            return f"--web: the dashboard needs prometheus-client: {web.INSTALL_HINT}"
     if args.metrics is not None:
         try:
             parse_address(args.metrics)
@@ -238,6 +266,32 @@ async def _feed(pump: StreamPump, organism: Organism, args: argparse.Namespace) 
 
 
 # -- the run -------------------------------------------------------------------------
+
+
+def _resolve_web_token(args: argparse.Namespace) -> str | None:
+    """Set ``args.dashboard_token`` from --web-token-file, --web-token or the
+    environment; the usage problem, if any."""
+    if args.web_token is not None and args.web_token_file is not None:
+        return "give --web-token or --web-token-file, not both"
+    if args.web_token_file is not None:
+        try:
+            with open(args.web_token_file, encoding="utf-8") as file:
+                token: str | None = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"--web-token-file {args.web_token_file}: cannot read: {exc}"
+        source = "--web-token-file"
+    elif args.web_token is not None:
+        logger.warning(
+            "--web-token: the token is visible to other local users (process list, shell "
+            "history); prefer $%s or --web-token-file", web.TOKEN_ENV,
+        )  # fmt: skip
+        token, source = args.web_token, "--web-token"
+    else:
+        token, source = os.environ.get(web.TOKEN_ENV) or None, f"${web.TOKEN_ENV}"
+    if token is not None and len(token) < web.MIN_TOKEN:
+        return f"{source}: the token needs at least {web.MIN_TOKEN} characters"
+    args.dashboard_token = token
+    return None
 
 
 def _run(organism: Organism, args: argparse.Namespace) -> int:
@@ -363,7 +417,7 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
             try:
                 dashboard = None
                 if args.web:
-                    dashboard = Dashboard(args.web_token or os.environ.get(TOKEN_ENV))
+                    dashboard = web.Dashboard(args.dashboard_token, hosts=args.web_host)
                 await metrics.enter_async_context(
                     serve_metrics(
                         pump, host, port, draining=stop.is_set, dashboard=dashboard,

@@ -18,11 +18,17 @@ object (conversations, dead letters, replay): one coroutine per request, submitt
 the loop with :func:`asyncio.run_coroutine_threadsafe` and waited for with a
 deadline; a stuck loop makes those requests answer 503, never hang.
 
-Safety: read-only unless a token is given (``--web-token`` or ``XML_PIPELINE_WEB_TOKEN``).
-Actions (replay, purge) are POSTs that carry the token in the ``X-Dashboard-Token``
-header (never a query string, no cookies) and an ``Origin`` naming the same host
-and port as ``Host``: a page of another site can send neither (a custom header makes
-the browser ask first, and nothing here allows it). Every response carries a strict
+Safety: read-only unless a token is given (``XML_PIPELINE_WEB_TOKEN``, ``--web-token-file``
+or ``--web-token``), of at least 16 characters; 5 wrong ones in a minute lock the
+actions out for 10 s.
+Every request must name an allowed ``Host`` (the bound ``host:port``, ``localhost``,
+``127.0.0.1`` or ``[::1]`` with the port, or a name given with ``--web-host``), else it
+is refused with 421: after a DNS rebinding a hostile page's requests name its own host,
+so it can read nothing. ``/api/`` requests a browser marks ``Sec-Fetch-Site:
+cross-site`` are refused too. Actions (replay, purge) are POSTs that carry the token in
+the ``X-Dashboard-Token`` header (never a query string, no cookies) and an ``Origin``
+of ``http://`` and an allowed host: a page of another site can send neither (a custom
+header makes the browser ask first, and nothing here allows it). Every response carries a strict
 Content-Security-Policy (``default-src 'self'``, no inline script, ``frame-ancestors
 'none'``) and ``X-Content-Type-Options: nosniff``. Values from messages reach the page
 only as JSON, whose ``<``, ``>`` and ``&`` are escaped, and the script sets them as
@@ -36,7 +42,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -46,7 +52,7 @@ from ..backends.base import Backend, DeadLetter, Slot
 from ..cli.deadletters import replay_letter
 from ..cli.graph import RoutingGraph, routing_graph
 from ..cli.thread import AmbiguousId, Conversation, FrameTree, find_conversation
-from ..exceptions import MessageError
+from ..exceptions import BackendError, MessageError, PumpClosed
 from ..frame import decode_frame
 from ..parser import parse_bytes
 
@@ -56,9 +62,11 @@ if TYPE_CHECKING:
 __all__ = [
     "EVENT_INTERVAL_S",
     "INSTALL_HINT",
+    "MIN_TOKEN",
     "TOKEN_ENV",
     "TOKEN_HEADER",
     "Dashboard",
+    "allowed_hosts",
     "conversation_json",
     "conversations_overview",
     "graph_layout",
@@ -68,6 +76,12 @@ __all__ = [
 INSTALL_HINT = "pip install 'xml-pipeline[web]'"
 TOKEN_ENV = "XML_PIPELINE_WEB_TOKEN"
 TOKEN_HEADER = "X-Dashboard-Token"
+MIN_TOKEN = 16  # characters of a token, at least
+# Guessing the token: after this many wrong ones within _GUESS_WINDOW_S, every action
+# is answered 429 for _LOCKOUT_S (per process).
+_GUESSES = 5
+_GUESS_WINDOW_S = 60.0
+_LOCKOUT_S = 10.0
 EVENT_INTERVAL_S = 1.0  # the live view gets at most one event a second
 
 CSP = (
@@ -105,14 +119,38 @@ _LOOP_TIMEOUT_S = 4.0
 _SCAN_CONVERSATIONS = 500
 _SHOWN = 25
 _DEAD_LETTERS = 200  # dead letters listed
+# The reads that grow with the store (a registry listing, every dead letter) run one at
+# a time: a second one meanwhile is answered 429. The overview and the dead letters are
+# answered from a copy at most this old, so open pages that poll cost one read a second.
+_CACHE_S = 1.0
+# A search by message id reads one history per conversation: refused (400) beyond this
+# many registry entries; a thread id is one lookup whatever the size.
+_SEARCH_CAP = 20_000
 _DATA_CAP = 4096  # bytes of a letter's original message shown
 _BODY_CAP = 4096  # bytes of a POST body read
 
 
+_IN_PROGRESS: Any = object()  # an action still running when its request answers
+
+
 class _HttpError(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
+        self.headers = headers
+
+
+def allowed_hosts(address: tuple[str, int], names: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` values the dashboard bound to ``address`` answers (lower case):
+    ``host:port`` as bound, the loopback names with the port, and each of ``names``
+    (from ``--web-host``) as given and with the port."""
+    host, port = address
+    bound = f"[{host}]" if ":" in host else host
+    allowed = {f"{bound}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+    for name in names:
+        allowed |= {name, f"{name}:{port}"}
+    return frozenset(h.lower() for h in allowed)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -321,25 +359,48 @@ class Dashboard:
     (:func:`xml_pipeline.metrics.serve_metrics` with ``dashboard=``).
 
     Args:
-        token: the token actions need (None: read-only).
+        token: the token actions need (None: read-only), at least ``MIN_TOKEN``
+            characters.
+        hosts: more names requests may give as ``Host`` (``--web-host``: the name a
+            reverse proxy passes on), besides the bound address and the loopback.
+
+    Raises:
+        ValueError: the token is shorter than ``MIN_TOKEN``.
     """
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, hosts: Iterable[str] = ()) -> None:
         self.token = token or None
+        if self.token is not None and len(self.token) < MIN_TOKEN:
+            raise ValueError(f"a dashboard token needs at least {MIN_TOKEN} characters")
+        self._failures: list[float] = []  # when wrong tokens came (monotonic)
+        self._locked_until = 0.0
+        self._failures_lock = threading.Lock()
+        self._names = tuple(hosts)
+        self._hosts: frozenset[str] = frozenset()
         self._pump: StreamPump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._snapshot: Callable[[], Any] = lambda: None
         self._layout: dict[str, Any] = {}
         self._cpu_bound: dict[str, bool] = {}
         self._streams = threading.Semaphore(_MAX_STREAMS)
+        self._actions: set[asyncio.Future[Any]] = set()  # running on the loop (its own)
+        self._expensive = threading.Semaphore(1)
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._cache_lock = threading.Lock()
         self._closing = threading.Event()
 
     def bind(
-        self, pump: StreamPump, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], Any]
+        self,
+        pump: StreamPump,
+        loop: asyncio.AbstractEventLoop,
+        snapshot: Callable[[], Any],
+        address: tuple[str, int],
     ) -> None:
-        """Attach to ``pump`` running on ``loop``; ``snapshot()`` returns the probe's
-        latest snapshot (called in request threads)."""
+        """Attach to ``pump`` running on ``loop``, served on ``address`` (host, port as
+        bound); ``snapshot()`` returns the probe's latest snapshot (called in request
+        threads)."""
         self._pump, self._loop, self._snapshot = pump, loop, snapshot
+        self._hosts = allowed_hosts(address, self._names)
         graph = routing_graph(pump.organism)
         self._layout = graph_layout(graph)
         self._cpu_bound = {node.name: node.cpu_bound for node in graph.listeners}
@@ -369,33 +430,133 @@ class Dashboard:
                 f"the event loop did not answer within {_LOOP_TIMEOUT_S:g} s",
             ) from exc
 
+    def _act_on_loop(
+        self, make: Callable[[], Coroutine[Any, Any, Any]], *, expensive: bool = False
+    ) -> Any:
+        """Run the action ``make()`` as a task the loop owns, and wait for its result
+        up to the deadline; ``_IN_PROGRESS`` once it passed.
+
+        An action is never cancelled on the HTTP deadline: a cancel can land after the
+        message was fed, and the letter would then be written back and fed twice. A
+        slow answer is back-pressure (the pump's queues full), not a stuck loop; the
+        task finishes on its own. ``expensive``: hold the one-at-a-time bound of the
+        reads that grow with the store until the task ends (429 when it is taken).
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise _HttpError("503 Service Unavailable", "the organism is not running")
+        if expensive and not self._expensive.acquire(blocking=False):
+            raise _HttpError("429 Too Many Requests", "another read is under way: retry",
+                             (("Retry-After", "1"),))  # fmt: skip
+
+        def release() -> None:
+            if expensive:
+                self._expensive.release()
+
+        async def start() -> Any:
+            try:
+                task = asyncio.ensure_future(make())
+            except BaseException:
+                release()
+                raise
+            self._actions.add(task)
+            task.add_done_callback(self._actions.discard)
+            task.add_done_callback(lambda _: release())
+            return await asyncio.shield(task)
+
+        coroutine = start()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError as exc:
+            coroutine.close()
+            release()
+            raise _HttpError("503 Service Unavailable", "the organism is not running") from exc
+        try:
+            return future.result(_LOOP_TIMEOUT_S)
+        except FutureTimeout:
+            return _IN_PROGRESS
+
+    def _read_on_loop(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """:meth:`_on_loop` for a read that grows with the store: one at a time."""
+        if not self._expensive.acquire(blocking=False):
+            raise _HttpError("429 Too Many Requests", "another read is under way: retry",
+                             (("Retry-After", "1"),))  # fmt: skip
+        try:
+            return self._on_loop(make)
+        finally:
+            self._expensive.release()
+
+    def _cached(self, key: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """The answer of :meth:`_read_on_loop` for ``key``, read again once older than
+        ``_CACHE_S``."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_S:
+            return hit[1]
+        value = self._read_on_loop(make)
+        with self._cache_lock:
+            self._cache[key] = (time.monotonic(), value)
+        return value
+
     @staticmethod
     def _respond(
-        start_response: Callable[..., Any], status: str, body: bytes, content_type: str
-    ) -> list[bytes]:
+        start_response: Callable[..., Any], status: str, body: bytes, content_type: str,
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> list[bytes]:  # fmt: skip
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        start_response(status, [*headers, *_SECURITY_HEADERS])
+        start_response(status, [*headers, *extra, *_SECURITY_HEADERS])
         return [body]
 
-    def _json(self, start_response: Callable[..., Any], value: Any,
-              status: str = "200 OK") -> list[bytes]:  # fmt: skip
+    def _json(self, start_response: Callable[..., Any], value: Any, status: str = "200 OK",
+              extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:  # fmt: skip
         return self._respond(start_response, status, _json_bytes(value),
-                             "application/json; charset=utf-8")  # fmt: skip
+                             "application/json; charset=utf-8", extra)  # fmt: skip
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        head = environ.get("REQUEST_METHOD") == "HEAD"
         try:
+            self._check_host(environ)
+            if head:
+                # Not served: a HEAD of /api/events would hold a stream slot, of the
+                # API a backend read, for headers only.
+                raise _HttpError("405 Method Not Allowed", "GET or POST only",
+                                 (("Allow", "GET, POST"),))  # fmt: skip
             return self._route(environ, start_response)
         except _HttpError as exc:
-            return self._json(start_response, {"error": str(exc)}, exc.status)
+            answer = self._json(start_response, {"error": str(exc)}, exc.status, exc.headers)
+        except PumpClosed as exc:
+            answer = self._json(start_response, {"error": f"the pump is stopping: {exc}"},
+                                "503 Service Unavailable")  # fmt: skip
+        except BackendError as exc:
+            answer = self._json(start_response, {"error": f"the backend failed: {exc}"},
+                                "503 Service Unavailable")  # fmt: skip
+        return [] if head else answer  # a HEAD answer has its headers only
+
+    def _check_host(self, environ: dict[str, Any]) -> None:
+        """Refuse a request that names another host (a DNS rebinding) or that a
+        browser says comes from another site."""
+        if environ.get("HTTP_HOST", "").lower() not in self._hosts:
+            raise _HttpError(
+                "421 Misdirected Request",
+                "this dashboard does not serve that host name "
+                "(a proxy must pass Host on, or be named with --web-host)",
+            )
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/api/") and environ.get("HTTP_SEC_FETCH_SITE") == "cross-site":
+            raise _HttpError("403 Forbidden", "cross-site request refused")
 
     def _route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=8)
+        try:
+            query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=8)
+        except ValueError as exc:  # more than 8 fields
+            raise _HttpError("400 Bad Request", "too many query fields (8 at most)") from exc
         if method == "POST":
             return self._action(environ, start_response, path)
-        if method not in ("GET", "HEAD"):
-            raise _HttpError("405 Method Not Allowed", "GET or POST only")
+        if method != "GET":
+            raise _HttpError("405 Method Not Allowed", "GET or POST only",
+                             (("Allow", "GET, POST"),))  # fmt: skip
         if path in _PAGES:
             body = files(__package__).joinpath("static", _PAGES[path]).read_bytes()
             return self._respond(start_response, "200 OK", body, "text/html; charset=utf-8")
@@ -410,8 +571,8 @@ class Dashboard:
         if path == "/api/events":
             return self._events(environ, start_response)
         if path == "/api/conversations":
-            return self._json(start_response, self._on_loop(
-                lambda: conversations_overview(self._backend())))  # fmt: skip
+            return self._json(start_response, self._cached(
+                "conversations", lambda: conversations_overview(self._backend())))  # fmt: skip
         if path == "/api/conversation":
             return self._conversation(start_response, (query.get("id") or [""])[0].strip())
         if path == "/api/deadletters":
@@ -461,10 +622,17 @@ class Dashboard:
             raise _HttpError("400 Bad Request", "give ?id= a thread id or a message id")
 
         async def read() -> Any:
-            return await find_conversation(self._backend(), wanted)
+            backend = self._backend()
+            if await backend.registry_get_chain(wanted) is None:
+                # Not a frame's id: finding it by message id reads every conversation.
+                entries = (await backend.info()).get("registry_entries", 0)
+                if entries > _SEARCH_CAP:
+                    raise _HttpError("400 Bad Request", "search by thread id; the registry "
+                                     f"holds {entries} frames, too many to scan")  # fmt: skip
+            return await find_conversation(backend, wanted)
 
         try:
-            found = self._on_loop(read)
+            found = self._read_on_loop(read)
         except AmbiguousId as exc:
             raise _HttpError("409 Conflict", str(exc)) from exc
         if found is None:
@@ -479,7 +647,7 @@ class Dashboard:
         async def read() -> list[DeadLetter]:
             return await self._backend().deadletter_list(None)
 
-        letters = self._on_loop(read)
+        letters: list[DeadLetter] = self._cached("deadletters", read)
         codes = sorted({letter.code for letter in letters})
         listeners = sorted({letter.listener for letter in letters if letter.listener})
         chosen = [
@@ -497,17 +665,27 @@ class Dashboard:
 
     def _check_action(self, environ: dict[str, Any]) -> None:
         """Raise unless a POST carries the token in its header and comes from a page
-        of this server (``Origin`` naming ``Host``)."""
+        of this server (``Origin``: ``http://`` and an allowed host)."""
         if self.token is None:
-            raise _HttpError("403 Forbidden", "read-only: start run with --web-token "
+            raise _HttpError("403 Forbidden", "read-only: start run with --web-token-file "
                              f"(or {TOKEN_ENV}) to allow actions")  # fmt: skip
-        origin = environ.get("HTTP_ORIGIN", "")
-        host = environ.get("HTTP_HOST", "")
-        if not origin or not host or urlsplit(origin).netloc != host:
+        origin = urlsplit(environ.get("HTTP_ORIGIN", ""))
+        if origin.scheme != "http" or origin.netloc.lower() not in self._hosts or origin.path:
             raise _HttpError("403 Forbidden", "cross-origin request refused")
-        given = environ.get("HTTP_" + TOKEN_HEADER.upper().replace("-", "_"), "")
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise _HttpError("401 Unauthorized", f"a valid {TOKEN_HEADER} header is needed")
+        with self._failures_lock:
+            now = time.monotonic()
+            if now < self._locked_until:
+                wait = str(int(self._locked_until - now) + 1)
+                raise _HttpError("429 Too Many Requests", "too many wrong tokens: retry later",
+                                 (("Retry-After", wait),))  # fmt: skip
+            given = environ.get("HTTP_" + TOKEN_HEADER.upper().replace("-", "_"), "")
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                self._failures = [t for t in self._failures if now - t < _GUESS_WINDOW_S]
+                self._failures.append(now)
+                if len(self._failures) >= _GUESSES:
+                    self._failures.clear()
+                    self._locked_until = now + _LOCKOUT_S
+                raise _HttpError("401 Unauthorized", f"a valid {TOKEN_HEADER} header is needed")
         if environ.get("CONTENT_TYPE", "").split(";")[0].strip() != "application/json":
             raise _HttpError("415 Unsupported Media Type", "send application/json")
 
@@ -529,11 +707,20 @@ class Dashboard:
             raise _HttpError("400 Bad Request", 'expected {"id": "..."}') from exc
         if not isinstance(letter_id, str) or not letter_id:
             raise _HttpError("400 Bad Request", "id must be a string")
-        if path.endswith("/purge"):
-            deleted = self._on_loop(lambda: self._backend().deadletter_delete(letter_id))
-            return self._json(start_response, {"id": letter_id, "purged": bool(deleted)})
-        return self._json(start_response, {"id": letter_id, **self._on_loop(
-            lambda: self._replay(letter_id))})  # fmt: skip
+        try:
+            if path.endswith("/purge"):
+                deleted = self._act_on_loop(lambda: self._backend().deadletter_delete(letter_id))
+                result = deleted if deleted is _IN_PROGRESS else {"purged": bool(deleted)}
+            else:
+                # Replay lists every dead letter (the backends have no lookup by id).
+                result = self._act_on_loop(lambda: self._replay(letter_id), expensive=True)
+        finally:
+            with self._cache_lock:
+                self._cache.clear()  # the page reads the letters again after an action
+        if result is _IN_PROGRESS:
+            return self._json(start_response, {"id": letter_id, "status": "in progress"},
+                              "202 Accepted")  # fmt: skip
+        return self._json(start_response, {"id": letter_id, **result})
 
     async def _replay(self, letter_id: str) -> dict[str, Any]:
         pump = self._pump

@@ -269,7 +269,7 @@ async function deadLettersPage(main) {
         });
         result.classList.toggle("bad", !response.ok);
         result.textContent = response.ok
-          ? `${what} ${letter.id}: ${response.body.result || (response.body.purged ? "purged" : "gone")}`
+          ? `${what} ${letter.id}: ${response.body.result || response.body.status || (response.body.purged ? "purged" : "gone")}`
           : `${what} refused: ${response.body.error}`;
         if (response.ok) load();
       };
