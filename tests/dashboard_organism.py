@@ -143,12 +143,13 @@ class Organism:
 
 @contextmanager
 def running_organism(
-    folder: Path, *, token: str | None = TOKEN, extra: Sequence[str] = ()
+    folder: Path, *, token: str | None = TOKEN, extra: Sequence[str] = (), head: str = ""
 ) -> Iterator[Organism]:
     """``run --metrics 127.0.0.1:PORT --web [--web-token] [extra...]`` reading stdin,
-    until the block ends (then stdin is closed and the exit awaited)."""
+    until the block ends (then stdin is closed and the exit awaited). ``head``: YAML put
+    before the organism's (a ``backend:`` and its ``redis:`` section, say)."""
     (folder / "checks.py").write_text(HANDLERS)
-    (folder / "organism.yaml").write_text(ORGANISM)
+    (folder / "organism.yaml").write_text(head + ORGANISM)
     port = free_port()
     args: list[str | Path] = [folder / "organism.yaml", "--input", "-", "--to", "checker",
                               "--metrics", f"127.0.0.1:{port}", "--web"]  # fmt: skip

@@ -481,3 +481,26 @@ async def test_a_backend_or_pump_failure_is_a_json_503(error: Exception) -> None
             assert status == 503, path
             assert str(error) in json.loads(body)["error"]
             assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_conversations_and_dead_letters_on_redis(tmp_path: Path, redis_server: Any) -> None:
+    """The pages read through the pump's backend object: on a Redis store a conversation
+    opens by its thread and by its first message's id, and a dead letter is replayed
+    once, as on memory."""
+    head = f"backend: {redis_server.url}\nredis: {{prefix: dash-{tmp_path.name}}}\n"
+    with running_organism(tmp_path, head=head) as organism:
+        organism.send("tree-r", "flaky-r")
+        thread = organism.conversation_of("tree-r")
+        tree = organism.get_json("/api/conversation?id=" + quote(thread))
+        root = tree["frame"]
+        assert [s["direction"] for s in root["slots"]] == ["out", "in"]
+        assert root["children"][0]["listener"] == "checker"
+        first = root["slots"][0]["message"]
+        assert organism.get_json("/api/conversation?id=" + quote(first))["conversation"] == thread
+        letter = organism.dead_letter("flaky-r")
+        assert (letter["code"], letter["stage"]) == ("handler-error", "delivery")
+        status, body = organism.action("replay", letter["id"])
+        assert (status, body["result"]) == (200, "replayed")
+        wait_until(lambda: organism.replies_with("<name>flaky-r</name>") == 1, "the answer")
+        assert organism.action("replay", letter["id"])[1]["result"] == "gone"
+        assert organism.replies_with("<name>flaky-r</name>") == 1
