@@ -68,6 +68,22 @@ def check(name: str) -> bytes:
     )
 
 
+def fetch(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to the loopback port, a JSON ``body`` if given; (status, headers,
+    body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
 class Organism:
     """The running organism: its dashboard's port, its replies (stdout lines)."""
 
@@ -93,15 +109,7 @@ class Organism:
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request; (status, headers, body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            sent = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers={**sent, **(headers or {})})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
+        return fetch(self.port, method, path, body, headers)
 
     def get_json(self, path: str) -> Any:
         status, _, body = self.request("GET", path)

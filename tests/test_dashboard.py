@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from cli_process import ROOT, CliProcess, until, wait_until
-from dashboard_organism import HOSTILE, TOKEN, Organism, quote, running_organism
+from dashboard_organism import HOSTILE, TOKEN, Organism, fetch, quote, running_organism
 from redis_server import free_port
 
 import xml_pipeline.dashboard as dashboard_module
@@ -309,21 +309,6 @@ async def served(token: str | None = None) -> AsyncIterator[tuple[StreamPump, in
     pump = StreamPump(load_organism(ROOT / "organisms" / "hello.yaml"))
     async with serve_metrics(pump, "127.0.0.1", 0, dashboard=Dashboard(token)) as server, pump:
         yield pump, server.address[1]
-
-
-def fetch(
-    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request (in a thread: the loop must run meanwhile)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        sent = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 @pytest.mark.anyio
