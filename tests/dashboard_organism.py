@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -17,6 +19,9 @@ from cli_process import CliProcess, wait_until
 from redis_server import free_port
 
 HANDLERS = """
+import asyncio
+import os
+
 from xml_pipeline import HandlerMetadata, HandlerResponse, Payload
 
 NS = "https://example.org/check"
@@ -34,6 +39,8 @@ class Checked(Payload):
 
 
 async def check(payload: Check, meta: HandlerMetadata) -> HandlerResponse:
+    if payload.name.startswith("hold") and os.environ.get("CHECK_HOLD"):
+        await asyncio.Event().wait()  # a node started so holds it until it is killed
     if payload.name == "boom":
         raise ValueError("boom")
     if payload.name.startswith("flaky") and payload.name not in _failed:
@@ -176,7 +183,31 @@ def running_organism(
 
         wait_until(serving, "the dashboard answering")
         yield organism
+        if "transport:" in head:
+            process.signal(signal.SIGTERM)  # a node serves until it is stopped
         process.finish()
+
+
+def transport_head(url: str, prefix: str) -> str:
+    """YAML that puts the organism's store and transport on the Redis at ``url``."""
+    return f"backend: {url}\ntransport: {url}\nredis: {{prefix: {prefix}}}\n"
+
+
+@contextmanager
+def node(folder: Path, name: str, *, hold: bool = False) -> Iterator[CliProcess]:
+    """A node process of the organism ``running_organism`` wrote in ``folder`` (with a
+    ``transport_head``), serving ``checker``; yields once it runs. ``hold``: it keeps
+    every ``hold…`` check pending until it is killed. Leases live 1.5 s without renewal
+    (``--claim-idle-ms``), so a killed node's shards change hands within seconds."""
+    env = dict(os.environ, CHECK_HOLD="1") if hold else None
+    args = ("run", folder / "organism.yaml", "--node", name, "--listeners", "checker",
+            "--claim-idle-ms", "1500", "--log-level", "info")  # fmt: skip
+    with CliProcess(*args, env=env) as process:
+        process.wait_for_stderr(b"is running")
+        yield process
+        if process.running():
+            process.signal(signal.SIGTERM)
+            process.finish()
 
 
 def quote(text: str) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,16 @@ from typing import Any
 
 import pytest
 from cli_process import ROOT, CliProcess, until, wait_until
-from dashboard_organism import HOSTILE, TOKEN, Organism, fetch, quote, running_organism
+from dashboard_organism import (
+    HOSTILE,
+    TOKEN,
+    Organism,
+    fetch,
+    node,
+    quote,
+    running_organism,
+    transport_head,
+)
 from redis_server import free_port
 
 import xml_pipeline.dashboard as dashboard_module
@@ -489,3 +499,64 @@ def test_conversations_and_dead_letters_on_redis(tmp_path: Path, redis_server: A
         wait_until(lambda: organism.replies_with("<name>flaky-r</name>") == 1, "the answer")
         assert organism.action("replay", letter["id"])[1]["result"] == "gone"
         assert organism.replies_with("<name>flaky-r</name>") == 1
+
+
+def test_without_a_transport_the_nodes_page_says_one_process(organism: Organism) -> None:
+    status, headers, body = organism.request("GET", "/nodes")
+    assert status == 200 and b'data-page="nodes"' in body
+    assert headers["Content-Security-Policy"] == dashboard_module.CSP
+    assert organism.get_json("/api/graph")["transport"] is False
+    assert organism.get_json("/api/stats")["transport"] is None
+
+
+def test_the_nodes_view_shows_nodes_pending_entries_and_what_was_reclaimed(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Three nodes on the Redis transport: ``a`` (the dashboard, serving ``front``), ``b``
+    and ``c`` serving ``checker``. The live view lists the three with their shards and
+    the entries ``b`` holds pending; once ``b`` is killed (SIGKILL), ``c`` takes over
+    what it held, answers it, and the view counts the entries reclaimed."""
+    head = transport_head(redis_server.url, f"nodes-{tmp_path.name}")
+    extra = ("--node", "a", "--listeners", "front")
+    seen: dict[str, Any] = {}
+
+    def view_until(test: Any, what: str) -> dict[str, Any]:
+        def check() -> bool:
+            seen.update(organism.get_json("/api/stats")["transport"])
+            return bool(test(seen))
+
+        wait_until(check, what, timeout=60)
+        return seen
+
+    with running_organism(tmp_path, head=head, extra=extra) as organism:
+        assert organism.get_json("/api/graph")["transport"] is True
+        assert organism.get_json("/api/graph")["node"] == "a"
+        with node(tmp_path, "b", hold=True) as b, node(tmp_path, "c"):
+            organism.send("hold-1", "hold-2", "hold-3")
+            view = view_until(
+                lambda v: (
+                    set(v["nodes"]) == {"a", "b", "c"}
+                    and v["inboxes"]["checker"]["pending_by_node"].get("b", 0) >= 1
+                    and v["nodes"]["b"]["held"] >= 1
+                ),  # its next heartbeat says so
+                "three nodes alive, b holding entries pending",
+            )
+            assert view["up"] is True
+            assert view["nodes"]["a"]["listeners"] == ["front"]
+            assert view["nodes"]["b"]["listeners"] == ["checker"]
+            assert "b" in view["inboxes"]["checker"]["shards_by_node"]
+            assert view["reclaimed"] == 0
+            b.signal(signal.SIGKILL)
+            b.finish()
+            view = view_until(
+                lambda v: (
+                    v["nodes"].get("c", {}).get("taken_over", 0) >= 1 and "b" not in v["nodes"]
+                ),
+                "c reclaiming what b held, b gone",
+            )
+            assert view["reclaimed"] == view["nodes"]["c"]["taken_over"]
+            for name in ("hold-1", "hold-2", "hold-3"):
+                wait_until(lambda n=name: organism.replies_with(f"<name>{n}</name>") == 1,
+                           f"the answer to {name}")  # fmt: skip
+            view = view_until(lambda v: v["inboxes"]["checker"]["pending"] == 0, "none pending")
+            assert list(view["inboxes"]["checker"]["shards_by_node"]) == ["c"]

@@ -14,7 +14,15 @@ from xml.sax.saxutils import escape
 
 import pytest
 from cli_process import ROOT
-from dashboard_organism import HOSTILE, TOKEN, Organism, quote, running_organism
+from dashboard_organism import (
+    HOSTILE,
+    TOKEN,
+    Organism,
+    node,
+    quote,
+    running_organism,
+    transport_head,
+)
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
@@ -157,3 +165,45 @@ def test_replay_is_refused_without_the_token_and_answers_once_with_it(
     wait(browser, lambda d: organism.replies_with("<name>flaky-browser</name>") == 1,
          "the one answer")  # fmt: skip
     assert organism_answered <= 1
+
+
+def test_the_nodes_page_shows_the_nodes_and_their_pending_entries(
+    browser: Any, tmp_path: Path, redis_server: Any
+) -> None:
+    """Nodes ``a`` (the dashboard) and ``b`` (serving ``checker``, holding what it gets)
+    on the Redis transport: the page lists both and the entries pending on ``b``."""
+    head = transport_head(redis_server.url, f"browser-nodes-{tmp_path.name}")
+    extra = ("--node", "a", "--listeners", "front")
+    with running_organism(tmp_path, head=head, extra=extra) as organism, \
+            node(tmp_path, "b", hold=True):  # fmt: skip
+        open_page(browser, organism, "/nodes")
+        organism.send("hold-1", "hold-2")
+
+        def tables(driver: Any) -> Any:
+            # Read in one script: the page rebuilds the tables on every event.
+            return driver.execute_script(
+                "const text = (s) => Array.from(document.querySelectorAll(s), (r) =>"
+                " [r.dataset.node || r.dataset.listener, r.textContent]);"
+                "return {nodes: text('#nodes tr[data-node]'),"
+                " inboxes: text('#inboxes tr[data-listener]')};"
+            )
+
+        def pending_on_b(driver: Any) -> bool:
+            seen = tables(driver)
+            inbox = dict(seen["inboxes"]).get("checker", "")
+            return "b:2" in inbox and len(seen["nodes"]) == 2
+
+        wait(browser, pending_on_b, "nodes a and b listed, 2 entries pending on b", 30)
+        held = "return document.querySelector('[data-held=\"b\"]').textContent"
+        wait(browser, lambda d: d.execute_script(held) == "2", "b's heartbeat: it holds 2")
+        wait(browser, lambda d: "checker:0,1,2,3" in dict(tables(d)["nodes"]).get("b", ""),
+             "b's shards from its leases")  # fmt: skip
+        nodes = dict(tables(browser)["nodes"])
+        assert list(nodes) == ["a", "b"]
+        assert "(this one)" in nodes["a"] and "checker" in nodes["b"]
+        screenshot(browser, tmp_path, "nodes")
+
+
+def test_without_a_transport_the_nodes_page_says_so(organism: Organism, browser: Any) -> None:
+    open_page(browser, organism, "/nodes")
+    assert "one process" in browser.find_element(By.ID, "no-transport").text

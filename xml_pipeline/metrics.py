@@ -200,8 +200,11 @@ class _Snapshot:
     operations: Mapping[str, tuple[int, int, float, list[int]]]
     backend_up: bool | None  # None: not pinged yet
     backend_ping_s: float | None
+    transport: bool  # the pump is a node of a distributed transport
     transport_up: bool | None
     inboxes: Mapping[str, Mapping[str, Any]]
+    # The nodes alive (whose heartbeat has not expired), with what each says of itself.
+    nodes: Mapping[str, Mapping[str, Any]]
 
 
 class _Probe:
@@ -223,6 +226,7 @@ class _Probe:
         self.backend_ping_s: float | None = None
         self.transport_up: bool | None = None
         self.inboxes: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, dict[str, Any]] = {}
         self.snapshot = self._take()
 
     def _take(self) -> _Snapshot:
@@ -237,8 +241,10 @@ class _Probe:
             },
             backend_up=self.backend_up,
             backend_ping_s=self.backend_ping_s,
+            transport=pump._transport_streams() is not None,
             transport_up=self.transport_up,
             inboxes=self.inboxes,
+            nodes=self.nodes,
         )
 
     def refresh(self) -> None:
@@ -281,11 +287,13 @@ class _Probe:
                         inboxes[listener.name] = await streams.inbox_status(
                             listener.name, listener.shards
                         )
+                    nodes = await streams.nodes()
             except Exception:
                 self.transport_up = False
             else:
                 self.transport_up = True
                 self.inboxes = inboxes
+                self.nodes = nodes
         self.refresh()
 
     def stalled_s(self) -> float:

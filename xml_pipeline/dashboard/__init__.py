@@ -1,6 +1,6 @@
 """The live web dashboard of a running organism: ``run --metrics HOST:PORT --web``.
 
-Pages (``/``, ``/conversations``, ``/deadletters``) are static files shipped in the
+Pages (``/``, ``/conversations``, ``/deadletters``, ``/nodes``) are static files shipped in the
 package (``static/``); their script fetches JSON from ``/api/...`` and follows the
 counters by server-sent events (``/api/events``, at most one event a second).
 
@@ -100,6 +100,7 @@ _PAGES = {
     "/": "organism.html",
     "/conversations": "conversations.html",
     "/deadletters": "deadletters.html",
+    "/nodes": "nodes.html",
 }
 _STATIC = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -228,10 +229,39 @@ def _rate(now: int, before: int | None, seconds: float) -> float | None:
     return round(max(now - before, 0) / seconds, 2)
 
 
+_NODE_FIELDS = ("pid", "host", "listeners", "held", "shards", "taken_over", "draining",
+                "started", "version")  # fmt: skip
+_INBOX_FIELDS = ("length", "pending", "lag", "oldest_ms", "pending_by_node", "shards_by_node")
+
+
+def _transport_view(snapshot: Any) -> dict[str, Any] | None:
+    """The distributed transport as the nodes page shows it (None: in-process inboxes):
+    the nodes alive with what their heartbeats say, each listener's inbox streams, and
+    the entries taken over from nodes that stopped ("reclaimed")."""
+    if not snapshot.transport:
+        return None
+    nodes = {
+        str(name): {key: info.get(key) for key in _NODE_FIELDS}
+        for name, info in snapshot.nodes.items()
+        if isinstance(info, Mapping)
+    }
+    reclaimed = sum(n["taken_over"] for n in nodes.values() if isinstance(n["taken_over"], int))
+    return {
+        "up": snapshot.transport_up,
+        "nodes": nodes,
+        "reclaimed": reclaimed,
+        "inboxes": {
+            name: {key: status.get(key) for key in _INBOX_FIELDS}
+            for name, status in snapshot.inboxes.items()
+        },
+    }
+
+
 def live_view(snapshot: Any, previous: Any | None, now: float) -> dict[str, Any]:
     """The event the live view sends: every listener's counters and rates per second
-    (between ``previous`` and ``snapshot``, two probe snapshots), the pool, and how
-    old the snapshot is (the page says the loop is stuck when it grows)."""
+    (between ``previous`` and ``snapshot``, two probe snapshots), the pool, the
+    distributed transport's nodes and inboxes (``transport``, None without one), and
+    how old the snapshot is (the page says the loop is stuck when it grows)."""
     stats = snapshot.stats
     before = previous.stats.listeners if previous is not None else {}
     seconds = snapshot.taken - previous.taken if previous is not None else 0.0
@@ -259,6 +289,7 @@ def live_view(snapshot: Any, previous: Any | None, now: float) -> dict[str, Any]
             "recycles": pool.recycles,
         },
         "listeners": listeners,
+        "transport": _transport_view(snapshot),
     }  # fmt: skip
 
 
@@ -564,8 +595,11 @@ class Dashboard:
             body = files(__package__).joinpath("static", path[8:]).read_bytes()
             return self._respond(start_response, "200 OK", body, _STATIC[path[8:]])
         if path == "/api/graph":
-            return self._json(start_response, {**self._layout, "actions": self.token is not None,
-                                               "cpu_bound": self._cpu_bound})  # fmt: skip
+            return self._json(start_response, {
+                **self._layout, "actions": self.token is not None, "cpu_bound": self._cpu_bound,
+                "node": self._pump.node if self._pump is not None else None,
+                "transport": self._snapshot().transport,
+            })  # fmt: skip
         if path == "/api/stats":
             return self._json(start_response, live_view(self._snapshot(), None, time.monotonic()))
         if path == "/api/events":

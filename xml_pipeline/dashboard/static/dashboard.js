@@ -297,6 +297,88 @@ async function deadLettersPage(main) {
   await load();
 }
 
+// -- nodes ------------------------------------------------------------------------------------
+
+function age(ms) {
+  if (ms === null || ms === undefined) return "–";
+  const seconds = ms / 1000;
+  return seconds < 120 ? `${seconds.toFixed(1)} s` : `${(seconds / 60).toFixed(0)} min`;
+}
+
+function pairs(mapping, join) {
+  const entries = Object.entries(mapping || {});
+  return entries.length ? entries.map(([k, v]) => `${k}:${join(v)}`).join(" ") : "–";
+}
+
+function table(id, head, rows) {
+  return el("table", { id }, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...rows));
+}
+
+function showNodes(view, self, parts) {
+  const t = view.transport;
+  if (t === null) return;
+  setStatus(`live · snapshot ${fmt(view.age_s, 1)} s old`, view.age_s > 5 || t.up === false);
+  const names = Object.keys(t.nodes);
+  parts.summary.replaceChildren(...[
+    ["transport", t.up === null ? "–" : t.up ? "up" : "DOWN"], ["nodes alive", names.length],
+    ["reclaimed entries", t.reclaimed], ["this node", self],
+  ].map(([k, v]) => el("span", { class: "total", "data-total": k }, `${k} `, el("b", {}, fmt(v)))));
+  const now = Date.now() / 1000;
+  // Shards as the leases say now (a heartbeat's list is up to 2 s old).
+  const leased = {};
+  for (const [listener, s] of Object.entries(t.inboxes)) {
+    for (const [owner, shards] of Object.entries(s.shards_by_node || {})) {
+      (leased[owner] = leased[owner] || []).push(`${listener}:${(shards || []).join(",")}`);
+    }
+  }
+  parts.nodes.replaceChildren(names.length ? table("nodes", ["node", "host", "pid", "listeners",
+    "shards", "held", "reclaimed", "state", "up", "version"], names.map((name) => {
+    const n = t.nodes[name];
+    return el("tr", { "data-node": name }, el("td", {}, name + (name === self ? " (this one)" : "")),
+      el("td", {}, fmt(n.host)), el("td", { class: "num" }, fmt(n.pid)),
+      el("td", {}, (n.listeners || []).join(", ") || "–"),
+      el("td", {}, leased[name] ? leased[name].join(" ") : "none"),
+      el("td", { class: "num", "data-held": name }, fmt(n.held)),
+      el("td", { class: "num", "data-reclaimed": name },
+        fmt(n.taken_over)),
+      el("td", {}, n.draining ? "draining" : "serving"),
+      el("td", {}, typeof n.started === "number" ? age((now - n.started) * 1000) : "–"),
+      el("td", {}, fmt(n.version)));
+  })) : el("p", {}, "no node alive"));
+  parts.inboxes.replaceChildren(table("inboxes", ["listener", "length", "pending", "lag",
+    "oldest pending", "pending by node", "shards by node"], Object.entries(t.inboxes).map(
+    ([name, s]) => el("tr", { "data-listener": name }, el("td", {}, name),
+      el("td", { class: "num" }, fmt(s.length)), el("td", { class: "num" }, fmt(s.pending)),
+      el("td", { class: "num" }, fmt(s.lag)), el("td", {}, age(s.oldest_ms)),
+      el("td", {}, pairs(s.pending_by_node, String)),
+      el("td", {}, pairs(s.shards_by_node, (v) => (v || []).join(",")))))));
+}
+
+async function nodesPage(main, graph) {
+  if (!graph.transport) {
+    setStatus("one process");
+    main.append(el("section", { class: "card", id: "no-transport" }, el("h2", {}, "Nodes"),
+      el("p", {}, "This organism runs in one process on in-process inboxes. Start it as ",
+        "nodes of a distributed transport (run --transport redis://… --node NAME) to see ",
+        "the nodes alive, each listener's stream lag and pending entries, and the entries ",
+        "taken over from nodes that stopped.")));
+    return;
+  }
+  const parts = { summary: el("div", { id: "transport" }), nodes: el("div", {}, "waiting…"),
+    inboxes: el("div", {}, "waiting…") };
+  main.append(el("section", { class: "card" }, parts.summary),
+    el("section", { class: "card" }, el("h2", {}, "Nodes alive"), parts.nodes),
+    el("section", { class: "card" }, el("h2", {}, "Inbox streams"), parts.inboxes));
+  const events = new EventSource("/api/events");
+  events.onmessage = (event) => showNodes(JSON.parse(event.data), graph.node, parts);
+  events.addEventListener("age", (event) => {
+    const { age_s } = JSON.parse(event.data);
+    if (age_s > 5) setStatus(`event loop not answering: snapshot ${fmt(age_s, 0)} s old`, true);
+  });
+  events.onerror = () => setStatus("reconnecting…", true);
+}
+
 // -- start ------------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -308,5 +390,6 @@ document.addEventListener("DOMContentLoaded", async () => {
   if (page === "organism") await organismPage(main);
   else if (page === "conversations") await conversationsPage(main);
   else if (page === "deadletters") await deadLettersPage(main);
+  else if (page === "nodes" && graph.ok) await nodesPage(main, graph.body);
   document.body.dataset.ready = "1";
 });
