@@ -540,6 +540,35 @@ async def test_a_fast_frame_is_answered_while_a_slow_one_is_blocked(run_pump) ->
         assert (await asyncio.wait_for(slow_reply, 10)).payload == Pong(n=0, by="l")
 
 
+async def test_an_unordered_listener_runs_one_frames_fan_out_at_once(run_pump) -> None:
+    # Four messages from one call share a frame: they meet at a barrier only if all
+    # four run at the same time.
+    barrier = asyncio.Barrier(4)
+    got: dict[str, list[int]] = {}
+
+    async def fan(payload: Ping | Pong, meta: HandlerMetadata) -> object:
+        if isinstance(payload, Ping):
+            return [HandlerResponse(Ping(n=i), to="work") for i in range(4)]
+        got.setdefault(meta.thread_id, []).append(payload.n)
+        if len(got[meta.thread_id]) == 4:
+            return HandlerResponse.respond(Pong(n=sum(got[meta.thread_id]), by="fan"))
+        return None
+
+    async def work(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        async with asyncio.timeout(10):
+            await barrier.wait()
+        return HandlerResponse.respond(Pong(n=payload.n, by=meta.thread_id))
+
+    listeners = [
+        Listener("fan", (Ping, Pong), fan),
+        Listener("work", (Ping,), work, concurrency=4, ordered=False),
+    ]
+    async with run_pump(listeners) as h:
+        reply = await h.pump.request(ping_xml(0), to="fan", timeout=15)
+        assert reply.payload == Pong(n=6, by="fan")
+        assert h.pump.statistics().listeners["work"].handled == 4
+
+
 async def test_shutdown_dead_letters_the_messages_parked_behind_a_frame() -> None:
     gate = asyncio.Event()
     started = asyncio.Event()

@@ -157,10 +157,10 @@ class Runtime:
     """A listener's inbox, the frames its workers hold, and its counters.
 
     One inbox (a FIFO) feeds every worker of the listener, so a free worker takes
-    the next delivery whatever its frame. ``held`` maps each frame a worker is
-    handling to the deliveries of that frame taken from the inbox meanwhile (None:
-    none yet): the worker holding the frame runs them next, in order (see
-    ``StreamPump._worker``).
+    the next delivery whatever its frame. For an ordered listener, ``held`` maps each
+    frame a worker is handling to the deliveries of that frame taken from the inbox
+    meanwhile (None: none yet): the worker holding the frame runs them next, in order
+    (see ``StreamPump._worker``). An unordered listener has no ``held``.
     """
 
     __slots__ = (
@@ -189,7 +189,7 @@ class Runtime:
         self.codecs = codecs
         # Unbounded: what enters the pump is bounded by queue_size (admission).
         self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
-        self.held: dict[str, deque[Delivery] | None] = {}
+        self.held: dict[str, deque[Delivery] | None] | None = {} if listener.ordered else None
         self.parked = 0  # deliveries waiting in held for their frame's worker
         self.received = 0
         self.handled = 0

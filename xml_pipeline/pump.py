@@ -8,9 +8,10 @@
 
 Each listener runs ``concurrency`` worker tasks fed by one inbox: a free worker
 takes the next delivery, whatever its frame, so a slow message holds up nothing
-but its own frame. The messages of one frame reach a listener one at a time and
-in order: a delivery whose frame another worker is handling waits for that
-worker, which runs it next. Ingress is
+but its own frame. The messages of one frame reach an ordered listener (the
+default) one at a time and in order: a delivery whose frame another worker is
+handling waits for that worker, which runs it next. An unordered listener runs
+them at once, up to its ``concurrency`` (a fan-out in parallel). Ingress is
 admitted only while fewer than ``queue_size`` messages are inside the pump, so a
 slow listener slows ingress down instead of growing memory. Messages produced
 inside the pump are routed as objects: they are not re-serialized and re-parsed
@@ -1140,17 +1141,17 @@ class StreamPump:
     async def _worker(self, rt: Runtime, deliver: Callable[[Delivery], Awaitable[None]]) -> None:
         """Run deliveries from the listener's inbox until cancelled.
 
-        The worker *holds* the frame of the delivery it runs (``rt.held``): a worker
-        taking a delivery of a frame held by another parks it there and takes the next
-        one, and the holder runs what was parked for its frame before it lets the frame
-        go. So a frame's messages run one at a time, in inbox order, and no worker idles
-        while the inbox has work of another frame.
+        For an ordered listener, the worker *holds* the frame of the delivery it runs
+        (``rt.held``): a worker taking a delivery of a frame held by another parks it
+        there and takes the next one, and the holder runs what was parked for its frame
+        before it lets the frame go. So a frame's messages run one at a time, in inbox
+        order, and no worker idles while the inbox has work of another frame.
         """
         task = asyncio.current_task()
         if task is not None:
             self._worker_tasks.add(task)
         inbox = rt.inbox
-        held = rt.held
+        held = rt.held  # None: unordered, nothing held
         frame: str | None = None  # the frame this worker holds
         again: Delivery | None = None
         while True:
@@ -1164,6 +1165,8 @@ class StreamPump:
                     continue  # its entry stays pending: the next owner takes it
                 delivery.routed = False
                 self._hold()
+            elif held is None:
+                delivery = await inbox.get()
             else:
                 if frame is not None:
                     parked = held[frame]
