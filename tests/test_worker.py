@@ -138,6 +138,20 @@ async def test_an_unordered_fan_out_runs_on_every_worker_at_once(
         assert all(len(p.text.split()) == 3 for p in pongs)  # its pid, then both
 
 
+async def test_an_unordered_listener_below_the_worker_count_is_reported(
+    run_pump: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = offloaded(wh.echo, concurrency=1, ordered=False)
+    async with run_pump([listener], process_pool=POOL) as h:
+        reply = await h.pump.request(ping_xml(1), to="cpu", timeout=30)
+        assert reply.payload.n == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "listener cpu is ordered: false, but its concurrency (1) is below "
+        "process_pool.workers (2): one frame's fan-out uses at most 1 of them at once"
+    ]
+
+
 async def test_worker_responses_route_like_any_other(run_pump: Any) -> None:
     # inline "front" -> cpu_bound "cpu" forwards to inline "next", whose answer comes back.
     async def front(payload: Ping | Pong, meta: HandlerMetadata) -> HandlerResponse:

@@ -467,6 +467,15 @@ class StreamPump:
         ]
         if not offloaded:
             return
+        workers = self.organism.process_pool.worker_count
+        for listener in offloaded:
+            if not listener.ordered and listener.concurrency < workers:
+                logger.warning(
+                    "listener %s is ordered: false, but its concurrency (%d) is below "
+                    "process_pool.workers (%d): one frame's fan-out uses at most %d of "
+                    "them at once",
+                    listener.name, listener.concurrency, workers, listener.concurrency,
+                )  # fmt: skip
         url = self.organism.backend
         # Workers read a shared store directly only when it is the one the pump uses
         # (a backend object passed in may not be what the organism's URL names); they
