@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Ping
+from support import Ping, pong
 
 from xml_pipeline import (
     BackendUnavailable,
@@ -137,6 +137,42 @@ def test_every_problem_is_reported_on_its_own_line(tmp_path: Path) -> None:
         "listeners[0].concurrency (line 8): Input should be greater than or equal to 1",
         "boot[0].payload (line 9): String should have at least 1 character",
     ]
+
+
+def test_ordered_is_a_listener_option_checked_like_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xml_pipeline.cli.check import check
+
+    organism = load_text(
+        tmp_path,
+        """
+        organism: {name: t}
+        listeners:
+          - {name: a, payload: support:Ping, handler: support:pong, ordered: false}
+          - {name: b, payload: support:Ping, handler: support:pong}
+        """,
+    )
+    assert [listener.ordered for listener in organism.listeners] == [False, True]
+    assert check(organism) == 0
+    listed = capsys.readouterr().out
+    assert "a: async, concurrency 16 (unordered), timeout none" in listed
+    assert "b: async, concurrency 16, timeout none" in listed
+    assert problems(
+        tmp_path,
+        """
+        organism: {name: t}
+        listeners:
+          - name: a
+            payload: support:Ping
+            handler: support:pong
+            ordered: sometimes
+        """,
+    ) == [
+        "listeners[0].ordered (line 7): Input should be a valid boolean, unable to interpret input"
+    ]
+    with pytest.raises(ConfigError, match="listener 'a': ordered must be true or false, not 'no'"):
+        Listener("a", (Ping,), pong, ordered="no")  # type: ignore[arg-type]
 
 
 def test_an_unknown_key_names_the_key_it_probably_meant(tmp_path: Path) -> None:

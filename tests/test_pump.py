@@ -471,6 +471,140 @@ async def test_messages_of_one_frame_arrive_in_order(run_pump) -> None:
             assert order == list(range(40))
 
 
+async def _until(condition, seconds: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, failing past ``seconds``."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def test_a_blocked_frame_holds_up_only_its_own_messages(run_pump) -> None:
+    # Two frames blocked in their handlers, with messages of their own behind them:
+    # the other frames go on, each in order, on the free workers, and each blocked
+    # frame catches up in order once released (whichever goes first).
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    seen: dict[str, list[int]] = {}
+    frames: dict[str, str] = {}
+
+    async def record(payload: Ping, meta: HandlerMetadata) -> None:
+        if payload.n == 0 and payload.text in gates:
+            frames[payload.text] = meta.thread_id
+            await gates[payload.text].wait()
+        for _ in range(payload.n % 3):
+            await asyncio.sleep(0)
+        seen.setdefault(meta.thread_id, []).append(payload.n)
+
+    async with run_pump([Listener("o", (Ping,), record, concurrency=4)]) as h:
+        blocked = {k: await h.pump.inject(ping_xml(0, k), to="o", sender=k) for k in gates}
+        await _until(lambda: len(frames) == 2)
+        for n in range(1, 11):
+            for k, root in blocked.items():
+                await h.pump.inject(ping_xml(n, k), to="o", sender=k, thread=root)
+        others = [await h.pump.inject(ping_xml(0), to="o", sender=f"s{i}") for i in range(20)]
+        for n in range(1, 5):
+            for i, root in enumerate(others):
+                await h.pump.inject(ping_xml(n), to="o", sender=f"s{i}", thread=root)
+        # (with one inbox per worker, chosen by frame, about half of them would wait)
+        await _until(lambda: sum(len(v) == 5 for v in seen.values()) == 20)
+        stats = h.pump.statistics().listeners["o"]
+        assert (stats.in_flight, stats.queued) == (2, 20)
+        gates["b"].set()
+        await _until(lambda: len(seen.get(frames["b"], ())) == 11)
+        assert frames["a"] not in seen
+        gates["a"].set()
+        await asyncio.wait_for(h.pump.wait_idle(), 10)
+        assert len(seen) == 22
+        for frame, order in seen.items():
+            assert order == list(range(11 if frame in frames.values() else 5))
+        assert h.pump.statistics().listeners["o"].queued == 0
+
+
+async def test_a_fast_frame_is_answered_while_a_slow_one_is_blocked(run_pump) -> None:
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handler(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        if payload.text == "slow":
+            started.set()
+            await gate.wait()
+        return HandlerResponse.respond(Pong(n=payload.n, by=meta.own_name))
+
+    async with run_pump([Listener("l", (Ping,), handler, concurrency=2)]) as h:
+        slow_reply = asyncio.create_task(h.pump.request(ping_xml(0, "slow"), to="l", timeout=30))
+        await asyncio.wait_for(started.wait(), 10)
+        for i in range(1, 17):  # one after the other, each on a conversation of its own
+            reply = await h.pump.request(ping_xml(i), to="l", sender=f"fast{i}", timeout=5)
+            assert reply.payload == Pong(n=i, by="l")
+        assert not slow_reply.done()
+        gate.set()
+        assert (await asyncio.wait_for(slow_reply, 10)).payload == Pong(n=0, by="l")
+
+
+async def test_an_unordered_listener_runs_one_frames_fan_out_at_once(run_pump) -> None:
+    # Four messages from one call share a frame: they meet at a barrier only if all
+    # four run at the same time.
+    barrier = asyncio.Barrier(4)
+    got: dict[str, list[int]] = {}
+
+    async def fan(payload: Ping | Pong, meta: HandlerMetadata) -> object:
+        if isinstance(payload, Ping):
+            return [HandlerResponse(Ping(n=i), to="work") for i in range(4)]
+        got.setdefault(meta.thread_id, []).append(payload.n)
+        if len(got[meta.thread_id]) == 4:
+            return HandlerResponse.respond(Pong(n=sum(got[meta.thread_id]), by="fan"))
+        return None
+
+    async def work(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        async with asyncio.timeout(10):
+            await barrier.wait()
+        return HandlerResponse.respond(Pong(n=payload.n, by=meta.thread_id))
+
+    listeners = [
+        Listener("fan", (Ping, Pong), fan),
+        Listener("work", (Ping,), work, concurrency=4, ordered=False),
+    ]
+    async with run_pump(listeners) as h:
+        reply = await h.pump.request(ping_xml(0), to="fan", timeout=15)
+        assert reply.payload == Pong(n=6, by="fan")
+        assert h.pump.statistics().listeners["work"].handled == 4
+
+
+async def test_shutdown_dead_letters_the_messages_parked_behind_a_frame() -> None:
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handler(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        if payload.text == "slow":
+            started.set()
+            await gate.wait()
+        return HandlerResponse.respond(Pong(n=payload.n, by=meta.own_name))
+
+    pump = StreamPump(Organism("t", (Listener("h", (Ping,), handler, concurrency=2),)))
+    async with pump:
+        root = await pump.inject(ping_xml(0, "slow"), to="h", sender="slow")
+        await asyncio.wait_for(started.wait(), 10)
+        for n in range(1, 4):
+            await pump.inject(ping_xml(n, "slow"), to="h", sender="slow", thread=root)
+        for i in range(16):  # the free worker parks those three and serves everyone else
+            await pump.request(ping_xml(10 + i), to="h", sender=f"s{i}", timeout=5)
+        stats = pump.statistics()
+        assert (stats.listeners["h"].in_flight, stats.listeners["h"].queued) == (1, 3)
+        assert stats.in_pump == 4
+        backend = pump.backend
+        pump._owns_backend = False  # keep the store readable after exit
+    stats = pump.statistics()
+    assert (stats.abandoned, stats.in_pump, stats.listeners["h"].queued) == (4, 0, 0)
+    letters = await backend.deadletter_list()
+    assert {letter.code for letter in letters} == {"shutdown"}
+    reasons = Counter(letter.reason for letter in letters)
+    assert reasons == {
+        "running for h when the pump stopped": 1,
+        "queued for h when the pump stopped": 3,
+    }
+    numbers = sorted(payload_from_xml(Ping, letter.data).n for letter in letters)
+    assert numbers == [0, 1, 2, 3]
+
+
 async def test_backpressure_reaches_ingress(run_pump) -> None:
     gate = asyncio.Event()
 

@@ -106,6 +106,52 @@ async def test_handler_runs_in_a_worker_process(run_pump: Any, handler: Any) -> 
         assert stats.listeners["cpu"].handled == 200
 
 
+async def test_an_unordered_fan_out_runs_on_every_worker_at_once(
+    run_pump: Any, tmp_path: Path
+) -> None:
+    # One call sends 8 messages to the cpu_bound listener: they share a frame, and
+    # being unordered they run at once; each waits until both workers have started
+    # one of them (wh.rendezvous), which happens only if they run side by side.
+    got: dict[str, list[Pong]] = {}
+
+    async def fan(payload: Ping | Pong, meta: HandlerMetadata) -> object:
+        if isinstance(payload, Ping):
+            text = f"{tmp_path}|2"
+            return [HandlerResponse(Ping(n=i, text=text), to="cpu") for i in range(8)]
+        got.setdefault(meta.thread_id, []).append(payload)
+        if len(got[meta.thread_id]) == 8:
+            return HandlerResponse.respond(Pong(n=8, by="fan"))
+        return None
+
+    listeners = [
+        Listener("fan", (Ping, Pong), fan),
+        offloaded(wh.rendezvous, concurrency=8, ordered=False),
+    ]
+    async with run_pump(listeners, process_pool=POOL) as h:
+        reply = await h.pump.request(ping_xml(0), to="fan", timeout=30)
+        assert reply.payload == Pong(n=8, by="fan")
+        [pongs] = got.values()
+        assert sorted(p.n for p in pongs) == list(range(8))
+        assert "gave-up" not in os.listdir(tmp_path)
+        ran_on = {p.text.split()[0] for p in pongs}
+        assert len(ran_on) == 2 and ran_on <= {str(pid) for pid in worker_pids(h.pump)}
+        assert all(len(p.text.split()) == 3 for p in pongs)  # its pid, then both
+
+
+async def test_an_unordered_listener_below_the_worker_count_is_reported(
+    run_pump: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = offloaded(wh.echo, concurrency=1, ordered=False)
+    async with run_pump([listener], process_pool=POOL) as h:
+        reply = await h.pump.request(ping_xml(1), to="cpu", timeout=30)
+        assert reply.payload.n == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "listener cpu is ordered: false, but its concurrency (1) is below "
+        "process_pool.workers (2): one frame's fan-out uses at most 1 of them at once"
+    ]
+
+
 async def test_worker_responses_route_like_any_other(run_pump: Any) -> None:
     # inline "front" -> cpu_bound "cpu" forwards to inline "next", whose answer comes back.
     async def front(payload: Ping | Pong, meta: HandlerMetadata) -> HandlerResponse:

@@ -86,6 +86,27 @@ def marked(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
     return faulty(Ping(n=payload.n, text=mode), meta)
 
 
+def rendezvous(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+    """``text`` is ``FOLDER|K``: writes ``FOLDER/<pid>`` and waits (up to 10 s) until K
+    worker processes have; answers ``<its pid> <the pids it found>``.
+
+    Two messages meet here only if they run at the same time in different workers. The
+    first to give up says so (``FOLDER/gave-up``), so the others do not wait again.
+    """
+    folder, _, count = payload.text.rpartition("|")
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + 10
+    while True:
+        found = sorted(p.name for p in Path(folder).iterdir())
+        if len(found) >= int(count) or "gave-up" in found:
+            break
+        if time.monotonic() > deadline:
+            Path(folder, "gave-up").touch()
+            break
+        time.sleep(0.001)
+    return _pong(payload, meta, " ".join([str(os.getpid()), *found]))
+
+
 def stubborn(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
     """Like marked, but its worker ignores SIGTERM first (as a hung C extension might)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

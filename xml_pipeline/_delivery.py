@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import time
 from array import array
+from collections import deque
 from typing import Any
 
 from lxml import etree
@@ -153,7 +154,14 @@ class Message:
 
 
 class Runtime:
-    """A listener's inboxes, workers and counters."""
+    """A listener's inbox, the frames its workers hold, and its counters.
+
+    One inbox (a FIFO) feeds every worker of the listener, so a free worker takes
+    the next delivery whatever its frame. For an ordered listener, ``held`` maps each
+    frame a worker is handling to the deliveries of that frame taken from the inbox
+    meanwhile (None: none yet): the worker holding the frame runs them next, in order
+    (see ``StreamPump._worker``). An unordered listener has no ``held``.
+    """
 
     __slots__ = (
         "blocked",
@@ -163,13 +171,15 @@ class Runtime:
         "failed",
         "failures",
         "handled",
+        "held",
         "in_flight",
-        "inboxes",
+        "inbox",
         "latencies",
         "latency_n",
         "latency_sum",
         "listener",
         "name",
+        "parked",
         "received",
     )
 
@@ -177,9 +187,10 @@ class Runtime:
         self.listener = listener
         self.name = listener.name
         self.codecs = codecs
-        self.inboxes: list[asyncio.Queue[Delivery]] = [
-            asyncio.Queue() for _ in range(listener.concurrency)
-        ]
+        # Unbounded: what enters the pump is bounded by queue_size (admission).
+        self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.held: dict[str, deque[Delivery] | None] | None = {} if listener.ordered else None
+        self.parked = 0  # deliveries waiting in held for their frame's worker
         self.received = 0
         self.handled = 0
         self.failed = 0

@@ -211,9 +211,16 @@ class _ListenerSection(_Strict):
         16,
         ge=1,
         le=100_000,
-        description="messages handled at once (on different frames); a sync listener also "
-        "gets up to this many threads, at most `pump.sync_threads`; a `cpu_bound` listener "
-        "has at most this many messages in the worker processes",
+        description="messages handled at once (on different frames, unless `ordered` is "
+        "false); a sync listener also gets up to this many threads, at most "
+        "`pump.sync_threads`; a `cpu_bound` listener has at most this many messages in the "
+        "worker processes",
+    )
+    ordered: bool = Field(
+        True,
+        description="the messages of one frame reach the listener one at a time, in order; "
+        "`false`: they may run at once, up to `concurrency` (so that a handler's fan-out to "
+        "this listener runs in parallel; see [handlers](handlers.md#concurrency-and-ordering))",
     )
     timeout_s: float | None = Field(
         None,
@@ -379,7 +386,10 @@ class Listener:
         handler: sync or async callable ``(payload, meta)``.
         description: free text shown by ``check``.
         peers: listeners this one may forward to; None means any.
-        concurrency: messages handled at once (different frames only).
+        concurrency: messages handled at once (different frames only, unless not
+            ``ordered``).
+        ordered: the messages of one frame reach the listener one at a time, in order;
+            False: they run at once, up to ``concurrency`` (a fan-out runs in parallel).
         timeout_s: per-message handler time limit; None means none.
         cpu_bound: run the handler in the worker process pool (see ``ProcessPoolSettings``);
             the handler and its payload classes must be importable by module path.
@@ -396,6 +406,7 @@ class Listener:
     description: str = _default(_ListenerSection, "description")
     peers: frozenset[str] | None = None
     concurrency: int = _default(_ListenerSection, "concurrency")
+    ordered: bool = _default(_ListenerSection, "ordered")
     timeout_s: float | None = _default(_ListenerSection, "timeout_s")
     cpu_bound: bool = _default(_ListenerSection, "cpu_bound")
     history_snapshot: bool = _default(_ListenerSection, "history_snapshot")
@@ -420,6 +431,10 @@ class Listener:
                     f"both map to {qname}"
                 )
             seen[qname] = cls
+        if not isinstance(self.ordered, bool):
+            raise ConfigError(
+                f"listener {self.name!r}: ordered must be true or false, not {self.ordered!r}"
+            )
         if not 1 <= self.shards <= 256:
             raise ConfigError(f"listener {self.name!r}: shards must be 1 to 256")
         if self.history_snapshot and not self.cpu_bound:
@@ -861,6 +876,7 @@ def load_organism(path: str | Path, *, backend: str | None = None) -> Organism:
                     description=section.description,
                     peers=None if section.peers is None else frozenset(section.peers),
                     concurrency=section.concurrency,
+                    ordered=section.ordered,
                     timeout_s=section.timeout_s,
                     cpu_bound=section.cpu_bound,
                     history_snapshot=section.history_snapshot,

@@ -6,9 +6,12 @@
         await pump.inject(b"<message ...>...</message>")
         await pump.wait_idle()
 
-Each listener runs ``concurrency`` worker tasks, each with its own inbox; a
-delivery goes to the inbox chosen by its frame, so the messages of one frame
-reach a listener in order while different frames run in parallel. Ingress is
+Each listener runs ``concurrency`` worker tasks fed by one inbox: a free worker
+takes the next delivery, whatever its frame, so a slow message holds up nothing
+but its own frame. The messages of one frame reach an ordered listener (the
+default) one at a time and in order: a delivery whose frame another worker is
+handling waits for that worker, which runs it next. An unordered listener runs
+them at once, up to its ``concurrency`` (a fan-out in parallel). Ingress is
 admitted only while fewer than ``queue_size`` messages are inside the pump, so a
 slow listener slows ingress down instead of growing memory. Messages produced
 inside the pump are routed as objects: they are not re-serialized and re-parsed
@@ -435,10 +438,8 @@ class StreamPump:
                         # around the pool call: its context goes with the task, so the
                         # handler's own spans in the worker are its children.)
                         deliver = self._tracing.wrap(deliver)
-                    for i, inbox in enumerate(rt.inboxes):
-                        tg.start_soon(
-                            self._worker, rt, inbox, deliver, name=f"listener {rt.name}#{i}"
-                        )
+                    for i in range(rt.listener.concurrency):
+                        tg.start_soon(self._worker, rt, deliver, name=f"listener {rt.name}#{i}")
                 pool = self._pool
                 if pool is not None and any(
                     rt.listener.cpu_bound and rt.listener.timeout_s
@@ -466,6 +467,15 @@ class StreamPump:
         ]
         if not offloaded:
             return
+        workers = self.organism.process_pool.worker_count
+        for listener in offloaded:
+            if not listener.ordered and listener.concurrency < workers:
+                logger.warning(
+                    "listener %s is ordered: false, but its concurrency (%d) is below "
+                    "process_pool.workers (%d): one frame's fan-out uses at most %d of "
+                    "them at once",
+                    listener.name, listener.concurrency, workers, listener.concurrency,
+                )  # fmt: skip
         url = self.organism.backend
         # Workers read a shared store directly only when it is the one the pump uses
         # (a backend object passed in may not be what the organism's URL names); they
@@ -597,10 +607,18 @@ class StreamPump:
         abandoned = self._abandoned
         self._abandoned = []
         for rt in self._runtimes.values():
-            for inbox in rt.inboxes:
-                while not inbox.empty():
-                    abandoned.append((inbox.get_nowait(), "queued"))
-                    self._release()
+            # Taken from the inbox before what is still in it: those parked for the
+            # worker holding their frame (stopped with the others) first.
+            if rt.held:
+                for parked in rt.held.values():
+                    while parked:
+                        abandoned.append((parked.popleft(), "queued"))
+                        rt.parked -= 1
+                        self._release()
+            inbox = rt.inbox
+            while not inbox.empty():
+                abandoned.append((inbox.get_nowait(), "queued"))
+                self._release()
         # What came from a stream stays pending there: the next owner of its shard
         # takes it over (this node gives up its leases when it closes), or this node
         # takes it up again when it restarts under its name.
@@ -684,7 +702,7 @@ class StreamPump:
                 handled=rt.handled,
                 failed=rt.failed,
                 in_flight=rt.in_flight,
-                queued=sum(q.qsize() for q in rt.inboxes),
+                queued=rt.inbox.qsize() + rt.parked,
                 latency_p50_ms=p50,
                 latency_p99_ms=p99,
                 blocked=rt.blocked,
@@ -1091,8 +1109,7 @@ class StreamPump:
             cause = delivery.message.cause
             if cause in self._open:
                 self._open[cause] += 1
-        inboxes = rt.inboxes
-        inboxes[hash(delivery.frame.uuid) % len(inboxes)].put_nowait(delivery)
+        rt.inbox.put_nowait(delivery)
 
     @staticmethod
     async def _in_log_context(deliver: Callable[[Delivery], Awaitable[None]], d: Delivery) -> None:
@@ -1130,28 +1147,57 @@ class StreamPump:
                 )
             )
 
-    async def _worker(
-        self,
-        rt: Runtime,
-        inbox: asyncio.Queue[Delivery],
-        deliver: Callable[[Delivery], Awaitable[None]],
-    ) -> None:
+    async def _worker(self, rt: Runtime, deliver: Callable[[Delivery], Awaitable[None]]) -> None:
+        """Run deliveries from the listener's inbox until cancelled.
+
+        For an ordered listener, the worker *holds* the frame of the delivery it runs
+        (``rt.held``): a worker taking a delivery of a frame held by another parks it
+        there and takes the next one, and the holder runs what was parked for its frame
+        before it lets the frame go. So a frame's messages run one at a time, in inbox
+        order, and no worker idles while the inbox has work of another frame.
+        """
         task = asyncio.current_task()
         if task is not None:
             self._worker_tasks.add(task)
+        inbox = rt.inbox
+        held = rt.held  # None: unordered, nothing held
+        frame: str | None = None  # the frame this worker holds
         again: Delivery | None = None
         while True:
-            if again is None:
-                delivery = await inbox.get()
-            else:
+            if again is not None:
                 # Redis could not be reached: the same delivery runs again, here and
-                # before the next one (the frame's next messages wait: order holds).
+                # before the next one (its frame stays held, so the frame's next
+                # messages wait: order holds).
                 delivery, again = again, None
                 await asyncio.sleep(_RETRY_S)
                 if not self._running:
                     continue  # its entry stays pending: the next owner takes it
                 delivery.routed = False
                 self._hold()
+            elif held is None:
+                delivery = await inbox.get()
+            else:
+                if frame is not None:
+                    parked = held[frame]
+                    if parked:  # taken meanwhile by other workers: next, in order
+                        delivery = parked.popleft()
+                        rt.parked -= 1
+                    else:
+                        del held[frame]
+                        frame = None
+                if frame is None:
+                    delivery = await inbox.get()
+                    frame = delivery.frame.uuid
+                    while frame in held:  # another worker runs this frame: after it
+                        parked = held[frame]
+                        if parked is None:
+                            held[frame] = deque((delivery,))
+                        else:
+                            parked.append(delivery)
+                        rt.parked += 1
+                        delivery = await inbox.get()
+                        frame = delivery.frame.uuid
+                    held[frame] = None
             rt.in_flight += 1
             box = token = None
             retry = False

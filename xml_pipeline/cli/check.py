@@ -60,7 +60,8 @@ def check(organism: Organism) -> int:
         peers = "any" if lst.peers is None else ", ".join(sorted(lst.peers)) or "none"
         timeout = f"{lst.timeout_s:g}s" if lst.timeout_s else "none"
         about = f" - {lst.description}" if lst.description else ""
-        print(f"  {lst.name}: {kind}, concurrency {lst.concurrency}, timeout {timeout}, "
+        order = "" if lst.ordered else " (unordered)"
+        print(f"  {lst.name}: {kind}, concurrency {lst.concurrency}{order}, timeout {timeout}, "
               f"peers {peers}{about}", file=out)  # fmt: skip
     print("routes:", file=out)
     for qname, cls, listener in RoutingTable(organism.listeners).describe():
