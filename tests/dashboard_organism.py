@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -158,11 +158,17 @@ class Organism:
 
 @contextmanager
 def running_organism(
-    folder: Path, *, token: str | None = TOKEN, extra: Sequence[str] = (), head: str = ""
+    folder: Path,
+    *,
+    token: str | None = TOKEN,
+    extra: Sequence[str] = (),
+    head: str = "",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Organism]:
     """``run --metrics 127.0.0.1:PORT --web [--web-token] [extra...]`` reading stdin,
     until the block ends (then stdin is closed and the exit awaited). ``head``: YAML put
-    before the organism's (a ``backend:`` and its ``redis:`` section, say)."""
+    before the organism's (a ``backend:`` and its ``redis:`` section, say); ``env``: the
+    process's environment (default: this one's)."""
     (folder / "checks.py").write_text(HANDLERS)
     (folder / "organism.yaml").write_text(head + ORGANISM)
     port = free_port()
@@ -172,7 +178,7 @@ def running_organism(
         (folder / "token").write_text(token + "\n")
         args += ["--web-token-file", folder / "token"]
     args += extra
-    with CliProcess(*args) as process:
+    with CliProcess(*args, env=None if env is None else dict(env)) as process:
         organism = Organism(process, port)
 
         def serving() -> bool:

@@ -30,6 +30,7 @@ from redis_server import free_port
 import xml_pipeline.dashboard as dashboard_module
 from xml_pipeline import StreamPump, load_organism
 from xml_pipeline.backends.base import DeadLetter
+from xml_pipeline.backends.manager.protocol import AUTHKEY_ENV
 from xml_pipeline.cli.graph import routing_graph
 from xml_pipeline.dashboard import (
     TOKEN_ENV,
@@ -478,27 +479,47 @@ async def test_a_backend_or_pump_failure_is_a_json_503(error: Exception) -> None
             assert headers["X-Content-Type-Options"] == "nosniff"
 
 
+def conversations_and_dead_letters(organism: Organism) -> None:
+    """A conversation opens by its thread and by its first message's id; a dead letter
+    is replayed once (raises AssertionError otherwise)."""
+    organism.send("tree-r", "flaky-r")
+    thread = organism.conversation_of("tree-r")
+    tree = organism.get_json("/api/conversation?id=" + quote(thread))
+    root = tree["frame"]
+    assert [s["direction"] for s in root["slots"]] == ["out", "in"]
+    assert root["children"][0]["listener"] == "checker"
+    first = root["slots"][0]["message"]
+    assert organism.get_json("/api/conversation?id=" + quote(first))["conversation"] == thread
+    overview = organism.get_json("/api/conversations")
+    assert thread in {c["conversation"] for c in overview["recent"]}
+    letter = organism.dead_letter("flaky-r")
+    assert (letter["code"], letter["stage"]) == ("handler-error", "delivery")
+    status, body = organism.action("replay", letter["id"])
+    assert (status, body["result"]) == (200, "replayed")
+    wait_until(lambda: organism.replies_with("<name>flaky-r</name>") == 1, "the answer")
+    assert organism.action("replay", letter["id"])[1]["result"] == "gone"
+    assert organism.replies_with("<name>flaky-r</name>") == 1
+
+
 def test_conversations_and_dead_letters_on_redis(tmp_path: Path, redis_server: Any) -> None:
-    """The pages read through the pump's backend object: on a Redis store a conversation
-    opens by its thread and by its first message's id, and a dead letter is replayed
-    once, as on memory."""
+    """The pages read through the pump's backend object: on a Redis store as on memory."""
     head = f"backend: {redis_server.url}\nredis: {{prefix: dash-{tmp_path.name}}}\n"
     with running_organism(tmp_path, head=head) as organism:
-        organism.send("tree-r", "flaky-r")
-        thread = organism.conversation_of("tree-r")
-        tree = organism.get_json("/api/conversation?id=" + quote(thread))
-        root = tree["frame"]
-        assert [s["direction"] for s in root["slots"]] == ["out", "in"]
-        assert root["children"][0]["listener"] == "checker"
-        first = root["slots"][0]["message"]
-        assert organism.get_json("/api/conversation?id=" + quote(first))["conversation"] == thread
-        letter = organism.dead_letter("flaky-r")
-        assert (letter["code"], letter["stage"]) == ("handler-error", "delivery")
-        status, body = organism.action("replay", letter["id"])
-        assert (status, body["result"]) == (200, "replayed")
-        wait_until(lambda: organism.replies_with("<name>flaky-r</name>") == 1, "the answer")
-        assert organism.action("replay", letter["id"])[1]["result"] == "gone"
-        assert organism.replies_with("<name>flaky-r</name>") == 1
+        conversations_and_dead_letters(organism)
+
+
+def test_conversations_and_dead_letters_on_the_manager(tmp_path: Path) -> None:
+    """... and on a store served by ``python -m xml_pipeline manager``."""
+    env = dict(os.environ, **{AUTHKEY_ENV: "dashboard-manager-key"})
+    with CliProcess("manager", "--address", "127.0.0.1:0", env=env) as manager:
+        url = manager.readline().decode().strip()
+        if not url.startswith("manager://127.0.0.1:"):
+            raise RuntimeError(f"the manager did not print its URL: {url!r} {manager.stderr!r}")
+        with running_organism(tmp_path, head=f"backend: {url}\n", env=env) as organism:
+            conversations_and_dead_letters(organism)
+        manager.signal(signal.SIGTERM)
+        manager.finish()
+    assert manager.returncode == 0, manager.stderr
 
 
 def test_without_a_transport_the_nodes_page_says_one_process(organism: Organism) -> None:
