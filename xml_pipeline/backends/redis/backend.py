@@ -226,7 +226,8 @@ class RedisBackend:
         keys (history, index, the frame's uuid key), the field and the JSON tail.
 
         For scripts that append history as part of a larger atomic step (the Redis
-        Streams transport's commit); :meth:`buffer_append` is the same append alone.
+        Streams transport's commit); :meth:`buffer_append` makes the same append, folded
+        with the other writes of its loop tick into one call of ``write.lua``.
         """
         data = slot_to_bytes(slot._replace(index=0))
         if not data.startswith(_INDEX_0):  # pragma: no cover - base.py changed its format
