@@ -629,17 +629,21 @@ async def check_histories(pump: StreamPump, roots: set[str]) -> None:
 
 async def test_the_pump_end_to_end_on_redis(redis_server: RedisServer) -> None:
     replies: list[Any] = []
+    calls = await script_calls(redis_server.url)
     async with StreamPump(hello_on(redis_server.url), egress=replies.append) as pump:
         assert isinstance(pump.backend, RedisBackend)
         names = [f"p{i}" for i in range(200)]
         results = await asyncio.gather(*(greet(pump, n) for n in names))
         await pump.wait_idle()
         stats = pump.backend.statistics()
+        calls = await script_calls(redis_server.url) - calls
         assert [r.payload.text for r in results] == [f"HELLO, {n.upper()}!" for n in names]
         await check_histories(pump, {r.thread_id for r in results})
         # Each conversation writes 4 registry entries and 6 slots: folded, far fewer calls.
         assert stats.folded >= 10 * len(names), stats
         assert stats.commands < stats.folded / 4, stats
+        # The server's view: the hops' writes reached it in few script calls.
+        assert calls < stats.folded / 4, (calls, stats)
         await pump.backend.buffer_clear()
         await pump.backend.registry_clear()
     assert len(replies) == 200
