@@ -19,7 +19,15 @@ Cases, each one summary line:
 - ``relay``: benchmarks/relay.py's organism (3 hops, 5 deliveries per message) on
   the backend, fed by ``--producers`` concurrent ``inject()`` loops (as a server with
   many clients would), hops/s, its ``ratio`` to the floor (_common.py) measured in the
-  same run and its ratio to the memory backend's.
+  same run and its ratio to the memory backend's. The relay runs ``--rounds`` times,
+  the backends alternating (the machine is shared: noise hits them alike); the best
+  round of each is kept, with the pump's CPU per hop (``time.process_time``) and, for
+  Redis, the redis-server's (``/proc/<pid>/stat``), and the backend calls per hop
+  (commands sent, and the writes folded into them). ``vs memory`` is the median over
+  the rounds of each round's ratio (two runs back to back).
+
+The redis line carries the aim of issue 15: the relay on Redis at least 0.50 of the
+relay on memory in the same run.
 
 The manager line carries the client's aims: an append round trip ≤ 100 µs (p50),
 ≥ 50,000 appends/s with 100 concurrent, and ≤ 70 µs of client CPU per 50-slot
@@ -33,6 +41,7 @@ import asyncio
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +71,7 @@ from _common import (  # noqa: E402
 
 from xml_pipeline import Reply  # noqa: E402
 from xml_pipeline.backends import Backend, HistoryLimits, Slot, open_backend  # noqa: E402
+from xml_pipeline.backends.redis import RedisBackend  # noqa: E402
 
 
 @contextmanager
@@ -120,7 +130,35 @@ async def time_ops(backend: Backend, ops: int) -> dict[str, Any]:
     }
 
 
-async def relay(backend: Backend, messages: list[bytes], producers: int) -> float:
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def relay(
+    backend: Backend, messages: list[bytes], producers: int, server_pid: int | None
+) -> dict[str, Any]:
+    """One relay run: hops/s, pump (and server) CPU per hop, backend calls per hop."""
+    stats_of = backend.statistics if isinstance(backend, RedisBackend) else None
+    before = stats_of() if stats_of is not None else None
+    server0 = cpu_s(server_pid) if server_pid is not None else 0.0
+    cpu0 = time.process_time()
+    hops, elapsed = await _relay(backend, messages, producers)
+    cpu = time.process_time() - cpu0
+    result = {"relay_hops_per_s": hops / elapsed, "relay_pump_cpu_us": cpu / hops * 1e6}
+    if server_pid is not None:
+        result["relay_server_cpu_us"] = (cpu_s(server_pid) - server0) / hops * 1e6
+    if stats_of is not None and before is not None:
+        after = stats_of()
+        result["relay_calls_per_hop"] = (after.commands - before.commands) / hops
+        # (getattr: the same script also times versions from before writes were folded)
+        folded = getattr(after, "folded", 0) - getattr(before, "folded", 0)
+        result["relay_writes_per_hop"] = folded / hops
+    return result
+
+
+async def _relay(backend: Backend, messages: list[bytes], producers: int) -> tuple[int, float]:
     organism = relay_organism(3)
     done = asyncio.Event()
     count = 0
@@ -144,7 +182,7 @@ async def relay(backend: Backend, messages: list[bytes], producers: int) -> floa
         stats = pump.statistics()
     if stats.dead_letters or stats.rejected:
         raise SystemExit(f"relay on the backend had errors: {stats}")
-    return sum(s.handled for s in stats.listeners.values()) / elapsed
+    return sum(s.handled for s in stats.listeners.values()), elapsed
 
 
 def seed_append_us(ops: int) -> float:
@@ -187,22 +225,38 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with ExitStack() as servers:
         urls: dict[str, tuple[str, dict[str, Any]]] = {"memory": ("memory://", {})}
+        pids: dict[str, int] = {}
         if "redis" in names:
-            url = servers.enter_context(redis_server())[0]
+            url, proc = servers.enter_context(redis_server())
             urls["redis"] = (url, {"prefix": "bench"})
+            pids["redis"] = proc.pid
         if "manager" in names:
             urls["manager"] = (servers.enter_context(manager_server(authkey)), {"authkey": authkey})
+        ops_of: dict[str, dict[str, Any]] = {}
         for name in names:
             url, options = urls[name]
             async with opened(url, **options) as backend:
-                ops = await time_ops(backend, args.ops)
-            async with opened(url, **options) as backend:
-                hops = await relay(backend, messages, args.producers)
-            results.append({"backend": name, **ops, "relay_hops_per_s": hops})
-    memory = next((r for r in results if r["backend"] == "memory"), None)
-    for r in results:
-        if memory is not None:
-            r["relay_ratio_to_memory"] = r["relay_hops_per_s"] / memory["relay_hops_per_s"]
+                ops_of[name] = await time_ops(backend, args.ops)
+        best: dict[str, dict[str, Any]] = {}
+        rounds: list[dict[str, float]] = []
+        for _ in range(max(1, args.rounds)):  # the backends alternate, round by round
+            rounds.append({})
+            for name in names:
+                url, options = urls[name]
+                async with opened(url, **options) as backend:
+                    run = await relay(backend, messages, args.producers, pids.get(name))
+                rounds[-1][name] = run["relay_hops_per_s"]
+                kept = best.get(name)
+                if kept is None or run["relay_hops_per_s"] > kept["relay_hops_per_s"]:
+                    best[name] = run
+        for name in names:
+            results.append({"backend": name, **ops_of[name], **best[name]})
+    if "memory" in names:
+        for r in results:
+            # Each round's ratio is of two runs back to back; their median is the figure.
+            ratios = [one[r["backend"]] / one["memory"] for one in rounds]
+            r["relay_ratio_rounds"] = ratios
+            r["relay_ratio_to_memory"] = statistics.median(ratios)
     return results
 
 
@@ -213,6 +267,9 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=5000, help="relay messages per backend")
     ap.add_argument(
         "--producers", type=int, default=32, help="concurrent inject() loops feeding the relay"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="relay runs per backend, alternating; best kept"
     )
     ap.add_argument("--no-seed", action="store_true", help="skip the original design's append")
     args = ap.parse_args()
@@ -232,6 +289,16 @@ def main() -> int:
                 aim("append x100 ops/s", r["append_x100_ops_per_s"], ">=", 50_000),
                 aim("get_thread cpu us", r["get_thread_cpu_us"], "<=", 70),
             ]
+        elif r["backend"] == "redis" and to_memory is not None:
+            aims = [aim("relay vs memory", to_memory, ">=", 0.50)]
+        cpu = f"  pump cpu {r['relay_pump_cpu_us']:.1f} us/hop"
+        if "relay_server_cpu_us" in r:
+            cpu += f"  redis-server cpu {r['relay_server_cpu_us']:.1f} us/hop"
+        if "relay_calls_per_hop" in r:
+            cpu += (
+                f"  calls {r['relay_calls_per_hop']:.3f}/hop"
+                f" ({r['relay_writes_per_hop']:.2f} writes folded)"
+            )
         emit(
             cases,
             f"backend/{r['backend']}/{args.loop}",
@@ -241,7 +308,8 @@ def main() -> int:
             f"{r['get_thread_cpu_us']:5.1f} us)  setdefault "
             f"{r['setdefault_p50_us']:7.1f} us  relay {r['relay_hops_per_s']:>8,.0f} hops/s  "
             f"ratio {ratio:.2f}"
-            + (f"  vs memory {to_memory:.2f}" if to_memory is not None else ""),
+            + (f"  vs memory {to_memory:.2f}" if to_memory is not None else "")
+            + cpu,
             ratio=ratio,
             aims=aims,
             **r,

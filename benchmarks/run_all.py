@@ -34,7 +34,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "payloads": ([], ["--messages", "200", "--element-messages", "40", "--repeat", "1"]),
     "offload": ([], ["--messages", "3000", "--heavy-messages", "200"]),
     "fanout": ([], ["--fast-messages", "1000", "--rounds", "2", "--repeat", "1"]),
-    "backends": ([], ["--ops", "500", "--messages", "1000"]),
+    "backends": ([], ["--ops", "500", "--messages", "1000", "--rounds", "1"]),
     "distributed": ([], ["--messages", "500", "--latency-messages", "50"]),
     "soak": ([], ["--messages", "150000", "--every", "50000"]),
 }

@@ -23,7 +23,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from redis_server import LossyProxy, RedisServer, closed_port
 
-from xml_pipeline import BackendError, BackendUnavailable, Reply, StreamPump, load_organism
+from xml_pipeline import (
+    BackendCorrupted,
+    BackendError,
+    BackendUnavailable,
+    Reply,
+    StreamPump,
+    load_organism,
+)
 from xml_pipeline.backends import (
     Backend,
     DeadLetter,
@@ -246,28 +253,102 @@ async def server_reads(url: str) -> int:
         return int((await r.info("stats"))["total_reads_processed"])
 
 
-async def test_concurrent_appends_are_pipelined(redis_server: RedisServer) -> None:
+async def script_calls(url: str) -> int:
+    """EVALSHA and EVAL calls the server ran so far (INFO commandstats)."""
+    async with raw_client(url) as r:
+        stats = await r.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+async def test_concurrent_appends_are_folded_into_one_script_call(
+    redis_server: RedisServer,
+) -> None:
     backend = RedisBackend.from_url(redis_server.url, prefix=new_prefix())
     try:
         await backend.buffer_append("warm", slot("m"))  # loads the script
+        calls = await script_calls(redis_server.url)
         before = backend.statistics()
         reads = await server_reads(redis_server.url)
         indexes = await asyncio.gather(
-            *(backend.buffer_append(f"t{i % 10}", slot(f"m{i}")) for i in range(100))
+            *(backend.buffer_append(f"t{i % 10}", slot(f"m{i}")) for i in range(100)),
+            *(backend.registry_setdefault(f'["a","r{i}"]', f"u{i}") for i in range(20)),
         )
         reads = await server_reads(redis_server.url) - reads
+        calls = await script_calls(redis_server.url) - calls
         after = backend.statistics()
-        assert sorted(indexes) == sorted(list(range(10)) * 10)
-        assert after.commands - before.commands == 100
+        assert sorted(indexes[:100]) == sorted(list(range(10)) * 10)
+        assert indexes[100:] == [f"u{i}" for i in range(20)]
+        assert calls == 1, "120 writes of one loop tick: one script call"
+        assert after.commands - before.commands == 1
+        assert after.folded - before.folded == 120
         assert after.round_trips - before.round_trips == 1, "one pipeline for one loop tick"
-        assert after.largest_batch == 100
-        # The server's view: the INFO connection's own reads, plus a few for 100 commands.
+        # The server's view: the INFO connections' own reads, plus a few for the call.
         assert reads <= 10, reads
+        for t in range(10):
+            history = await backend.buffer_get_thread(f"t{t}")
+            assert [s.message_id for s in history] == [f"m{i}" for i in range(t, 100, 10)]
+            assert [s.index for s in history] == list(range(10))
 
         before = backend.statistics()
         for i in range(10):
             await backend.buffer_append("seq", slot(f"m{i}"))
         assert backend.statistics().round_trips - before.round_trips == 10, "one each"
+    finally:
+        await backend.aclose()
+
+
+async def test_concurrent_reads_are_pipelined(redis_server: RedisServer) -> None:
+    backend = RedisBackend.from_url(redis_server.url, prefix=new_prefix())
+    try:
+        await backend.buffer_append("t", slot("m"))
+        before = backend.statistics()
+        lengths = await asyncio.gather(*(backend.buffer_thread_len("t") for _ in range(100)))
+        after = backend.statistics()
+        assert lengths == [1] * 100
+        assert after.commands - before.commands == 100
+        assert after.round_trips - before.round_trips == 1, "one pipeline for one loop tick"
+        assert after.largest_batch == 100
+    finally:
+        await backend.aclose()
+
+
+async def test_one_failing_item_does_not_fail_the_others(redis_server: RedisServer) -> None:
+    """A frame Redis lost half of, and a key of the wrong type, fail their own writes
+    only: the other writes of the same script call are made."""
+    prefix = new_prefix()
+    backend = RedisBackend.from_url(redis_server.url, prefix=prefix)
+    try:
+        async with raw_client(redis_server.url) as r:
+            await r.rpush(f"{prefix}:hist:lost", b"x")  # its index is gone
+            await r.set(f"{prefix}:hist:wrong", b"not a list")
+            await r.set(f'{prefix}:chain:["a","half"]', b"u-half")  # no uuid key
+        await backend.buffer_append("warm", slot("m"))
+        before = backend.statistics()
+        results = await asyncio.gather(
+            backend.buffer_append("t", slot("m0")),
+            backend.buffer_append("lost", slot("m1")),
+            backend.buffer_append("t", slot("m2")),
+            backend.buffer_append("wrong", slot("m3")),
+            backend.registry_setdefault('["a","half"]', "u-new"),
+            backend.registry_setdefault('["a","r"]', "u1"),
+            backend.buffer_append("t", slot("m4")),
+            return_exceptions=True,
+        )
+        assert backend.statistics().commands - before.commands == 1, "one script call"
+        assert results[0] == 0 and results[2] == 1 and results[6] == 2
+        assert results[5] == "u1"
+        assert isinstance(results[1], BackendCorrupted), results[1]
+        assert "lost" in str(results[1])
+        assert isinstance(results[3], BackendError), results[3]
+        assert not isinstance(results[3], BackendUnavailable)
+        assert "WRONGTYPE" in str(results[3])
+        assert isinstance(results[4], BackendCorrupted), results[4]
+        assert [s.message_id for s in await backend.buffer_get_thread("t")] == ["m0", "m2", "m4"]
+        assert await backend.buffer_thread_len("lost") == 1, "nothing written to it"
+        assert await backend.registry_get_chain("u1") == '["a","r"]'
+        assert await backend.buffer_append("t", slot("m5")) == 3, "the backend goes on"
     finally:
         await backend.aclose()
 
@@ -297,6 +378,33 @@ async def test_a_lost_reply_is_retried_and_the_slot_recorded_once(
             await backend.deadletter_add(letter)
             assert [x.reason for x in await backend.deadletter_list()] == ["lost once"]
             assert proxy.dropped == 3
+        finally:
+            await backend.aclose()
+
+
+async def test_a_retried_script_call_writes_each_item_once(redis_server: RedisServer) -> None:
+    """The reply to a call carrying a tick's appends and registry writes is lost: the
+    whole call is sent again, and each slot is still recorded once, at its index."""
+    async with LossyProxy(redis_server.port) as proxy:
+        backend = RedisBackend.from_url(proxy.url, prefix=new_prefix(), retries=3, outage_s=0)
+        try:
+            await backend.buffer_append("warm", slot("m"))
+            before = backend.statistics()
+            proxy.drop_next_reply()
+            results = await asyncio.gather(
+                *(backend.buffer_append(f"t{i % 4}", slot(f"m{i}")) for i in range(20)),
+                *(backend.registry_setdefault(f'["a","r{i}"]', f"u{i}") for i in range(5)),
+            )
+            after = backend.statistics()
+            assert proxy.dropped == 1 and after.retries - before.retries == 1
+            assert after.commands - before.commands == 2, "one call, sent twice"
+            assert results[:20] == [i // 4 for i in range(20)]
+            assert results[20:] == [f"u{i}" for i in range(5)]
+            for t in range(4):
+                history = await backend.buffer_get_thread(f"t{t}")
+                assert [s.message_id for s in history] == [f"m{i}" for i in range(t, 20, 4)]
+                assert [s.index for s in history] == list(range(5))
+            assert await backend.registry_list_all() == {f"u{i}": f'["a","r{i}"]' for i in range(5)}
         finally:
             await backend.aclose()
 
@@ -521,15 +629,21 @@ async def check_histories(pump: StreamPump, roots: set[str]) -> None:
 
 async def test_the_pump_end_to_end_on_redis(redis_server: RedisServer) -> None:
     replies: list[Any] = []
+    calls = await script_calls(redis_server.url)
     async with StreamPump(hello_on(redis_server.url), egress=replies.append) as pump:
         assert isinstance(pump.backend, RedisBackend)
         names = [f"p{i}" for i in range(200)]
         results = await asyncio.gather(*(greet(pump, n) for n in names))
         await pump.wait_idle()
+        stats = pump.backend.statistics()
+        calls = await script_calls(redis_server.url) - calls
         assert [r.payload.text for r in results] == [f"HELLO, {n.upper()}!" for n in names]
         await check_histories(pump, {r.thread_id for r in results})
-        stats = pump.backend.statistics()
-        assert stats.round_trips < stats.commands / 2, stats  # pipelined
+        # Each conversation writes 4 registry entries and 6 slots: folded, far fewer calls.
+        assert stats.folded >= 10 * len(names), stats
+        assert stats.commands < stats.folded / 4, stats
+        # The server's view: the hops' writes reached it in few script calls.
+        assert calls < stats.folded / 4, (calls, stats)
         await pump.backend.buffer_clear()
         await pump.backend.registry_clear()
     assert len(replies) == 200

@@ -24,10 +24,10 @@ Key layout (``P`` is the prefix, ``xml_pipeline`` by default; ids and chains are
 Everything stored is the documented JSON of :mod:`~xml_pipeline.backends.base` or plain
 text: nothing is pickled. Appending (idempotency check, index, push, trimming past
 ``max_slots_per_thread``, TTL refresh of the frame's history *and* registry entry) is
-one Lua script, run with EVALSHA (EVAL when the server does not know it yet);
-``registry_set``/``registry_setdefault``/``registry_delete`` and the dead-letter writes
-are scripts too, so each is atomic (``deadletter_add_many`` stores its whole batch with
-one script call). Listing uses SCAN, never KEYS.
+done by a Lua script, run with EVALSHA (EVAL when the server does not know it yet), so
+each append is atomic; ``registry_set``/``registry_setdefault``/``registry_delete``
+and the dead-letter writes are scripts too (``deadletter_add_many`` stores its whole
+batch with one script call). Listing uses SCAN, never KEYS.
 
 Limits: ``ttl_s`` (0 or less: never) is set on a frame's four keys when they are
 written first, and the frame's writes refresh it once it has run down by a tenth (by a
@@ -44,13 +44,19 @@ Redis server or a primary, not Redis Cluster.
 Round trips: commands issued from one event loop are queued and sent together — what
 is ready in one loop tick goes out as one pipeline on one of a few connections, and
 what arrives while those are busy goes in the next pipeline. A hundred concurrent
-``buffer_append`` calls cost one or two round trips, not a hundred.
+``buffer_append`` calls cost one or two round trips, not a hundred. Writes are folded
+too: the appends and registry writes gathered for one pipeline are one call of
+``write.lua``, which makes them in the order they were issued and answers each on its
+own (a write refused, such as a damaged frame's, fails alone; the others are made). A
+hop of the pump costs a fraction of a script call instead of three; see
+``RedisStatistics.folded``.
 
 Failures: connect and socket timeouts are explicit. A command that never reached the
 server (refused, reset while connecting) is retried; a command that may have run (the
 reply was lost or late) is retried only if it is idempotent: every write here is
 (appends by ``(message_id, direction)``, registry writes by value, dead letters by
-their client-generated id), except the deletes and purge, whose answer (did it
+their client-generated id; so a folded call, retried whole, writes each item once),
+except the deletes and purge, whose answer (did it
 exist?) could be wrong on a second try. Retries back off exponentially (0.1 s doubling
 up to 2 s, jittered), at most ``retries`` times; then the caller gets
 :class:`~xml_pipeline.exceptions.BackendUnavailable`. An outage and the recovery are

@@ -29,9 +29,8 @@ from ..base import (
     slot_to_bytes,
 )
 from ..scheme import RedisOptions
-from .pipeline import Pipeline, RedisStatistics
+from .pipeline import Pipeline, RedisStatistics, pack_args
 from .scripts import (
-    APPEND,
     DEAD_LETTER_ADD,
     DEAD_LETTER_DELETE,
     DEAD_LETTER_LIST,
@@ -39,7 +38,7 @@ from .scripts import (
     GET_SLOT,
     REGISTRY_DELETE,
     REGISTRY_GET,
-    REGISTRY_SET,
+    WRITE,
 )
 
 __all__ = ["RedisBackend"]
@@ -50,6 +49,7 @@ logger = logging.getLogger("xml_pipeline.backends.redis")
 _OPTIONS = RedisOptions()  # the defaults of the organism file's redis: section
 _SCAN_COUNT = 1000
 _INDEX_0 = b'{"i":0,'
+_INDEX_0_LEN = len(_INDEX_0)
 _REFRESH_SLACK_MS = 60_000
 _MANY_BYTES = 64 << 20
 """deadletter_add_many sends a batch larger than this as several script calls."""
@@ -130,6 +130,20 @@ class RedisBackend:
         self._dl_keys = (self._dl_ids, self._dl_data, self._dl_seq, self._stats, p + b":dl:ts")
         dl_ttl = self.limits.dead_letter_ttl_s
         self._dl_ttl_ms = max(1, int(dl_ttl * 1000)) if 0 < dl_ttl < math.inf else 0
+        # Appends and registry writes are folded: those of one loop tick (and those
+        # made while every connection is busy) go as one call of write.lua. Each is
+        # idempotent, so the call may be sent again whole.
+        self._writes = self._pipeline.batch(
+            WRITE,
+            (self._stats,),
+            self.limits.max_slots_per_thread,
+            self._ttl_ms,
+            self._refresh_below_ms,
+            self._hist,
+            self._hidx,
+            self._uuid,
+            self._chain,
+        )
 
     @classmethod
     def from_url(
@@ -194,18 +208,16 @@ class RedisBackend:
     # -- history ---------------------------------------------------------------
 
     async def buffer_append(self, thread_id: str, slot: Slot) -> int:
-        keys, field, tail = self.slot_write(thread_id, slot)
-        reply = await self._pipeline.eval(
-            APPEND,
-            (*keys, self._stats),
-            field,
-            tail,
-            self.limits.max_slots_per_thread,
-            self._ttl_ms,
-            self._chain,
-            self._refresh_below_ms,
-        )
-        return int(reply)
+        # The item is packed here, once, with one format (this runs per slot).
+        data = slot_to_bytes(slot if slot.index == 0 else slot._replace(index=0))
+        if not data.startswith(_INDEX_0):  # pragma: no cover - base.py changed its format
+            raise BackendError("slot_to_bytes no longer starts with the index")
+        t = thread_id.encode()
+        field = f"{slot.direction}:{slot.message_id}".encode()
+        item = b"$1\r\na\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+            len(t), t, len(field), field, len(data) - _INDEX_0_LEN, data[_INDEX_0_LEN:]
+        )  # fmt: skip
+        return int(await self._writes.run(item, 4))
 
     def slot_write(
         self, thread_id: str, slot: Slot
@@ -214,7 +226,8 @@ class RedisBackend:
         keys (history, index, the frame's uuid key), the field and the JSON tail.
 
         For scripts that append history as part of a larger atomic step (the Redis
-        Streams transport's commit); :meth:`buffer_append` is the same append alone.
+        Streams transport's commit); :meth:`buffer_append` makes the same append, folded
+        with the other writes of its loop tick into one call of ``write.lua``.
         """
         data = slot_to_bytes(slot._replace(index=0))
         if not data.startswith(_INDEX_0):  # pragma: no cover - base.py changed its format
@@ -276,17 +289,8 @@ class RedisBackend:
     # -- registry --------------------------------------------------------------
 
     async def _registry_set(self, chain: str, uuid: str, setdefault: bool) -> str:
-        reply = await self._pipeline.eval(
-            REGISTRY_SET,
-            (self._chain + chain.encode(), self._uuid + uuid.encode()),
-            chain.encode(),
-            uuid.encode(),
-            self._ttl_ms,
-            self._chain,
-            self._uuid,
-            b"1" if setdefault else b"0",
-        )
-        return bytes(reply).decode()
+        item = pack_args(b"d" if setdefault else b"s", chain.encode(), uuid.encode())
+        return bytes(await self._writes.run(item, 3)).decode()
 
     async def registry_set(self, chain: str, uuid: str) -> None:
         await self._registry_set(chain, uuid, False)

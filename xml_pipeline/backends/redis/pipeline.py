@@ -7,7 +7,9 @@ returns the reply (RESP2, as redis-py's hiredis parser gives it: bytes, int, Non
 lists) or raises :class:`~xml_pipeline.exceptions.BackendUnavailable` /
 :class:`~xml_pipeline.exceptions.BackendError`. Calls made in one loop tick go out
 together, as one pipeline on one lane; see the package docstring for batching,
-retries and the outage log lines. This is the only module that imports ``redis``.
+retries and the outage log lines. :meth:`Pipeline.batch` folds the items of a script
+issued in one loop tick (or while every lane is busy) into one call of that script.
+This is the only module that imports ``redis``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ...exceptions import BackendCorrupted, BackendError, BackendUnavailable
 from ..base import redact_url
 from .scripts import Script
 
-__all__ = ["Pipeline", "RedisStatistics"]
+__all__ = ["Pipeline", "RedisStatistics", "ScriptBatch", "pack_args"]
 
 # The package's logger, as when the backend was one module: log lines keep their name.
 logger = logging.getLogger("xml_pipeline.backends.redis")
@@ -46,6 +48,10 @@ _LANES = 4
 """Connections (pipelines in flight at once), unless the owner asks for other."""
 _MAX_BATCH = 1024
 """Commands per pipeline at most."""
+_FOLD_ITEMS = 512
+_FOLD_BYTES = 1 << 20
+"""Items (and their bytes) folded into one script call at most: a script holds the
+server for its whole run, so a long backlog goes as several calls."""
 _BACKOFF_S = 0.1
 _BACKOFF_CAP_S = 2.0
 _CORRUPTED = "CORRUPTED "
@@ -68,6 +74,9 @@ class RedisStatistics:
         retries: commands sent again after a connection failure.
         largest_batch: the most commands sent in one pipeline.
         connects: connections opened.
+        folded: items sent inside the commands of a :meth:`Pipeline.batch` (a
+            history append or registry write each, for the backend): ``commands``
+            counts each such call once, whatever it carries.
     """
 
     commands: int
@@ -75,6 +84,7 @@ class RedisStatistics:
     retries: int
     largest_batch: int
     connects: int
+    folded: int = 0
 
 
 class _Failure(Exception):
@@ -108,6 +118,107 @@ class _Call:
         self.failed_at: float | None = None  # loop time of its first failure
         self.timer: asyncio.TimerHandle | None = None
 
+    def set_result(self, reply: Any) -> None:
+        """Settle the call with its reply."""
+        self.future.set_result(reply)
+
+    def set_exception(self, failure: _Failure) -> None:
+        """Settle the call with its failure."""
+        self.future.set_exception(failure)
+
+
+class _Folded(_Call):
+    """One script call carrying the items of a :class:`ScriptBatch`: ``args`` is the
+    head (EVALSHA, sha, keys, shared arguments), ``tail`` the items' packed arguments.
+
+    Each item's caller awaits a future of its own (cancelling one caller must not
+    cancel the others), settled here from the reply's list; the call's own future
+    only marks it done.
+    """
+
+    __slots__ = ("n_tail", "nbytes", "sealed", "tail", "waiters")
+
+    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[Any], retries: int,
+                 script: Script) -> None:  # fmt: skip
+        super().__init__(args, future, True, retries, script)
+        self.tail: list[bytes] = []
+        self.n_tail = 0
+        self.nbytes = 0
+        self.sealed = False  # packed once: what it sends (and resends) is fixed
+        self.waiters: list[asyncio.Future[Any]] = []
+
+    def set_result(self, reply: Any) -> None:
+        waiters = self.waiters
+        if not (isinstance(reply, list) and len(reply) == len(waiters)):
+            what = f"{len(reply)} replies" if isinstance(reply, list) else type(reply).__name__
+            error = BackendError(f"a batched script answered {what} for {len(waiters)} items")
+            self.set_exception(_Failure(error, maybe_applied=True))
+            return
+        self.future.set_result(None)
+        for waiter, item in zip(waiters, reply, strict=True):
+            if waiter.done():  # its caller was cancelled
+                continue
+            if isinstance(item, ResponseError):  # this item's own error
+                waiter.set_exception(_Failure(item, maybe_applied=False))
+            else:
+                waiter.set_result(item)
+
+    def set_exception(self, failure: _Failure) -> None:
+        self.future.set_result(None)
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(_Failure(failure.exc, maybe_applied=failure.maybe_applied))
+
+
+def pack_args(*args: bytes) -> bytes:
+    """The RESP encoding of command arguments (bytes each), for :meth:`ScriptBatch.run`:
+    an item is packed once, by its caller, and copied into the call as it is."""
+    return b"".join([b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args])
+
+
+class ScriptBatch:
+    """The calls of one script whose items are folded together: see :meth:`Pipeline.batch`."""
+
+    __slots__ = ("_head", "_open", "_pipeline", "_script")
+
+    def __init__(self, pipeline: Pipeline, script: Script, head: tuple[Any, ...]) -> None:
+        self._pipeline = pipeline
+        self._script = script
+        self._head = head
+        self._open: _Folded | None = None
+
+    async def run(self, item: bytes, n_args: int) -> Any:
+        """Add one item (``n_args`` arguments packed by :func:`pack_args`) to the call
+        being gathered, and return its reply: the element of the script's reply list
+        at the item's place.
+
+        Raises:
+            BackendUnavailable: as :meth:`Pipeline.call` (the whole call failed).
+            BackendError: the script answered an error for this item (or for all).
+        """
+        pipeline = self._pipeline
+        loop = pipeline._running_loop()
+        call = self._open
+        if (
+            call is None
+            or call.sealed
+            or call.future.done()  # failed before it was sent (the pipeline closed)
+            or len(call.waiters) >= _FOLD_ITEMS
+            or call.nbytes + len(item) > _FOLD_BYTES
+            or call.future.get_loop() is not loop
+        ):
+            call = pipeline._submit_folded(self._head, self._script, loop)
+            self._open = call
+        call.tail.append(item)
+        call.n_tail += n_args
+        call.nbytes += len(item)
+        waiter = loop.create_future()
+        call.waiters.append(waiter)
+        try:
+            return await waiter
+        except _Failure as failure:
+            raise self._pipeline._error(failure, True) from _cause(failure)
+
 
 _RETRIABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _FATAL = (AuthenticationError, AuthorizationError)
@@ -132,11 +243,18 @@ def _pack(calls: list[_Call]) -> list[bytes]:
     append = out.append
     for call in calls:
         args = call.args
-        append(b"*%d\r\n" % len(args))
+        folded = call if type(call) is _Folded else None
+        if folded is None:
+            append(b"*%d\r\n" % len(args))
+        else:
+            folded.sealed = True
+            append(b"*%d\r\n" % (len(args) + folded.n_tail))
         for arg in args:
             if type(arg) is int:
                 arg = b"%d" % arg
             append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+        if folded is not None:
+            out += folded.tail
     return [b"".join(out)]
 
 
@@ -215,6 +333,7 @@ class Pipeline:
         self._n_round_trips = 0
         self._n_retries = 0
         self._n_connects = 0
+        self._n_folded = 0
         self._largest_batch = 0
 
     def __repr__(self) -> str:
@@ -228,6 +347,7 @@ class Pipeline:
             retries=self._n_retries,
             largest_batch=self._largest_batch,
             connects=self._n_connects,
+            folded=self._n_folded,
         )
 
     # -- the API ---------------------------------------------------------------
@@ -277,6 +397,31 @@ class Pipeline:
             return await call.future
         except _Failure as failure:
             raise self._error(failure, idempotent) from _cause(failure)
+
+    def batch(self, script: Script, keys: tuple[bytes, ...], *args: Any) -> ScriptBatch:
+        """Calls of ``script`` that fold their items together.
+
+        The items given to :meth:`ScriptBatch.run` while the pipeline gathers (one loop
+        tick, or longer while every lane is busy) go as one call, ``EVALSHA sha
+        len(keys) *keys *args *items``, sent again whole if it is retried: so every
+        item must be idempotent, and the script must answer a list with one reply
+        per item, in order, an item's error as an error element of that list (an
+        item's failure is its own; the others' replies stand).
+
+        Args:
+            script: the script, which loops over the items after ``args``.
+            keys: its KEYS, the same for every call.
+            args: its first ARGV, the same for every call.
+        """
+        return ScriptBatch(self, script, (b"EVALSHA", script.sha, len(keys), *keys, *args))
+
+    def _submit_folded(
+        self, head: tuple[Any, ...], script: Script, loop: asyncio.AbstractEventLoop
+    ) -> _Folded:
+        call = _Folded(head, loop.create_future(), self._retries, script)
+        self._queue.append(call)
+        self._schedule_flush()
+        return call
 
     async def ping(self) -> None:
         """Check that Redis answers, once, within ``connect_timeout_s``.
@@ -332,6 +477,14 @@ class Pipeline:
     def _submit(
         self, args: tuple[Any, ...], idempotent: bool, retries: int, script: Script | None
     ) -> _Call:
+        loop = self._running_loop()
+        call = _Call(args, loop.create_future(), idempotent, retries, script)
+        self._queue.append(call)
+        self._schedule_flush()
+        return call
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop a call is made on, checked to be this pipeline's, which is open."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None and not self._loop.is_closed():
@@ -342,10 +495,7 @@ class Pipeline:
             self._rebind(loop)
         if self._closed:
             raise self._closed_error()
-        call = _Call(args, loop.create_future(), idempotent, retries, script)
-        self._queue.append(call)
-        self._schedule_flush()
-        return call
+        return loop
 
     def _closed_error(self) -> BackendUnavailable:
         return BackendUnavailable(f"{self.url}: the {self._owner} is closed")
@@ -424,6 +574,9 @@ class Pipeline:
             sent = True
             self._n_round_trips += 1
             self._n_commands += len(batch)
+            for call in batch:
+                if type(call) is _Folded:
+                    self._n_folded += len(call.waiters)
             if len(batch) > self._largest_batch:
                 self._largest_batch = len(batch)
             async with asyncio.timeout(self._socket_timeout):
@@ -480,14 +633,14 @@ class Pipeline:
             self._queue.appendleft(call)
             self._schedule_flush()
         elif isinstance(reply, ResponseError):
-            future.set_exception(_Failure(reply, maybe_applied=False))
+            call.set_exception(_Failure(reply, maybe_applied=False))
         else:
-            future.set_result(reply)
+            call.set_result(reply)
 
     def _fail(self, calls: list[_Call], exc: BaseException) -> None:
         for call in calls:
             if not call.future.done():
-                call.future.set_exception(_Failure(exc, maybe_applied=False))
+                call.set_exception(_Failure(exc, maybe_applied=False))
 
     def _failed(self, calls: list[_Call], exc: Exception, *, maybe_applied: bool) -> None:
         retriable = isinstance(exc, _RETRIABLE) and not isinstance(exc, _FATAL)
@@ -514,7 +667,7 @@ class Pipeline:
                 call.timer = loop.call_later(delay, self._retry, call)
                 self._waiting.add(call)
             else:
-                call.future.set_exception(_Failure(exc, maybe_applied=maybe_applied))
+                call.set_exception(_Failure(exc, maybe_applied=maybe_applied))
         self._n_retries += retried
         if retried and self._down_since is None:
             self._down_since = loop.time()

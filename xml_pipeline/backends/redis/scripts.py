@@ -12,7 +12,6 @@ import hashlib
 from importlib import resources
 
 __all__ = [
-    "APPEND",
     "COMMIT",
     "DEAD_LETTER_ADD",
     "DEAD_LETTER_DELETE",
@@ -24,9 +23,9 @@ __all__ = [
     "READ",
     "REGISTRY_DELETE",
     "REGISTRY_GET",
-    "REGISTRY_SET",
     "Script",
     "UNLEASE",
+    "WRITE",
 ]
 
 
@@ -51,7 +50,8 @@ class Script:
         return cls("\n".join(folder.joinpath(name).read_text("utf-8") for name in names))
 
 
-APPEND = Script.load("lib_append.lua", "append.lua")
+WRITE = Script.load("lib_append.lua", "lib_registry.lua", "write.lua")
+"""The history appends and registry writes of one loop tick, in one call (``write.lua``)."""
 COMMIT = Script.load("lib_append.lua", "commit.lua")
 """The end of a delivery on the Redis Streams transport (``commit.lua``)."""
 LEASES = Script.load("leases.lua")
@@ -63,7 +63,6 @@ PUBLISH = Script.load("publish.lua")
 READ = Script.load("read.lua")
 """A node's read of its inboxes, fenced by its leases (``read.lua``)."""
 GET_SLOT = Script.load("get_slot.lua")
-REGISTRY_SET = Script.load("registry_set.lua")
 REGISTRY_GET = Script.load("registry_get.lua")
 """One half of a registry entry, checked against the other (``registry_get.lua``)."""
 REGISTRY_DELETE = Script.load("registry_delete.lua")

@@ -1,4 +1,4 @@
--- lib_append.lua: appending one history slot, shared by append.lua and commit.lua
+-- lib_append.lua: appending one history slot, shared by write.lua and commit.lua
 -- (scripts.py puts this file in front of theirs). Keys: hist, hidx, the frame's uuid
 -- key, stats; field "in:<id>"/"out:<id>"; tail = the slot's JSON after '{"i":0,';
 -- max slots, ttl ms, the chain key prefix, refresh below (ms). Returns the slot's index
@@ -12,6 +12,7 @@ local function append_slot(hist, hidx, uuid_key, stats, field, tail, max_slots, 
                            chain_prefix, refresh_below)
   local got = redis.call('HMGET', hidx, field, 'next')
   local index = got[1]
+  local created = false  -- hist was made by this push: it has no TTL yet
   if index then
     index = tonumber(index)
   else
@@ -29,6 +30,7 @@ local function append_slot(hist, hidx, uuid_key, stats, field, tail, max_slots, 
       error({err = 'CORRUPTED ' .. hist .. ' holds ' .. (kept - 1) .. ' slot(s) but ' ..
              hidx .. ' says only ' .. index .. ' were written'})
     end
+    created = kept == 1
     redis.call('HSET', hidx, field, index, '#' .. index, field, 'next', index + 1)
     local drop = kept - max_slots
     if drop > 0 then
@@ -43,13 +45,17 @@ local function append_slot(hist, hidx, uuid_key, stats, field, tail, max_slots, 
       redis.call('HINCRBY', stats, 'slots_trimmed', drop)
     end
   end
-  if ttl > 0 and redis.call('PTTL', hist) < refresh_below then
+  -- The registry entry is refreshed with the history, unless it was written lately
+  -- (as a new frame's entry is, just before its first append): two commands fewer.
+  if ttl > 0 and (created or redis.call('PTTL', hist) < refresh_below) then
     redis.call('PEXPIRE', hist, ttl)
     redis.call('PEXPIRE', hidx, ttl)
-    local chain = redis.call('GET', uuid_key)
-    if chain then
-      redis.call('PEXPIRE', uuid_key, ttl)
-      redis.call('PEXPIRE', chain_prefix .. chain, ttl)
+    if redis.call('PTTL', uuid_key) < refresh_below then
+      local chain = redis.call('GET', uuid_key)
+      if chain then
+        redis.call('PEXPIRE', uuid_key, ttl)
+        redis.call('PEXPIRE', chain_prefix .. chain, ttl)
+      end
     end
   end
   return index
