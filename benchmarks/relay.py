@@ -25,11 +25,13 @@ Cases, one summary line each:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import cProfile
 import gc
 import io
 import pstats
+import statistics
 import sys
 import threading
 import time
@@ -201,6 +203,71 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+VARIANTS = {  # name: (metrics, web)
+    "none": (False, ""),
+    "metrics": (True, ""),
+    "served": (True, "served"),
+    "page": (True, "page"),
+}
+# What the dashboard may cost against --metrics alone (issue aims): no page open 2 %,
+# one page open 5 %.
+VARIANT_AIMS = {"served": 0.98, "page": 0.95}
+
+
+def compare_variants(args: argparse.Namespace) -> int:
+    """``--variants``: the variants run one after another in each round (the order
+    rotating), so a burst of load from elsewhere hits them alike; each is reported by
+    its best run and by the median over rounds of its throughput over the baseline's
+    (the first variant) in the same round."""
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or len(names) < 2:
+        raise SystemExit(f"--variants: two or more of {', '.join(VARIANTS)}")
+    last = int(args.last.split(",")[0])
+    loop_name = args.loop or args.loops.split(",")[0]
+    messages = [hop_envelope(i, last) for i in range(args.messages)]
+    org = relay_organism(last)
+    floor = Floor(messages)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i in range(args.repeat):
+        floor.run()
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            metrics, web = VARIANTS[name]
+            runs[name].append(run_saturated(org, messages, hops_of(last), loop_name, False,
+                                            metrics, web))  # fmt: skip
+    base = names[0]
+    cases: list[dict[str, Any]] = []
+    print(floor.summary("floor"), flush=True)
+    for name in names:
+        paired = [
+            r["hops_per_s"] / b["hops_per_s"] for r, b in zip(runs[name], runs[base], strict=True)
+        ]
+        relative = statistics.median(paired)
+        r = best(runs[name])
+        aims = []
+        if name in VARIANT_AIMS and base == "metrics":
+            aims.append(aim(f"{name}/{base}", relative, ">=", VARIANT_AIMS[name]))
+        emit(
+            cases,
+            f"relay/{last}/{loop_name}/{name}",
+            f"relay {last} hops {loop_name:<8} {name:<8} {r['hops_per_s']:>9,.0f} hops/s (best "
+            f"of {len(paired)})  median {relative:.3f} of {base} "
+            f"(rounds {min(paired):.3f}-{max(paired):.3f})  "
+            f"ratio {floor.ratio(r['hops_per_s']):.2f}",
+            last=last,
+            loop=loop_name,
+            variant=name,
+            baseline=base,
+            relative_median=relative,
+            relative_rounds=paired,
+            ratio=floor.ratio(r["hops_per_s"]),
+            aims=aims,
+            **r,
+        )
+    write_report(args.json, "relay", args, cases, floor.best)
+    return 0
+
+
 def main() -> int:
     ap = parser(__doc__, "relay", loop=None)
     ap.add_argument("--messages", type=int, default=20_000, help="messages per run")
@@ -225,7 +292,15 @@ def main() -> int:
         help="also serve the dashboard (run --metrics ... --web): 'served' with no page "
         "open, 'page' with one page's event stream open",
     )
+    ap.add_argument(
+        "--variants",
+        help="compare ways of serving, interleaved in each round (comma-separated, the "
+        "first is the baseline: none, metrics, served, page): each variant's median "
+        "over rounds of its hops/s over the baseline's in the same round",
+    )
     args = ap.parse_args()
+    if args.variants:
+        return compare_variants(args)
 
     lasts = [int(x) for x in args.last.split(",")]
     loops = [args.loop] if args.loop else args.loops.split(",")
