@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import Floor, emit, organism_of, parser, run_on, running, write_report
+from _common import Floor, aim, emit, organism_of, parser, run_on, running, write_report
 from lxml import etree
 from pydantic import BaseModel
 from pydantic_xml import BaseXmlModel, element
@@ -191,6 +191,8 @@ def main() -> int:
             ratio=ratio,
             floor=fb,
             msgs_per_s_runs=[x["msgs_per_s"] for x in runs],
+            # The aim for a large pydantic-xml payload: 0.15 of the floor.
+            aims=[aim("ratio", ratio, ">=", 0.15)] if kind == "xitems" else [],
             **r,
         )
     write_report(args.json, "payloads", args, cases, None, floors=floors)
