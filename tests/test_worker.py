@@ -146,7 +146,8 @@ async def test_an_unordered_listener_below_the_worker_count_is_reported(
         reply = await h.pump.request(ping_xml(1), to="cpu", timeout=30)
         assert reply.payload.n == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [
+    # Only this one about the listener (a slow machine may log a blocked loop besides).
+    assert [w for w in warnings if "ordered: false" in w] == [
         "listener cpu is ordered: false, but its concurrency (1) is below "
         "process_pool.workers (2): one frame's fan-out uses at most 1 of them at once"
     ]
