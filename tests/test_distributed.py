@@ -5,6 +5,7 @@ once, whatever happens to the nodes."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import json
 import re
@@ -21,8 +22,9 @@ import pytest
 from cli_process import CliProcess, until, wait_until
 from redis_server import RedisServer, running_redis
 
-from xml_pipeline import Client, ConfigError, NoReply, Reply, StreamPump, load_organism
+from xml_pipeline import Client, ConfigError, NoReply, Reply, StreamPump, _node, load_organism
 from xml_pipeline.backends.redis import RedisBackend
+from xml_pipeline.exceptions import BackendError
 from xml_pipeline.transport.redis import RedisStreams
 
 CHAIN_PY = """
@@ -703,3 +705,76 @@ async def test_a_request_whose_conversation_ends_without_a_reply_gets_noreply(
         prefix = organism.backend_options["prefix"]
         assert await streams._commands.call(b"KEYS", f"{prefix}:open:*".encode()) == []
         assert await streams.length(streams.replies("a")) == 0, "no notice left"
+
+
+GATED_PY = """
+import asyncio
+
+from xml_pipeline import HandlerMetadata, Payload
+
+NS = "https://example.org/gated"
+STARTS = []  # the n of each handler start, in order
+GATES = {}  # n -> asyncio.Event the handler of n waits for
+
+
+class Job(Payload):
+    xml_ns = NS
+    n: int
+
+
+async def work(payload: Job, meta: HandlerMetadata) -> None:
+    STARTS.append(payload.n)
+    gate = GATES.get(payload.n)
+    if gate is not None:
+        await gate.wait()
+"""
+
+
+async def test_a_commit_given_up_runs_again_before_the_frames_later_entries(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Message 1 of a frame runs while 2 and 3 wait parked behind it; Redis refuses its
+    commit until the node gives up and reads the entry again. 1 must run again before
+    2 and 3 run at all (before, they ran and committed first: order broken)."""
+    monkeypatch.setattr(_node, "_COMMIT_TRIES", 1)  # give up at the first refusal
+    module = f"gated{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(GATED_PY)
+    (tmp_path / "gated.yaml").write_text(
+        textwrap.dedent(f"""\
+        organism: {{name: gated}}
+        backend: {redis_server.url}
+        transport: {redis_server.url}
+        redis: {{prefix: g{uuid.uuid4().hex[:8]}}}
+        listeners:
+          - {{name: o, payload: "{module}:Job", handler: "{module}:work", concurrency: 2}}
+        """)
+    )
+    organism = load_organism(tmp_path / "gated.yaml")
+    gated = importlib.import_module(module)
+    gated.GATES[1] = asyncio.Event()
+
+    def job(n: int) -> str:
+        return f'<Job xmlns="https://example.org/gated"><n>{n}</n></Job>'
+
+    async with StreamPump(organism, node="a") as pump:
+        node = pump._node
+        assert node is not None
+        commit = node._commit
+        refused: list[str] = []
+
+        async def refuse_once(d: Any, box: Any) -> Any:
+            if b"<n>1</n>" in d.message.xml() and not refused:
+                refused.append(d.message.id)
+                raise BackendError("OOM command not allowed when used memory > 'maxmemory'")
+            return await commit(d, box)
+
+        monkeypatch.setattr(node, "_commit", refuse_once)
+        root = await pump.inject(job(1), to="o")
+        for n in (2, 3):
+            await pump.inject(job(n), to="o", thread=root)
+        await until(lambda: pump.statistics().listeners["o"].queued == 2, "2 and 3 parked")
+        gated.GATES[1].set()
+        await until(lambda: len(gated.STARTS) == 4, "1 run again, 2 and 3 run", timeout=30)
+        await asyncio.wait_for(pump.wait_idle(), 30)
+        assert refused
+        assert gated.STARTS == [1, 1, 2, 3]

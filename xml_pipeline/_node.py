@@ -380,6 +380,9 @@ class Node:
                         _COMMIT_TRIES, exc,
                     )  # fmt: skip
                     if attempt == _COMMIT_TRIES or not self.pump._running:
+                        # Read again from the start, and before the frame's entries
+                        # parked behind it (else they would commit first).
+                        self.pump._give_back(d)
                         self.reread.add(entry.stream)
                         return
                     await asyncio.sleep(delay)
@@ -427,6 +430,14 @@ class Node:
 
     def held_total(self) -> int:
         return sum(len(held) for held in self.held.values())
+
+    def let_go(self, entry: Entry) -> None:
+        """Stop holding ``entry`` without committing it: it stays pending for this
+        node, and a read of its stream from the start delivers it again."""
+        held = self.held.get(entry.stream)
+        if held is not None:
+            held.pop(entry.id, None)
+        self.room.set()
 
     def _holds(self, entry: Entry) -> bool:
         return entry.id in self.held.get(entry.stream, ())

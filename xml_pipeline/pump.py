@@ -1171,7 +1171,10 @@ class StreamPump:
                 delivery, again = again, None
                 await asyncio.sleep(_RETRY_S)
                 if not self._running:
-                    continue  # its entry stays pending: the next owner takes it
+                    # Its entry stays pending: the next owner takes it, and the frame's
+                    # entries parked behind it after it, in order.
+                    self._give_back(delivery)
+                    continue
                 delivery.routed = False
                 self._hold()
             elif held is None:
@@ -1239,6 +1242,26 @@ class StreamPump:
                 await self._node.commit(delivery, box)
             elif retry:
                 again = delivery
+
+    def _give_back(self, delivery: Delivery) -> None:
+        """``delivery`` (from a stream) leaves its entry pending, to be read again: let
+        go of the entries of its frame parked behind it from the same stream, so that
+        they are read again after it, in the stream's order, instead of running (and
+        committing) before it. They stay pending for this node; nothing is lost."""
+        held, entry, node = delivery.runtime.held, delivery.entry, self._node
+        if held is None or entry is None or node is None:
+            return
+        parked = held.get(delivery.frame.uuid)
+        if not parked:
+            return
+        kept = [d for d in parked if d.entry is None or d.entry.stream != entry.stream]
+        for other in parked:
+            if other.entry is not None and other.entry.stream == entry.stream:
+                delivery.runtime.parked -= 1
+                node.let_go(other.entry)
+                self._release()
+        parked.clear()
+        parked.extend(kept)
 
     async def _delivery_raised(self, delivery: Delivery, exc: Exception, from_stream: bool) -> bool:
         """A delivery function raised ``exc`` (not a handler's failure: those are
