@@ -581,3 +581,27 @@ def test_the_nodes_view_shows_nodes_pending_entries_and_what_was_reclaimed(
                            f"the answer to {name}")  # fmt: skip
             view = view_until(lambda v: v["inboxes"]["checker"]["pending"] == 0, "none pending")
             assert list(view["inboxes"]["checker"]["shards_by_node"]) == ["c"]
+
+
+def test_with_no_input_the_dashboard_serves_until_a_signal() -> None:
+    """``run organisms/hello.yaml --metrics ... --web``: once its boot messages are
+    answered the organism keeps running, for the dashboard to be looked at, until
+    SIGINT; then it exits 0 and the port is closed."""
+    hello = ROOT / "organisms" / "hello.yaml"
+    port = free_port()
+    with CliProcess(hello, "--metrics", f"127.0.0.1:{port}", "--web") as process:
+        process.wait_for_stderr(b"serving until stopped")
+        stats: dict[str, Any] = {}
+
+        def answered() -> bool:
+            stats.update(json.loads(fetch(port, "GET", "/api/stats")[2]))
+            return bool(stats["egress"] == 2 and stats["in_pump"] == 0)
+
+        wait_until(answered, "the boot messages answered")
+        assert fetch(port, "GET", "/")[0] == 200
+        assert process.running()
+        process.signal(signal.SIGINT)
+        _, err = process.finish()
+    assert process.returncode == 0, err
+    with pytest.raises(OSError):
+        fetch(port, "GET", "/healthz")

@@ -4,6 +4,9 @@
 ``--input FILE`` (``-`` for stdin; cut as :mod:`._framing` says), writes every reply
 that reaches the external sender to stdout, one envelope per line (through
 :mod:`._writer`), and exits once the input is exhausted and the organism is idle.
+A node of a distributed organism, and a run serving the dashboard (``--web``) with no
+``--input``, serve until a signal stops them instead (the dashboard is there to be
+looked at).
 
 Exit statuses (the other commands use 0, 1 and 2 the same way):
 
@@ -436,6 +439,11 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
                     "organism %s is running (backend %s); reading %s",
                     organism.name, redact_url(organism.backend), source,
                 )  # fmt: skip
+                if args.web and args.input is None and pump.transport is None:
+                    logger.warning(
+                        "dashboard on http://%s/ : serving until stopped (Ctrl-C or "
+                        "SIGTERM)", args.metrics,
+                    )  # fmt: skip
                 drained = await _serve(pump, organism, args, stop)
         except asyncio.CancelledError:
             if not cancelled_by_signal():
@@ -482,10 +490,11 @@ async def _run_async(organism: Organism, args: argparse.Namespace) -> int:
 async def _serve(
     pump: StreamPump, organism: Organism, args: argparse.Namespace, stop: asyncio.Event
 ) -> bool:
-    """Feed the input, then wait until idle (a node of a distributed organism: until
-    ``stop``, as a service); on ``stop``, drain. True if nothing was left."""
+    """Feed the input, then wait until idle (a node of a distributed organism, or the
+    dashboard with no input: until ``stop``, as a service); on ``stop``, drain. True
+    if nothing was left."""
     if await _until_stopped(_feed(pump, organism, args), stop):
-        if pump.transport is not None:
+        if pump.transport is not None or (args.web and args.input is None):
             await stop.wait()
         elif await _until_stopped(pump.wait_idle(), stop):
             return True
