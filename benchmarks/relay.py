@@ -21,12 +21,14 @@ Cases, one summary line each:
 
     python benchmarks/relay.py                      # 3 and 10 hops, asyncio and uvloop
     python benchmarks/relay.py --last 10 --loops uvloop --messages 5000 --profile
+    python benchmarks/relay.py --last 1 --repeat 1 --gc-threshold none   # the collector untuned
 """
 
 from __future__ import annotations
 
 import asyncio
 import cProfile
+import dataclasses
 import gc
 import io
 import pstats
@@ -195,6 +197,16 @@ def run_saturated(
         return result  # type: ignore[no-any-return]
 
 
+def tuned(org: Organism, gc_threshold: str) -> Organism:
+    """``org`` with the collector's threshold of ``--gc-threshold``."""
+    if gc_threshold == "organism":
+        return org
+    threshold = None if gc_threshold == "none" else int(gc_threshold)
+    return dataclasses.replace(
+        org, settings=dataclasses.replace(org.settings, gc_threshold=threshold)
+    )
+
+
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result = dict(max(runs, key=lambda r: r["hops_per_s"]))
     result["hops_per_s_runs"] = [r["hops_per_s"] for r in runs]
@@ -225,12 +237,19 @@ def main() -> int:
         help="also serve the dashboard (run --metrics ... --web): 'served' with no page "
         "open, 'page' with one page's event stream open",
     )
+    ap.add_argument(
+        "--gc-threshold",
+        default="organism",
+        help="the collector's generation-0 threshold while the pump runs: 'organism' "
+        "(relay.yaml's pump.gc_threshold, applied as run applies it), 'none' (Python's "
+        "own, untuned) or a number",
+    )
     args = ap.parse_args()
 
     lasts = [int(x) for x in args.last.split(",")]
     loops = [args.loop] if args.loop else args.loops.split(",")
     messages = {last: [hop_envelope(i, last) for i in range(args.messages)] for last in lasts}
-    organisms = {last: relay_organism(last) for last in lasts}
+    organisms = {last: tuned(relay_organism(last), args.gc_threshold) for last in lasts}
     floor = Floor(messages[lasts[0]])
     # Floor and pump runs are interleaved, and the best of each is kept, so a burst
     # of load from elsewhere on the machine cannot skew one side of the ratio only.
@@ -247,7 +266,7 @@ def main() -> int:
                 runs.setdefault((last, loop_name), []).append(result)
     single: dict[str, list[dict[str, Any]]] = {}
     if args.latency_messages:
-        org1 = relay_organism(1)
+        org1 = tuned(relay_organism(1), args.gc_threshold)
         msgs1 = [hop_envelope(i, 1) for i in range(max(args.messages, args.latency_messages))]
         for _ in range(args.repeat):
             for loop_name in loops:
