@@ -113,6 +113,34 @@ def decode_frame(uuid: str, chain: str) -> Frame | None:
     return Frame(uuid, parts[0], parts[1], tuple(parts[2:]))
 
 
+# A cached frame is kept as a plain tuple of strings, (uuid, origin, root, hops, chain):
+# the garbage collector stops tracking such a tuple at its first collection, so however
+# long it stays cached it is never promoted to an older generation and scanned again (a
+# cached Frame was, at every collection until it fell out). A hit builds the Frame anew.
+_Entry = tuple[str, str, str, tuple[str, ...], str]
+_new_frame = object.__new__
+_set_uuid = Frame.__dict__["uuid"].__set__
+_set_origin = Frame.__dict__["origin"].__set__
+_set_root = Frame.__dict__["root"].__set__
+_set_hops = Frame.__dict__["hops"].__set__
+_set_chain = Frame.__dict__["_chain"].__set__
+
+
+def _frame(entry: _Entry) -> Frame:
+    """The frame of a cache entry (what ``Frame(...)`` builds, without its checks)."""
+    frame: Frame = _new_frame(Frame)
+    _set_uuid(frame, entry[0])
+    _set_origin(frame, entry[1])
+    _set_root(frame, entry[2])
+    _set_hops(frame, entry[3])
+    _set_chain(frame, entry[4])
+    return frame
+
+
+def _entry(frame: Frame) -> _Entry:
+    return (frame.uuid, frame.origin, frame.root, frame.hops, frame.chain)
+
+
 class FrameRegistry:
     """Creates and resolves frames through a backend's registry.
 
@@ -123,13 +151,13 @@ class FrameRegistry:
         self._backend = backend
         self._cache_size = cache_size
         self._new_uuid = _Uuids()
-        self._by_uuid: OrderedDict[str, Frame] = OrderedDict()
-        self._children: OrderedDict[tuple[str, str], Frame] = OrderedDict()
-        self._parents: OrderedDict[str, Frame] = OrderedDict()
+        self._by_uuid: OrderedDict[str, _Entry] = OrderedDict()
+        self._children: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._parents: OrderedDict[str, _Entry] = OrderedDict()
 
     def _remember(self, frame: Frame) -> Frame:
         cache = self._by_uuid
-        cache[frame.uuid] = frame
+        cache[frame.uuid] = _entry(frame)
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return frame
@@ -160,9 +188,9 @@ class FrameRegistry:
 
     async def resolve(self, uuid: str) -> Frame | None:
         """The frame a uuid names, or None if unknown."""
-        frame = self._by_uuid.get(uuid)
-        if frame is not None:
-            return frame
+        entry = self._by_uuid.get(uuid)
+        if entry is not None:
+            return _frame(entry)
         chain = await self._backend.registry_get_chain(uuid)
         if chain is None:
             return None
@@ -172,9 +200,9 @@ class FrameRegistry:
     def known(self, uuid: str, chain: str) -> Frame | None:
         """The frame ``uuid`` names, given its chain (as a stream entry carries it):
         no registry lookup. None if the chain cannot be read."""
-        frame = self._by_uuid.get(uuid)
-        if frame is not None:
-            return frame
+        entry = self._by_uuid.get(uuid)
+        if entry is not None:
+            return _frame(entry)
         frame = decode_frame(uuid, chain)
         return self._remember(frame) if frame is not None else None
 
@@ -183,19 +211,21 @@ class FrameRegistry:
         key = (frame.uuid, listener)
         found = self._children.get(key)
         if found is not None:
-            return found
+            return _frame(found)
         hops = (*frame.hops, listener)
         chain = _child_chain(frame.chain, listener)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
-        child = Frame(uuid, frame.origin, frame.root, hops)
-        object.__setattr__(child, "_chain", chain)  # known already: no need to encode it
-        self._children[key] = child
-        self._parents[uuid] = frame
+        entry = (uuid, frame.origin, frame.root, hops, chain)
+        self._children[key] = entry
+        self._parents[uuid] = _entry(frame)
         if len(self._children) > self._cache_size:
             self._children.popitem(last=False)
         if len(self._parents) > self._cache_size:
             self._parents.popitem(last=False)
-        return self._remember(child)
+        self._by_uuid[uuid] = entry
+        if len(self._by_uuid) > self._cache_size:
+            self._by_uuid.popitem(last=False)
+        return _frame(entry)
 
     async def parent(self, frame: Frame) -> Frame:
         """The caller's frame. The root's parent is the root itself."""
@@ -203,18 +233,16 @@ class FrameRegistry:
             return frame
         known = self._parents.get(frame.uuid)
         if known is not None:
-            return known
+            return _frame(known)
         hops = frame.hops[:-1]
         if not hops:
             root = self._by_uuid.get(frame.root)
             if root is None:
-                root = self._remember(Frame(frame.root, frame.origin, frame.root, ()))
-            return root
+                return self._remember(Frame(frame.root, frame.origin, frame.root, ()))
+            return _frame(root)
         chain = _encode(frame.origin, frame.root, hops)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
         cached = self._by_uuid.get(uuid)
-        return (
-            cached
-            if cached is not None
-            else self._remember(Frame(uuid, frame.origin, frame.root, hops))
-        )
+        if cached is not None:
+            return _frame(cached)
+        return self._remember(Frame(uuid, frame.origin, frame.root, hops))
