@@ -70,3 +70,15 @@ async def test_cached_frames_are_nothing_the_collector_scans() -> None:
         assert child is not None and child.chain == chain and child.hops == ("a.b",)
         assert (await registry.parent(child)).uuid == root_uuid
         assert await registry.child(await registry.parent(child), "a.b") == child
+
+
+async def test_frames_with_any_character_in_a_name_resolve_the_same() -> None:
+    registry = FrameRegistry(MemoryBackend())
+    for origin, listener in (("a\x1fb", "x"), ("c", "y\x1fz"), ("d", "e")):
+        root = await registry.new_root(origin)
+        child = await registry.child(root, listener)
+        assert child.hops == (listener,) and child.origin == origin
+        assert await registry.child(root, listener) == child
+        assert await registry.parent(child) == root
+        assert await registry.resolve(child.uuid) == child
+        assert await registry.resolve(root.uuid) == root

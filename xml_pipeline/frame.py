@@ -113,11 +113,14 @@ def decode_frame(uuid: str, chain: str) -> Frame | None:
     return Frame(uuid, parts[0], parts[1], tuple(parts[2:]))
 
 
-# A cached frame is kept as a plain tuple of strings, (uuid, origin, root, hops, chain):
-# the garbage collector stops tracking such a tuple at its first collection, so however
-# long it stays cached it is never promoted to an older generation and scanned again (a
-# cached Frame was, at every collection until it fell out). A hit builds the Frame anew.
-_Entry = tuple[str, str, str, tuple[str, ...], str]
+# A cached frame is kept as one string, its uuid, origin, root, chain and hops joined by
+# _SEP: a string is never an object the garbage collector tracks, so however long it
+# stays cached it costs no collection anything (a cached Frame, or even a tuple until its
+# first collection, sat in the young generation and made each collection longer). A hit
+# builds the Frame anew. The chain is JSON, which escapes _SEP; a frame with _SEP in a
+# name is not cached (XML cannot carry that character, so only the Python API can make
+# one).
+_SEP = "\x1f"
 _new_frame = object.__new__
 _set_uuid = Frame.__dict__["uuid"].__set__
 _set_origin = Frame.__dict__["origin"].__set__
@@ -126,19 +129,22 @@ _set_hops = Frame.__dict__["hops"].__set__
 _set_chain = Frame.__dict__["_chain"].__set__
 
 
-def _frame(entry: _Entry) -> Frame:
+def _frame(entry: str) -> Frame:
     """The frame of a cache entry (what ``Frame(...)`` builds, without its checks)."""
+    uuid, origin, root, chain, *hops = entry.split(_SEP)
     frame: Frame = _new_frame(Frame)
-    _set_uuid(frame, entry[0])
-    _set_origin(frame, entry[1])
-    _set_root(frame, entry[2])
-    _set_hops(frame, entry[3])
-    _set_chain(frame, entry[4])
+    _set_uuid(frame, uuid)
+    _set_origin(frame, origin)
+    _set_root(frame, root)
+    _set_hops(frame, tuple(hops))
+    _set_chain(frame, chain)
     return frame
 
 
-def _entry(frame: Frame) -> _Entry:
-    return (frame.uuid, frame.origin, frame.root, frame.hops, frame.chain)
+def _entry(uuid: str, origin: str, root: str, hops: tuple[str, ...], chain: str) -> str | None:
+    """The cache entry of a frame, or None if a name holds _SEP."""
+    entry = _SEP.join((uuid, origin, root, chain, *hops))
+    return entry if entry.count(_SEP) == 3 + len(hops) else None
 
 
 class FrameRegistry:
@@ -151,15 +157,20 @@ class FrameRegistry:
         self._backend = backend
         self._cache_size = cache_size
         self._new_uuid = _Uuids()
-        self._by_uuid: OrderedDict[str, _Entry] = OrderedDict()
-        self._children: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        self._parents: OrderedDict[str, _Entry] = OrderedDict()
+        self._by_uuid: OrderedDict[str, str] = OrderedDict()  # uuid -> entry
+        self._children: OrderedDict[str, str] = OrderedDict()  # parent uuid _SEP listener -> entry
+        self._parents: OrderedDict[str, str] = OrderedDict()  # uuid -> the parent's entry
 
-    def _remember(self, frame: Frame) -> Frame:
-        cache = self._by_uuid
-        cache[frame.uuid] = _entry(frame)
+    def _cache(self, cache: OrderedDict[str, str], key: str, entry: str | None) -> None:
+        if entry is None:
+            return
+        cache[key] = entry
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
+
+    def _remember(self, frame: Frame) -> Frame:
+        entry = _entry(frame.uuid, frame.origin, frame.root, frame.hops, frame.chain)
+        self._cache(self._by_uuid, frame.uuid, entry)
         return frame
 
     def new_uuid(self) -> str:
@@ -208,24 +219,25 @@ class FrameRegistry:
 
     async def child(self, frame: Frame, listener: str) -> Frame:
         """The frame on which ``frame`` calls ``listener`` (created on first use)."""
-        key = (frame.uuid, listener)
+        key = f"{frame.uuid}{_SEP}{listener}"
         found = self._children.get(key)
         if found is not None:
             return _frame(found)
         hops = (*frame.hops, listener)
         chain = _child_chain(frame.chain, listener)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
-        entry = (uuid, frame.origin, frame.root, hops, chain)
-        self._children[key] = entry
-        self._parents[uuid] = _entry(frame)
-        if len(self._children) > self._cache_size:
-            self._children.popitem(last=False)
-        if len(self._parents) > self._cache_size:
-            self._parents.popitem(last=False)
-        self._by_uuid[uuid] = entry
-        if len(self._by_uuid) > self._cache_size:
-            self._by_uuid.popitem(last=False)
-        return _frame(entry)
+        child = Frame(uuid, frame.origin, frame.root, hops)
+        _set_chain(child, chain)  # known already: no need to encode it
+        entry = _entry(uuid, frame.origin, frame.root, hops, chain)
+        if entry is not None and key.count(_SEP) == 1:
+            self._cache(self._children, key, entry)
+            self._cache(
+                self._parents,
+                uuid,
+                _entry(frame.uuid, frame.origin, frame.root, frame.hops, frame.chain),
+            )
+        self._cache(self._by_uuid, uuid, entry)
+        return child
 
     async def parent(self, frame: Frame) -> Frame:
         """The caller's frame. The root's parent is the root itself."""
