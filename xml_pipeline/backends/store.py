@@ -31,11 +31,12 @@ _new_tuple = tuple.__new__
 
 # -- compact histories -----------------------------------------------------------------
 #
-# A frame's history is a pair of bytearrays, ``(log, starts)``, in an exact tuple: none
-# of the three is a container the cyclic garbage collector tracks (the tuple is
-# untracked at its first collection), so however many histories are kept, a collection
-# never scans them (a deque and a dict per frame made every generation-2 collection
-# walk them all, and each cost ~1 KB). One record per kept slot in ``log``, oldest first:
+# A frame's history is two bytearrays, ``log`` and ``starts`` (in two dicts, not a
+# tuple: a new tuple sits in the young generation until its first collection). Neither
+# is an object the cyclic garbage collector tracks, so however many histories are kept,
+# no collection ever scans them (a deque, a dict and a record per frame made every
+# collection walk them, and cost ~1 KB each). One record per kept slot in ``log``,
+# oldest first:
 #
 #     d timestamp | H sender | H to | H payload | I xml length | I id length | H direction |
 #     id (UTF-8) | the inline names (I length + UTF-8 each) | xml
@@ -60,9 +61,6 @@ _INLINE = 0xFFFF  # the name follows inline
 _NONE = 0xFFFE  # no addressee (a broadcast)
 _MAX_NAMES = 0xFFF0
 _MAX_NAME_CHARS = 64  # longer names (labels from outside) are not worth a table entry
-
-
-_History = tuple[bytearray, bytearray]  # (log, starts)
 
 
 def _utf8(text: str) -> bytes:
@@ -117,7 +115,9 @@ class Store:
     def __init__(self, limits: HistoryLimits | None = None) -> None:
         self.limits = limits or HistoryLimits()
         # Frames in least-recently-used order (histories and registry share it).
-        self._histories: OrderedDict[str, _History] = OrderedDict()
+        # Each frame's log, in least-recently-used order, and its record starts.
+        self._histories: OrderedDict[str, bytearray] = OrderedDict()
+        self._starts: dict[str, bytearray] = {}
         self._names = _Names()
         self._chain_to_uuid: dict[str, str] = {}
         self._uuid_to_chain: OrderedDict[str, str] = OrderedDict()
@@ -138,16 +138,17 @@ class Store:
 
     def buffer_append(self, thread_id: str, slot: Slot) -> int:
         histories = self._histories
-        history = histories.get(thread_id)
-        if history is None:
-            history = histories[thread_id] = (bytearray(), bytearray(8))
+        log = histories.get(thread_id)
+        if log is None:
+            log = histories[thread_id] = bytearray()
+            starts = self._starts[thread_id] = bytearray(8)
             if len(histories) > self.limits.max_threads:
                 self._evict()
         else:
             histories.move_to_end(thread_id)
+            starts = self._starts[thread_id]
         if thread_id in self._uuid_to_chain:
             self._uuid_to_chain.move_to_end(thread_id)
-        log, starts = history
         codes = self._names.codes
         direction = codes.get(slot.direction)
         if direction is None:
@@ -202,23 +203,27 @@ class Store:
                 uuid = next(iter(self._histories))
             else:
                 uuid = next(iter(self._uuid_to_chain))
-            self._histories.pop(uuid, None)
+            self._drop_history(uuid)
             self._drop_registry(uuid)
             self._counters["threads_evicted"] += 1
 
     def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
-        history = self._histories.get(thread_id)
+        log = self._histories.get(thread_id)
         code = self._names.codes.get(direction)
-        if history is None or code is None:
+        if log is None or code is None:
             return False
         data = _utf8(message_id)
-        return _find(*history, _KEY.pack(len(data), code) + data) != -1
+        return _find(log, self._starts[thread_id], _KEY.pack(len(data), code) + data) != -1
 
-    def _slots(self, history: _History, at: int, stop: int) -> list[Slot]:
-        """The slots of the records ``at`` to ``stop - 1`` (0 is the oldest kept)."""
+    def _drop_history(self, thread_id: str) -> bool:
+        self._starts.pop(thread_id, None)
+        return self._histories.pop(thread_id, None) is not None
+
+    def _slots(self, thread_id: str, at: int, stop: int) -> list[Slot]:
+        """The slots of the frame's records ``at`` to ``stop - 1`` (0 is the oldest kept)."""
         if stop <= at:
             return []
-        log, starts = history
+        log, starts = self._histories[thread_id], self._starts[thread_id]
         names = self._names.names
         trimmed, first = struct.unpack_from("<qq", starts, 0)
         out = []
@@ -250,35 +255,36 @@ class Store:
         return out
 
     def buffer_get_thread(self, thread_id: str) -> list[Slot]:
-        history = self._histories.get(thread_id)
-        if history is None:
+        starts = self._starts.get(thread_id)
+        if starts is None:
             return []
-        return self._slots(history, 0, (len(history[1]) >> 3) - 1)
+        return self._slots(thread_id, 0, (len(starts) >> 3) - 1)
 
     def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
-        history = self._histories.get(thread_id)
-        if history is None:
+        starts = self._starts.get(thread_id)
+        if starts is None:
             return None
-        pos = index - _Q.unpack_from(history[1], 0)[0]
-        if 0 <= pos < (len(history[1]) >> 3) - 1:
-            return self._slots(history, pos, pos + 1)[0]
+        pos = index - _Q.unpack_from(starts, 0)[0]
+        if 0 <= pos < (len(starts) >> 3) - 1:
+            return self._slots(thread_id, pos, pos + 1)[0]
         return None
 
     def buffer_thread_len(self, thread_id: str) -> int:
-        history = self._histories.get(thread_id)
-        return (len(history[1]) >> 3) - 1 if history is not None else 0
+        starts = self._starts.get(thread_id)
+        return (len(starts) >> 3) - 1 if starts is not None else 0
 
     def buffer_thread_exists(self, thread_id: str) -> bool:
         return thread_id in self._histories
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
-        return self._histories.pop(thread_id, None) is not None
+        return self._drop_history(thread_id)
 
     def buffer_list_threads(self) -> list[str]:
         return list(self._histories)
 
     def buffer_clear(self) -> None:
         self._histories.clear()
+        self._starts.clear()
 
     # -- registry --------------------------------------------------------------
 
