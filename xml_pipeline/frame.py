@@ -229,13 +229,14 @@ class FrameRegistry:
         child = Frame(uuid, frame.origin, frame.root, hops)
         _set_chain(child, chain)  # known already: no need to encode it
         entry = _entry(uuid, frame.origin, frame.root, hops, chain)
-        if entry is not None and key.count(_SEP) == 1:
-            self._cache(self._children, key, entry)
-            self._cache(
-                self._parents,
-                uuid,
-                _entry(frame.uuid, frame.origin, frame.root, frame.hops, frame.chain),
+        if entry is None:
+            return child
+        if key.count(_SEP) == 1:
+            parent = self._by_uuid.get(frame.uuid) or _entry(
+                frame.uuid, frame.origin, frame.root, frame.hops, frame.chain
             )
+            self._cache(self._children, key, entry)
+            self._cache(self._parents, uuid, parent)
         self._cache(self._by_uuid, uuid, entry)
         return child
 
