@@ -149,20 +149,24 @@ class Store:
             starts = self._starts[thread_id]
         if thread_id in self._uuid_to_chain:
             self._uuid_to_chain.move_to_end(thread_id)
+        _, direction_name, sender, to, payload, mid, timestamp, xml = slot
         codes = self._names.codes
-        direction = codes.get(slot.direction)
+        direction = codes.get(direction_name)
         if direction is None:
-            direction = self._names.code(slot.direction)
+            direction = self._names.code(direction_name)
             if direction == _INLINE:
-                raise ValueError(f"a slot's direction is 'in' or 'out', not {slot.direction!r}")
-        message_id = _utf8(slot.message_id)
+                raise ValueError(f"a slot's direction is 'in' or 'out', not {direction_name!r}")
+        message_id = _utf8(mid)
         id_len = len(message_id)
-        at = _find(log, starts, _KEY.pack(id_len, direction) + message_id)
         trimmed: int = _Q.unpack_from(starts, 0)[0]
-        if at != -1:
-            return trimmed + (at >> 3) - 1
+        if len(starts) > 8:
+            at = _find(log, starts, _KEY.pack(id_len, direction) + message_id)
+            if at != -1:
+                return trimmed + (at >> 3) - 1
+            first: int = _Q.unpack_from(starts, 8)[0]
+        else:
+            first = 0
         index = trimmed + (len(starts) >> 3) - 1
-        sender, to, payload = slot.sender, slot.to, slot.payload
         sender_code = codes.get(sender)
         to_code = _NONE if to is None else codes.get(to)
         payload_code = codes.get(payload)
@@ -171,20 +175,19 @@ class Store:
             sender_code = code(sender)
             to_code = _NONE if to is None else code(to)
             payload_code = code(payload)
-        xml = slot.xml
-        first = _Q.unpack_from(starts, 8)[0] if len(starts) > 8 else 0
         starts += _Q.pack(first + len(log))
-        log += _HEAD.pack(
-            slot.timestamp, sender_code, to_code, payload_code, len(xml), id_len, direction
+        head = _HEAD.pack(
+            timestamp, sender_code, to_code, payload_code, len(xml), id_len, direction
         )
-        log += message_id
         if _INLINE in (sender_code, to_code, payload_code):
+            inline = []
             for name, c in ((sender, sender_code), (to, to_code), (payload, payload_code)):
                 if c == _INLINE:
                     data = _utf8(name)  # type: ignore[arg-type]  # never None: that is _NONE
-                    log += _LEN.pack(len(data))
-                    log += data
-        log += xml
+                    inline.append(_LEN.pack(len(data)) + data)
+            log += b"".join((head, message_id, *inline, xml))
+        else:
+            log += b"".join((head, message_id, xml))
         if (len(starts) >> 3) - 1 > self.limits.max_slots_per_thread:
             # The oldest record goes: it ends where the next one starts (or the log ends).
             end = _Q.unpack_from(starts, 16)[0] - first if len(starts) > 16 else len(log)
