@@ -231,13 +231,22 @@ class FrameRegistry:
         entry = _entry(uuid, frame.origin, frame.root, hops, chain)
         if entry is None:
             return child
+        size, by_uuid = self._cache_size, self._by_uuid
         if key.count(_SEP) == 1:
-            parent = self._by_uuid.get(frame.uuid) or _entry(
+            parent = by_uuid.get(frame.uuid) or _entry(
                 frame.uuid, frame.origin, frame.root, frame.hops, frame.chain
             )
-            self._cache(self._children, key, entry)
-            self._cache(self._parents, uuid, parent)
-        self._cache(self._by_uuid, uuid, entry)
+            if parent is not None:
+                children, parents = self._children, self._parents
+                children[key] = entry
+                parents[uuid] = parent
+                if len(children) > size:
+                    children.popitem(last=False)
+                if len(parents) > size:
+                    parents.popitem(last=False)
+        by_uuid[uuid] = entry
+        if len(by_uuid) > size:
+            by_uuid.popitem(last=False)
         return child
 
     async def parent(self, frame: Frame) -> Frame:

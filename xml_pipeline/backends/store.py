@@ -56,6 +56,7 @@ _HEAD = struct.Struct("<dHHHIIH")  # timestamp, sender, to, payload, xml length,
 _KEY = struct.Struct("<IH")  # id length, direction
 _KEY_AT = _HEAD.size - _KEY.size
 _Q = struct.Struct("<q")
+_QQ = struct.Struct("<qq")  # trimmed, the oldest kept record's start
 _LEN = struct.Struct("<I")
 _INLINE = 0xFFFF  # the name follows inline
 _NONE = 0xFFFE  # no addressee (a broadcast)
@@ -156,17 +157,18 @@ class Store:
             direction = self._names.code(direction_name)
             if direction == _INLINE:
                 raise ValueError(f"a slot's direction is 'in' or 'out', not {direction_name!r}")
-        message_id = _utf8(mid)
+        message_id = mid.encode("utf-8", "surrogatepass")
         id_len = len(message_id)
-        trimmed: int = _Q.unpack_from(starts, 0)[0]
         if len(starts) > 8:
-            at = _find(log, starts, _KEY.pack(id_len, direction) + message_id)
-            if at != -1:
-                return trimmed + (at >> 3) - 1
-            first: int = _Q.unpack_from(starts, 8)[0]
+            key = _KEY.pack(id_len, direction) + message_id
+            if log.find(key) != -1:  # the bytes are there: are they a record's key?
+                at = _find(log, starts, key)
+                if at != -1:
+                    return int(_Q.unpack_from(starts, 0)[0]) + (at >> 3) - 1
+            trimmed, first = _QQ.unpack_from(starts)
         else:
-            first = 0
-        index = trimmed + (len(starts) >> 3) - 1
+            trimmed, first = _Q.unpack_from(starts)[0], 0
+        index: int = trimmed + (len(starts) >> 3) - 1
         sender_code = codes.get(sender)
         to_code = _NONE if to is None else codes.get(to)
         payload_code = codes.get(payload)
