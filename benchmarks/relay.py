@@ -16,8 +16,8 @@ Cases, one summary line each:
 - ``relay 1 hop <loop>``: a one-listener chain that answers at once, at saturation:
   the peak msg/s of a single hop.
 - ``latency 1 hop <loop>``: the same organism fed at half that peak, in small bursts
-  every millisecond; latency from ``inject()`` to the reply at egress, p50/p99/max.
-  Aim: p99 < 2 ms.
+  every millisecond; latency from ``inject()`` to the reply at egress, p50/p99/max,
+  and the collector's pauses seen meanwhile. Aims: p99 < 2 ms, max < 10 ms.
 
     python benchmarks/relay.py                      # 3 and 10 hops, asyncio and uvloop
     python benchmarks/relay.py --last 10 --loops uvloop --messages 5000 --profile
@@ -317,7 +317,7 @@ def main() -> int:
             loop=loop_name,
             load=args.load,
             peak_msgs_per_s=r["msgs_per_s"],
-            aims=[aim("p99 ms", p["p99_ms"], "<", 2.0)],
+            aims=[aim("p99 ms", p["p99_ms"], "<", 2.0), aim("max ms", p["max_ms"], "<", 10.0)],
             **p,
         )
     write_report(args.json, "relay", args, cases, floor.best)
