@@ -37,6 +37,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "backends": ([], ["--ops", "500", "--messages", "1000", "--rounds", "1"]),
     "distributed": ([], ["--messages", "500", "--latency-messages", "50"]),
     "soak": ([], ["--messages", "150000", "--every", "50000"]),
+    "memory": ([], ["--conversations", "5000", "--no-tracemalloc"]),
 }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 
-from xml_pipeline.frame import _child_chain, _encode, _Uuids
+from xml_pipeline.backends.memory import MemoryBackend
+from xml_pipeline.frame import Frame, FrameRegistry, _child_chain, _encode, _Uuids
 
 
 def test_frame_ids_are_random_version_4_uuids() -> None:
@@ -47,3 +49,36 @@ def test_a_replaced_frame_does_not_keep_the_old_chain() -> None:
     assert frame.chain == _encode("o", "r", ("a",))
     moved = dataclasses.replace(frame, hops=("a", "b"))
     assert moved.chain == _encode("o", "r", ("a", "b"))
+
+
+async def test_cached_frames_are_nothing_the_collector_scans() -> None:
+    def frames() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, Frame))
+
+    registry = FrameRegistry(MemoryBackend())
+    before = frames()
+    made = []
+    for i in range(300):
+        root = await registry.new_root(f"client{i}")
+        child = await registry.child(root, "a.b")
+        made.append((root.uuid, child.uuid, child.chain))
+    del root, child
+    assert frames() == before  # 600 cached frames, none of them an object it tracks
+    for root_uuid, child_uuid, chain in made[-5:]:
+        child = await registry.resolve(child_uuid)
+        assert child is not None and child.chain == chain and child.hops == ("a.b",)
+        assert (await registry.parent(child)).uuid == root_uuid
+        assert await registry.child(await registry.parent(child), "a.b") == child
+
+
+async def test_frames_with_any_character_in_a_name_resolve_the_same() -> None:
+    registry = FrameRegistry(MemoryBackend())
+    for origin, listener in (("a\x1fb", "x"), ("c", "y\x1fz"), ("d", "e")):
+        root = await registry.new_root(origin)
+        child = await registry.child(root, listener)
+        assert child.hops == (listener,) and child.origin == origin
+        assert await registry.child(root, listener) == child
+        assert await registry.parent(child) == root
+        assert await registry.resolve(child.uuid) == child
+        assert await registry.resolve(root.uuid) == root

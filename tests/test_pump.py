@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
 from collections import Counter
 from pathlib import Path
@@ -818,3 +819,36 @@ async def test_a_failing_egress_callback_dead_letters_the_reply() -> None:
         assert reply.payload == Pong(n=1, by="e")
         [letter] = await pump.backend.deadletter_list()
         assert letter.code == "egress" and b"<n>1</n>" in letter.data
+
+
+async def test_answered_conversations_leave_little_for_the_collector(run_pump) -> None:
+    # What the pump and the memory backend keep per answered conversation (frames,
+    # registry entries, histories) must not be objects every full collection scans:
+    # the frames cached for messages in flight are bounded by the queue, and histories
+    # are bytes.
+    async def down(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        if meta.from_external:
+            return HandlerResponse(Ping(n=payload.n), to="b")
+        return HandlerResponse.respond(payload)
+
+    async def up(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
+        return HandlerResponse.respond(payload)
+
+    listeners = [Listener("a", (Ping,), down), Listener("b", (Ping,), up)]
+    async with run_pump(listeners, queue_size=16) as h:
+
+        async def conversations(start: int, n: int) -> int:
+            for i in range(start, start + n):
+                await h.pump.inject(ping_xml(i), to="a")
+            await h.pump.wait_idle()
+            h.replies.clear()
+            gc.collect()
+            return len(gc.get_objects())
+
+        before = await conversations(0, 1_500)  # past the frame caches' bound
+        n = 3_000
+        after = await conversations(1_500, n)
+        threads = await h.backend.buffer_list_threads()
+        assert len(threads) == 3 * (1_500 + n)  # every frame's history is kept
+        assert await h.backend.buffer_thread_len(threads[-1]) > 0
+        assert (after - before) / n < 0.5

@@ -113,6 +113,40 @@ def decode_frame(uuid: str, chain: str) -> Frame | None:
     return Frame(uuid, parts[0], parts[1], tuple(parts[2:]))
 
 
+# A cached frame is kept as one string, its uuid, origin, root, chain and hops joined by
+# _SEP: a string is never an object the garbage collector tracks, so however long it
+# stays cached it costs no collection anything (a cached Frame, or even a tuple until its
+# first collection, sat in the young generation and made each collection longer). A hit
+# builds the Frame anew. The chain is JSON, which escapes _SEP; a frame with _SEP in a
+# name is not cached (XML cannot carry that character, so only the Python API can make
+# one).
+_SEP = "\x1f"
+_new_frame = object.__new__
+_set_uuid = Frame.__dict__["uuid"].__set__
+_set_origin = Frame.__dict__["origin"].__set__
+_set_root = Frame.__dict__["root"].__set__
+_set_hops = Frame.__dict__["hops"].__set__
+_set_chain = Frame.__dict__["_chain"].__set__
+
+
+def _frame(entry: str) -> Frame:
+    """The frame of a cache entry (what ``Frame(...)`` builds, without its checks)."""
+    uuid, origin, root, chain, *hops = entry.split(_SEP)
+    frame: Frame = _new_frame(Frame)
+    _set_uuid(frame, uuid)
+    _set_origin(frame, origin)
+    _set_root(frame, root)
+    _set_hops(frame, tuple(hops))
+    _set_chain(frame, chain)
+    return frame
+
+
+def _entry(uuid: str, origin: str, root: str, hops: tuple[str, ...], chain: str) -> str | None:
+    """The cache entry of a frame, or None if a name holds _SEP."""
+    entry = _SEP.join((uuid, origin, root, chain, *hops))
+    return entry if entry.count(_SEP) == 3 + len(hops) else None
+
+
 class FrameRegistry:
     """Creates and resolves frames through a backend's registry.
 
@@ -123,15 +157,20 @@ class FrameRegistry:
         self._backend = backend
         self._cache_size = cache_size
         self._new_uuid = _Uuids()
-        self._by_uuid: OrderedDict[str, Frame] = OrderedDict()
-        self._children: OrderedDict[tuple[str, str], Frame] = OrderedDict()
-        self._parents: OrderedDict[str, Frame] = OrderedDict()
+        self._by_uuid: OrderedDict[str, str] = OrderedDict()  # uuid -> entry
+        self._children: OrderedDict[str, str] = OrderedDict()  # parent uuid _SEP listener -> entry
+        self._parents: OrderedDict[str, str] = OrderedDict()  # uuid -> the parent's entry
 
-    def _remember(self, frame: Frame) -> Frame:
-        cache = self._by_uuid
-        cache[frame.uuid] = frame
+    def _cache(self, cache: OrderedDict[str, str], key: str, entry: str | None) -> None:
+        if entry is None:
+            return
+        cache[key] = entry
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
+
+    def _remember(self, frame: Frame) -> Frame:
+        entry = _entry(frame.uuid, frame.origin, frame.root, frame.hops, frame.chain)
+        self._cache(self._by_uuid, frame.uuid, entry)
         return frame
 
     def new_uuid(self) -> str:
@@ -160,9 +199,9 @@ class FrameRegistry:
 
     async def resolve(self, uuid: str) -> Frame | None:
         """The frame a uuid names, or None if unknown."""
-        frame = self._by_uuid.get(uuid)
-        if frame is not None:
-            return frame
+        entry = self._by_uuid.get(uuid)
+        if entry is not None:
+            return _frame(entry)
         chain = await self._backend.registry_get_chain(uuid)
         if chain is None:
             return None
@@ -172,30 +211,43 @@ class FrameRegistry:
     def known(self, uuid: str, chain: str) -> Frame | None:
         """The frame ``uuid`` names, given its chain (as a stream entry carries it):
         no registry lookup. None if the chain cannot be read."""
-        frame = self._by_uuid.get(uuid)
-        if frame is not None:
-            return frame
+        entry = self._by_uuid.get(uuid)
+        if entry is not None:
+            return _frame(entry)
         frame = decode_frame(uuid, chain)
         return self._remember(frame) if frame is not None else None
 
     async def child(self, frame: Frame, listener: str) -> Frame:
         """The frame on which ``frame`` calls ``listener`` (created on first use)."""
-        key = (frame.uuid, listener)
+        key = f"{frame.uuid}{_SEP}{listener}"
         found = self._children.get(key)
         if found is not None:
-            return found
+            return _frame(found)
         hops = (*frame.hops, listener)
         chain = _child_chain(frame.chain, listener)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
         child = Frame(uuid, frame.origin, frame.root, hops)
-        object.__setattr__(child, "_chain", chain)  # known already: no need to encode it
-        self._children[key] = child
-        self._parents[uuid] = frame
-        if len(self._children) > self._cache_size:
-            self._children.popitem(last=False)
-        if len(self._parents) > self._cache_size:
-            self._parents.popitem(last=False)
-        return self._remember(child)
+        _set_chain(child, chain)  # known already: no need to encode it
+        entry = _entry(uuid, frame.origin, frame.root, hops, chain)
+        if entry is None:
+            return child
+        size, by_uuid = self._cache_size, self._by_uuid
+        if key.count(_SEP) == 1:
+            parent = by_uuid.get(frame.uuid) or _entry(
+                frame.uuid, frame.origin, frame.root, frame.hops, frame.chain
+            )
+            if parent is not None:
+                children, parents = self._children, self._parents
+                children[key] = entry
+                parents[uuid] = parent
+                if len(children) > size:
+                    children.popitem(last=False)
+                if len(parents) > size:
+                    parents.popitem(last=False)
+        by_uuid[uuid] = entry
+        if len(by_uuid) > size:
+            by_uuid.popitem(last=False)
+        return child
 
     async def parent(self, frame: Frame) -> Frame:
         """The caller's frame. The root's parent is the root itself."""
@@ -203,18 +255,16 @@ class FrameRegistry:
             return frame
         known = self._parents.get(frame.uuid)
         if known is not None:
-            return known
+            return _frame(known)
         hops = frame.hops[:-1]
         if not hops:
             root = self._by_uuid.get(frame.root)
             if root is None:
-                root = self._remember(Frame(frame.root, frame.origin, frame.root, ()))
-            return root
+                return self._remember(Frame(frame.root, frame.origin, frame.root, ()))
+            return _frame(root)
         chain = _encode(frame.origin, frame.root, hops)
         uuid = await self._backend.registry_setdefault(chain, self._new_uuid())
         cached = self._by_uuid.get(uuid)
-        return (
-            cached
-            if cached is not None
-            else self._remember(Frame(uuid, frame.origin, frame.root, hops))
-        )
+        if cached is not None:
+            return _frame(cached)
+        return self._remember(Frame(uuid, frame.origin, frame.root, hops))

@@ -275,10 +275,15 @@ class StreamPump:
             if backend is not None
             else open_backend(organism.backend, organism.history, **organism.backend_options)
         )
-        # Cached frames are kept alive (and scanned by the garbage collector): no more
-        # of them than the backend keeps threads.
+        # Cached frames are kept alive, and every one is an object the garbage collector
+        # scans at each full collection: enough for the conversations in flight (each
+        # admitted message opens a few frames), not one per conversation kept. A frame
+        # that fell out is read back from the registry.
         self._frames = FrameRegistry(
-            self.backend, cache_size=max(1024, min(65_536, organism.history.max_threads))
+            self.backend,
+            cache_size=max(
+                1024, min(4 * organism.settings.queue_size, organism.history.max_threads)
+            ),
         )
         self._egress = egress
         table = RoutingTable(organism.listeners)

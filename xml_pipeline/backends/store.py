@@ -1,4 +1,9 @@
-"""The reference store: histories, registry and dead letters in plain dicts.
+"""The reference store: histories, registry and dead letters.
+
+Histories are packed: a frame's slots are records in one bytearray (see "compact
+histories" below), so that a store holding hundreds of thousands of frames costs the
+cyclic garbage collector nothing to scan and about 100 bytes of overhead per frame.
+Registry and dead letters are plain dicts of strings and records.
 
 Synchronous, not thread-safe: :class:`~xml_pipeline.backends.memory.MemoryBackend`
 wraps it for one event loop, and the manager server wraps it behind a lock for
@@ -11,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import struct
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 from .base import SAMPLE_BYTES, DeadLetter, HistoryLimits, Slot, letter_size, over_budget
 
@@ -24,14 +29,81 @@ logger = logging.getLogger(__name__)
 
 _new_tuple = tuple.__new__
 
+# -- compact histories -----------------------------------------------------------------
+#
+# A frame's history is two bytearrays, ``log`` and ``starts`` (in two dicts, not a
+# tuple: a new tuple sits in the young generation until its first collection). Neither
+# is an object the cyclic garbage collector tracks, so however many histories are kept,
+# no collection ever scans them (a deque, a dict and a record per frame made every
+# collection walk them, and cost ~1 KB each). One record per kept slot in ``log``,
+# oldest first:
+#
+#     d timestamp | H sender | H to | H payload | I xml length | I id length | H direction |
+#     id (UTF-8) | the inline names (I length + UTF-8 each) | xml
+#
+# Direction, sender, to and payload are codes in the store's table of names (the
+# listener names, payload classes and labels a store sees are few, and shared by every
+# slot); past _MAX_NAMES names, or for a name longer than _MAX_NAME_CHARS, the name is
+# written inline (_INLINE). ``starts`` is ``q trimmed`` (slots trimmed so far) followed
+# by each kept record's start as ``q``, counted from the frame's first record ever: the
+# oldest slot is trimmed by deleting the front of ``log`` (which a bytearray does without
+# moving the rest), and a record's position in ``log`` is its start minus the oldest
+# kept one's. A record's id follows its length and direction, so the idempotency check
+# of an append is one ``find`` of those bytes (the *key*) in ``log``, accepted only
+# _KEY_AT bytes after a record's start.
 
-class _History:
-    __slots__ = ("keys", "slots", "trimmed")  # slots[i] has index trimmed + i
+_HEAD = struct.Struct("<dHHHIIH")  # timestamp, sender, to, payload, xml length, then the key
+_KEY = struct.Struct("<IH")  # id length, direction
+_KEY_AT = _HEAD.size - _KEY.size
+_Q = struct.Struct("<q")
+_QQ = struct.Struct("<qq")  # trimmed, the oldest kept record's start
+_LEN = struct.Struct("<I")
+_INLINE = 0xFFFF  # the name follows inline
+_NONE = 0xFFFE  # no addressee (a broadcast)
+_MAX_NAMES = 0xFFF0
+_MAX_NAME_CHARS = 64  # longer names (labels from outside) are not worth a table entry
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+class _Names:
+    """The store's table of short names: direction, sender, to and payload codes."""
+
+    __slots__ = ("codes", "names")
 
     def __init__(self) -> None:
-        self.slots: deque[tuple[Any, ...]] = deque()
-        self.keys: dict[tuple[str, str], int] = {}
-        self.trimmed = 0
+        self.names: list[str] = ["in", "out"]
+        self.codes: dict[str, int] = {"in": 0, "out": 1}
+
+    def code(self, name: str) -> int:
+        code = self.codes.get(name)
+        if code is not None:
+            return code
+        if len(self.names) >= _MAX_NAMES or len(name) > _MAX_NAME_CHARS:
+            return _INLINE
+        code = self.codes[name] = len(self.names)
+        self.names.append(name)
+        return code
+
+
+def _find(log: bytearray, starts: bytearray, key: bytes) -> int:
+    """The position in ``starts`` of the kept record whose id and direction are ``key``
+    (8 for the oldest), or -1."""
+    if len(starts) == 8:
+        return -1
+    first = _Q.unpack_from(starts, 8)[0] - _KEY_AT
+    pos = log.find(key, _KEY_AT)
+    while pos != -1:
+        start = _Q.pack(pos + first)
+        at = starts.find(start, 8)
+        while at != -1 and at % 8:
+            at = starts.find(start, at + 1)
+        if at != -1:
+            return at
+        pos = log.find(key, pos + 1)
+    return -1
 
 
 class Store:
@@ -44,7 +116,10 @@ class Store:
     def __init__(self, limits: HistoryLimits | None = None) -> None:
         self.limits = limits or HistoryLimits()
         # Frames in least-recently-used order (histories and registry share it).
-        self._histories: OrderedDict[str, _History] = OrderedDict()
+        # Each frame's log, in least-recently-used order, and its record starts.
+        self._histories: OrderedDict[str, bytearray] = OrderedDict()
+        self._starts: dict[str, bytearray] = {}
+        self._names = _Names()
         self._chain_to_uuid: dict[str, str] = {}
         self._uuid_to_chain: OrderedDict[str, str] = OrderedDict()
         self._dead: OrderedDict[str, DeadLetter] = OrderedDict()
@@ -64,29 +139,64 @@ class Store:
 
     def buffer_append(self, thread_id: str, slot: Slot) -> int:
         histories = self._histories
-        history = histories.get(thread_id)
-        if history is None:
-            history = histories[thread_id] = _History()
+        log = histories.get(thread_id)
+        if log is None:
+            log = histories[thread_id] = bytearray()
+            starts = self._starts[thread_id] = bytearray(8)
             if len(histories) > self.limits.max_threads:
                 self._evict()
         else:
             histories.move_to_end(thread_id)
+            starts = self._starts[thread_id]
         if thread_id in self._uuid_to_chain:
             self._uuid_to_chain.move_to_end(thread_id)
-        key = (slot.message_id, slot.direction)
-        index = history.keys.get(key)
-        if index is not None:
-            return index
-        index = history.trimmed + len(history.slots)
-        # Kept as a plain tuple, which the garbage collector stops tracking (a Slot it
-        # would scan forever); its index is its position, set on the copies readers get.
-        history.slots.append(tuple(slot))
-        history.keys[key] = index
-        if len(history.slots) > self.limits.max_slots_per_thread:
-            old = history.slots.popleft()
-            history.trimmed += 1
+        _, direction_name, sender, to, payload, mid, timestamp, xml = slot
+        codes = self._names.codes
+        direction = codes.get(direction_name)
+        if direction is None:
+            direction = self._names.code(direction_name)
+            if direction == _INLINE:
+                raise ValueError(f"a slot's direction is 'in' or 'out', not {direction_name!r}")
+        message_id = mid.encode("utf-8", "surrogatepass")
+        id_len = len(message_id)
+        if len(starts) > 8:
+            key = _KEY.pack(id_len, direction) + message_id
+            if log.find(key) != -1:  # the bytes are there: are they a record's key?
+                at = _find(log, starts, key)
+                if at != -1:
+                    return int(_Q.unpack_from(starts, 0)[0]) + (at >> 3) - 1
+            trimmed, first = _QQ.unpack_from(starts)
+        else:
+            trimmed, first = _Q.unpack_from(starts)[0], 0
+        index: int = trimmed + (len(starts) >> 3) - 1
+        sender_code = codes.get(sender)
+        to_code = _NONE if to is None else codes.get(to)
+        payload_code = codes.get(payload)
+        if sender_code is None or to_code is None or payload_code is None:
+            code = self._names.code
+            sender_code = code(sender)
+            to_code = _NONE if to is None else code(to)
+            payload_code = code(payload)
+        starts += _Q.pack(first + len(log))
+        head = _HEAD.pack(
+            timestamp, sender_code, to_code, payload_code, len(xml), id_len, direction
+        )
+        if _INLINE in (sender_code, to_code, payload_code):
+            inline = []
+            for name, c in ((sender, sender_code), (to, to_code), (payload, payload_code)):
+                if c == _INLINE:
+                    data = _utf8(name)  # type: ignore[arg-type]  # never None: that is _NONE
+                    inline.append(_LEN.pack(len(data)) + data)
+            log += b"".join((head, message_id, *inline, xml))
+        else:
+            log += b"".join((head, message_id, xml))
+        if (len(starts) >> 3) - 1 > self.limits.max_slots_per_thread:
+            # The oldest record goes: it ends where the next one starts (or the log ends).
+            end = _Q.unpack_from(starts, 16)[0] - first if len(starts) > 16 else len(log)
+            del log[:end]
+            del starts[8:16]
+            _Q.pack_into(starts, 0, trimmed + 1)
             self._counters["slots_trimmed"] += 1
-            history.keys.pop((old[5], old[1]), None)  # (message_id, direction)
         return index
 
     def _evict(self) -> None:
@@ -98,45 +208,88 @@ class Store:
                 uuid = next(iter(self._histories))
             else:
                 uuid = next(iter(self._uuid_to_chain))
-            self._histories.pop(uuid, None)
+            self._drop_history(uuid)
             self._drop_registry(uuid)
             self._counters["threads_evicted"] += 1
 
     def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
-        history = self._histories.get(thread_id)
-        return history is not None and (message_id, direction) in history.keys
+        log = self._histories.get(thread_id)
+        code = self._names.codes.get(direction)
+        if log is None or code is None:
+            return False
+        data = _utf8(message_id)
+        return _find(log, self._starts[thread_id], _KEY.pack(len(data), code) + data) != -1
+
+    def _drop_history(self, thread_id: str) -> bool:
+        self._starts.pop(thread_id, None)
+        return self._histories.pop(thread_id, None) is not None
+
+    def _slots(self, thread_id: str, at: int, stop: int) -> list[Slot]:
+        """The slots of the frame's records ``at`` to ``stop - 1`` (0 is the oldest kept)."""
+        if stop <= at:
+            return []
+        log, starts = self._histories[thread_id], self._starts[thread_id]
+        names = self._names.names
+        trimmed, first = struct.unpack_from("<qq", starts, 0)
+        out = []
+        for i, start in enumerate(struct.unpack_from(f"<{stop - at}q", starts, 8 + 8 * at)):
+            pos = start - first
+            timestamp, *codes, xml_len, id_len, direction = _HEAD.unpack_from(log, pos)
+            pos += _HEAD.size
+            message_id = log[pos : pos + id_len].decode("utf-8", "surrogatepass")
+            pos += id_len
+            fields: list[str | None] = []
+            for c in codes:
+                if c < _NONE:
+                    fields.append(names[c])
+                elif c == _NONE:
+                    fields.append(None)
+                else:
+                    n = _LEN.unpack_from(log, pos)[0]
+                    pos += _LEN.size
+                    fields.append(log[pos : pos + n].decode("utf-8", "surrogatepass"))
+                    pos += n
+            sender, to, payload = fields
+            xml = bytes(log[pos : pos + xml_len])
+            index = trimmed + at + i
+            out.append(
+                _new_tuple(
+                    Slot, (index, names[direction], sender, to, payload, message_id, timestamp, xml)
+                )
+            )
+        return out
 
     def buffer_get_thread(self, thread_id: str) -> list[Slot]:
-        history = self._histories.get(thread_id)
-        if history is None:
+        starts = self._starts.get(thread_id)
+        if starts is None:
             return []
-        first = history.trimmed
-        return [_new_tuple(Slot, (first + i, *s[1:])) for i, s in enumerate(history.slots)]
+        return self._slots(thread_id, 0, (len(starts) >> 3) - 1)
 
     def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
-        history = self._histories.get(thread_id)
-        if history is None:
+        starts = self._starts.get(thread_id)
+        if starts is None:
             return None
-        pos = index - history.trimmed
-        if 0 <= pos < len(history.slots):
-            return _new_tuple(Slot, (index, *history.slots[pos][1:]))
+        pos = index - _Q.unpack_from(starts, 0)[0]
+        if 0 <= pos < (len(starts) >> 3) - 1:
+            return self._slots(thread_id, pos, pos + 1)[0]
         return None
 
     def buffer_thread_len(self, thread_id: str) -> int:
-        history = self._histories.get(thread_id)
-        return len(history.slots) if history is not None else 0
+        starts = self._starts.get(thread_id)
+        return (len(starts) >> 3) - 1 if starts is not None else 0
 
     def buffer_thread_exists(self, thread_id: str) -> bool:
         return thread_id in self._histories
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
-        return self._histories.pop(thread_id, None) is not None
+        return self._drop_history(thread_id)
 
     def buffer_list_threads(self) -> list[str]:
         return list(self._histories)
 
     def buffer_clear(self) -> None:
         self._histories.clear()
+        self._starts.clear()
 
     # -- registry --------------------------------------------------------------
 

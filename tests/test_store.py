@@ -1,0 +1,184 @@
+"""The reference store's compact histories: same answers as plain lists, nothing for the
+garbage collector to scan."""
+
+from __future__ import annotations
+
+import gc
+import struct
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from xml_pipeline.backends import HistoryLimits, Slot
+from xml_pipeline.backends import store as store_module
+from xml_pipeline.backends.store import Store
+
+
+def slot(mid: str, direction: str = "in", **fields: object) -> Slot:
+    values: dict[str, object] = {
+        "sender": "a",
+        "to": "b",
+        "payload": "{urn:x}P",
+        "timestamp": 1.5,
+        "xml": b"<P/>",
+        **fields,
+    }
+    return Slot(0, direction, message_id=mid, **values)  # type: ignore[arg-type]
+
+
+class _Model:
+    """What a frame's history must answer, kept the obvious way."""
+
+    def __init__(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self.slots: dict[str, list[Slot]] = {}
+        self.trimmed: dict[str, int] = {}
+
+    def append(self, thread: str, s: Slot) -> int:
+        kept = self.slots.setdefault(thread, [])
+        first = self.trimmed.setdefault(thread, 0)
+        for i, old in enumerate(kept):
+            if (old.message_id, old.direction) == (s.message_id, s.direction):
+                return first + i
+        index = first + len(kept)
+        kept.append(s._replace(index=index))
+        if len(kept) > self.max_slots:
+            del kept[0]
+            self.trimmed[thread] = first + 1
+        return index
+
+
+names = st.sampled_from(["a", "relay.1", "x" * 65, "é\ud800", ""])
+
+
+class HistoryComparison(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = Store(HistoryLimits(max_slots_per_thread=3))
+        self.model = _Model(3)
+
+    @rule(
+        thread=st.sampled_from(["t1", "t2"]),
+        mid=st.sampled_from(["m1", "m2", "m3", "m4", "m5", "m\u20ac", "x" * 300]),
+        direction=st.sampled_from(["in", "out"]),
+        sender=names,
+        to=st.none() | names,
+        payload=names,
+        timestamp=st.floats(allow_nan=False),
+        xml=st.binary(max_size=40) | st.just(struct.pack("<IH", 2, 0) + b"m2"),
+    )
+    def append(
+        self,
+        thread: str,
+        mid: str,
+        direction: str,
+        sender: str,
+        to: str | None,
+        payload: str,
+        timestamp: float,
+        xml: bytes,
+    ) -> None:
+        s = slot(
+            mid, direction, sender=sender, to=to, payload=payload, timestamp=timestamp, xml=xml
+        )
+        assert self.store.buffer_append(thread, s) == self.model.append(thread, s)
+
+    @rule(thread=st.sampled_from(["t1", "t2"]), index=st.integers(-1, 12))
+    def get_slot(self, thread: str, index: int) -> None:
+        kept = self.model.slots.get(thread, [])
+        first = self.model.trimmed.get(thread, 0)
+        want = kept[index - first] if 0 <= index - first < len(kept) else None
+        assert self.store.buffer_get_slot(thread, index) == want
+
+    @rule(
+        thread=st.sampled_from(["t1", "t2"]),
+        mid=st.sampled_from(["m1", "m2", "x" * 300]),
+        direction=st.sampled_from(["in", "out", "sideways"]),
+    )
+    def contains(self, thread: str, mid: str, direction: str) -> None:
+        want = any(
+            (s.message_id, s.direction) == (mid, direction)
+            for s in self.model.slots.get(thread, [])
+        )
+        assert self.store.buffer_contains(thread, mid, direction) is want
+
+    @invariant()
+    def same_histories(self) -> None:
+        for thread, kept in self.model.slots.items():
+            assert self.store.buffer_get_thread(thread) == kept
+            assert self.store.buffer_thread_len(thread) == len(kept)
+        assert self.store.info()["slots_trimmed"] == sum(self.model.trimmed.values())
+
+
+HistoryComparison.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None
+)
+TestHistory = HistoryComparison.TestCase
+
+
+def test_an_id_inside_another_slot_is_not_taken_for_a_slot() -> None:
+    store = Store()
+    # The xml holds exactly the bytes that open the record of ("m2", "in").
+    assert store.buffer_append("t", slot("m1", xml=struct.pack("<IH", 2, 0) + b"m2")) == 0
+    assert not store.buffer_contains("t", "m2", "in")
+    assert store.buffer_append("t", slot("m2")) == 1
+    assert store.buffer_append("t", slot("m2")) == 1
+
+
+def test_names_past_the_table_are_written_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "_MAX_NAMES", 4)  # "in", "out" and two more
+    store = Store()
+    slots = [
+        slot(f"m{i}", sender=f"s{i}", to=None if i % 2 else f"to{i}", payload=f"{{urn:x}}P{i}")
+        for i in range(6)
+    ]
+    for s in slots:
+        store.buffer_append("t", s)
+    assert store.buffer_get_thread("t") == [s._replace(index=i) for i, s in enumerate(slots)]
+
+
+def test_trimming_keeps_counting_when_nothing_is_kept() -> None:
+    store = Store(HistoryLimits(max_slots_per_thread=0))
+    assert store.buffer_append("t", slot("m1")) == 0
+    assert store.buffer_append("t", slot("m2")) == 1
+    assert store.buffer_get_thread("t") == []
+    assert store.info()["slots_trimmed"] == 2
+
+
+def test_histories_hold_no_object_the_collector_tracks() -> None:
+    store = Store()
+    store.buffer_append("warm", slot("m0"))
+    gc.collect()
+    before = len(gc.get_objects())
+    for t in range(2_000):
+        for i in range(5):
+            direction = "in" if i % 2 else "out"
+            store.buffer_append(f"t{t}", slot(f"m{i}", direction, sender=f"relay.{i}"))
+    gc.collect()
+    # Per frame: nothing (its history is two bytearrays); the store's own dicts and
+    # tables are a handful of objects.
+    assert len(gc.get_objects()) - before < 50
+    for thread in store.buffer_list_threads():
+        assert not gc.is_tracked(store._histories[thread])
+        assert not gc.is_tracked(store._starts[thread])
+    assert store.buffer_thread_len("t1999") == 5
+
+
+def test_appends_leave_nothing_in_the_young_generation() -> None:
+    # Not even for one collection: a young object that survives makes the next
+    # collection longer, and stays until then.
+    store = Store()
+    slots = [slot(f"m{i}", "in" if i % 2 else "out", sender=f"relay.{i}") for i in range(5)]
+    store.buffer_append("warm", slots[0])
+    gc.collect()
+    gc.disable()
+    try:
+        young = len(gc.get_objects(0))
+        for t in range(2_000):
+            for s in slots:
+                store.buffer_append(f"t{t}", s)
+        assert len(gc.get_objects(0)) - young < 50
+    finally:
+        gc.enable()
