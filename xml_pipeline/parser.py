@@ -146,9 +146,11 @@ def parse_bytes(data: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> etree._Ele
         # cannot be written without a "!").
         raise MalformedMessage("DTDs and entity declarations are not allowed")
     # Cheap upper bounds first: in UTF-8 every element starts with one b"<" and
-    # every attribute holds one b"=". The exact counts run only when a bound is
-    # over a limit.
-    if raw.count(b"<") > min(limits.max_elements, limits.max_depth):
+    # takes at least 4 bytes (b"<a/>"), every attribute holds one b"=" and takes at
+    # least 5 (b' a=""'). The exact counts run only when a bound is over a limit.
+    size = len(raw)  # in bytes, whatever the buffer's item size
+    bound = min(limits.max_elements, limits.max_depth)
+    if size // 4 > bound and raw.count(b"<") > bound:
         elements = int(_count_elements(root))  # type: ignore[arg-type]
         if elements > limits.max_elements:
             raise MessageTooLarge(
@@ -156,7 +158,7 @@ def parse_bytes(data: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> etree._Ele
             )
         if elements > limits.max_depth and _deeper_than(root, limits.max_depth):
             raise MessageTooLarge(f"message nests deeper than {limits.max_depth} elements")
-    if raw.count(b"=") > limits.max_attributes:
+    if size // 5 > limits.max_attributes and raw.count(b"=") > limits.max_attributes:
         attributes = int(_count_attributes(root))  # type: ignore[arg-type]
         if attributes > limits.max_attributes:
             raise MessageTooLarge(
