@@ -120,13 +120,13 @@ def _read_envelope(root: etree._Element) -> _EnvelopeValues:
     if text and not text.isspace():
         raise EnvelopeError("text directly inside <message> is not allowed")
     count = len(root)
-    if not count or root[0].tag != _META:
+    meta = root[0] if count else None  # one proxy, held: lxml makes one per access
+    if meta is None or meta.tag != _META:
         raise EnvelopeError("<message> must start with <meta>")
     if count != 2:
         raise EnvelopeError(
             f"<message> must hold <meta> and exactly one payload element (found {count - 1})"
         )
-    meta = root[0]
     payload = root[1]
     if str(payload.tag).startswith(_NS):
         raise EnvelopeError(f"the payload cannot be in the envelope namespace ({payload.tag!r})")
