@@ -30,6 +30,7 @@ ROOT = HERE.parent
 # name: (arguments of a full run, arguments of a --quick run)
 SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "relay": ([], ["--messages", "2000", "--repeat", "1", "--latency-messages", "4000"]),
+    "stages": ([], ["--number", "2000"]),
     "broadcast": ([], ["--messages", "2000", "--repeat", "1"]),
     "payloads": ([], ["--messages", "200", "--element-messages", "40", "--repeat", "1"]),
     "offload": ([], ["--messages", "3000", "--heavy-messages", "200"]),

@@ -11,7 +11,16 @@ The stages a message goes through in the pump (DESIGN §12), each timed with
 - ``frame``: a new child frame id and chain, registered in the memory backend;
 - ``handler``: calling an async handler that returns a ``HandlerResponse``;
 - ``encode``: model → payload bytes (the fast flat serializer);
-- ``egress``: building the reply envelope around the payload's bytes.
+- ``egress``: building the reply envelope around the payload's bytes;
+- ``ingress``: the whole way in, ``StreamPump.inject`` of one envelope's bytes on the
+  memory backend: parse, envelope check, root frame, its ``out`` slot, the child frame
+  and the delivery queued in ``relay.1``'s inbox (``--number`` of them in a row, with
+  ``queue_size`` above that, so nothing is handled while they are timed).
+
+The ``ingress`` aim compares it with ``--before-ingress-us``, the figure of the
+pump before ingress was made cheaper (CHANGELOG, docs/performance.md): measured on
+the 2-core reference machine with this script on the code before that change. Pass
+your own before-figure on another machine.
 
     python benchmarks/stages.py
 """
@@ -20,8 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
+import dataclasses
 import sys
 import time
 import timeit
@@ -32,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "organisms"))
 
-from _common import hop_envelope  # noqa: E402
+from _common import aim, emit, hop_envelope, relay_organism, running, write_report  # noqa: E402
 from relay import Hop, hop  # noqa: E402
 
 from xml_pipeline import HandlerMetadata, Slot, codec_for  # noqa: E402
@@ -47,11 +55,53 @@ def per_call_us(fn: Any, number: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
+async def ingress(n: int, repeat: int = 3, burst: int = 1000) -> float:
+    """µs per ``inject`` of an envelope's bytes: best of ``repeat`` runs of ``n``.
+
+    Injected in bursts of ``burst`` (below relay.yaml's ``queue_size``, so none
+    waits for room and nothing is handled while a burst is timed), the pump left to
+    handle each burst untimed before the next: the regime of a running pump, whose
+    inboxes never hold more than ``queue_size`` messages.
+    """
+    org = relay_organism(3)
+    org = dataclasses.replace(org, settings=dataclasses.replace(org.settings, blocked_loop_s=None))
+    if burst >= org.settings.queue_size:
+        raise ValueError(f"a burst must stay below queue_size {org.settings.queue_size}")
+    messages = [hop_envelope(i, 3) for i in range(n)]
+    bursts = [messages[i : i + burst] for i in range(0, n, burst)]
+    best = float("inf")
+    async with running(org, egress=lambda reply: None) as pump:
+        for _ in range(repeat):
+            spent = 0.0
+            for chunk in bursts:
+                began = time.perf_counter()
+                for data in chunk:
+                    await pump.inject(data)
+                spent += time.perf_counter() - began
+                queued = pump.statistics().listeners["relay.1"].queued
+                if queued != len(chunk):  # something was handled meanwhile
+                    raise RuntimeError(f"{len(chunk) - queued} messages handled while timed")
+                await pump.wait_idle()
+            best = min(best, spent)
+    return best / n * 1e6
+
+
+# µs per ingress before it was made cheaper (same script, reference machine,
+# 2026-12-05: best of 3 in each of 3 runs, the median run; see docs/performance.md).
+BEFORE_INGRESS_US = 45.6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--number", type=int, default=20_000)
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "stages.json"
+    )
+    parser.add_argument(
+        "--before-ingress-us",
+        type=float,
+        default=BEFORE_INGRESS_US,
+        help="the ingress figure to compare with (default: the reference machine's)",
     )
     args = parser.parse_args()
     n = args.number
@@ -103,21 +153,22 @@ def main() -> None:
         "handler": loop.run_until_complete(timed(handler)),
         "encode": per_call_us(lambda: codec.encode_bytes(model), n),
         "egress": per_call_us(egress, n),
+        "ingress": loop.run_until_complete(ingress(n)),
     }
     loop.close()
-    total = sum(stages.values())
-    print("stages  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items())
-          + f"  (us; sum {total:.1f})")  # fmt: skip
-    report = {
-        "benchmark": "stages",
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "number": n,
-        "us": stages,
-        "sum_us": total,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    total = sum(v for k, v in stages.items() if k != "ingress")  # ingress holds some of them
+    cases: list[dict[str, Any]] = []
+    ratio = stages["ingress"] / args.before_ingress_us
+    emit(
+        cases,
+        "stages",
+        "stages  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items())
+        + f"  (us; sum without ingress {total:.1f}; ingress {ratio:.2f} of before)",
+        aims=[aim("ingress after/before", ratio, "<=", 0.5)],
+        us=stages,
+        sum_us=total,
+    )  # fmt: skip
+    write_report(args.json, "stages", args, cases, None, number=n, us=stages, sum_us=total)
 
 
 if __name__ == "__main__":

@@ -741,7 +741,33 @@ LIMIT_CASES: list[tuple[str, bytes, bytes, ParseLimits]] = [
         ParseLimits(max_attributes=3),
     ),
     ("bytes", b"<a>" + b"x" * 57 + b"</a>", b"<a>" + b"x" * 58 + b"</a>", ParseLimits(64)),
+    # The fewest bytes a document over each limit can have: parse_bytes skips its
+    # counts when the size alone proves a limit cannot be reached.
+    (
+        "elements-tightest",
+        b"<a>" + b"<a/>" * 4 + b"</a>",
+        b"<a>" + b"<a/>" * 5 + b"</a>",
+        ParseLimits(max_elements=5),
+    ),
+    (
+        "depth-tightest",
+        b"<a>" * 2 + b"<a/>" + b"</a>" * 2,
+        b"<a>" * 3 + b"<a/>" + b"</a>" * 3,
+        ParseLimits(max_depth=3),
+    ),
+    (
+        "attributes-tightest",
+        b'<a b="" c="" d=""/>',
+        b'<a b="" c="" d="" e=""/>',
+        ParseLimits(max_attributes=3),
+    ),
 ]
+
+
+def test_attributes_need_a_space_each() -> None:
+    # What the attribute bound of parse_bytes relies on (5 bytes per attribute).
+    with pytest.raises(MalformedMessage):
+        parse_bytes(b'<a b=""c=""d=""e=""/>', ParseLimits(max_attributes=3))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from xml_pipeline import ENVELOPE_NAMESPACE, EnvelopeError, build_envelope, parse_envelope
-from xml_pipeline.envelope import parse_payload
+from xml_pipeline.envelope import envelope_from_element, parse_payload
 
 # Characters XML 1.0 can carry (no NUL, no other C0 controls but tab/newline/CR, no surrogates,
 # no U+FFFE/U+FFFF).
@@ -54,6 +54,7 @@ def test_characters_xml_cannot_carry_are_refused_when_building() -> None:
 
 
 E = f'xmlns="{ENVELOPE_NAMESPACE}"'
+P = '<P xmlns="urn:p"/>'
 
 
 @pytest.mark.parametrize(
@@ -77,6 +78,58 @@ E = f'xmlns="{ENVELOPE_NAMESPACE}"'
 def test_invalid_envelopes_are_refused(doc: str) -> None:
     with pytest.raises(EnvelopeError):
         parse_envelope(doc.encode())
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (f"<message {E}/>", "must start with <meta>"),
+        (f"<message {E}>{P}</message>", "must start with <meta>"),
+        (f"<message {E}><meta a='1'><from>a</from></meta>{P}</message>", "stray text"),
+        (f"<message {E}><meta>x<from>a</from></meta>{P}</message>", "stray text"),
+        (f"<message {E}><meta><from>a</from></meta>x{P}</message>", "stray text"),
+        (f"<message {E}><meta><from>a</from></meta>{P}x</message>", "stray text"),
+        (f"<message {E}><meta><from>a</from>x</meta>{P}</message>", "stray text in <meta>"),
+        (f"<message {E}><meta><from a='1'>a</from></meta>{P}</message>", "text only"),
+        (
+            f"<message {E}><meta><to>{'b' * 1025}</to><from>a</from></meta>{P}</message>",
+            "longer than 1024",
+        ),
+        (
+            f"<message {E}><meta><from>a</from><to>b</to><to>c</to></meta>{P}</message>",
+            "more than once",
+        ),
+    ],
+)
+def test_each_envelope_check_names_what_is_wrong(doc: str, reason: str) -> None:
+    with pytest.raises(EnvelopeError, match=reason):
+        parse_envelope(doc.encode())
+
+
+blankish = st.text(st.sampled_from(" \t\n\r\x85\xa0\u1680\u2028\u3000x-"), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message_text=blankish, meta_text=blankish, meta_tail=blankish, field_tail=blankish)
+def test_blank_text_is_what_strip_leaves_empty(
+    message_text: str, meta_text: str, meta_tail: str, field_tail: str
+) -> None:
+    # envelope_from_element tests blankness with isspace(); the rule is "nothing
+    # left after strip()", on every character either might treat as space.
+    root = etree.Element(f"{{{ENVELOPE_NAMESPACE}}}message")
+    meta = etree.SubElement(root, f"{{{ENVELOPE_NAMESPACE}}}meta")
+    field = etree.SubElement(meta, f"{{{ENVELOPE_NAMESPACE}}}from")
+    field.text = "a"
+    etree.SubElement(root, "{urn:p}P")
+    root.text, meta.text, meta.tail, field.tail = message_text, meta_text, meta_tail, field_tail
+    blank = all(not t.strip() for t in (message_text, meta_text, meta_tail, field_tail))
+    try:
+        env = envelope_from_element(root)
+    except EnvelopeError:
+        assert not blank
+    else:
+        assert blank
+        assert (env.sender, env.qname) == ("a", "{urn:p}P")
 
 
 def test_whitespace_and_optional_fields() -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import uuid
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from xml_pipeline.backends.memory import MemoryBackend
-from xml_pipeline.frame import Frame, FrameRegistry, _child_chain, _encode, _Uuids
+from xml_pipeline.frame import Frame, FrameRegistry, _Cache, _child_chain, _encode, _Uuids
 
 
 def test_frame_ids_are_random_version_4_uuids() -> None:
@@ -82,3 +86,24 @@ async def test_frames_with_any_character_in_a_name_resolve_the_same() -> None:
         assert await registry.parent(child) == root
         assert await registry.resolve(child.uuid) == child
         assert await registry.resolve(root.uuid) == root
+
+
+@settings(max_examples=300, deadline=None)
+@given(origin=st.text(), root=st.text(), hops=st.lists(st.text(), max_size=4))
+def test_encode_writes_what_the_json_encoder_writes(
+    origin: str, root: str, hops: list[str]
+) -> None:
+    # Chains written before are looked up by these bytes: they must not change.
+    expected = json.dumps([origin, root, *hops], ensure_ascii=False, separators=(",", ":"))
+    assert _encode(origin, root, tuple(hops)) == expected
+    assert json.loads(_encode(origin, root, tuple(hops))) == [origin, root, *hops]
+
+
+def test_the_frame_cache_keeps_at_most_its_size_and_the_newest_entries() -> None:
+    cache: _Cache[int, str] = _Cache(10)
+    for i in range(100):
+        cache.put(i, str(i))
+        assert len(cache) <= 10
+        assert cache.get(i) == str(i)
+    assert [cache.get(i) for i in range(95, 100)] == ["95", "96", "97", "98", "99"]
+    assert cache.get(0) is None

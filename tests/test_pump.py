@@ -158,6 +158,37 @@ async def test_broadcast_reaches_all_and_to_reaches_one(run_pump) -> None:
         assert (stats["a"].received, stats["b"].received, stats["c"].received) == (1, 2, 1)
 
 
+async def test_ingress_takes_to_and_thread_from_the_envelope_over_the_arguments(
+    run_pump,
+) -> None:
+    listeners = [Listener(name, (Ping,), pong) for name in ("a", "b", "c")]
+    async with run_pump(listeners) as h:
+        first = await h.pump.inject(envelope("x", ping_xml(1), to="b"), to="a")
+        await h.pump.wait_idle()
+        assert [r.payload.by for r in h.replies] == ["b"]  # the envelope's <to> wins
+        h.replies.clear()
+        # No <to> in the envelope: the argument's; no <thread>: a new conversation,
+        # whatever thread= says (it is for bare payloads).
+        second = await h.pump.inject(envelope("x", ping_xml(2)), to="c", thread=first)
+        await h.pump.wait_idle()
+        assert [r.payload.by for r in h.replies] == ["c"] and second != first
+        h.replies.clear()
+        third = await h.pump.inject(envelope("x", ping_xml(3), thread=first, to="a"))
+        await h.pump.wait_idle()
+        assert third == first and [r.thread_id for r in h.replies] == [first]
+
+
+@pytest.mark.parametrize("form", [bytes, bytearray, memoryview, lambda b: b.decode()])
+async def test_ingress_reads_every_form_of_bytes_alike(run_pump, form) -> None:
+    async with run_pump([Listener("a", (Ping,), pong)]) as h:
+        assert await h.pump.inject(form(envelope("x", ping_xml(4)))) is not None
+        empty = b'<message xmlns="https://xml-pipeline.org/ns/envelope/v1"/>'
+        assert await h.pump.inject(form(empty)) is None  # refused alike
+        await h.pump.wait_idle()
+        assert sorted(type(r.payload).__name__ for r in h.replies) == ["Huh", "Pong"]
+        assert await dead_codes(h) == ["envelope"]
+
+
 async def test_handler_broadcast_reaches_every_accepting_listener(run_pump) -> None:
     got: list[str] = []
 

@@ -74,6 +74,7 @@ from .backends.memory import MemoryBackend
 from .config import Organism, import_object
 from .envelope import (
     ENVELOPE_NAMESPACE,
+    _read_envelope,
     envelope_from_element,
 )
 from .exceptions import (
@@ -894,9 +895,10 @@ class StreamPump:
         # started) sends it while its delivery from a stream runs.
         token = OUTBOX.set(None) if self._node is not None else None
         try:
-            await self._admit()
-            if not self._running:
-                raise PumpClosed("the pump stopped before accepting this message")
+            if self._pending >= self._settings.queue_size:  # no coroutine when there is room
+                await self._admit()
+                if not self._running:
+                    raise PumpClosed("the pump stopped before accepting this message")
             return await self._ingest_admitted(
                 message,
                 to=to,
@@ -936,7 +938,7 @@ class StreamPump:
         try:
             try:
                 traceparent = None
-                if isinstance(message, BaseModel):
+                if type(message) is not bytes and isinstance(message, BaseModel):
                     label = sender
                     msg = Message(
                         self._new_id(), sender, to, codec_for(type(message)).qname, model=message
@@ -945,11 +947,12 @@ class StreamPump:
                     raw = self._raw_bytes(message)
                     element = parse_bytes(raw, self._settings.limits)
                     if element.tag == _MESSAGE_TAG:
-                        env = envelope_from_element(element)
-                        label, given_id, thread = env.sender, env.id, env.thread
-                        to = env.to if env.to is not None else to
-                        traceparent = env.traceparent
-                        element = env.payload
+                        # The envelope's fields as they are read (no Envelope record).
+                        label, env_to, thread, given_id, element, _, traceparent = _read_envelope(
+                            element
+                        )
+                        if env_to is not None:
+                            to = env_to
                     else:
                         label = sender
                     msg = Message(
@@ -1018,11 +1021,11 @@ class StreamPump:
                         msg.sender, uuid, named=new_thread is not None
                     )
                 await self._record(root, "out", msg, msg.to)
-                children = [await self._frames.child(root, rt.name) for rt in targets]
-                deliveries = [
-                    Delivery(msg, rt, child, root, None)
-                    for rt, child in zip(targets, children, strict=True)
-                ]
+                # A plain loop: an async comprehension is a function call of its own.
+                deliveries = []
+                for rt in targets:
+                    child = await self._frames.child(root, rt.name)
+                    deliveries.append(Delivery(msg, rt, child, root, None))
                 if self._node is not None:  # accepted once every XADD returned
                     follow = on_accept is not None
                     if on_accept is not None:
@@ -1055,13 +1058,15 @@ class StreamPump:
             await self.backend.registry_delete(mark)  # only this attempt's reservation
 
     def _raw_bytes(self, message: bytes | str) -> bytes:
+        if type(message) is bytes:
+            return message
         cap = self._settings.limits.max_bytes
         if isinstance(message, str):
             # A character is at least one byte: refuse before encoding a huge string.
             if len(message) > cap:
                 raise MessageTooLarge(f"message is over {cap} bytes; the limit is {cap}")
             return message.encode("utf-8")
-        return message if type(message) is bytes else bytes(message)
+        return bytes(message)
 
     def _ingress_targets(self, msg: Message) -> tuple[Runtime, ...]:
         if msg.to is not None:
