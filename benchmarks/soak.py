@@ -8,8 +8,10 @@ and samples the process: RSS, asyncio tasks, threads, open file descriptors, and
 backend's frame and registry counts. One compact line per sample.
 
 Summary line: throughput (msg/s, hops/s, ratio to the floor measured in the same run),
-RSS growth from the sample after the first 100,000 messages to the last (aim: less
-than 10%), and the change in tasks, threads and open files over the same span (aim 0).
+the ratio sustained over the whole run as a share of a short run's (20,000 messages
+first, same organism and producer; aim at least 0.9), RSS growth from the sample after
+the first 100,000 messages to the last (aim: less than 10%), and the change in tasks,
+threads and open files over the same span (aim 0).
 
     python benchmarks/soak.py                       # 1,000,000 messages: a few minutes
     python benchmarks/soak.py --messages 200000 --every 50000 --loop asyncio
@@ -129,6 +131,12 @@ def main() -> int:
     ap.add_argument("--max-threads", type=int, default=10_000, help="history: max_threads")
     ap.add_argument("--max-slots", type=int, default=64, help="history: max_slots_per_thread")
     ap.add_argument("--floor-messages", type=int, default=20_000)
+    ap.add_argument(
+        "--short-messages",
+        type=int,
+        default=20_000,
+        help="messages of the short run the sustained ratio is compared with",
+    )
     args = ap.parse_args()
     if args.messages < 2 * args.every:
         raise SystemExit("--messages must be at least twice --every (two samples to compare)")
@@ -136,6 +144,9 @@ def main() -> int:
     history = HistoryLimits(max_threads=args.max_threads, max_slots_per_thread=args.max_slots)
     org = relay_organism(3, history)
     floor = Floor([hop_envelope(i, 3) for i in range(args.floor_messages)])
+    floor.run()
+    # The same organism and producer over a short run: the sustained ratio's reference.
+    short = run_on(args.loop, soak, org, args.short_messages, args.short_messages // 2)
     floor.run()
     r = run_on(args.loop, soak, org, args.messages, args.every)
     floor.run()
@@ -145,6 +156,8 @@ def main() -> int:
     growth = (end["rss_mb"] - first["rss_mb"]) / first["rss_mb"] * 100
     deltas = {k: end[k] - first[k] for k in ("tasks", "threads", "fds")}
     ratio = floor.ratio(r["hops_per_s"])
+    short_ratio = floor.ratio(short["hops_per_s"])
+    sustained = ratio / short_ratio
     cases: list[dict[str, Any]] = []
     emit(
         cases,
@@ -152,12 +165,17 @@ def main() -> int:
         f"soak {args.messages:,} msgs relay 3 hops {args.loop}: {r['msgs_per_s']:,.0f} msg/s  "
         f"{r['hops_per_s']:,.0f} hops/s  ratio {ratio:.2f}  RSS {first['rss_mb']:.1f} MB at "
         f"{first['messages']:,} -> {end['rss_mb']:.1f} MB ({growth:+.1f}%)  "
-        f"tasks {deltas['tasks']:+d} threads {deltas['threads']:+d} fds {deltas['fds']:+d}",
+        f"tasks {deltas['tasks']:+d} threads {deltas['threads']:+d} fds {deltas['fds']:+d}  "
+        f"sustained {sustained:.2f} of a {args.short_messages:,}-message run's ratio "
+        f"{short_ratio:.2f}",
         loop=args.loop,
         ratio=ratio,
         rss_growth_pct=growth,
         deltas=deltas,
+        short_ratio=short_ratio,
+        sustained=sustained,
         aims=[
+            aim("sustained / short", sustained, ">=", 0.9),
             aim("RSS change %", abs(growth), "<", 10.0),
             aim("tasks change", abs(deltas["tasks"]), "<=", 0),
             aim("threads change", abs(deltas["threads"]), "<=", 0),
