@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import threading
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -551,15 +552,26 @@ async def test_a_blocked_frame_holds_up_only_its_own_messages(run_pump) -> None:
         assert h.pump.statistics().listeners["o"].queued == 0
 
 
-async def test_a_fast_frame_is_answered_while_a_slow_one_is_blocked(run_pump) -> None:
-    gate = asyncio.Event()
-    started = asyncio.Event()
+def held_on_slow(
+    gate: asyncio.Event, started: asyncio.Event
+) -> Callable[[Ping, HandlerMetadata], Awaitable[HandlerResponse]]:
+    """A handler that answers each Ping with a Pong, but holds a Ping whose text is
+    "slow" until ``gate`` is set (``started`` says it is held)."""
 
     async def handler(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
         if payload.text == "slow":
             started.set()
             await gate.wait()
         return HandlerResponse.respond(Pong(n=payload.n, by=meta.own_name))
+
+    return handler
+
+
+async def test_a_fast_frame_is_answered_while_a_slow_one_is_blocked(run_pump) -> None:
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    handler = held_on_slow(gate, started)
 
     async with run_pump([Listener("l", (Ping,), handler, concurrency=2)]) as h:
         slow_reply = asyncio.create_task(h.pump.request(ping_xml(0, "slow"), to="l", timeout=30))
@@ -605,11 +617,7 @@ async def test_shutdown_dead_letters_the_messages_parked_behind_a_frame() -> Non
     gate = asyncio.Event()
     started = asyncio.Event()
 
-    async def handler(payload: Ping, meta: HandlerMetadata) -> HandlerResponse:
-        if payload.text == "slow":
-            started.set()
-            await gate.wait()
-        return HandlerResponse.respond(Pong(n=payload.n, by=meta.own_name))
+    handler = held_on_slow(gate, started)
 
     pump = StreamPump(Organism("t", (Listener("h", (Ping,), handler, concurrency=2),)))
     async with pump:
