@@ -9,7 +9,7 @@ import struct
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from xml_pipeline.backends import HistoryLimits, Slot
 from xml_pipeline.backends import store as store_module
@@ -182,3 +182,35 @@ def test_appends_leave_nothing_in_the_young_generation() -> None:
         assert len(gc.get_objects(0)) - young < 50
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "key_hash",
+    [
+        lambda key: b"\0" * 8,  # every key's hash the same: each match is read back
+        # m2's hash only ever found astride two others' (7 zero bytes, then 1): unaligned
+        lambda key: b"\1" + b"\0" * 7 if key.endswith(b"m2") else b"\0" * 7 + b"\1",
+    ],
+    ids=["all-alike", "unaligned"],
+)
+def test_colliding_key_hashes_give_the_same_answers(
+    monkeypatch: pytest.MonkeyPatch, key_hash: object
+) -> None:
+    monkeypatch.setattr(store_module, "_key_hash", key_hash)
+    run_state_machine_as_test(
+        HistoryComparison,
+        settings=settings(max_examples=60, stateful_step_count=30, deadline=None),
+    )
+
+
+def test_a_slot_that_cannot_be_written_leaves_the_history_as_it_was() -> None:
+    store = Store()
+    assert store.buffer_append("t", slot("m1")) == 0
+    with pytest.raises(TypeError):
+        store.buffer_append("t", slot("m2", xml="<P/>"))  # str, not bytes
+    with pytest.raises(struct.error):
+        store.buffer_append("t", slot("m2", timestamp="noon"))
+    assert [s.message_id for s in store.buffer_get_thread("t")] == ["m1"]
+    assert store.buffer_append("t", slot("m2")) == 1
+    assert store.buffer_append("t", slot("m1")) == 0  # still found
+    assert [s.index for s in store.buffer_get_thread("t")] == [0, 1]
