@@ -45,13 +45,13 @@ _new_tuple = tuple.__new__
 # listener names, payload classes and labels a store sees are few, and shared by every
 # slot); past _MAX_NAMES names, or for a name longer than _MAX_NAME_CHARS, the name is
 # written inline (_INLINE). ``starts`` is ``q trimmed`` (slots trimmed so far) followed
-# by each kept record's start as ``q``, counted from the frame's first record ever: the
-# oldest slot is trimmed by deleting the front of ``log`` (which a bytearray does without
-# moving the rest), and a record's position in ``log`` is its start minus the oldest
-# kept one's. A record's id follows its length and direction (together its *key*);
-# a third bytearray, ``keys``, holds a hash of each kept record's key (8 bytes, in the
-# order of ``starts``), so the idempotency check of an append searches 8 bytes a slot
-# and reads the record a matching hash points to, whatever the size of the payloads.
+# by one 16-byte entry per kept record: ``q start`` (counted from the frame's first
+# record ever) and ``q`` a hash of the record's *key* (its id length, direction and id,
+# which open the record after the header). The oldest slot is trimmed by deleting the
+# front of ``log`` (which a bytearray does without moving the rest), and a record's
+# position in ``log`` is its start minus the oldest kept one's. The idempotency check
+# of an append searches the hashes and reads back only the record a matching one
+# points to, whatever the size of the payloads.
 
 _HEAD = struct.Struct("<dHHHIIH")  # timestamp, sender, to, payload, xml length, then the key
 _KEY = struct.Struct("<IH")  # id length, direction
@@ -97,29 +97,33 @@ def _key_hash(key: bytes) -> bytes:
     return _Q.pack(hash(key))
 
 
-def _find(log: bytearray, starts: bytearray, keys: bytearray, key: bytes) -> int:
-    """The position in ``starts`` of the kept record whose id and direction are ``key``
-    (8 for the oldest), or -1.
+def _find(log: bytearray, starts: bytearray, key: bytes) -> int:
+    """Which kept record (0 is the oldest) has ``key`` as its id and direction, or -1.
 
-    Searches ``keys`` (8 bytes a record) for the key's hash, then reads the record it
-    points to: the cost grows with the number of kept slots, not with their bytes (a
-    search of ``log`` read every payload kept, ~20 ms an append at 10,000 slots of
-    4 KB)."""
+    Searches the hashes in ``starts`` (8 bytes of each 16), then reads the record a
+    match points to: the cost grows with the number of kept slots, not with their
+    bytes (a search of ``log`` read every payload kept: ~20 ms an append at 10,000
+    slots of 4 KB)."""
     wanted = _key_hash(key)
-    at = keys.find(wanted)
+    at = starts.find(wanted, 16)
     if at == -1:
         return -1
     first = _Q.unpack_from(starts, 8)[0]
     n = len(key)
     while at != -1:
-        if not at % 8:
-            pos = _Q.unpack_from(starts, 8 + at)[0] - first + _KEY_AT
-            if log[pos : pos + n] == key:
-                return 8 + at
-            at = keys.find(wanted, at + 8)
-        else:
-            at = keys.find(wanted, at + 1)
+        if at % 16:  # astride two entries, or a start's bytes: not a hash
+            at = starts.find(wanted, at + 1)
+            continue
+        pos = _Q.unpack_from(starts, at - 8)[0] - first + _KEY_AT
+        if log[pos : pos + n] == key:
+            return (at - 16) >> 4
+        at = starts.find(wanted, at + 16)
     return -1
+
+
+def _kept(starts: bytearray) -> int:
+    """How many records a frame's ``starts`` lists."""
+    return (len(starts) - 8) >> 4
 
 
 class Store:
@@ -132,11 +136,10 @@ class Store:
     def __init__(self, limits: HistoryLimits | None = None) -> None:
         self.limits = limits or HistoryLimits()
         # Frames in least-recently-used order (histories and registry share it).
-        # Each frame's log, in least-recently-used order, its record starts, and the
-        # hash of each record's key (``_find``).
+        # Each frame's log, in least-recently-used order, and its records' starts and
+        # key hashes.
         self._histories: OrderedDict[str, bytearray] = OrderedDict()
         self._starts: dict[str, bytearray] = {}
-        self._keys: dict[str, bytearray] = {}
         self._names = _Names()
         self._chain_to_uuid: dict[str, str] = {}
         self._uuid_to_chain: OrderedDict[str, str] = OrderedDict()
@@ -161,13 +164,11 @@ class Store:
         if log is None:
             log = histories[thread_id] = bytearray()
             starts = self._starts[thread_id] = bytearray(8)
-            keys = self._keys[thread_id] = bytearray()
             if len(histories) > self.limits.max_threads:
                 self._evict()
         else:
             histories.move_to_end(thread_id)
             starts = self._starts[thread_id]
-            keys = self._keys[thread_id]
         if thread_id in self._uuid_to_chain:
             self._uuid_to_chain.move_to_end(thread_id)
         _, direction_name, sender, to, payload, mid, timestamp, xml = slot
@@ -181,13 +182,13 @@ class Store:
         id_len = len(message_id)
         key = _KEY.pack(id_len, direction) + message_id
         if len(starts) > 8:
-            at = _find(log, starts, keys, key)
+            at = _find(log, starts, key)
             if at != -1:
-                return int(_Q.unpack_from(starts, 0)[0]) + (at >> 3) - 1
+                return int(_Q.unpack_from(starts, 0)[0]) + at
             trimmed, first = _QQ.unpack_from(starts)
         else:
             trimmed, first = _Q.unpack_from(starts)[0], 0
-        index: int = trimmed + (len(starts) >> 3) - 1
+        index: int = trimmed + _kept(starts)
         sender_code = codes.get(sender)
         to_code = _NONE if to is None else codes.get(to)
         payload_code = codes.get(payload)
@@ -211,14 +212,13 @@ class Store:
         else:
             record = b"".join((head, message_id, xml))
         starts += _Q.pack(first + len(log))
-        keys += _key_hash(key)
+        starts += _key_hash(key)
         log += record
-        if (len(starts) >> 3) - 1 > self.limits.max_slots_per_thread:
+        if _kept(starts) > self.limits.max_slots_per_thread:
             # The oldest record goes: it ends where the next one starts (or the log ends).
-            end = _Q.unpack_from(starts, 16)[0] - first if len(starts) > 16 else len(log)
+            end = _Q.unpack_from(starts, 24)[0] - first if len(starts) > 24 else len(log)
             del log[:end]
-            del starts[8:16]
-            del keys[:8]
+            del starts[8:24]
             _Q.pack_into(starts, 0, trimmed + 1)
             self._counters["slots_trimmed"] += 1
         return index
@@ -243,11 +243,10 @@ class Store:
             return False
         data = _utf8(message_id)
         key = _KEY.pack(len(data), code) + data
-        return _find(log, self._starts[thread_id], self._keys[thread_id], key) != -1
+        return _find(log, self._starts[thread_id], key) != -1
 
     def _drop_history(self, thread_id: str) -> bool:
         self._starts.pop(thread_id, None)
-        self._keys.pop(thread_id, None)
         return self._histories.pop(thread_id, None) is not None
 
     def _slots(self, thread_id: str, at: int, stop: int) -> list[Slot]:
@@ -258,7 +257,8 @@ class Store:
         names = self._names.names
         trimmed, first = struct.unpack_from("<qq", starts, 0)
         out = []
-        for i, start in enumerate(struct.unpack_from(f"<{stop - at}q", starts, 8 + 8 * at)):
+        entries = struct.unpack_from(f"<{2 * (stop - at)}q", starts, 8 + 16 * at)
+        for i, start in enumerate(entries[::2]):
             pos = start - first
             timestamp, *codes, xml_len, id_len, direction = _HEAD.unpack_from(log, pos)
             pos += _HEAD.size
@@ -289,20 +289,20 @@ class Store:
         starts = self._starts.get(thread_id)
         if starts is None:
             return []
-        return self._slots(thread_id, 0, (len(starts) >> 3) - 1)
+        return self._slots(thread_id, 0, _kept(starts))
 
     def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
         starts = self._starts.get(thread_id)
         if starts is None:
             return None
         pos = index - _Q.unpack_from(starts, 0)[0]
-        if 0 <= pos < (len(starts) >> 3) - 1:
+        if 0 <= pos < _kept(starts):
             return self._slots(thread_id, pos, pos + 1)[0]
         return None
 
     def buffer_thread_len(self, thread_id: str) -> int:
         starts = self._starts.get(thread_id)
-        return (len(starts) >> 3) - 1 if starts is not None else 0
+        return _kept(starts) if starts is not None else 0
 
     def buffer_thread_exists(self, thread_id: str) -> bool:
         return thread_id in self._histories
@@ -316,7 +316,6 @@ class Store:
     def buffer_clear(self) -> None:
         self._histories.clear()
         self._starts.clear()
-        self._keys.clear()
 
     # -- registry --------------------------------------------------------------
 
