@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cli_process import until
 from support import (
     NS,
     HuhCollector,
@@ -504,13 +505,6 @@ async def test_messages_of_one_frame_arrive_in_order(run_pump) -> None:
             assert order == list(range(40))
 
 
-async def _until(condition, seconds: float = 10.0) -> None:
-    """Wait until ``condition()`` holds, failing past ``seconds``."""
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.001)
-
-
 async def test_a_blocked_frame_holds_up_only_its_own_messages(run_pump) -> None:
     # Two frames blocked in their handlers, with messages of their own behind them:
     # the other frames go on, each in order, on the free workers, and each blocked
@@ -529,7 +523,7 @@ async def test_a_blocked_frame_holds_up_only_its_own_messages(run_pump) -> None:
 
     async with run_pump([Listener("o", (Ping,), record, concurrency=4)]) as h:
         blocked = {k: await h.pump.inject(ping_xml(0, k), to="o", sender=k) for k in gates}
-        await _until(lambda: len(frames) == 2)
+        await until(lambda: len(frames) == 2, "both frames blocked")
         for n in range(1, 11):
             for k, root in blocked.items():
                 await h.pump.inject(ping_xml(n, k), to="o", sender=k, thread=root)
@@ -538,11 +532,11 @@ async def test_a_blocked_frame_holds_up_only_its_own_messages(run_pump) -> None:
             for i, root in enumerate(others):
                 await h.pump.inject(ping_xml(n), to="o", sender=f"s{i}", thread=root)
         # (with one inbox per worker, chosen by frame, about half of them would wait)
-        await _until(lambda: sum(len(v) == 5 for v in seen.values()) == 20)
+        await until(lambda: sum(len(v) == 5 for v in seen.values()) == 20, "20 frames done")
         stats = h.pump.statistics().listeners["o"]
         assert (stats.in_flight, stats.queued) == (2, 20)
         gates["b"].set()
-        await _until(lambda: len(seen.get(frames["b"], ())) == 11)
+        await until(lambda: len(seen.get(frames["b"], ())) == 11, "frame b caught up")
         assert frames["a"] not in seen
         gates["a"].set()
         await asyncio.wait_for(h.pump.wait_idle(), 10)
