@@ -157,12 +157,11 @@ def test_histories_hold_no_object_the_collector_tracks() -> None:
             direction = "in" if i % 2 else "out"
             store.buffer_append(f"t{t}", slot(f"m{i}", direction, sender=f"relay.{i}"))
     gc.collect()
-    # Per frame: nothing (its history is two bytearrays); the store's own dicts and
-    # tables are a handful of objects.
+    # Per frame: nothing (a frame is one bytearray); the store's own dicts and tables
+    # are a handful of objects.
     assert len(gc.get_objects()) - before < 50
     for thread in store.buffer_list_threads():
-        assert not gc.is_tracked(store._histories[thread])
-        assert not gc.is_tracked(store._starts[thread])
+        assert not gc.is_tracked(store._frames[thread])
     assert store.buffer_thread_len("t1999") == 5
 
 
@@ -214,3 +213,148 @@ def test_a_slot_that_cannot_be_written_leaves_the_history_as_it_was() -> None:
     assert store.buffer_append("t", slot("m2")) == 1
     assert store.buffer_append("t", slot("m1")) == 0  # still found
     assert [s.index for s in store.buffer_get_thread("t")] == [0, 1]
+
+
+class _Frames:
+    """Histories, registry and least-recently-used eviction, kept the obvious way."""
+
+    def __init__(self, max_threads: int) -> None:
+        self.max_threads = max_threads
+        self.histories = _Model(2)
+        self.chains: dict[str, str] = {}  # uuid -> chain
+        self.order: list[str] = []  # frames, least recently used first
+        self.evicted = 0
+
+    def _alive(self, uuid: str) -> bool:
+        return uuid in self.chains or uuid in self.histories.slots
+
+    def _forget_if_empty(self, uuid: str) -> None:
+        if not self._alive(uuid) and uuid in self.order:
+            self.order.remove(uuid)
+
+    def _evict(self) -> None:
+        while len(self.order) > self.max_threads:
+            uuid = self.order.pop(0)
+            self.chains.pop(uuid, None)
+            self.histories.slots.pop(uuid, None)
+            self.histories.trimmed.pop(uuid, None)
+            self.evicted += 1
+
+    def append(self, uuid: str, s: Slot) -> int:
+        if uuid in self.order:
+            self.order.remove(uuid)
+        self.order.append(uuid)
+        index = self.histories.append(uuid, s)
+        self._evict()
+        return index
+
+    def delete_history(self, uuid: str) -> bool:
+        if uuid not in self.histories.slots:
+            return False
+        del self.histories.slots[uuid]
+        del self.histories.trimmed[uuid]
+        self._forget_if_empty(uuid)
+        return True
+
+    def uuid_of(self, chain: str) -> str | None:
+        return next((u for u, c in self.chains.items() if c == chain), None)
+
+    def delete_registry(self, uuid: str) -> bool:
+        if self.chains.pop(uuid, None) is None:
+            return False
+        self._forget_if_empty(uuid)
+        return True
+
+    def set(self, chain: str, uuid: str) -> None:
+        old = self.uuid_of(chain)
+        if old == uuid:
+            return
+        if old is not None:
+            self.delete_registry(old)
+        if not self._alive(uuid):
+            self.order.append(uuid)
+        self.chains[uuid] = chain
+        self._evict()
+
+
+uuids = st.sampled_from(["u1", "u2", "u3", "u4"])
+chains = st.sampled_from(['["o","r"]', '["o","r","a"]', '["o","r","b"]', '["ö","\u20ac"]', ""])
+
+
+class FramesComparison(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = Store(HistoryLimits(max_slots_per_thread=2, max_threads=3))
+        self.model = _Frames(3)
+
+    @rule(
+        uuid=uuids,
+        mid=st.sampled_from(["m1", "m2", "m3"]),
+        direction=st.sampled_from(["in", "out"]),
+    )
+    def append(self, uuid: str, mid: str, direction: str) -> None:
+        s = slot(mid, direction, xml=f"<P>{uuid}</P>".encode())
+        assert self.store.buffer_append(uuid, s) == self.model.append(uuid, s)
+
+    @rule(chain=chains, uuid=uuids)
+    def set(self, chain: str, uuid: str) -> None:
+        self.store.registry_set(chain, uuid)
+        self.model.set(chain, uuid)
+
+    @rule(chain=chains, uuid=uuids)
+    def setdefault(self, chain: str, uuid: str) -> None:
+        want = self.model.uuid_of(chain)
+        if want is None:
+            self.model.set(chain, uuid)
+        assert self.store.registry_setdefault(chain, uuid) == (want or uuid)
+
+    @rule(uuid=uuids)
+    def delete_registry(self, uuid: str) -> None:
+        assert self.store.registry_delete(uuid) is self.model.delete_registry(uuid)
+
+    @rule(uuid=uuids)
+    def delete_history(self, uuid: str) -> None:
+        assert self.store.buffer_delete_thread(uuid) is self.model.delete_history(uuid)
+
+    @invariant()
+    def same_frames(self) -> None:
+        store, model = self.store, self.model
+        assert store.registry_list_all() == model.chains
+        assert sorted(store.buffer_list_threads()) == sorted(model.histories.slots)
+        for uuid in ["u1", "u2", "u3", "u4"]:
+            assert store.registry_get_chain(uuid) == model.chains.get(uuid)
+            assert store.buffer_get_thread(uuid) == model.histories.slots.get(uuid, [])
+            assert store.buffer_thread_exists(uuid) is (uuid in model.histories.slots)
+        for chain in ['["o","r"]', '["o","r","a"]', '["o","r","b"]', '["ö","\u20ac"]', ""]:
+            assert store.registry_get_uuid(chain) == model.uuid_of(chain)
+        info = store.info()
+        assert info["registry_entries"] == len(model.chains)
+        assert info["buffer_threads"] == len(model.histories.slots)
+        assert info["threads_evicted"] == model.evicted
+
+
+@pytest.mark.parametrize(
+    "chain_hash",
+    [hash, lambda chain: 7, lambda chain: len(chain) % 2],
+    ids=["hash", "all-alike", "two-kinds"],
+)
+def test_frames_give_the_answers_of_plain_dicts(
+    monkeypatch: pytest.MonkeyPatch, chain_hash: object
+) -> None:
+    # Registry entries and histories share one bytearray per frame and one eviction
+    # order; chains whose hashes collide are still told apart.
+    monkeypatch.setattr(store_module, "_chain_hash", chain_hash)
+    run_state_machine_as_test(
+        FramesComparison,
+        settings=settings(max_examples=150, stateful_step_count=40, deadline=None),
+    )
+
+
+def test_a_frame_is_one_bytearray_the_collector_does_not_track() -> None:
+    store = Store()
+    store.registry_set('["o","r"]', "r")
+    store.buffer_append("r", slot("m1", "out"))
+    store.registry_setdefault('["o","r","a"]', "c")
+    assert [type(f) for f in store._frames.values()] == [bytearray, bytearray]
+    assert not any(gc.is_tracked(f) for f in store._frames.values())
+    assert store._chains == {} and len(store._by_chain) == 2

@@ -1,9 +1,10 @@
 """The reference store: histories, registry and dead letters.
 
-Histories are packed: a frame's slots are records in one bytearray (see "compact
-histories" below), so that a store holding hundreds of thousands of frames costs the
-cyclic garbage collector nothing to scan and about 100 bytes of overhead per frame.
-Registry and dead letters are plain dicts of strings and records.
+A frame's history and its registry entry are one bytearray (see "frames" below), in
+one dict, so that a store holding hundreds of thousands of frames costs the cyclic
+garbage collector nothing to scan, about 400 bytes of overhead per frame, and two
+big dicts (the fewer big dicts, the fewer of the stalls a dict's resize makes).
+Dead letters are plain dicts of strings and records.
 
 Synchronous, not thread-safe: :class:`~xml_pipeline.backends.memory.MemoryBackend`
 wraps it for one event loop, and the manager server wraps it behind a lock for
@@ -29,35 +30,54 @@ logger = logging.getLogger(__name__)
 
 _new_tuple = tuple.__new__
 
-# -- compact histories -----------------------------------------------------------------
+# -- frames ----------------------------------------------------------------------------
 #
-# A frame's history is two bytearrays, ``log`` and ``starts`` (in two dicts, not a
-# tuple: a new tuple sits in the young generation until its first collection). Neither
-# is an object the cyclic garbage collector tracks, so however many histories are kept,
-# no collection ever scans them (a deque, a dict and a record per frame made every
-# collection walk them, and cost ~1 KB each). One record per kept slot in ``log``,
-# oldest first:
+# A frame is one bytearray, in one dict keyed by its uuid (in least-recently-used
+# order): its history and its registry entry. A bytearray is not an object the cyclic
+# garbage collector tracks, so however many frames are kept, no collection ever scans
+# them (a deque, a dict and a record per frame made every collection walk them, and
+# cost ~1 KB each). Its layout:
 #
-#     d timestamp | H sender | H to | H payload | I xml length | I id length | H direction |
-#     id (UTF-8) | the inline names (I length + UTF-8 each) | xml
+#     records | entries | chain | trailer
 #
-# Direction, sender, to and payload are codes in the store's table of names (the
-# listener names, payload classes and labels a store sees are few, and shared by every
-# slot); past _MAX_NAMES names, or for a name longer than _MAX_NAME_CHARS, the name is
-# written inline (_INLINE). ``starts`` is ``q trimmed`` (slots trimmed so far) followed
-# by one 16-byte entry per kept record: ``q start`` (counted from the frame's first
-# record ever) and ``q`` a hash of the record's *key* (its id length, direction and id,
-# which open the record after the header). The oldest slot is trimmed by deleting the
-# front of ``log`` (which a bytearray does without moving the rest), and a record's
-# position in ``log`` is its start minus the oldest kept one's. The idempotency check
-# of an append searches the hashes and reads back only the record a matching one
-# points to, whatever the size of the payloads.
+# * records: one per kept slot, oldest first:
+#
+#       d timestamp | H sender | H to | H payload | I xml length | I id length |
+#       H direction | id (UTF-8) | the inline names (I length + UTF-8 each) | xml
+#
+#   Direction, sender, to and payload are codes in the store's table of names (the
+#   listener names, payload classes and labels a store sees are few, and shared by
+#   every slot); past _MAX_NAMES names, or for a name longer than _MAX_NAME_CHARS, the
+#   name is written inline (_INLINE).
+# * entries: 16 bytes per kept record, newest first: ``q start`` (counted from the
+#   frame's first record ever) and ``q`` a hash of the record's *key* (its id length,
+#   direction and id, which open the record after the header). A record's position is
+#   its start minus the oldest kept one's (``first``). The idempotency check of an
+#   append searches the hashes and reads back only the record a matching one points
+#   to, whatever the size of the payloads.
+# * chain: the frame's registry entry (UTF-8), if it has one.
+# * trailer: ``q trimmed`` (slots trimmed so far), ``q first``, ``I kept``, ``I chain
+#   length``, ``B flags`` (_HISTORY: it has a history, even an empty one;
+#   _REGISTERED: it has a registry entry).
+#
+# Records come first so that trimming the oldest one deletes the front of the
+# bytearray, which a bytearray does without moving the rest; the newest entry comes
+# first so that an append inserts its record and its entry together, in one step
+# (two would leave the bytearray over-allocated: ~150 bytes a frame).
+#
+# The registry's other direction, chain -> uuid, is a dict keyed by the chain's
+# ``hash()`` (an int, not the ~100-byte string); a lookup reads the chain back from the
+# frame to confirm it, and the rare chain whose hash another live chain holds goes to
+# a second dict keyed by the chain itself.
 
 _HEAD = struct.Struct("<dHHHIIH")  # timestamp, sender, to, payload, xml length, then the key
 _KEY = struct.Struct("<IH")  # id length, direction
 _KEY_AT = _HEAD.size - _KEY.size
 _Q = struct.Struct("<q")
-_QQ = struct.Struct("<qq")  # trimmed, the oldest kept record's start
+_TRAILER = struct.Struct("<qqIIB")  # trimmed, first, kept, chain length, flags
+_T = _TRAILER.size
+_HISTORY = 1
+_REGISTERED = 2
 _LEN = struct.Struct("<I")
 _INLINE = 0xFFFF  # the name follows inline
 _NONE = 0xFFFE  # no addressee (a broadcast)
@@ -66,6 +86,8 @@ _NONE = 0xFFFE  # no addressee (a broadcast)
 # written inline, so a hostile sender cannot grow the table beyond ~0.5 MB.
 _MAX_NAMES = 4096
 _MAX_NAME_CHARS = 64  # longer names (labels from outside) are not worth a table entry
+_EMPTY = _TRAILER.pack(0, 0, 0, 0, 0)
+_chain_hash = hash  # (a name of its own, for the tests to make chains collide)
 
 
 def _utf8(text: str) -> bytes:
@@ -93,37 +115,39 @@ class _Names:
 
 
 def _key_hash(key: bytes) -> bytes:
-    """The 8 bytes ``keys`` holds for a record's key (this process's hash of it)."""
+    """The 8 bytes an entry holds for a record's key (this process's hash of it)."""
     return _Q.pack(hash(key))
 
 
-def _find(log: bytearray, starts: bytearray, key: bytes) -> int:
+def _find(frame: bytearray, lo: int, kept: int, first: int, key: bytes) -> int:
     """Which kept record (0 is the oldest) has ``key`` as its id and direction, or -1.
 
-    Searches the hashes in ``starts`` (8 bytes of each 16), then reads the record a
-    match points to: the cost grows with the number of kept slots, not with their
-    bytes (a search of ``log`` read every payload kept: ~20 ms an append at 10,000
-    slots of 4 KB)."""
+    ``lo`` is where the entries begin (the newest first). Searches their hashes, then
+    reads the record a match points to: the cost grows with the number of kept slots,
+    not with their bytes (a search of the records read every payload kept: ~20 ms an
+    append at 10,000 slots of 4 KB)."""
     wanted = _key_hash(key)
-    at = starts.find(wanted, 16)
-    if at == -1:
-        return -1
-    first = _Q.unpack_from(starts, 8)[0]
+    hi = lo + 16 * kept
+    at = frame.find(wanted, lo + 8, hi)
     n = len(key)
     while at != -1:
-        if at % 16:  # astride two entries, or a start's bytes: not a hash
-            at = starts.find(wanted, at + 1)
+        if (at - lo) % 16 != 8:  # astride two entries, or a start's bytes: not a hash
+            at = frame.find(wanted, at + 1, hi)
             continue
-        pos = _Q.unpack_from(starts, at - 8)[0] - first + _KEY_AT
-        if log[pos : pos + n] == key:
-            return (at - 16) >> 4
-        at = starts.find(wanted, at + 16)
+        pos = _Q.unpack_from(frame, at - 8)[0] - first + _KEY_AT
+        if frame[pos : pos + n] == key:
+            return kept - 1 - ((at - lo) >> 4)
+        at = frame.find(wanted, at + 16, hi)
     return -1
 
 
-def _kept(starts: bytearray) -> int:
-    """How many records a frame's ``starts`` lists."""
-    return (len(starts) - 8) >> 4
+def _chain(frame: bytearray) -> str | None:
+    """A frame's registry entry, or None."""
+    end = len(frame) - _T
+    if not frame[-1] & _REGISTERED:
+        return None
+    n = _LEN.unpack_from(frame, len(frame) - 5)[0]
+    return frame[end - n : end].decode("utf-8", "surrogatepass")
 
 
 class Store:
@@ -135,14 +159,13 @@ class Store:
 
     def __init__(self, limits: HistoryLimits | None = None) -> None:
         self.limits = limits or HistoryLimits()
-        # Frames in least-recently-used order (histories and registry share it).
-        # Each frame's log, in least-recently-used order, and its records' starts and
-        # key hashes.
-        self._histories: OrderedDict[str, bytearray] = OrderedDict()
-        self._starts: dict[str, bytearray] = {}
+        # Every frame (history and registry entry), least recently used first.
+        self._frames: OrderedDict[str, bytearray] = OrderedDict()
+        self._by_chain: dict[int, str] = {}  # hash(chain) -> uuid
+        self._chains: dict[str, str] = {}  # chain -> uuid, for a chain whose hash is taken
+        self._n_histories = 0
+        self._n_registered = 0
         self._names = _Names()
-        self._chain_to_uuid: dict[str, str] = {}
-        self._uuid_to_chain: OrderedDict[str, str] = OrderedDict()
         self._dead: OrderedDict[str, DeadLetter] = OrderedDict()
         self._dead_added: dict[str, float] = {}  # id -> when it was written (monotonic)
         self._dead_bytes = 0  # letter_size() of every kept letter
@@ -159,18 +182,15 @@ class Store:
     # -- history ---------------------------------------------------------------
 
     def buffer_append(self, thread_id: str, slot: Slot) -> int:
-        histories = self._histories
-        log = histories.get(thread_id)
-        if log is None:
-            log = histories[thread_id] = bytearray()
-            starts = self._starts[thread_id] = bytearray(8)
-            if len(histories) > self.limits.max_threads:
-                self._evict()
+        frames = self._frames
+        frame = frames.get(thread_id)
+        if frame is None:
+            trimmed = first = kept = chain_len = flags = 0
+            lo = 0
         else:
-            histories.move_to_end(thread_id)
-            starts = self._starts[thread_id]
-        if thread_id in self._uuid_to_chain:
-            self._uuid_to_chain.move_to_end(thread_id)
+            frames.move_to_end(thread_id)
+            trimmed, first, kept, chain_len, flags = _TRAILER.unpack_from(frame, len(frame) - _T)
+            lo = len(frame) - _T - chain_len - 16 * kept  # where the entries begin
         _, direction_name, sender, to, payload, mid, timestamp, xml = slot
         codes = self._names.codes
         direction = codes.get(direction_name)
@@ -181,14 +201,11 @@ class Store:
         message_id = mid.encode("utf-8", "surrogatepass")
         id_len = len(message_id)
         key = _KEY.pack(id_len, direction) + message_id
-        if len(starts) > 8:
-            at = _find(log, starts, key)
+        if kept:
+            at = _find(frame, lo, kept, first, key)  # type: ignore[arg-type]
             if at != -1:
-                return int(_Q.unpack_from(starts, 0)[0]) + at
-            trimmed, first = _QQ.unpack_from(starts)
-        else:
-            trimmed, first = _Q.unpack_from(starts)[0], 0
-        index: int = trimmed + _kept(starts)
+                return trimmed + at
+        index: int = trimmed + kept
         sender_code = codes.get(sender)
         to_code = _NONE if to is None else codes.get(to)
         payload_code = codes.get(payload)
@@ -211,58 +228,79 @@ class Store:
             record = b"".join((head, message_id, *inline, xml))
         else:
             record = b"".join((head, message_id, xml))
-        starts += _Q.pack(first + len(log))
-        starts += _key_hash(key)
-        log += record
-        if _kept(starts) > self.limits.max_slots_per_thread:
-            # The oldest record goes: it ends where the next one starts (or the log ends).
-            end = _Q.unpack_from(starts, 24)[0] - first if len(starts) > 24 else len(log)
-            del log[:end]
-            del starts[8:24]
-            _Q.pack_into(starts, 0, trimmed + 1)
+        entry = _Q.pack(first + lo) + _key_hash(key)
+        if frame is None:
+            frame = frames[thread_id] = bytearray(record)
+            frame += entry
+            frame += _EMPTY  # the trailer, written below
+            lo = len(record)
+            kept = flags = _HISTORY
+            self._n_histories += 1
+            if len(frames) > self.limits.max_threads:
+                self._evict()
+        else:
+            if not flags & _HISTORY:
+                flags |= _HISTORY
+                self._n_histories += 1
+            frame[lo:lo] = record + entry
+            lo += len(record)
+            kept += 1
+        if kept > self.limits.max_slots_per_thread:
+            # The oldest record goes: it ends where the next one starts (or where the
+            # entries begin), and its entry (the last) with it.
+            oldest = lo + 16 * (kept - 1)
+            end = _Q.unpack_from(frame, oldest - 16)[0] - first if kept > 1 else lo
+            del frame[oldest : oldest + 16]
+            del frame[:end]
+            first += end
+            trimmed += 1
+            kept -= 1
             self._counters["slots_trimmed"] += 1
+        _TRAILER.pack_into(frame, len(frame) - _T, trimmed, first, kept, chain_len, flags)
         return index
 
     def _evict(self) -> None:
         # The least recently written frame goes first, history and registry entry
-        # together (both are kept in least-recently-used order).
-        limit = self.limits.max_threads
-        while len(self._histories) > limit or len(self._uuid_to_chain) > limit:
-            if len(self._histories) > limit:
-                uuid = next(iter(self._histories))
-            else:
-                uuid = next(iter(self._uuid_to_chain))
-            self._drop_history(uuid)
-            self._drop_registry(uuid)
+        # together.
+        frames = self._frames
+        while len(frames) > self.limits.max_threads:
+            uuid, frame = frames.popitem(last=False)
+            flags = frame[-1]
+            if flags & _HISTORY:
+                self._n_histories -= 1
+            if flags & _REGISTERED:
+                self._unindex(_chain(frame), uuid)  # type: ignore[arg-type]
+                self._n_registered -= 1
             self._counters["threads_evicted"] += 1
 
     def buffer_contains(self, thread_id: str, message_id: str, direction: str) -> bool:
-        log = self._histories.get(thread_id)
+        frame = self._frames.get(thread_id)
         code = self._names.codes.get(direction)
-        if log is None or code is None:
+        if frame is None or code is None:
+            return False
+        _, first, kept, chain_len, _ = _TRAILER.unpack_from(frame, len(frame) - _T)
+        if not kept:
             return False
         data = _utf8(message_id)
         key = _KEY.pack(len(data), code) + data
-        return _find(log, self._starts[thread_id], key) != -1
+        lo = len(frame) - _T - chain_len - 16 * kept
+        return _find(frame, lo, kept, first, key) != -1
 
-    def _drop_history(self, thread_id: str) -> bool:
-        self._starts.pop(thread_id, None)
-        return self._histories.pop(thread_id, None) is not None
-
-    def _slots(self, thread_id: str, at: int, stop: int) -> list[Slot]:
+    def _slots(self, frame: bytearray, at: int, stop: int) -> list[Slot]:
         """The slots of the frame's records ``at`` to ``stop - 1`` (0 is the oldest kept)."""
         if stop <= at:
             return []
-        log, starts = self._histories[thread_id], self._starts[thread_id]
         names = self._names.names
-        trimmed, first = struct.unpack_from("<qq", starts, 0)
+        trimmed, first, kept, chain_len, _ = _TRAILER.unpack_from(frame, len(frame) - _T)
+        lo = len(frame) - _T - chain_len - 16 * kept
         out = []
-        entries = struct.unpack_from(f"<{2 * (stop - at)}q", starts, 8 + 16 * at)
-        for i, start in enumerate(entries[::2]):
+        # Entries are newest first: records at..stop-1 are entries kept-stop..kept-at-1.
+        entries = struct.unpack_from(f"<{2 * (stop - at)}q", frame, lo + 16 * (kept - stop))
+        for i, start in enumerate(entries[-2::-2]):
             pos = start - first
-            timestamp, *codes, xml_len, id_len, direction = _HEAD.unpack_from(log, pos)
+            timestamp, *codes, xml_len, id_len, direction = _HEAD.unpack_from(frame, pos)
             pos += _HEAD.size
-            message_id = log[pos : pos + id_len].decode("utf-8", "surrogatepass")
+            message_id = frame[pos : pos + id_len].decode("utf-8", "surrogatepass")
             pos += id_len
             fields: list[str | None] = []
             for c in codes:
@@ -271,12 +309,12 @@ class Store:
                 elif c == _NONE:
                     fields.append(None)
                 else:
-                    n = _LEN.unpack_from(log, pos)[0]
+                    n = _LEN.unpack_from(frame, pos)[0]
                     pos += _LEN.size
-                    fields.append(log[pos : pos + n].decode("utf-8", "surrogatepass"))
+                    fields.append(frame[pos : pos + n].decode("utf-8", "surrogatepass"))
                     pos += n
             sender, to, payload = fields
-            xml = bytes(log[pos : pos + xml_len])
+            xml = bytes(frame[pos : pos + xml_len])
             index = trimmed + at + i
             out.append(
                 _new_tuple(
@@ -285,82 +323,153 @@ class Store:
             )
         return out
 
+    def _kept(self, thread_id: str) -> tuple[bytearray | None, int, int]:
+        """A frame, its slots trimmed so far and its kept slots."""
+        frame = self._frames.get(thread_id)
+        if frame is None:
+            return None, 0, 0
+        trimmed, _, kept, _, _ = _TRAILER.unpack_from(frame, len(frame) - _T)
+        return frame, trimmed, kept
+
     def buffer_get_thread(self, thread_id: str) -> list[Slot]:
-        starts = self._starts.get(thread_id)
-        if starts is None:
-            return []
-        return self._slots(thread_id, 0, _kept(starts))
+        frame, _, kept = self._kept(thread_id)
+        return [] if frame is None else self._slots(frame, 0, kept)
 
     def buffer_get_slot(self, thread_id: str, index: int) -> Slot | None:
-        starts = self._starts.get(thread_id)
-        if starts is None:
-            return None
-        pos = index - _Q.unpack_from(starts, 0)[0]
-        if 0 <= pos < _kept(starts):
-            return self._slots(thread_id, pos, pos + 1)[0]
+        frame, trimmed, kept = self._kept(thread_id)
+        pos = index - trimmed
+        if frame is not None and 0 <= pos < kept:
+            return self._slots(frame, pos, pos + 1)[0]
         return None
 
     def buffer_thread_len(self, thread_id: str) -> int:
-        starts = self._starts.get(thread_id)
-        return _kept(starts) if starts is not None else 0
+        return self._kept(thread_id)[2]
 
     def buffer_thread_exists(self, thread_id: str) -> bool:
-        return thread_id in self._histories
+        frame = self._frames.get(thread_id)
+        return frame is not None and bool(frame[-1] & _HISTORY)
+
+    def _drop_history(self, thread_id: str) -> bool:
+        frame = self._frames.get(thread_id)
+        if frame is None or not frame[-1] & _HISTORY:
+            return False
+        self._n_histories -= 1
+        if frame[-1] & _REGISTERED:
+            # The registry entry stays: the frame keeps its chain and trailer only.
+            chain_len = _LEN.unpack_from(frame, len(frame) - 5)[0]
+            del frame[: len(frame) - _T - chain_len]
+            _TRAILER.pack_into(frame, len(frame) - _T, 0, 0, 0, chain_len, _REGISTERED)
+        else:
+            del self._frames[thread_id]
+        return True
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
         return self._drop_history(thread_id)
 
     def buffer_list_threads(self) -> list[str]:
-        return list(self._histories)
+        return [uuid for uuid, frame in self._frames.items() if frame[-1] & _HISTORY]
 
     def buffer_clear(self) -> None:
-        self._histories.clear()
-        self._starts.clear()
+        for uuid in self.buffer_list_threads():
+            self._drop_history(uuid)
 
     # -- registry --------------------------------------------------------------
 
+    def _lookup(self, chain: str) -> str | None:
+        """The uuid ``chain`` is registered to, or None."""
+        uuid = self._by_chain.get(_chain_hash(chain))
+        if uuid is not None and _chain(self._frames[uuid]) == chain:
+            return uuid
+        chains = self._chains
+        return chains.get(chain) if chains else None
+
+    def _index(self, chain: str, uuid: str) -> None:
+        by_chain = self._by_chain
+        h = _chain_hash(chain)
+        if by_chain.setdefault(h, uuid) != uuid:  # another live chain has this hash
+            self._chains[chain] = uuid
+
+    def _unindex(self, chain: str, uuid: str) -> None:
+        h = _chain_hash(chain)
+        if self._by_chain.get(h) == uuid:
+            del self._by_chain[h]
+        elif self._chains.get(chain) == uuid:
+            del self._chains[chain]
+
+    def _set_chain(self, frame: bytearray, chain: str | None) -> None:
+        """Write (or, with None, remove) a frame's registry entry in its bytearray."""
+        trimmed, first, kept, chain_len, flags = _TRAILER.unpack_from(frame, len(frame) - _T)
+        data = b"" if chain is None else _utf8(chain)
+        end = len(frame) - _T
+        frame[end - chain_len : end] = data
+        if chain is None:
+            flags &= ~_REGISTERED
+        elif not flags & _REGISTERED:
+            flags |= _REGISTERED
+        _TRAILER.pack_into(frame, len(frame) - _T, trimmed, first, kept, len(data), flags)
+
     def registry_set(self, chain: str, uuid: str) -> None:
-        old = self._chain_to_uuid.get(chain)
-        if old is not None and old != uuid:
-            self._uuid_to_chain.pop(old, None)
-        old_chain = self._uuid_to_chain.get(uuid)
-        if old_chain is not None and old_chain != chain:
-            self._chain_to_uuid.pop(old_chain, None)
-        self._chain_to_uuid[chain] = uuid
-        self._uuid_to_chain[uuid] = chain
-        if len(self._uuid_to_chain) > self.limits.max_threads:
-            self._evict()
+        old = self._lookup(chain)
+        if old == uuid:
+            return
+        if old is not None:
+            self._drop_registry(old)  # the chain names another frame now
+        frames = self._frames
+        frame = frames.get(uuid)
+        if frame is None:
+            data = _utf8(chain)
+            frame = frames[uuid] = bytearray(data)
+            frame += _TRAILER.pack(0, 0, 0, len(data), _REGISTERED)
+            self._n_registered += 1
+            self._index(chain, uuid)
+            if len(frames) > self.limits.max_threads:
+                self._evict()
+            return
+        old_chain = _chain(frame)
+        if old_chain is not None:
+            self._unindex(old_chain, uuid)
+        else:
+            self._n_registered += 1
+        self._set_chain(frame, chain)
+        self._index(chain, uuid)
 
     def registry_setdefault(self, chain: str, uuid: str) -> str:
-        existing = self._chain_to_uuid.get(chain)
+        existing = self._lookup(chain)
         if existing is not None:
             return existing
         self.registry_set(chain, uuid)
         return uuid
 
     def registry_get_uuid(self, chain: str) -> str | None:
-        return self._chain_to_uuid.get(chain)
+        return self._lookup(chain)
 
     def registry_get_chain(self, uuid: str) -> str | None:
-        return self._uuid_to_chain.get(uuid)
+        frame = self._frames.get(uuid)
+        return None if frame is None else _chain(frame)
 
     def _drop_registry(self, uuid: str) -> bool:
-        chain = self._uuid_to_chain.pop(uuid, None)
+        frame = self._frames.get(uuid)
+        chain = None if frame is None else _chain(frame)
         if chain is None:
             return False
-        if self._chain_to_uuid.get(chain) == uuid:
-            del self._chain_to_uuid[chain]
+        self._unindex(chain, uuid)
+        self._n_registered -= 1
+        if frame[-1] & _HISTORY:  # type: ignore[index]
+            self._set_chain(frame, None)  # type: ignore[arg-type]
+        else:
+            del self._frames[uuid]
         return True
 
     def registry_delete(self, uuid: str) -> bool:
         return self._drop_registry(uuid)
 
     def registry_list_all(self) -> dict[str, str]:
-        return dict(self._uuid_to_chain)
+        found = ((uuid, _chain(frame)) for uuid, frame in self._frames.items())
+        return {uuid: chain for uuid, chain in found if chain is not None}
 
     def registry_clear(self) -> None:
-        self._chain_to_uuid.clear()
-        self._uuid_to_chain.clear()
+        for uuid in list(self.registry_list_all()):
+            self._drop_registry(uuid)
 
     # -- dead letters ----------------------------------------------------------
 
@@ -450,8 +559,8 @@ class Store:
     def info(self) -> dict[str, int]:
         self._expire_letters()
         return {
-            "buffer_threads": len(self._histories),
-            "registry_entries": len(self._uuid_to_chain),
+            "buffer_threads": self._n_histories,
+            "registry_entries": self._n_registered,
             "dead_letters": len(self._dead),
             "dead_letter_bytes": self._dead_bytes,
             **self._counters,
