@@ -74,6 +74,8 @@ _HEAD = struct.Struct("<dHHHIIH")  # timestamp, sender, to, payload, xml length,
 _KEY = struct.Struct("<IH")  # id length, direction
 _KEY_AT = _HEAD.size - _KEY.size
 _Q = struct.Struct("<q")
+_ENTRY = struct.Struct("<qq")  # a record's start and its key's hash
+_KEPT = struct.Struct("<I")  # where the trailer holds it: _T - 16 from the end
 _TRAILER = struct.Struct("<qqIIB")  # trimmed, first, kept, chain length, flags
 _T = _TRAILER.size
 _HISTORY = 1
@@ -114,9 +116,7 @@ class _Names:
         return code
 
 
-def _key_hash(key: bytes) -> bytes:
-    """The 8 bytes an entry holds for a record's key (this process's hash of it)."""
-    return _Q.pack(hash(key))
+_key_hash = hash  # of a record's key, as its entry holds it (a name for the tests)
 
 
 def _find(frame: bytearray, lo: int, kept: int, first: int, key: bytes) -> int:
@@ -126,7 +126,7 @@ def _find(frame: bytearray, lo: int, kept: int, first: int, key: bytes) -> int:
     reads the record a match points to: the cost grows with the number of kept slots,
     not with their bytes (a search of the records read every payload kept: ~20 ms an
     append at 10,000 slots of 4 KB)."""
-    wanted = _key_hash(key)
+    wanted = _Q.pack(_key_hash(key))
     hi = lo + 16 * kept
     at = frame.find(wanted, lo + 8, hi)
     n = len(key)
@@ -217,34 +217,38 @@ class Store:
         head = _HEAD.pack(
             timestamp, sender_code, to_code, payload_code, len(xml), id_len, direction
         )
-        # The record is made whole before anything is written: a slot it cannot be made
-        # of (xml not bytes, say) leaves the history as it was.
+        # The record and its entry (which go in together) are made whole before anything
+        # is written: a slot they cannot be made of (xml not bytes, say) leaves the
+        # history as it was.
+        entry = _ENTRY.pack(first + lo, _key_hash(key))
         if _INLINE in (sender_code, to_code, payload_code):
             inline = []
             for name, c in ((sender, sender_code), (to, to_code), (payload, payload_code)):
                 if c == _INLINE:
                     data = _utf8(name)  # type: ignore[arg-type]  # never None: that is _NONE
                     inline.append(_LEN.pack(len(data)) + data)
-            record = b"".join((head, message_id, *inline, xml))
+            record = b"".join((head, message_id, *inline, xml, entry))
         else:
-            record = b"".join((head, message_id, xml))
-        entry = _Q.pack(first + lo) + _key_hash(key)
+            record = b"".join((head, message_id, xml, entry))
         if frame is None:
             frame = frames[thread_id] = bytearray(record)
-            frame += entry
-            frame += _EMPTY  # the trailer, written below
-            lo = len(record)
-            kept = flags = _HISTORY
+            frame += _TRAILER.pack(0, 0, 1, 0, _HISTORY)
             self._n_histories += 1
             if len(frames) > self.limits.max_threads:
                 self._evict()
+            if self.limits.max_slots_per_thread > 0:
+                return index
+            lo, kept, flags = len(record) - 16, 1, _HISTORY
         else:
+            frame[lo:lo] = record
+            lo += len(record) - 16
+            kept += 1
             if not flags & _HISTORY:
                 flags |= _HISTORY
                 self._n_histories += 1
-            frame[lo:lo] = record + entry
-            lo += len(record)
-            kept += 1
+            elif kept <= self.limits.max_slots_per_thread:
+                _KEPT.pack_into(frame, len(frame) - _T + 16, kept)
+                return index
         if kept > self.limits.max_slots_per_thread:
             # The oldest record goes: it ends where the next one starts (or where the
             # entries begin), and its entry (the last) with it.
@@ -409,7 +413,13 @@ class Store:
         _TRAILER.pack_into(frame, len(frame) - _T, trimmed, first, kept, len(data), flags)
 
     def registry_set(self, chain: str, uuid: str) -> None:
-        old = self._lookup(chain)
+        if _chain_hash(chain) not in self._by_chain and not self._chains:
+            if uuid not in self._frames:  # a new root frame: the common case
+                self.registry_setdefault(chain, uuid)
+                return
+            old = None
+        else:
+            old = self._lookup(chain)
         if old == uuid:
             return
         if old is not None:
@@ -434,6 +444,19 @@ class Store:
         self._index(chain, uuid)
 
     def registry_setdefault(self, chain: str, uuid: str) -> str:
+        by_chain = self._by_chain
+        h = _chain_hash(chain)
+        if h not in by_chain and not self._chains and uuid not in self._frames:
+            # A new frame with a new chain (a child frame's first use): the common case.
+            data = chain.encode("utf-8", "surrogatepass")
+            frames = self._frames
+            frame = frames[uuid] = bytearray(data)
+            frame += _TRAILER.pack(0, 0, 0, len(data), _REGISTERED)
+            by_chain[h] = uuid
+            self._n_registered += 1
+            if len(frames) > self.limits.max_threads:
+                self._evict()
+            return uuid
         existing = self._lookup(chain)
         if existing is not None:
             return existing
