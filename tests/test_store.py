@@ -271,7 +271,9 @@ class _Frames:
             return
         if old is not None:
             self.delete_registry(old)
-        if not self._alive(uuid):
+        if uuid not in self.chains:  # registered now: the most recently written
+            if uuid in self.order:
+                self.order.remove(uuid)
             self.order.append(uuid)
         self.chains[uuid] = chain
         self._evict()
@@ -358,3 +360,34 @@ def test_a_frame_is_one_bytearray_the_collector_does_not_track() -> None:
     assert [type(f) for f in store._frames.values()] == [bytearray, bytearray]
     assert not any(gc.is_tracked(f) for f in store._frames.values())
     assert store._chains == {} and len(store._by_chain) == 2
+
+
+def test_past_max_threads_the_least_recently_written_go_a_few_at_a_time() -> None:
+    # Up to 1 % of max_threads at once (one walk of the dict for all of them): never
+    # more frames than max_threads, and always the least recently written.
+    store = Store(HistoryLimits(max_threads=1_000))
+    for t in range(1_000):
+        store.buffer_append(f"t{t}", slot("m"))
+    store.buffer_append("t0", slot("m2"))  # t0 is now the most recently written
+    store.registry_set('["o","new"]', "new")
+    threads = store.buffer_list_threads()
+    assert len(threads) == 990 and store.info()["threads_evicted"] == 10
+    assert threads[0] == "t11" and threads[-1] == "t0"
+    assert store.registry_get_chain("new") == '["o","new"]'
+    for t in range(1_000, 1_009):  # room for 9 more before the next eviction
+        store.buffer_append(f"t{t}", slot("m"))
+    assert store.info()["threads_evicted"] == 10
+    store.buffer_append("t1009", slot("m"))
+    threads = store.buffer_list_threads()
+    assert len(threads) == 990 and store.info()["threads_evicted"] == 20
+    assert threads[0] == "t21" and store.registry_get_chain("new") == '["o","new"]'
+
+
+def test_a_chain_that_cannot_be_written_changes_nothing() -> None:
+    store = Store()
+    store.registry_set('["o","a"]', "u")
+    with pytest.raises(AttributeError):
+        store.registry_set(b'["o","b"]', "u")  # type: ignore[arg-type]
+    assert store.registry_get_uuid('["o","a"]') == "u"
+    assert store.registry_get_chain("u") == '["o","a"]'
+    assert store.registry_list_all() == {"u": '["o","a"]'}

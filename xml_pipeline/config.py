@@ -91,8 +91,8 @@ class _HistorySection(_Strict):
     max_threads: int = Field(
         _HISTORY.max_threads,
         ge=1,
-        description="frames kept; the least recently written are evicted (`redis://` "
-        "enforces it by `ttl_s` only)",
+        description="frames kept; past it the least recently written are evicted, up to "
+        "1% of it at a time (`redis://` enforces it by `ttl_s` only)",
     )
     ttl_s: float = Field(
         _HISTORY.ttl_s,

@@ -121,7 +121,8 @@ class HistoryLimits:
 
     Attributes:
         max_slots_per_thread: oldest slots are trimmed past this (and counted).
-        max_threads: least recently used frames are evicted past this.
+        max_threads: least recently used frames are evicted past this (the memory
+            store evicts up to 1 % of it, at most 64, at a time).
         ttl_s: idle time after which a shared backend may expire a frame (Redis).
         max_dead_letters: oldest dead letters are dropped past this (and counted).
         dead_letter_bytes: how much of the original input a dead letter keeps.

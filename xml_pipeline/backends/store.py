@@ -88,7 +88,7 @@ _NONE = 0xFFFE  # no addressee (a broadcast)
 # written inline, so a hostile sender cannot grow the table beyond ~0.5 MB.
 _MAX_NAMES = 4096
 _MAX_NAME_CHARS = 64  # longer names (labels from outside) are not worth a table entry
-_EMPTY = _TRAILER.pack(0, 0, 0, 0, 0)
+_NEW_HISTORY = _TRAILER.pack(0, 0, 1, 0, _HISTORY)  # a new frame's trailer after one append
 _EVICT_BATCH = 64  # frames evicted at most at once
 _chain_hash = hash  # (a name of its own, for the tests to make chains collide)
 
@@ -237,8 +237,8 @@ class Store:
         else:
             record = b"".join((head, message_id, xml, entry))
         if frame is None:
-            frame = frames[thread_id] = bytearray(record)
-            frame += _TRAILER.pack(0, 0, 1, 0, _HISTORY)
+            # (made in one piece: a bytearray grown once more would be over-allocated)
+            frame = frames[thread_id] = bytearray(record + _NEW_HISTORY)
             self._n_histories += 1
             if len(frames) > self.limits.max_threads:
                 self._evict()
@@ -271,16 +271,18 @@ class Store:
 
     def _evict(self) -> None:
         # The least recently written frames go first, history and registry entry
-        # together: past ``max_threads``, up to 1 % of it at a time (at most 64).
-        # In a dict, each lookup of the oldest key walks past the slots of the keys
-        # taken out since its table was last compacted (up to a few hundred thousand):
-        # one walk for many evictions keeps that cost off each one.
+        # together: past ``max_threads``, a few at a time (64, or 0.05 % of
+        # ``max_threads`` if that is more; never more than 1 %). In a dict, each lookup
+        # of the oldest key walks past the slots of the keys taken out since its table
+        # was last compacted (up to ~2.5 x max_threads): one walk for many evictions
+        # keeps that cost off each one (at 1,000,000 frames, 64 at a time spent a third
+        # of the store's time walking; 500 at a time, a tenth).
         frames = self._frames
         limit = self.limits.max_threads
         excess = len(frames) - limit
         if excess <= 0:
             return
-        batch = max(excess, min(_EVICT_BATCH, limit // 100))
+        batch = max(excess, min(limit // 100, max(_EVICT_BATCH, limit // 2_000)))
         for uuid in list(itertools.islice(frames, batch)):
             frame = frames.pop(uuid)
             flags = frame[-1]
@@ -414,17 +416,18 @@ class Store:
         elif self._chains.get(chain) == uuid:
             del self._chains[chain]
 
-    def _set_chain(self, frame: bytearray, chain: str | None) -> None:
-        """Write (or, with None, remove) a frame's registry entry in its bytearray."""
+    def _set_chain(self, frame: bytearray, data: bytes | None) -> None:
+        """Write a frame's registry entry (its chain's UTF-8) in its bytearray, or with
+        None remove it."""
         trimmed, first, kept, chain_len, flags = _TRAILER.unpack_from(frame, len(frame) - _T)
-        data = b"" if chain is None else _utf8(chain)
         end = len(frame) - _T
-        frame[end - chain_len : end] = data
-        if chain is None:
+        frame[end - chain_len : end] = data or b""
+        if data is None:
             flags &= ~_REGISTERED
-        elif not flags & _REGISTERED:
+        else:
             flags |= _REGISTERED
-        _TRAILER.pack_into(frame, len(frame) - _T, trimmed, first, kept, len(data), flags)
+        n = 0 if data is None else len(data)
+        _TRAILER.pack_into(frame, len(frame) - _T, trimmed, first, kept, n, flags)
 
     def registry_set(self, chain: str, uuid: str) -> None:
         if _chain_hash(chain) not in self._by_chain and not self._chains:
@@ -434,16 +437,15 @@ class Store:
             old = None
         else:
             old = self._lookup(chain)
-        if old == uuid:
-            return
+            if old == uuid:
+                return
+        data = _utf8(chain)  # first: a chain that cannot be encoded changes nothing
         if old is not None:
             self._drop_registry(old)  # the chain names another frame now
         frames = self._frames
         frame = frames.get(uuid)
         if frame is None:
-            data = _utf8(chain)
-            frame = frames[uuid] = bytearray(data)
-            frame += _TRAILER.pack(0, 0, 0, len(data), _REGISTERED)
+            frames[uuid] = bytearray(data + _TRAILER.pack(0, 0, 0, len(data), _REGISTERED))
             self._n_registered += 1
             self._index(chain, uuid)
             if len(frames) > self.limits.max_threads:
@@ -453,8 +455,11 @@ class Store:
         if old_chain is not None:
             self._unindex(old_chain, uuid)
         else:
+            # A history's frame registered now: written now, so the most recent.
             self._n_registered += 1
-        self._set_chain(frame, chain)
+            del frames[uuid]
+            frames[uuid] = frame
+        self._set_chain(frame, data)
         self._index(chain, uuid)
 
     def registry_setdefault(self, chain: str, uuid: str) -> str:
@@ -464,8 +469,7 @@ class Store:
             # A new frame with a new chain (a child frame's first use): the common case.
             data = chain.encode("utf-8", "surrogatepass")
             frames = self._frames
-            frame = frames[uuid] = bytearray(data)
-            frame += _TRAILER.pack(0, 0, 0, len(data), _REGISTERED)
+            frames[uuid] = bytearray(data + _TRAILER.pack(0, 0, 0, len(data), _REGISTERED))
             by_chain[h] = uuid
             self._n_registered += 1
             if len(frames) > self.limits.max_threads:
