@@ -39,6 +39,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "distributed": ([], ["--messages", "500", "--latency-messages", "50"]),
     "soak": ([], ["--messages", "150000", "--every", "50000"]),
     "memory": ([], ["--conversations", "5000", "--no-tracemalloc"]),
+    "store_stalls": ([], ["--messages", "20000"]),
 }
 
 
