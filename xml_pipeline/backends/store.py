@@ -490,13 +490,15 @@ class Store:
 
     def _drop_registry(self, uuid: str) -> bool:
         frame = self._frames.get(uuid)
-        chain = None if frame is None else _chain(frame)
+        if frame is None:
+            return False
+        chain = _chain(frame)
         if chain is None:
             return False
         self._unindex(chain, uuid)
         self._n_registered -= 1
-        if frame[-1] & _HISTORY:  # type: ignore[index]
-            self._set_chain(frame, None)  # type: ignore[arg-type]
+        if frame[-1] & _HISTORY:
+            self._set_chain(frame, None)
         else:
             del self._frames[uuid]
         return True
